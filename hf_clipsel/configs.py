@@ -1,0 +1,257 @@
+"""Configuration dataclasses for every stage.
+
+YAML keys are field names, and field names are unique across the dataclasses, so one flat YAML file (or one
+set of CLI flags) configures a whole run. Each dataclass validates itself in ``__post_init__`` so a bad value
+fails at parse time with a message that says how to fix it, not deep inside torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from fractions import Fraction
+
+ADAPTER_PRESETS = ("projection", "encoder_lora", "none")
+OBJECTIVES = ("class_ce", "infonce")
+DTYPES = ("float32", "bfloat16")
+DEFAULT_TEMPLATES = ["a photo of a {}."]
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}.")
+
+
+def _check_positive(name: str, value, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}.")
+
+
+def budget(selection_ratio: float, num_rows: int) -> int:
+    """Number of rows kept at ``selection_ratio``: floor(ratio * N) without float artefacts.
+
+    ``0.57 * 50000`` is 28499.999... in binary floating point; the decimal reading of the ratio gives 28500.
+    """
+    return math.floor(Fraction(str(selection_ratio)) * num_rows)
+
+
+@dataclass
+class DataConfig:
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Source dataset: a Hub id, a local directory (parquet/arrow files, an image folder or a "
+                  "`save_to_disk` directory), or a parquet/arrow file."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration, if any."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to select from."})
+    dataset_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    image_column: str | None = field(
+        default=None, metadata={"help": "Image column. Default: the first column with an Image feature."}
+    )
+    label_column: str | None = field(
+        default=None, metadata={"help": "Label column. Default: the first ClassLabel column, else `label`/`labels`."}
+    )
+    class_names: list[str] | None = field(
+        default=None,
+        metadata={"help": "Class names in label order. Default: the names of the label column's ClassLabel feature."},
+    )
+    max_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N rows of the split (for trials and tests)."}
+    )
+
+    def __post_init__(self):
+        _check_positive("max_samples", self.max_samples)
+
+
+@dataclass
+class ModelConfig:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "CLIP checkpoint: a Hub id (e.g. openai/clip-vit-base-patch32) or a local dir."}
+    )
+    model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the checkpoint."})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Weights and activations of the frozen CLIP: float32 or bfloat16. Scores are always "
+                  "computed in float32."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom modelling code from the checkpoint repo. Off unless asked."}
+    )
+
+    def __post_init__(self):
+        _check_choice("dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class AdapterConfig:
+    adapter_preset: str = field(
+        default="projection",
+        metadata={"help": "projection: LoRA on visual_projection/text_projection only (paper-faithful; trained on the "
+                  "embedding cache). encoder_lora: LoRA inside both encoders' attention plus the projections (no "
+                  "cache possible). none: zero-shot CLIP, no adaptation."},
+    )
+    adapter_path: str | None = field(
+        default=None, metadata={"help": "Load trained adapters (PEFT directory or Hub id) instead of training."}
+    )
+    lora_rank: int = field(
+        default=0,
+        metadata={"help": "LoRA rank. 0 means full rank (the projection dimension), which spans the same maps as "
+                  "the paper's Linear(d, d) adapters."},
+    )
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha. Default: equal to the rank."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    objective: str = field(
+        default="class_ce",
+        metadata={"help": "class_ce: cross-entropy of each image against all class prompts (no same-class false "
+                  "negatives). infonce: in-batch symmetric InfoNCE."},
+    )
+    adapter_epochs: int = field(default=30, metadata={"help": "Adapter training epochs (paper: 30)."})
+    adapter_learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate (paper: 1e-4)."})
+    adapter_lr_step_epochs: int = field(default=30, metadata={"help": "Multiply the lr by 0.1 every N epochs."})
+    adapter_batch_size: int = field(default=256, metadata={"help": "Adapter training batch size (paper: 256)."})
+    prompt_templates: list[str] = field(
+        default_factory=lambda: list(DEFAULT_TEMPLATES),
+        metadata={"help": "Prompt templates with one `{}` for the class name. Several: the mean of their normalised "
+                  "embeddings (a template ensemble)."},
+    )
+
+    def __post_init__(self):
+        _check_choice("adapter_preset", self.adapter_preset, ADAPTER_PRESETS)
+        _check_choice("objective", self.objective, OBJECTIVES)
+        _check_positive("lora_rank", self.lora_rank, allow_zero=True)
+        _check_positive("adapter_epochs", self.adapter_epochs, allow_zero=True)
+        _check_positive("adapter_learning_rate", self.adapter_learning_rate)
+        _check_positive("adapter_lr_step_epochs", self.adapter_lr_step_epochs)
+        _check_positive("adapter_batch_size", self.adapter_batch_size)
+        if not self.prompt_templates:
+            raise ValueError("prompt_templates is empty; give at least one template such as 'a photo of a {}.'.")
+        for template in self.prompt_templates:
+            if template.count("{}") != 1:
+                raise ValueError(f"prompt template {template!r} must contain exactly one '{{}}' for the class name.")
+
+
+@dataclass
+class ScoringConfig:
+    knn_k: int = field(
+        default=100,
+        metadata={"help": "Neighbours per sample for the diversity score, within the sample's class (paper: 100 for "
+                  "CIFAR-10, 50 for CIFAR-100). Classes with fewer than K+1 rows use all their other rows."},
+    )
+
+    def __post_init__(self):
+        _check_positive("knn_k", self.knn_k)
+
+
+@dataclass
+class SelectionConfig:
+    selection_ratios: list[float] = field(
+        default_factory=lambda: [0.5], metadata={"help": "Fractions of the dataset to keep, each in (0, 1]."}
+    )
+    selection_method: str = field(
+        default="exact",
+        metadata={"help": "exact: the k largest rewards (exact budget, deterministic). sgd: the released STE "
+                  "optimiser. Baselines: random, clip_score, moderate, ccs."},
+    )
+    alpha: float | None = field(
+        default=0.1,
+        metadata={"help": "Weight of the diversity term in the reward. Unset (null) means alpha = selection ratio, "
+                  "the paper's text; the released code uses 0.1."},
+    )
+    beta: float = field(default=2.0, metadata={"help": "Weight of the budget term in the sgd objective."})
+    sgd_learning_rate: float = field(default=1e-3, metadata={"help": "sgd: SGD learning rate (released: 1e-3)."})
+    sgd_max_iterations: int = field(default=100_000, metadata={"help": "sgd: iteration cap (released: 100,000)."})
+    sgd_exact_trim: bool = field(
+        default=False, metadata={"help": "sgd: trim or fill the final mask to exactly k rows by reward."}
+    )
+    class_balanced: bool = field(
+        default=False, metadata={"help": "Keep each class's share of the dataset (per-class quotas)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for training, random baselines and tie-free shuffles."})
+
+    def __post_init__(self):
+        if isinstance(self.selection_ratios, (int, float)):
+            self.selection_ratios = [self.selection_ratios]
+        if not self.selection_ratios:
+            raise ValueError("selection_ratios is empty; give at least one ratio in (0, 1], e.g. 0.5.")
+        for ratio in self.selection_ratios:
+            if not 0 < ratio <= 1:
+                raise ValueError(
+                    f"selection ratio {ratio} is outside (0, 1]; a ratio is the fraction of rows to keep, e.g. 0.3."
+                )
+        if len(set(self.selection_ratios)) != len(self.selection_ratios):
+            raise ValueError(f"selection_ratios has duplicates: {self.selection_ratios}.")
+        self.selection_ratios = sorted(float(r) for r in self.selection_ratios)
+        _check_positive("alpha", self.alpha, allow_zero=True)
+        _check_positive("beta", self.beta)
+        _check_positive("sgd_learning_rate", self.sgd_learning_rate)
+        _check_positive("sgd_max_iterations", self.sgd_max_iterations)
+
+    def alpha_for(self, selection_ratio: float) -> float:
+        return selection_ratio if self.alpha is None else self.alpha
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = field(default="outputs/clipsel", metadata={"help": "Where every output of the run is written."})
+    batch_size: int = field(default=64, metadata={"help": "Images per forward pass when embedding."})
+    embedding_chunk_size: int = field(
+        default=4096,
+        metadata={"help": "Rows per embedding cache file. A killed run resumes at the first unfinished chunk."},
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Embedding cache directory. Default: <output_dir>/embeddings."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace scores and subsets already in output_dir."}
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Push subsets, scores and adapters at the end."})
+    hub_dataset_id: str | None = field(default=None, metadata={"help": "Dataset repo to push to (org/name)."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Model repo for the adapters (org/name)."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repos as private."})
+
+    def __post_init__(self):
+        _check_positive("batch_size", self.batch_size)
+        _check_positive("embedding_chunk_size", self.embedding_chunk_size)
+        if self.embedding_chunk_size % self.batch_size:
+            # Chunks made of whole batches keep batch boundaries, and so the numbers, identical across
+            # process counts.
+            raise ValueError(
+                f"embedding_chunk_size ({self.embedding_chunk_size}) must be a multiple of batch_size "
+                f"({self.batch_size})."
+            )
+
+
+CONFIG_CLASSES = (DataConfig, ModelConfig, AdapterConfig, ScoringConfig, SelectionConfig, RunConfig)
+
+
+@dataclass
+class ClipselConfig:
+    """Every stage's configuration, grouped. Build it with :func:`hf_clipsel.parser.parse_config` or directly."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @classmethod
+    def from_flat(cls, values: dict) -> ClipselConfig:
+        """Build from one flat mapping of field names (a YAML file's keys); unknown keys are an error."""
+        known = {f.name: klass for klass in CONFIG_CLASSES for f in fields(klass)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown configuration keys: {', '.join(unknown)}. Run `hf-clipsel run --help` for the "
+                             "valid ones.")
+        groups = {klass: {} for klass in CONFIG_CLASSES}
+        for key, value in values.items():
+            groups[known[key]][key] = value
+        return cls(*(klass(**groups[klass]) for klass in CONFIG_CLASSES))
+
+    def to_flat(self) -> dict:
+        flat = {}
+        for group in (self.data, self.model, self.adapter, self.scoring, self.selection, self.run):
+            flat.update({f.name: getattr(group, f.name) for f in fields(group)})
+        return flat

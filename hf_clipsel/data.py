@@ -1,0 +1,189 @@
+"""Load the source dataset, find its image and label columns, give every row a stable id, check labels.
+
+The source is never modified: every function returns new datasets, and the subsets written later are drawn
+from the source exactly as it was loaded.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from datasets import ClassLabel, Dataset, Image, Value, load_dataset, load_from_disk
+from PIL import Image as PILImage
+
+from .configs import DataConfig
+
+logger = logging.getLogger(__name__)
+
+ROW_ID = "row_id"
+LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target")
+DATA_FILE_TYPES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+
+@dataclass
+class Source:
+    """The loaded source dataset and what hf_clipsel needs to know about it."""
+
+    dataset: Dataset  # exactly as loaded, with every original column
+    image_column: str
+    label_column: str
+    class_names: list[str]
+    labels: np.ndarray  # int64[N]; -1 where the label is missing
+    label_problems: list[str]  # "" for a usable label, else why the row cannot be scored
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.dataset)
+
+
+def load_source(config: DataConfig) -> Dataset:
+    """Load ``config.dataset_name``: a `save_to_disk` directory, a folder or file of data files, or a Hub id."""
+    if not config.dataset_name:
+        raise ValueError("dataset_name is not set; pass --dataset_name with a Hub id, a local directory or a file.")
+    name = config.dataset_name
+    path = Path(name)
+    if path.is_dir() and (path / "dataset_info.json").exists() and (path / "state.json").exists():
+        dataset = load_from_disk(str(path))
+        if not isinstance(dataset, Dataset):
+            dataset = dataset[config.dataset_split]
+    elif path.is_file():
+        builder = DATA_FILE_TYPES.get(path.suffix)
+        if builder is None:
+            raise ValueError(f"cannot read {name}: expected one of {', '.join(DATA_FILE_TYPES)} files.")
+        dataset = load_dataset(builder, data_files={config.dataset_split: str(path)}, split=config.dataset_split)
+    else:
+        # A Hub id or a local directory: `load_dataset` infers parquet, arrow and image folders from the files.
+        dataset = load_dataset(
+            name, config.dataset_config_name, split=config.dataset_split, revision=config.dataset_revision
+        )
+    if config.max_samples is not None:
+        dataset = dataset.select(range(min(config.max_samples, len(dataset))))
+    return dataset
+
+
+def detect_image_column(dataset: Dataset, image_column: str | None = None) -> str:
+    if image_column is not None:
+        if image_column not in dataset.column_names:
+            raise ValueError(f"image_column={image_column!r} is not a column; columns: {dataset.column_names}.")
+        if not isinstance(dataset.features[image_column], Image):
+            raise ValueError(
+                f"column {image_column!r} is {dataset.features[image_column]}, not an Image feature; cast it with "
+                f"`dataset.cast_column({image_column!r}, datasets.Image())` first."
+            )
+        return image_column
+    for name, feature in dataset.features.items():
+        if isinstance(feature, Image):
+            return name
+    raise ValueError(f"no Image column among {dataset.column_names}; pass --image_column or cast one to Image().")
+
+
+def detect_label_column(dataset: Dataset, label_column: str | None = None) -> str:
+    if label_column is not None:
+        if label_column not in dataset.column_names:
+            raise ValueError(f"label_column={label_column!r} is not a column; columns: {dataset.column_names}.")
+        return label_column
+    for name, feature in dataset.features.items():
+        if isinstance(feature, ClassLabel):
+            return name
+    for name in LABEL_COLUMN_NAMES:
+        if name in dataset.column_names:
+            return name
+    raise ValueError(
+        f"no label column found among {dataset.column_names}: hf_clipsel needs a labelled dataset. Pass "
+        "--label_column with the column that holds each image's class."
+    )
+
+
+def resolve_labels(dataset: Dataset, label_column: str, class_names: list[str] | None):
+    """Return (class_names, int64 labels with -1 for missing, per-row problem text)."""
+    feature = dataset.features[label_column]
+    raw = dataset[label_column][:]
+    if isinstance(feature, ClassLabel):
+        names = list(class_names) if class_names else list(feature.names)
+        if class_names and len(class_names) != feature.num_classes:
+            raise ValueError(
+                f"{len(class_names)} class_names given but the ClassLabel feature has {feature.num_classes} classes."
+            )
+        labels = raw
+    elif isinstance(feature, Value) and feature.dtype.startswith(("int", "uint")):
+        if not class_names:
+            raise ValueError(
+                f"label column {label_column!r} holds integers without class names; pass --class_names in label "
+                "order (the prompts need them), or cast the column to a ClassLabel."
+            )
+        names, labels = list(class_names), raw
+    elif isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
+        names = list(class_names) if class_names else sorted({v for v in raw if v is not None})
+        index = {name: i for i, name in enumerate(names)}
+        labels = [None if v is None else index.get(v, len(names)) for v in raw]
+    else:
+        raise ValueError(f"label column {label_column!r} has type {feature}; expected ClassLabel, int or string.")
+    if not names:
+        raise ValueError(f"label column {label_column!r} defines no classes.")
+
+    problems = []
+    array = np.full(len(labels), -1, dtype=np.int64)
+    for row, label in enumerate(labels):
+        if label is None or label == -1:
+            problems.append("label missing")
+        elif not 0 <= label < len(names):
+            problems.append(f"label {raw[row]!r} outside the {len(names)} classes")
+        else:
+            problems.append("")
+            array[row] = label
+    return names, array, problems
+
+
+def prepare_source(dataset: Dataset, config: DataConfig) -> Source:
+    """Find columns, class names and labels; rows with unusable labels are flagged, not dropped."""
+    if len(dataset) == 0:
+        raise ValueError(f"the dataset {config.dataset_name!r} (split {config.dataset_split!r}) has no rows.")
+    image_column = detect_image_column(dataset, config.image_column)
+    label_column = detect_label_column(dataset, config.label_column)
+    class_names, labels, problems = resolve_labels(dataset, label_column, config.class_names)
+    flagged = sum(bool(p) for p in problems)
+    if flagged == len(problems):
+        raise ValueError(f"no row of {config.dataset_name!r} has a usable label (first problem: {problems[0]}).")
+    if flagged:
+        logger.warning("%d of %d rows have an unusable label and are kept out of selection.", flagged, len(labels))
+    return Source(dataset, image_column, label_column, class_names, labels, problems)
+
+
+def with_row_ids(dataset: Dataset) -> Dataset:
+    """The dataset with an int64 ``row_id`` column: the row's position in the source, carried everywhere."""
+    if ROW_ID in dataset.column_names:
+        raise ValueError(f"the source already has a {ROW_ID!r} column; rename it before selecting.")
+    return dataset.add_column(ROW_ID, np.arange(len(dataset), dtype=np.int64), feature=Value("int64"))
+
+
+def decode_rgb(image: dict | None) -> tuple[PILImage.Image | None, str]:
+    """Decode one undecoded ``Image`` cell ({"bytes", "path"}) to RGB; return (image, "") or (None, reason)."""
+    if image is None:
+        return None, "image missing"
+    try:
+        source = io.BytesIO(image["bytes"]) if image.get("bytes") else image.get("path")
+        if source is None:
+            return None, "image has neither bytes nor path"
+        with PILImage.open(source) as opened:
+            opened.load()
+            return _to_rgb(opened), ""
+    except Exception as error:  # any decoder failure flags the row; the run goes on
+        return None, f"image failed to decode: {type(error).__name__}: {error}"
+
+
+def _to_rgb(image: PILImage.Image) -> PILImage.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits first, a plain convert("RGB") would clip to white.
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() or 1.0
+        image = PILImage.fromarray((array / peak * 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def class_prompts(class_names: list[str], templates: list[str]) -> list[list[str]]:
+    """Prompts per template, then per class: ``prompts[t][c]``."""
+    return [[template.format(name.replace("_", " ")) for name in class_names] for template in templates]

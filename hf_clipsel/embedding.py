@@ -1,0 +1,155 @@
+"""Embed every image once with the frozen vision tower: batched `datasets.map`, split across processes by
+Accelerate, cached on disk in chunks so that a rerun (or a run killed half way) reuses what is done.
+
+The cache holds the pooled vision-tower outputs, before the projection: the projection preset's adapters act
+after it, so training and scoring run on this cache without touching an image again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from datasets import Dataset, Features, Image, List, Value, concatenate_datasets
+
+from .data import ROW_ID, decode_rgb
+from .modeling import clip_of, text_tower_outputs, vision_tower_outputs
+
+logger = logging.getLogger(__name__)
+
+VISION_POOLED = "vision_pooled"
+# Bump when the cached numbers would change for the same model and data.
+CACHE_FORMAT_VERSION = 1
+
+
+def embedding_features(hidden_size: int) -> Features:
+    return Features(
+        {
+            ROW_ID: Value("int64"),
+            VISION_POOLED: List(Value("float32"), length=hidden_size),
+            "decode_ok": Value("bool"),
+            "decode_error": Value("string"),
+        }
+    )
+
+
+def embed_batch(batch: dict, image_column: str, model, image_processor, hidden_size: int) -> dict:
+    """One `datasets.map` batch: decode to RGB, run the vision tower, flag what cannot be decoded."""
+    decoded = [decode_rgb(cell) for cell in batch[image_column]]
+    errors = [error for _, error in decoded]
+    pooled = np.zeros((len(decoded), hidden_size), dtype=np.float32)
+    rows, pixel_values = _preprocess([image for image, _ in decoded], image_processor, errors)
+    if rows:
+        with torch.inference_mode():
+            pooled[rows] = vision_tower_outputs(model, pixel_values).cpu().numpy()
+    return {
+        ROW_ID: batch[ROW_ID],
+        VISION_POOLED: pooled,
+        "decode_ok": [not error for error in errors],
+        "decode_error": errors,
+    }
+
+
+def _preprocess(images: list, image_processor, errors: list[str]):
+    """Pixel values of the decoded images; an image the processor rejects is flagged in ``errors`` in place."""
+    rows = [row for row, image in enumerate(images) if image is not None]
+    if not rows:
+        return [], None
+    try:
+        return rows, image_processor(images=[images[row] for row in rows], return_tensors="pt").pixel_values
+    except Exception:  # find the culprit(s) one by one, keep the rest of the batch
+        kept, tensors = [], []
+        for row in rows:
+            try:
+                tensors.append(image_processor(images=[images[row]], return_tensors="pt").pixel_values)
+                kept.append(row)
+            except Exception as error:
+                errors[row] = f"image could not be preprocessed: {type(error).__name__}: {error}"
+        return kept, (torch.cat(tensors) if tensors else None)
+
+
+def cache_key(dataset: Dataset, image_column: str, model_fingerprint: str, image_processor, batch_size: int,
+              chunk_size: int) -> str:
+    """Names a cache from what determines its numbers; the weights enter through their fingerprint only."""
+    identity = {
+        "version": CACHE_FORMAT_VERSION,
+        "data": dataset._fingerprint,
+        "image_column": image_column,
+        "model": model_fingerprint,
+        "processor": image_processor.to_json_string(),
+        "batch_size": batch_size,
+        "chunk_size": chunk_size,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def embed_images(
+    dataset: Dataset,
+    image_column: str,
+    model,
+    image_processor,
+    model_fingerprint: str,
+    cache_dir: str | Path,
+    accelerator: Accelerator,
+    batch_size: int = 64,
+    chunk_size: int = 4096,
+) -> Dataset:
+    """Pooled vision-tower outputs for every row of ``dataset`` (which must carry ``row_id``), in row order.
+
+    Chunks of ``chunk_size`` rows are shared out between processes; each chunk is one `datasets.map` cache file,
+    written whole or not at all, so a rerun skips finished chunks. Every process returns the full result.
+    """
+    if chunk_size % batch_size:
+        raise ValueError(f"chunk_size ({chunk_size}) must be a multiple of batch_size ({batch_size}).")
+    source = dataset.select_columns([ROW_ID, image_column]).cast_column(image_column, Image(decode=False))
+    key = cache_key(source, image_column, model_fingerprint, image_processor, batch_size, chunk_size)
+    directory = Path(cache_dir) / key
+    directory.mkdir(parents=True, exist_ok=True)
+    num_chunks = -(-len(source) // chunk_size)
+    paths = [directory / f"chunk-{i:05d}-of-{num_chunks:05d}.arrow" for i in range(num_chunks)]
+    hidden_size = clip_of(model).config.vision_config.hidden_size
+    features = embedding_features(hidden_size)
+
+    with accelerator.split_between_processes(list(range(num_chunks))) as my_chunks:
+        for i in my_chunks:
+            rows = range(i * chunk_size, min((i + 1) * chunk_size, len(source)))
+            source.select(rows).map(
+                embed_batch,
+                batched=True,
+                batch_size=batch_size,
+                fn_kwargs=dict(image_column=image_column, model=model, image_processor=image_processor,
+                               hidden_size=hidden_size),
+                remove_columns=source.column_names,
+                features=features,
+                cache_file_name=str(paths[i]),
+                load_from_cache_file=True,
+                # Named explicitly so that datasets never hashes the model passed in fn_kwargs.
+                new_fingerprint=f"{key}-{i}",
+                desc=f"Embedding images [chunk {i + 1}/{num_chunks}, process {accelerator.process_index}]",
+            )
+    accelerator.wait_for_everyone()
+    embeddings = concatenate_datasets([Dataset.from_file(str(path)) for path in paths])
+    flagged = len(embeddings) - sum(embeddings["decode_ok"])
+    if flagged:
+        logger.warning("%d of %d images could not be decoded; they are flagged and kept out of selection.",
+                       flagged, len(embeddings))
+    return embeddings
+
+
+def pooled_matrix(embeddings: Dataset) -> torch.Tensor:
+    """The cached pooled outputs as one float32 tensor [N, hidden]."""
+    return torch.from_numpy(np.asarray(embeddings.with_format("numpy")[VISION_POOLED][:], dtype=np.float32))
+
+
+@torch.no_grad()  # not inference_mode: adapters train on these tensors
+def embed_class_prompts(model, tokenizer, prompts: list[list[str]], batch_size: int = 256) -> torch.Tensor:
+    """Pooled text-tower outputs of ``prompts[t][c]``, float32 [T, C, hidden]."""
+    flat = [prompt for per_template in prompts for prompt in per_template]
+    pooled = torch.cat([text_tower_outputs(model, tokenizer, flat[i : i + batch_size])
+                        for i in range(0, len(flat), batch_size)])
+    return pooled.reshape(len(prompts), len(prompts[0]), -1).cpu()

@@ -1,0 +1,157 @@
+"""Write a run's outputs. The output directory is laid out as a Hub dataset repo, so `load_dataset(output_dir,
+"ratio_0.3")` reads a subset locally and the same folder can be uploaded as it is:
+
+    output_dir/
+      README.md                    dataset card; its YAML `configs:` names every subset and `scores`
+      run_config.yaml              the resolved configuration and library versions
+      run_summary.json             counts: rows, flagged rows, kept rows per ratio and per class
+      scores/scores.parquet        one row per source row, keyed by row_id
+      subsets/ratio_<r>/*.parquet  the selected rows, every original column plus row_id
+      adapter/                     PEFT adapters (save_pretrained)
+      embeddings/                  the embedding cache (not part of the dataset repo)
+
+Every directory is written beside its final place and renamed into it, so it appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import yaml
+from datasets import Dataset, Image
+from datasets.table import embed_table_storage
+
+from .data import ROW_ID
+
+SCORES_DIR = "scores"
+SUBSETS_DIR = "subsets"
+ADAPTER_DIR = "adapter"
+EMBEDDINGS_DIR = "embeddings"
+RUN_CONFIG = "run_config.yaml"
+RUN_SUMMARY = "run_summary.json"
+MAX_SHARD_BYTES = 500 * 2**20
+
+
+def ratio_name(selection_ratio: float) -> str:
+    """Config name of a ratio's subset: 0.3 -> "ratio_0.3", 1.0 -> "ratio_1"."""
+    return f"ratio_{selection_ratio:g}"
+
+
+def selected_column(selection_ratio: float) -> str:
+    return f"is_selected_{ratio_name(selection_ratio)}"
+
+
+def reward_column(selection_ratio: float) -> str:
+    return f"reward_{ratio_name(selection_ratio)}"
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path):
+    """Yield a temporary sibling of ``final``; on success it replaces ``final`` in one rename."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    temporary.mkdir()
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(temporary, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_atomic_text(path: Path, text: str) -> None:
+    temporary = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def write_parquet_shards(dataset: Dataset, directory: Path, split: str = "train") -> list[Path]:
+    """Write ``dataset`` as self-contained parquet shards (image files referenced by path are embedded)."""
+    if any(isinstance(feature, Image) for feature in dataset.features.values()):
+        dataset = dataset.with_format("arrow").map(embed_table_storage, batched=True, desc="Embedding image bytes")
+        dataset = dataset.with_format(None)
+    num_shards = max(1, math.ceil(dataset.data.nbytes * len(dataset) / max(len(dataset.data), 1) / MAX_SHARD_BYTES))
+    paths = []
+    for index in range(num_shards):
+        path = directory / f"{split}-{index:05d}-of-{num_shards:05d}.parquet"
+        dataset.shard(num_shards, index, contiguous=True).to_parquet(str(path))
+        paths.append(path)
+    return paths
+
+
+def write_scores(output_dir: Path, scores: Dataset) -> None:
+    with atomic_directory(Path(output_dir) / SCORES_DIR) as directory:
+        scores.to_parquet(str(directory / "scores.parquet"))
+
+
+def write_subsets(output_dir: Path, dataset_with_ids: Dataset, masks: dict) -> dict[float, int]:
+    """One directory per ratio with the selected rows in source order; stale ratios are removed."""
+    subsets = Path(output_dir) / SUBSETS_DIR
+    written = {}
+    for ratio, mask in masks.items():
+        rows = [int(i) for i in mask.nonzero()[0]]
+        with atomic_directory(subsets / ratio_name(ratio)) as directory:
+            write_parquet_shards(dataset_with_ids.select(rows), directory)
+        written[ratio] = len(rows)
+    keep = {ratio_name(r) for r in masks}
+    for stale in subsets.glob("ratio_*"):
+        if stale.name not in keep:
+            shutil.rmtree(stale)
+    return written
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": sys.version.split()[0]}
+    for package in ("hf-clipsel", "torch", "transformers", "datasets", "accelerate", "peft", "huggingface_hub",
+                    "timm", "evaluate"):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[package] = version(package)
+    return versions
+
+
+def write_run_config(output_dir: Path, flat_config: dict, command: list[str] | None = None) -> None:
+    content = dict(flat_config)
+    content["versions"] = library_versions()
+    if command:
+        content["command"] = " ".join(command)
+    write_atomic_text(Path(output_dir) / RUN_CONFIG, yaml.safe_dump(content, sort_keys=False))
+
+
+def read_run_config(output_dir: Path) -> dict | None:
+    path = Path(output_dir) / RUN_CONFIG
+    return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+def write_run_summary(output_dir: Path, summary: dict) -> None:
+    write_atomic_text(Path(output_dir) / RUN_SUMMARY, json.dumps(summary, indent=2))
+
+
+def dataset_configs(ratios: list[float]) -> list[dict]:
+    """The card's YAML `configs:` entries that make `load_dataset(output_dir, name)` work."""
+    configs = [
+        {"config_name": ratio_name(r), "data_files": [{"split": "train", "path": f"{SUBSETS_DIR}/{ratio_name(r)}/*.parquet"}]}
+        for r in ratios
+    ]
+    configs.append({"config_name": "scores", "data_files": [{"split": "train", "path": f"{SCORES_DIR}/*.parquet"}]})
+    if ratios:
+        configs[0]["default"] = True
+    return configs
+
+
+def selected_row_ids(scores: Dataset, selection_ratio: float) -> list[int]:
+    table = scores.select_columns([ROW_ID, selected_column(selection_ratio)]).with_format("numpy")[:]
+    return table[ROW_ID][table[selected_column(selection_ratio)]].tolist()

@@ -1,0 +1,44 @@
+"""`--config FILE` plus CLI overrides, with TRL's TrlParser semantics: the YAML file sets the defaults, flags on
+the command line win, and a YAML key that names no field is an error (a typo must not be silently ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+from .configs import CONFIG_CLASSES, ClipselConfig
+
+
+def build_parser(**kwargs) -> HfArgumentParser:
+    parser = HfArgumentParser(CONFIG_CLASSES, **kwargs)
+    parser.add_argument("--config", type=str, default=None, help="YAML file of field: value pairs; flags override it.")
+    return parser
+
+
+def read_yaml_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist.")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of field names to values, not {type(values).__name__}.")
+    return values
+
+
+def parse_config(args: list[str] | None = None, parser: HfArgumentParser | None = None) -> ClipselConfig:
+    """Parse ``args`` (default: sys.argv[1:]) into a validated :class:`ClipselConfig`."""
+    parser = parser or build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(args)
+    if known.config:
+        values = read_yaml_config(known.config)
+        ClipselConfig.from_flat(values)  # validates names and values of the file alone, with its own message
+        parser.set_defaults(**values)
+    namespace = parser.parse_args(args)
+    flat = {key: value for key, value in vars(namespace).items() if key != "config"}
+    return ClipselConfig.from_flat(flat)

@@ -1,0 +1,343 @@
+"""The stages of a run as plain functions: embed, adapt, score, select, write.
+
+`run` chains them; the CLI's stage commands call one each, reading the previous stage's outputs from
+`output_dir`. Under `accelerate launch` every process embeds its share of the images; the stages after it run
+on the main process only (they work on the cache and are cheap), so one and several processes give the same
+numbers. The encoder LoRA preset is the exception: its training needs full forwards and uses every process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from datasets import ClassLabel, Dataset, Features, Image, Value
+
+from . import scoring
+from .configs import ClipselConfig, budget
+from .data import ROW_ID, Source, class_prompts, decode_rgb, load_source, prepare_source, with_row_ids
+from .embedding import embed_class_prompts, embed_images, pooled_matrix
+from .modeling import attach_adapters, class_text_features, image_features, load_adapters, load_clip, model_fingerprint
+from .cards import write_dataset_card
+from .outputs import (
+    ADAPTER_DIR,
+    EMBEDDINGS_DIR,
+    SCORES_DIR,
+    read_run_config,
+    reward_column,
+    selected_column,
+    write_run_config,
+    write_run_summary,
+    write_scores,
+    write_subsets,
+)
+from .selection import SelectionInputs, select
+from .training import train_end_to_end, train_on_cache
+
+logger = logging.getLogger(__name__)
+
+SCORE_COLUMNS = ("semantic_alignment", "sample_diversity", "semantic_alignment_normalized",
+                 "sample_diversity_normalized")
+# Settings that change no number in scores or subsets: a rerun that differs only in these may reuse output_dir.
+OUTPUT_NEUTRAL_KEYS = {"output_dir", "overwrite_output_dir", "push_to_hub", "hub_dataset_id", "hub_model_id",
+                       "hub_private", "cache_dir"}
+
+
+@dataclass
+class RunContext:
+    """What every stage needs: the configuration, the loaded source and model, the accelerator."""
+
+    config: ClipselConfig
+    accelerator: Accelerator
+    source: Source
+    dataset: Dataset  # the source with row_id
+    model: object
+    processor: object
+    model_fingerprint: str
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.run.output_dir)
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.config.run.cache_dir or self.output_dir / EMBEDDINGS_DIR)
+
+
+def load_context(config: ClipselConfig, accelerator: Accelerator | None = None) -> RunContext:
+    accelerator = accelerator or Accelerator()
+    source = prepare_source(load_source(config.data), config.data)
+    model, processor = load_clip(config.model)
+    model.to(accelerator.device)
+    return RunContext(config, accelerator, source, with_row_ids(source.dataset), model, processor,
+                      model_fingerprint(config.model, model))
+
+
+def check_output_dir(config: ClipselConfig) -> None:
+    """Refuse to replace another run's results unless asked: a rerun of the same run may reuse the folder."""
+    output_dir = Path(config.run.output_dir)
+    previous = read_run_config(output_dir)
+    if previous is None or config.run.overwrite_output_dir or not (output_dir / SCORES_DIR).exists():
+        return
+    current = config.to_flat()
+    changed = sorted(k for k in current if k not in OUTPUT_NEUTRAL_KEYS and previous.get(k) != current[k])
+    if changed:
+        raise FileExistsError(
+            f"{output_dir} holds the results of a run with other settings ({', '.join(changed)}); pass "
+            "--overwrite_output_dir to replace them, or choose another --output_dir."
+        )
+
+
+def embed_stage(context: RunContext, model=None) -> Dataset:
+    """Pooled vision-tower outputs of every row (cached), with decode flags."""
+    model = model or context.model
+    fingerprint = context.model_fingerprint
+    if model is not context.model:  # encoder adapters change the tower: their weights join the cache key
+        fingerprint += "-" + adapter_fingerprint(model)
+    return embed_images(
+        context.dataset, context.source.image_column, model, context.processor.image_processor, fingerprint,
+        context.cache_dir, context.accelerator, batch_size=context.config.run.batch_size,
+        chunk_size=context.config.run.embedding_chunk_size,
+    )
+
+
+def adapter_fingerprint(peft_model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(peft_model.state_dict().items()):
+        if "lora_" in name:
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def valid_rows(context: RunContext, embeddings: Dataset) -> np.ndarray:
+    """Rows that may be trained on, scored and selected: a decodable image and a usable label."""
+    decode_ok = np.asarray(embeddings["decode_ok"][:], dtype=bool)
+    return decode_ok & (context.source.labels >= 0)
+
+
+def prompts_of(context: RunContext) -> list[list[str]]:
+    return class_prompts(context.source.class_names, context.config.adapter.prompt_templates)
+
+
+def adapt_stage(context: RunContext, embeddings: Dataset):
+    """The model scores are computed with: zero-shot CLIP, loaded adapters, or adapters trained here."""
+    adapter = context.config.adapter
+    if adapter.adapter_path:
+        return load_adapters(context.model, adapter.adapter_path)
+    if adapter.adapter_preset == "none":
+        return context.model
+    torch.manual_seed(context.config.selection.seed)
+    peft_model = attach_adapters(context.model, adapter)
+    valid = valid_rows(context, embeddings)
+    labels = torch.from_numpy(context.source.labels)
+    if adapter.adapter_preset == "projection":
+        if context.accelerator.is_main_process:
+            text_pooled = embed_class_prompts(peft_model, context.processor.tokenizer, prompts_of(context))
+            pooled = pooled_matrix(embeddings)
+            train_on_cache(peft_model, pooled[valid], labels[valid], text_pooled, adapter,
+                           seed=context.config.selection.seed)
+    else:
+        train_end_to_end(peft_model, image_loader(context, np.nonzero(valid)[0]), context.processor.tokenizer,
+                         prompts_of(context), adapter, context.accelerator)
+    if context.accelerator.is_main_process:
+        peft_model.save_pretrained(str(context.output_dir / ADAPTER_DIR))
+    context.accelerator.wait_for_everyone()
+    return peft_model
+
+
+def image_loader(context: RunContext, rows: np.ndarray):
+    """Batches of pixel values and labels for end-to-end training (rows known to decode)."""
+    image_column = context.source.image_column
+    subset = context.dataset.select(rows.tolist()).select_columns([ROW_ID, image_column])
+    subset = subset.cast_column(image_column, Image(decode=False))
+    processor = context.processor.image_processor
+    labels = context.source.labels
+
+    def collate(batch):
+        images = [decode_rgb(row[image_column])[0] for row in batch]
+        return {
+            "pixel_values": processor(images=images, return_tensors="pt").pixel_values,
+            "labels": torch.tensor([labels[row[ROW_ID]] for row in batch]),
+        }
+
+    generator = torch.Generator().manual_seed(context.config.selection.seed)
+    return torch.utils.data.DataLoader(subset, batch_size=context.config.adapter.adapter_batch_size, shuffle=True,
+                                       collate_fn=collate, generator=generator)
+
+
+def scoring_embeddings(context: RunContext, model, embeddings: Dataset) -> Dataset:
+    """Encoder adapters change the vision tower's outputs: embed again through it (every process)."""
+    if model is not context.model and uses_encoder_adapters(model):
+        return embed_stage(context, model)
+    return embeddings
+
+
+def uses_encoder_adapters(model) -> bool:
+    config = getattr(model, "peft_config", {}).get("default")
+    return config is not None and any(t not in ("visual_projection", "text_projection") for t in config.target_modules)
+
+
+def score_stage(context: RunContext, model, embeddings: Dataset) -> tuple[Dataset, torch.Tensor]:
+    """Per-row scores (scores dataset keyed by row_id) and the image features they were computed from.
+
+    ``embeddings`` must come from the vision tower of ``model`` (see :func:`scoring_embeddings`).
+    """
+    valid = valid_rows(context, embeddings)
+    with torch.no_grad():
+        features = image_features(model, pooled_matrix(embeddings)).cpu()
+        text_pooled = embed_class_prompts(model, context.processor.tokenizer, prompts_of(context))
+        class_features = class_text_features(model, text_pooled).cpu()
+    labels = torch.from_numpy(context.source.labels)
+    valid_t = torch.from_numpy(valid)
+    sas = scoring.semantic_alignment(features, class_features, labels.clamp(min=0))
+    sas = torch.where(valid_t, sas, torch.zeros_like(sas))
+    sds = scoring.sample_diversity(features, labels, context.config.scoring.knn_k, valid=valid_t)
+    problems = [
+        label_problem or (f"{error}" if not ok else "")
+        for label_problem, ok, error in zip(context.source.label_problems, embeddings["decode_ok"][:],
+                                            embeddings["decode_error"][:])
+    ]
+    scores = Dataset.from_dict(
+        {
+            ROW_ID: np.arange(len(labels), dtype=np.int64),
+            "label": context.source.labels,
+            "decode_ok": np.asarray(embeddings["decode_ok"][:], dtype=bool),
+            "flag_reason": problems,
+            "semantic_alignment": sas.numpy(),
+            "sample_diversity": sds.numpy(),
+            "semantic_alignment_normalized": scoring.min_max(sas, valid_t).numpy(),
+            "sample_diversity_normalized": scoring.min_max(sds, valid_t).numpy(),
+        },
+        features=Features(
+            {
+                ROW_ID: Value("int64"),
+                "label": ClassLabel(names=context.source.class_names),
+                "decode_ok": Value("bool"),
+                "flag_reason": Value("string"),
+                **{name: Value("float32") for name in SCORE_COLUMNS},
+            }
+        ),
+    )
+    return scores, features
+
+
+def selection_inputs(scores: Dataset, image_features: torch.Tensor | None = None) -> SelectionInputs:
+    table = scores.with_format("numpy")[:]
+    return SelectionInputs(
+        row_id=table[ROW_ID].astype(np.int64),
+        labels=table["label"].astype(np.int64),
+        semantic_alignment_normalized=table["semantic_alignment_normalized"].astype(np.float32),
+        sample_diversity_normalized=table["sample_diversity_normalized"].astype(np.float32),
+        valid=table["flag_reason"] == "",
+        image_features=image_features,
+    )
+
+
+def select_stage(scores: Dataset, config: ClipselConfig, image_features: torch.Tensor | None = None):
+    """Masks per ratio, and the scores with reward and is_selected columns for every ratio."""
+    inputs = selection_inputs(scores, image_features)
+    masks = select(inputs, config.selection)
+    scores = scores.remove_columns([c for c in scores.column_names if c.startswith(("reward_", "is_selected_"))])
+    for ratio in config.selection.selection_ratios:
+        reward = inputs.reward(config.selection.alpha_for(ratio))
+        scores = scores.add_column(reward_column(ratio), np.where(np.isfinite(reward), reward, np.nan)
+                                   .astype(np.float32), feature=Value("float32"))
+        scores = scores.add_column(selected_column(ratio), masks[ratio], feature=Value("bool"))
+    return masks, scores
+
+
+def summarize(scores: Dataset, masks: dict, config: ClipselConfig) -> dict:
+    labels = np.asarray(scores["label"][:])
+    class_names = scores.features["label"].names
+    valid = np.asarray(scores["flag_reason"][:]) == ""
+    ratios = {}
+    for ratio, mask in masks.items():
+        k = budget(ratio, len(labels))
+        kept_per_class = Counter(labels[mask].tolist())
+        ratios[f"{ratio:g}"] = {
+            "budget": k,
+            "kept": int(mask.sum()),
+            "shortfall": int(k - mask.sum()),
+            "kept_per_class": {class_names[c]: int(kept_per_class.get(c, 0)) for c in range(len(class_names))},
+        }
+    return {
+        "num_rows": len(labels),
+        "num_valid": int(valid.sum()),
+        "num_flagged": int((~valid).sum()),
+        "class_names": class_names,
+        "rows_per_class": {class_names[c]: int((labels == c).sum()) for c in range(len(class_names))},
+        "dataset": config.data.dataset_name,
+        "dataset_revision": config.data.dataset_revision,
+        "model": config.model.model_name_or_path,
+        "model_revision": config.model.model_revision,
+        "selection_method": config.selection.selection_method,
+        "ratios": ratios,
+    }
+
+
+def write_stage(config: ClipselConfig, dataset_with_ids: Dataset, scores: Dataset, masks: dict,
+                command: list[str] | None = None) -> dict:
+    """Write scores, subsets, configuration, summary and card (main process only)."""
+    output_dir = Path(config.run.output_dir)
+    write_scores(output_dir, scores)
+    write_subsets(output_dir, dataset_with_ids, masks)
+    write_run_config(output_dir, config.to_flat(), command)
+    summary = summarize(scores, masks, config)
+    write_run_summary(output_dir, summary)
+    write_dataset_card(output_dir)
+    return summary
+
+
+def trained_model(context: RunContext):
+    """The model the score stage uses: given adapters, this run's saved adapters, or zero-shot CLIP."""
+    adapter = context.config.adapter
+    saved = context.output_dir / ADAPTER_DIR
+    if adapter.adapter_path:
+        return load_adapters(context.model, adapter.adapter_path)
+    if adapter.adapter_preset == "none":
+        return context.model
+    if not saved.exists():
+        raise FileNotFoundError(f"no adapters in {saved}; run `hf-clipsel adapt` first, or pass --adapter_path, or "
+                                "--adapter_preset none for zero-shot scores.")
+    return load_adapters(context.model, str(saved))
+
+
+def read_scores(output_dir: Path) -> Dataset:
+    path = Path(output_dir) / SCORES_DIR / "scores.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"no scores in {path.parent}; run `hf-clipsel score` (or `run`) first.")
+    return Dataset.from_parquet(str(path))
+
+
+def select_from_scores(config: ClipselConfig, command: list[str] | None = None, scores: Dataset | None = None) -> dict:
+    """Select from saved scores and the source dataset, without a model."""
+    scores = scores if scores is not None else read_scores(config.run.output_dir)
+    source = load_source(config.data)
+    if len(source) != len(scores):
+        raise ValueError(f"the scores have {len(scores)} rows but the source dataset has {len(source)}; select "
+                         "with the same dataset_name, split and max_samples as the run that scored it.")
+    masks, scores = select_stage(scores, config)
+    return write_stage(config, with_row_ids(source), scores, masks, command)
+
+
+def run(config: ClipselConfig, accelerator: Accelerator | None = None, command: list[str] | None = None):
+    """The whole pipeline. Returns the summary on the main process, None on the others."""
+    check_output_dir(config)
+    context = load_context(config, accelerator)
+    embeddings = embed_stage(context)
+    model = adapt_stage(context, embeddings)
+    embeddings = scoring_embeddings(context, model, embeddings)
+    summary = None
+    if context.accelerator.is_main_process:
+        scores, features = score_stage(context, model, embeddings)
+        masks, scores = select_stage(scores, config, features)
+        summary = write_stage(config, context.dataset, scores, masks, command)
+    context.accelerator.wait_for_everyone()
+    return summary

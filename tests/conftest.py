@@ -1,0 +1,58 @@
+"""Offline by construction: no Hub, caches in temporary folders, a tiny CLIP saved to disk so the real
+`from_pretrained` path runs, and small fixed slices of the real CIFAR-10 copy in ../shared where images matter.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before datasets / huggingface_hub are imported anywhere: no network, no shared caches.
+_CACHE = tempfile.mkdtemp(prefix="hf_clipsel_tests_")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = os.path.join(_CACHE, "hf_home")
+os.environ["HF_DATASETS_CACHE"] = os.path.join(_CACHE, "datasets")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tmp_path_factory) -> Path:
+    from hf_clipsel.tiny import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
+def cifar_slice(tmp_path_factory) -> Path:
+    """The first 240 rows of a CIFAR-10 training shard, as a parquet file (img: Image, label: ClassLabel)."""
+    from datasets import load_dataset
+
+    if not CIFAR10.exists():
+        pytest.fail(f"{CIFAR10} is missing: the tests need ../shared/data/cifar10 beside the repository.")
+    shard = load_dataset("parquet", data_files=str(CIFAR10 / "train-00000-of-00003.parquet"), split="train")
+    path = tmp_path_factory.mktemp("cifar") / "cifar10_slice.parquet"
+    shard.select(range(240)).to_parquet(str(path))
+    return path
+
+
+def run_config(dataset: Path, model: Path, output_dir: Path, **overrides):
+    """A fast configuration for the tiny CLIP: few epochs, small batches and chunks."""
+    from hf_clipsel.configs import ClipselConfig
+
+    values = dict(
+        dataset_name=str(dataset),
+        model_name_or_path=str(model),
+        output_dir=str(output_dir),
+        selection_ratios=[0.3, 0.5],
+        knn_k=5,
+        adapter_epochs=2,
+        adapter_batch_size=64,
+        batch_size=32,
+        embedding_chunk_size=64,
+    )
+    values.update(overrides)
+    return ClipselConfig.from_flat(values)

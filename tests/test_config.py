@@ -1,0 +1,56 @@
+import pytest
+import yaml
+
+from hf_clipsel.configs import ClipselConfig, budget
+from hf_clipsel.parser import parse_config
+
+
+def test_budget_has_no_float_artefacts():
+    assert 0.57 * 50000 < 28500  # the float product falls short...
+    assert budget(0.57, 50000) == 28500  # ...the budget does not
+    assert budget(0.3, 10) == 3
+    assert budget(1, 7) == 7
+    assert budget(0.999, 10) == 9
+
+
+def test_yaml_sets_defaults_and_flags_win(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"dataset_name": "some/data", "selection_ratios": [0.2, 0.4], "knn_k": 7}))
+    config = parse_config(["--config", str(path), "--selection_ratios", "0.5", "0.3", "--alpha", "0.2"])
+    assert config.data.dataset_name == "some/data"
+    assert config.selection.selection_ratios == [0.3, 0.5]  # sorted
+    assert config.selection.alpha == 0.2
+    assert config.scoring.knn_k == 7
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"dataset_name": "x", "selection_ratio": 0.3}))
+    with pytest.raises(ValueError, match="unknown configuration keys: selection_ratio"):
+        parse_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize("ratio", [0, -0.1, 1.5])
+def test_ratio_outside_unit_interval_is_an_error(ratio):
+    with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
+        ClipselConfig.from_flat({"selection_ratios": [ratio]})
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"adapter_preset": "lora"}, "adapter_preset='lora' is not valid"),
+        ({"prompt_templates": ["a photo"]}, "exactly one"),
+        ({"selection_ratios": []}, "selection_ratios is empty"),
+        ({"batch_size": 64, "embedding_chunk_size": 100}, "multiple of batch_size"),
+        ({"dtype": "float16"}, "dtype='float16' is not valid"),
+    ],
+)
+def test_bad_values_say_how_to_fix_them(values, message):
+    with pytest.raises(ValueError, match=message):
+        ClipselConfig.from_flat(values)
+
+
+def test_flat_round_trip():
+    config = ClipselConfig.from_flat({"dataset_name": "d", "alpha": None, "selection_ratios": [0.8, 0.1]})
+    assert ClipselConfig.from_flat(config.to_flat()) == config

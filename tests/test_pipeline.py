@@ -1,0 +1,103 @@
+"""The whole run on a real CIFAR-10 slice with a tiny CLIP: every output, exact budgets, rows equal the source."""
+
+import copy
+import hashlib
+
+import numpy as np
+import pytest
+import yaml
+from datasets import load_dataset
+from peft import PeftModel
+from transformers import CLIPModel
+
+from hf_clipsel.configs import budget
+from hf_clipsel.pipeline import run, select_from_scores
+from tests.conftest import run_config
+
+
+@pytest.fixture(scope="module")
+def finished_run(cifar_slice, tiny_clip_path, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("run")
+    config = run_config(cifar_slice, tiny_clip_path, output_dir, selection_ratios=[0.3, 0.57])
+    digest = hashlib.sha256(cifar_slice.read_bytes()).hexdigest()
+    summary = run(config, command=["hf-clipsel", "run"])
+    assert hashlib.sha256(cifar_slice.read_bytes()).hexdigest() == digest, "the source file was modified"
+    return config, output_dir, summary
+
+
+def test_every_output_is_written(finished_run):
+    _, output_dir, summary = finished_run
+    for name in ("README.md", "run_config.yaml", "run_summary.json", "scores/scores.parquet",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert (output_dir / name).exists(), name
+    assert sorted(p.name for p in (output_dir / "subsets").iterdir()) == ["ratio_0.3", "ratio_0.57"]
+    saved = yaml.safe_load((output_dir / "run_config.yaml").read_text())
+    assert saved["selection_ratios"] == [0.3, 0.57]
+    assert {"torch", "transformers", "datasets", "peft", "accelerate"} <= set(saved["versions"])
+    assert summary["num_rows"] == 240 and summary["num_flagged"] == 0
+
+
+def test_scores_are_keyed_by_row_id_with_every_column(finished_run):
+    _, output_dir, _ = finished_run
+    scores = load_dataset(str(output_dir), "scores", split="train")
+    assert scores["row_id"][:] == list(range(240))
+    source = load_dataset("parquet", data_files=finished_run[0].data.dataset_name, split="train")
+    assert scores["label"][:] == source["label"][:]
+    assert scores.features["label"].names == source.features["label"].names
+    for column in ("semantic_alignment_normalized", "sample_diversity_normalized"):
+        values = np.asarray(scores[column][:])
+        assert values.min() == 0.0 and values.max() == 1.0
+    for name in ("decode_ok", "flag_reason", "semantic_alignment", "sample_diversity",
+                 "reward_ratio_0.3", "is_selected_ratio_0.3", "reward_ratio_0.57", "is_selected_ratio_0.57"):
+        assert name in scores.column_names
+
+
+def test_subsets_have_the_exact_budget_and_equal_the_source_rows(finished_run):
+    config, output_dir, _ = finished_run
+    source = load_dataset("parquet", data_files=config.data.dataset_name, split="train")
+    scores = load_dataset(str(output_dir), "scores", split="train")
+    for ratio in (0.3, 0.57):
+        subset = load_dataset(str(output_dir), f"ratio_{ratio:g}", split="train")
+        assert len(subset) == budget(ratio, 240)
+        selected = np.nonzero(np.asarray(scores[f"is_selected_ratio_{ratio:g}"][:]))[0].tolist()
+        assert subset["row_id"][:] == selected
+        expected = source.select(selected)
+        assert subset.features["label"] == source.features["label"]
+        assert subset["label"][:] == expected["label"][:]
+        assert [i["bytes"] for i in subset.cast_column("img", subset.features["img"].__class__(decode=False))["img"]] \
+            == [i["bytes"] for i in expected.cast_column("img", expected.features["img"].__class__(decode=False))["img"]]
+
+
+def test_exact_selection_keeps_the_largest_rewards(finished_run):
+    _, output_dir, _ = finished_run
+    scores = load_dataset(str(output_dir), "scores", split="train")
+    reward = np.asarray(scores["reward_ratio_0.3"][:])
+    selected = np.asarray(scores["is_selected_ratio_0.3"][:])
+    assert reward[selected].min() >= reward[~selected].max()
+    # a larger ratio keeps every row of a smaller one (alpha is fixed)
+    assert (np.asarray(scores["is_selected_ratio_0.57"][:]) >= selected).all()
+
+
+def test_adapter_loads_with_peft(finished_run, tiny_clip_path):
+    _, output_dir, _ = finished_run
+    model = PeftModel.from_pretrained(CLIPModel.from_pretrained(tiny_clip_path), str(output_dir / "adapter"))
+    assert model.peft_config["default"].target_modules == {"visual_projection", "text_projection"}
+
+
+def test_select_again_from_saved_scores_without_a_model(finished_run, tmp_path):
+    config, output_dir, _ = finished_run
+    config = copy.deepcopy(config)
+    scores = load_dataset(str(output_dir), "scores", split="train")
+    config.run.output_dir = str(tmp_path)
+    config.selection.selection_ratios = [0.3]
+    summary = select_from_scores(config, scores=scores)
+    again = load_dataset(str(tmp_path), "scores", split="train")
+    assert again["is_selected_ratio_0.3"][:] == scores["is_selected_ratio_0.3"][:]
+    assert summary["ratios"]["0.3"]["kept"] == budget(0.3, 240)
+
+
+def test_rerun_with_other_settings_refuses_to_replace_results(finished_run):
+    config, output_dir, _ = finished_run
+    changed = run_config(config.data.dataset_name, config.model.model_name_or_path, output_dir, knn_k=3)
+    with pytest.raises(FileExistsError, match="overwrite_output_dir"):
+        run(changed)
