@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 COMMANDS = {
@@ -42,15 +43,13 @@ def _print_summary(summary: dict, output_dir: str) -> None:
 
 
 def _stage(command: str, args: list[str]) -> None:
-    from accelerate import Accelerator
-
     from . import pipeline
     from .outputs import ADAPTER_DIR
     from .parser import build_parser, parse_config
 
     config = parse_config(args, build_parser(prog=f"hf-clipsel {command}", description=COMMANDS[command]))
     command_line = ["hf-clipsel", command, *args]
-    accelerator = Accelerator()
+    accelerator = pipeline.make_accelerator()
     if command == "run":
         summary = pipeline.run(config, accelerator, command_line)
         if summary is not None:
@@ -121,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-clipsel: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # Raised inside peft's own calls into transformers 5; nothing a user can act on.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     try:
         if command == "demo":
             _demo(args)

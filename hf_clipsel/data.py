@@ -44,6 +44,19 @@ def load_source(config: DataConfig) -> Dataset:
     """Load ``config.dataset_name``: a `save_to_disk` directory, a folder or file of data files, or a Hub id."""
     if not config.dataset_name:
         raise ValueError("dataset_name is not set; pass --dataset_name with a Hub id, a local directory or a file.")
+    try:
+        dataset = _load(config)
+    except ValueError as error:
+        if "corresponds to no data" in str(error):  # datasets' words for an empty split
+            raise ValueError(f"the dataset {config.dataset_name!r} (split {config.dataset_split!r}) has no rows.") \
+                from error
+        raise
+    if config.max_samples is not None:
+        dataset = dataset.select(range(min(config.max_samples, len(dataset))))
+    return dataset
+
+
+def _load(config: DataConfig) -> Dataset:
     name = config.dataset_name
     path = Path(name)
     if path.is_dir() and (path / "dataset_info.json").exists() and (path / "state.json").exists():
@@ -60,8 +73,6 @@ def load_source(config: DataConfig) -> Dataset:
         dataset = load_dataset(
             name, config.dataset_config_name, split=config.dataset_split, revision=config.dataset_revision
         )
-    if config.max_samples is not None:
-        dataset = dataset.select(range(min(config.max_samples, len(dataset))))
     return dataset
 
 

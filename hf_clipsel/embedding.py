@@ -116,6 +116,9 @@ def embed_images(
     features = embedding_features(hidden_size)
 
     with accelerator.split_between_processes(list(range(num_chunks))) as my_chunks:
+        done = [i for i in my_chunks if paths[i].exists()]
+        logger.info("process %d of %d: chunks %s of %d (%d cached)", accelerator.process_index,
+                    accelerator.num_processes, _ranges(my_chunks), num_chunks, len(done))
         for i in my_chunks:
             rows = range(i * chunk_size, min((i + 1) * chunk_size, len(source)))
             source.select(rows).map(
@@ -139,6 +142,10 @@ def embed_images(
         logger.warning("%d of %d images could not be decoded; they are flagged and kept out of selection.",
                        flagged, len(embeddings))
     return embeddings
+
+
+def _ranges(indices: list[int]) -> str:
+    return f"{indices[0]}-{indices[-1]}" if indices else "none"
 
 
 def pooled_matrix(embeddings: Dataset) -> torch.Tensor:

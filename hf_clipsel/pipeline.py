@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,8 +71,15 @@ class RunContext:
         return Path(self.config.run.cache_dir or self.output_dir / EMBEDDINGS_DIR)
 
 
+def make_accelerator() -> Accelerator:
+    """Accelerate picks the device. Several processes without CUDA (`accelerate launch --multi_gpu` or torchrun on
+    a CPU machine) would each run alone unless asked for CPU explicitly: ask, so they share the work."""
+    several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=several_processes and not torch.cuda.is_available())
+
+
 def load_context(config: ClipselConfig, accelerator: Accelerator | None = None) -> RunContext:
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or make_accelerator()
     source = prepare_source(load_source(config.data), config.data)
     model, processor = load_clip(config.model)
     model.to(accelerator.device)

@@ -1,0 +1,93 @@
+"""Bad input gets a clear error that says how to fix it, or a flagged row; never a crash deep in torch."""
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from datasets import ClassLabel, Dataset, Features, Image, Value, load_dataset
+from PIL import Image as PILImage
+
+from hf_clipsel.configs import budget
+from hf_clipsel.pipeline import run
+from tests.conftest import run_config
+
+CLASSES = ["cat", "dog", "ship"]
+
+
+def _png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    PILImage.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write(tmp_path, images, labels, label_feature=None, name="data.parquet"):
+    features = Features({"image": Image(), "label": label_feature or ClassLabel(names=CLASSES)})
+    data = Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in images], "label": labels}, features=features)
+    path = tmp_path / name
+    data.to_parquet(str(path))
+    return path
+
+
+def test_missing_label_column_says_which_flag_to_pass(tmp_path, tiny_clip_path):
+    data = Dataset.from_dict({"image": [{"bytes": _png(0), "path": None}]}, features=Features({"image": Image()}))
+    data.to_parquet(str(tmp_path / "nolabel.parquet"))
+    with pytest.raises(ValueError, match="--label_column"):
+        run(run_config(tmp_path / "nolabel.parquet", tiny_clip_path, tmp_path / "out"))
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path, tiny_clip_path):
+    path = _write(tmp_path, [], [])
+    with pytest.raises(ValueError, match="has no rows"):
+        run(run_config(path, tiny_clip_path, tmp_path / "out"))
+
+
+def test_integer_labels_without_class_names_ask_for_them(tmp_path, tiny_clip_path):
+    path = _write(tmp_path, [_png(i) for i in range(4)], [0, 1, 2, 0], label_feature=Value("int64"))
+    with pytest.raises(ValueError, match="--class_names"):
+        run(run_config(path, tiny_clip_path, tmp_path / "out"))
+
+
+def test_corrupt_images_and_bad_labels_are_flagged_and_never_selected(tmp_path, tiny_clip_path):
+    images = [_png(i) for i in range(40)]
+    images[3] = b"this is not an image"
+    images[7] = _png(7)[:60]  # truncated PNG
+    labels = [i % 3 for i in range(40)]
+    labels[11] = 7  # outside the 3 classes
+    labels[12] = -1  # missing
+    path = _write(tmp_path, images, labels, label_feature=Value("int64"))
+    before = path.read_bytes()
+    config = run_config(path, tiny_clip_path, tmp_path / "out", class_names=CLASSES, selection_ratios=[0.5, 1.0],
+                        knn_k=3)
+    summary = run(config)
+    assert path.read_bytes() == before
+
+    scores = load_dataset(str(tmp_path / "out"), "scores", split="train")
+    reasons = dict(enumerate(scores["flag_reason"][:]))
+    assert reasons[3].startswith("image failed to decode") and reasons[7].startswith("image failed to decode")
+    assert reasons[11] == "label 7 outside the 3 classes" and reasons[12] == "label missing"
+    assert {row for row, reason in reasons.items() if reason} == {3, 7, 11, 12}
+    assert scores["decode_ok"][:].count(False) == 2
+    flagged = [3, 7, 11, 12]
+    for ratio in (0.5, 1.0):
+        selected = np.asarray(scores[f"is_selected_ratio_{ratio:g}"][:])
+        assert not selected[flagged].any()
+    # ratio 0.5: 20 of 36 usable rows, exactly the budget; ratio 1.0: all 36 usable rows, 4 short, reported
+    assert summary["ratios"]["0.5"]["kept"] == budget(0.5, 40) == 20
+    assert summary["ratios"]["1"]["kept"] == 36 and summary["ratios"]["1"]["shortfall"] == 4
+    assert summary["num_flagged"] == 4
+    subset = load_dataset(str(tmp_path / "out"), "ratio_1", split="train")
+    assert sorted(subset["row_id"][:]) == [i for i in range(40) if i not in flagged]
+
+
+def test_cli_reports_input_errors_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "hf_clipsel.cli", "run", "--output_dir", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "hf-clipsel run: error: dataset_name is not set" in result.stderr
+    assert "Traceback" not in result.stderr
+    bad_ratio = subprocess.run([sys.executable, "-m", "hf_clipsel.cli", "run", "--selection_ratios", "1.5"],
+                               capture_output=True, text=True)
+    assert bad_ratio.returncode == 1 and "outside (0, 1]" in bad_ratio.stderr
