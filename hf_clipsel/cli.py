@@ -1,8 +1,8 @@
 """`hf-clipsel <command>`: a thin layer over hf_clipsel.pipeline.
 
-    hf-clipsel run --config recipes/cifar10/select.yaml --selection_ratios 0.3 0.5
-    accelerate launch -m hf_clipsel.cli run --config ...      # embedding split across processes
-    hf-clipsel demo --output_dir demo_output                   # offline demonstration
+hf-clipsel run --config recipes/cifar10/select.yaml --selection_ratios 0.3 0.5
+accelerate launch -m hf_clipsel.cli run --config ...      # embedding split across processes
+hf-clipsel demo --output_dir demo_output                   # offline demonstration
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import argparse
 import logging
 import sys
 import warnings
-from pathlib import Path
 
 COMMANDS = {
     "run": "the whole pipeline: embed, adapt, score, select, write (and push with --push_to_hub true)",

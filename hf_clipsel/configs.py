@@ -41,8 +41,10 @@ def budget(selection_ratio: float, num_rows: int) -> int:
 class DataConfig:
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Source dataset: a Hub id, a local directory (parquet/arrow files, an image folder or a "
-                  "`save_to_disk` directory), or a parquet/arrow file."},
+        metadata={
+            "help": "Source dataset: a Hub id, a local directory (parquet/arrow files, an image folder or a "
+            "`save_to_disk` directory), or a parquet/arrow file."
+        },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration, if any."})
     dataset_split: str = field(default="train", metadata={"help": "Split to select from."})
@@ -68,13 +70,16 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "CLIP checkpoint: a Hub id (e.g. openai/clip-vit-base-patch32) or a local dir."}
+        default=None,
+        metadata={"help": "CLIP checkpoint: Hub id (e.g. openai/clip-vit-base-patch32) or a local folder."},
     )
     model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the checkpoint."})
     dtype: str = field(
         default="float32",
-        metadata={"help": "Weights and activations of the frozen CLIP: float32 or bfloat16. Scores are always "
-                  "computed in float32."},
+        metadata={
+            "help": "Weights and activations of the frozen CLIP: float32 or bfloat16. Scores are always "
+            "computed in float32."
+        },
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom modelling code from the checkpoint repo. Off unless asked."}
@@ -88,24 +93,30 @@ class ModelConfig:
 class AdapterConfig:
     adapter_preset: str = field(
         default="projection",
-        metadata={"help": "projection: LoRA on visual_projection/text_projection only (paper-faithful; trained on the "
-                  "embedding cache). encoder_lora: LoRA inside both encoders' attention plus the projections (no "
-                  "cache possible). none: zero-shot CLIP, no adaptation."},
+        metadata={
+            "help": "projection: LoRA on visual_projection/text_projection only (paper-faithful; trained on the "
+            "embedding cache). encoder_lora: LoRA inside both encoders' attention plus the projections (no "
+            "cache possible). none: zero-shot CLIP, no adaptation."
+        },
     )
     adapter_path: str | None = field(
         default=None, metadata={"help": "Load trained adapters (PEFT directory or Hub id) instead of training."}
     )
     lora_rank: int = field(
         default=0,
-        metadata={"help": "LoRA rank. 0 means full rank (the projection dimension), which spans the same maps as "
-                  "the paper's Linear(d, d) adapters."},
+        metadata={
+            "help": "LoRA rank. 0 means full rank (the projection dimension), which spans the same maps as "
+            "the paper's Linear(d, d) adapters."
+        },
     )
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha. Default: equal to the rank."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     objective: str = field(
         default="class_ce",
-        metadata={"help": "class_ce: cross-entropy of each image against all class prompts (no same-class false "
-                  "negatives). infonce: in-batch symmetric InfoNCE."},
+        metadata={
+            "help": "class_ce: cross-entropy of each image against all class prompts (no same-class false "
+            "negatives). infonce: in-batch symmetric InfoNCE."
+        },
     )
     adapter_epochs: int = field(default=30, metadata={"help": "Adapter training epochs (paper: 30)."})
     adapter_learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate (paper: 1e-4)."})
@@ -113,8 +124,10 @@ class AdapterConfig:
     adapter_batch_size: int = field(default=256, metadata={"help": "Adapter training batch size (paper: 256)."})
     prompt_templates: list[str] = field(
         default_factory=lambda: list(DEFAULT_TEMPLATES),
-        metadata={"help": "Prompt templates with one `{}` for the class name. Several: the mean of their normalised "
-                  "embeddings (a template ensemble)."},
+        metadata={
+            "help": "Prompt templates with one `{}` for the class name. Several: the mean of their normalised "
+            "embeddings (a template ensemble)."
+        },
     )
 
     def __post_init__(self):
@@ -136,8 +149,10 @@ class AdapterConfig:
 class ScoringConfig:
     knn_k: int = field(
         default=100,
-        metadata={"help": "Neighbours per sample for the diversity score, within the sample's class (paper: 100 for "
-                  "CIFAR-10, 50 for CIFAR-100). Classes with fewer than K+1 rows use all their other rows."},
+        metadata={
+            "help": "Neighbours per sample for the diversity score, within the sample's class (paper: 100 for "
+            "CIFAR-10, 50 for CIFAR-100). Classes with fewer than K+1 rows use all their other rows."
+        },
     )
 
     def __post_init__(self):
@@ -151,13 +166,17 @@ class SelectionConfig:
     )
     selection_method: str = field(
         default="exact",
-        metadata={"help": "exact: the k largest rewards (exact budget, deterministic). sgd: the released STE "
-                  "optimiser. Baselines: random, clip_score, moderate, ccs."},
+        metadata={
+            "help": "exact: the k largest rewards (exact budget, deterministic). sgd: the released STE "
+            "optimiser. Baselines: random, clip_score, moderate, ccs."
+        },
     )
     alpha: float | None = field(
         default=0.1,
-        metadata={"help": "Weight of the diversity term in the reward. Unset (null) means alpha = selection ratio, "
-                  "the paper's text; the released code uses 0.1."},
+        metadata={
+            "help": "Weight of the diversity term in the reward. Unset (null) means alpha = selection ratio, "
+            "the paper's text; the released code uses 0.1."
+        },
     )
     beta: float = field(default=2.0, metadata={"help": "Weight of the budget term in the sgd objective."})
     sgd_learning_rate: float = field(default=1e-3, metadata={"help": "sgd: SGD learning rate (released: 1e-3)."})
@@ -243,8 +262,9 @@ class ClipselConfig:
         known = {f.name: klass for klass in CONFIG_CLASSES for f in fields(klass)}
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ValueError(f"unknown configuration keys: {', '.join(unknown)}. Run `hf-clipsel run --help` for the "
-                             "valid ones.")
+            raise ValueError(
+                f"unknown configuration keys: {', '.join(unknown)}. Run `hf-clipsel run --help` for the valid ones."
+            )
         groups = {klass: {} for klass in CONFIG_CLASSES}
         for key, value in values.items():
             groups[known[key]][key] = value

@@ -48,8 +48,9 @@ def load_source(config: DataConfig) -> Dataset:
         dataset = _load(config)
     except ValueError as error:
         if "corresponds to no data" in str(error):  # datasets' words for an empty split
-            raise ValueError(f"the dataset {config.dataset_name!r} (split {config.dataset_split!r}) has no rows.") \
-                from error
+            raise ValueError(
+                f"the dataset {config.dataset_name!r} (split {config.dataset_split!r}) has no rows."
+            ) from error
         raise
     if config.max_samples is not None:
         dataset = dataset.select(range(min(config.max_samples, len(dataset))))

@@ -73,8 +73,9 @@ def _preprocess(images: list, image_processor, errors: list[str]):
         return kept, (torch.cat(tensors) if tensors else None)
 
 
-def cache_key(dataset: Dataset, image_column: str, model_fingerprint: str, image_processor, batch_size: int,
-              chunk_size: int) -> str:
+def cache_key(
+    dataset: Dataset, image_column: str, model_fingerprint: str, image_processor, batch_size: int, chunk_size: int
+) -> str:
     """Names a cache from what determines its numbers; the weights enter through their fingerprint only."""
     identity = {
         "version": CACHE_FORMAT_VERSION,
@@ -117,16 +118,23 @@ def embed_images(
 
     with accelerator.split_between_processes(list(range(num_chunks))) as my_chunks:
         done = [i for i in my_chunks if paths[i].exists()]
-        logger.info("process %d of %d: chunks %s of %d (%d cached)", accelerator.process_index,
-                    accelerator.num_processes, _ranges(my_chunks), num_chunks, len(done))
+        logger.info(
+            "process %d of %d: chunks %s of %d (%d cached)",
+            accelerator.process_index,
+            accelerator.num_processes,
+            _ranges(my_chunks),
+            num_chunks,
+            len(done),
+        )
         for i in my_chunks:
             rows = range(i * chunk_size, min((i + 1) * chunk_size, len(source)))
             source.select(rows).map(
                 embed_batch,
                 batched=True,
                 batch_size=batch_size,
-                fn_kwargs=dict(image_column=image_column, model=model, image_processor=image_processor,
-                               hidden_size=hidden_size),
+                fn_kwargs=dict(
+                    image_column=image_column, model=model, image_processor=image_processor, hidden_size=hidden_size
+                ),
                 remove_columns=source.column_names,
                 features=features,
                 cache_file_name=str(paths[i]),
@@ -139,8 +147,11 @@ def embed_images(
     embeddings = concatenate_datasets([Dataset.from_file(str(path)) for path in paths])
     flagged = len(embeddings) - sum(embeddings["decode_ok"])
     if flagged:
-        logger.warning("%d of %d images could not be decoded; they are flagged and kept out of selection.",
-                       flagged, len(embeddings))
+        logger.warning(
+            "%d of %d images could not be decoded; they are flagged and kept out of selection.",
+            flagged,
+            len(embeddings),
+        )
     return embeddings
 
 
@@ -157,6 +168,7 @@ def pooled_matrix(embeddings: Dataset) -> torch.Tensor:
 def embed_class_prompts(model, tokenizer, prompts: list[list[str]], batch_size: int = 256) -> torch.Tensor:
     """Pooled text-tower outputs of ``prompts[t][c]``, float32 [T, C, hidden]."""
     flat = [prompt for per_template in prompts for prompt in per_template]
-    pooled = torch.cat([text_tower_outputs(model, tokenizer, flat[i : i + batch_size])
-                        for i in range(0, len(flat), batch_size)])
+    pooled = torch.cat(
+        [text_tower_outputs(model, tokenizer, flat[i : i + batch_size]) for i in range(0, len(flat), batch_size)]
+    )
     return pooled.reshape(len(prompts), len(prompts[0]), -1).cpu()

@@ -83,8 +83,12 @@ def _class_label(dataset: Dataset, label_column: str) -> ClassLabel | None:
 def _record(dataset, label_column, rows, original, new, kind, corruption=None, severity=None) -> Dataset:
     label_feature = dataset.features[label_column] if label_column in dataset.column_names else Value("int64")
     features = Features(
-        row_id=Value("int64"), noise=Value("string"), original_label=label_feature, new_label=label_feature,
-        corruption=Value("string"), severity=Value("int64"),
+        row_id=Value("int64"),
+        noise=Value("string"),
+        original_label=label_feature,
+        new_label=label_feature,
+        corruption=Value("string"),
+        severity=Value("int64"),
     )
     return Dataset.from_dict(
         {
@@ -124,8 +128,9 @@ def _relabel(dataset, label_column, rows, new_labels, kind, fingerprint_args, ad
         _relabel_batch,
         batched=True,
         with_indices=True,
-        fn_kwargs=dict(label_column=label_column, new_labels=new_labels, noisy=noisy,
-                       add_noise_columns=add_noise_columns),
+        fn_kwargs=dict(
+            label_column=label_column, new_labels=new_labels, noisy=noisy, add_noise_columns=add_noise_columns
+        ),
         features=features,
         new_fingerprint=Hasher.hash([dataset._fingerprint, kind, *fingerprint_args, add_noise_columns]),
         desc=f"Injecting {kind} noise",
@@ -216,8 +221,13 @@ def asymmetric_label_noise(
     return _relabel(dataset, label_column, rows, new_labels, "asymmetric_label", args, add_noise_columns)
 
 
-def apply_corruption(image: PILImage.Image, corruption: str, severity: int, rng: np.random.Generator | None = None,
-                     parameters: str = "cifar") -> PILImage.Image:
+def apply_corruption(
+    image: PILImage.Image,
+    corruption: str,
+    severity: int,
+    rng: np.random.Generator | None = None,
+    parameters: str = "cifar",
+) -> PILImage.Image:
     """One corruption of Hendrycks & Dietterich at ``severity`` in 1..5 (5 strongest); returns a new PIL image."""
     if not 1 <= severity <= 5:
         raise ValueError(f"severity must be in 1..5, got {severity}.")
@@ -302,8 +312,15 @@ def corrupt_images(
         batched=True,
         batch_size=256,
         with_indices=True,
-        fn_kwargs=dict(image_column=image_column, chosen=chosen, corruption=corruption, severity=severity,
-                       seed=seed, parameters=parameters, add_noise_columns=add_noise_columns),
+        fn_kwargs=dict(
+            image_column=image_column,
+            chosen=chosen,
+            corruption=corruption,
+            severity=severity,
+            seed=seed,
+            parameters=parameters,
+            add_noise_columns=add_noise_columns,
+        ),
         features=features,
         new_fingerprint=Hasher.hash(
             [raw._fingerprint, "corruption", fraction, corruption, severity, seed, parameters, add_noise_columns]
@@ -344,8 +361,9 @@ def main(argv: list[str] | None = None) -> None:
         dataset, record = asymmetric_label_noise(dataset, args.asymmetric, **common)
         records.append(record)
     if args.corruption is not None:
-        dataset, record = corrupt_images(dataset, args.corruption_fraction, args.corruption, args.severity,
-                                         parameters=args.parameters, **common)
+        dataset, record = corrupt_images(
+            dataset, args.corruption_fraction, args.corruption, args.severity, parameters=args.parameters, **common
+        )
         records.append(record)
     if not records:
         parser.error("nothing to inject: give --symmetric, --asymmetric or --corruption.")
@@ -364,8 +382,11 @@ def main(argv: list[str] | None = None) -> None:
         "- config_name: noise_record\n  data_files:\n  - split: train\n    path: noise_record/*.parquet\n---\n"
         f"Noisy copy of `{args.dataset}` ({args.split}) by `python -m hf_clipsel.noise`; see noise_summary.json.\n"
     )
-    summary = {"num_rows": len(dataset), "num_changed": {r[0]["noise"]: len(r) for r in records if len(r)},
-               "args": vars(args)}
+    summary = {
+        "num_rows": len(dataset),
+        "num_changed": {r[0]["noise"]: len(r) for r in records if len(r)},
+        "args": vars(args),
+    }
     (output_dir / "noise_summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary["num_changed"]))
 

@@ -116,8 +116,17 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {"python": sys.version.split()[0]}
-    for package in ("hf-clipsel", "torch", "transformers", "datasets", "accelerate", "peft", "huggingface_hub",
-                    "timm", "evaluate"):
+    for package in (
+        "hf-clipsel",
+        "torch",
+        "transformers",
+        "datasets",
+        "accelerate",
+        "peft",
+        "huggingface_hub",
+        "timm",
+        "evaluate",
+    ):
         with contextlib.suppress(PackageNotFoundError):
             versions[package] = version(package)
     return versions
@@ -143,8 +152,8 @@ def write_run_summary(output_dir: Path, summary: dict) -> None:
 def dataset_configs(ratios: list[float]) -> list[dict]:
     """The card's YAML `configs:` entries that make `load_dataset(output_dir, name)` work."""
     configs = [
-        {"config_name": ratio_name(r), "data_files": [{"split": "train", "path": f"{SUBSETS_DIR}/{ratio_name(r)}/*.parquet"}]}
-        for r in ratios
+        {"config_name": name, "data_files": [{"split": "train", "path": f"{SUBSETS_DIR}/{name}/*.parquet"}]}
+        for name in map(ratio_name, ratios)
     ]
     configs.append({"config_name": "scores", "data_files": [{"split": "train", "path": f"{SCORES_DIR}/*.parquet"}]})
     if ratios:

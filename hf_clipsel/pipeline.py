@@ -17,15 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from datasets import ClassLabel, Dataset, Features, Image, Value
 
 from . import scoring
+from .cards import write_dataset_card
 from .configs import ClipselConfig, budget
 from .data import ROW_ID, Source, class_prompts, decode_rgb, load_source, prepare_source, with_row_ids
 from .embedding import embed_class_prompts, embed_images, pooled_matrix
 from .modeling import attach_adapters, class_text_features, image_features, load_adapters, load_clip, model_fingerprint
-from .cards import write_dataset_card
 from .outputs import (
     ADAPTER_DIR,
     EMBEDDINGS_DIR,
@@ -43,11 +44,22 @@ from .training import train_end_to_end, train_on_cache
 
 logger = logging.getLogger(__name__)
 
-SCORE_COLUMNS = ("semantic_alignment", "sample_diversity", "semantic_alignment_normalized",
-                 "sample_diversity_normalized")
+SCORE_COLUMNS = (
+    "semantic_alignment",
+    "sample_diversity",
+    "semantic_alignment_normalized",
+    "sample_diversity_normalized",
+)
 # Settings that change no number in scores or subsets: a rerun that differs only in these may reuse output_dir.
-OUTPUT_NEUTRAL_KEYS = {"output_dir", "overwrite_output_dir", "push_to_hub", "hub_dataset_id", "hub_model_id",
-                       "hub_private", "cache_dir"}
+OUTPUT_NEUTRAL_KEYS = {
+    "output_dir",
+    "overwrite_output_dir",
+    "push_to_hub",
+    "hub_dataset_id",
+    "hub_model_id",
+    "hub_private",
+    "cache_dir",
+}
 
 
 @dataclass
@@ -83,8 +95,15 @@ def load_context(config: ClipselConfig, accelerator: Accelerator | None = None) 
     source = prepare_source(load_source(config.data), config.data)
     model, processor = load_clip(config.model)
     model.to(accelerator.device)
-    return RunContext(config, accelerator, source, with_row_ids(source.dataset), model, processor,
-                      model_fingerprint(config.model, model))
+    return RunContext(
+        config,
+        accelerator,
+        source,
+        with_row_ids(source.dataset),
+        model,
+        processor,
+        model_fingerprint(config.model, model),
+    )
 
 
 def check_output_dir(config: ClipselConfig) -> None:
@@ -109,8 +128,14 @@ def embed_stage(context: RunContext, model=None) -> Dataset:
     if model is not context.model:  # encoder adapters change the tower: their weights join the cache key
         fingerprint += "-" + adapter_fingerprint(model)
     return embed_images(
-        context.dataset, context.source.image_column, model, context.processor.image_processor, fingerprint,
-        context.cache_dir, context.accelerator, batch_size=context.config.run.batch_size,
+        context.dataset,
+        context.source.image_column,
+        model,
+        context.processor.image_processor,
+        fingerprint,
+        context.cache_dir,
+        context.accelerator,
+        batch_size=context.config.run.batch_size,
         chunk_size=context.config.run.embedding_chunk_size,
     )
 
@@ -149,11 +174,18 @@ def adapt_stage(context: RunContext, embeddings: Dataset):
         if context.accelerator.is_main_process:
             text_pooled = embed_class_prompts(peft_model, context.processor.tokenizer, prompts_of(context))
             pooled = pooled_matrix(embeddings)
-            train_on_cache(peft_model, pooled[valid], labels[valid], text_pooled, adapter,
-                           seed=context.config.selection.seed)
+            train_on_cache(
+                peft_model, pooled[valid], labels[valid], text_pooled, adapter, seed=context.config.selection.seed
+            )
     else:
-        train_end_to_end(peft_model, image_loader(context, np.nonzero(valid)[0]), context.processor.tokenizer,
-                         prompts_of(context), adapter, context.accelerator)
+        train_end_to_end(
+            peft_model,
+            image_loader(context, np.nonzero(valid)[0]),
+            context.processor.tokenizer,
+            prompts_of(context),
+            adapter,
+            context.accelerator,
+        )
     if context.accelerator.is_main_process:
         peft_model.save_pretrained(str(context.output_dir / ADAPTER_DIR))
     context.accelerator.wait_for_everyone()
@@ -176,8 +208,13 @@ def image_loader(context: RunContext, rows: np.ndarray):
         }
 
     generator = torch.Generator().manual_seed(context.config.selection.seed)
-    return torch.utils.data.DataLoader(subset, batch_size=context.config.adapter.adapter_batch_size, shuffle=True,
-                                       collate_fn=collate, generator=generator)
+    return torch.utils.data.DataLoader(
+        subset,
+        batch_size=context.config.adapter.adapter_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        generator=generator,
+    )
 
 
 def scoring_embeddings(context: RunContext, model, embeddings: Dataset) -> Dataset:
@@ -207,15 +244,19 @@ def score_stage(context: RunContext, model, embeddings: Dataset) -> tuple[Datase
     sas = scoring.semantic_alignment(features, class_features, labels.clamp(min=0))
     sas = torch.where(valid_t, sas, torch.zeros_like(sas))
     sds = scoring.sample_diversity(features, labels, context.config.scoring.knn_k, valid=valid_t)
+    # The class the (adapted) CLIP prefers: where it differs from the given label, the row is a suspect.
+    predicted = torch.where(valid_t, (F.normalize(features, dim=-1) @ class_features.T).argmax(dim=-1), -1)
     problems = [
         label_problem or (f"{error}" if not ok else "")
-        for label_problem, ok, error in zip(context.source.label_problems, embeddings["decode_ok"][:],
-                                            embeddings["decode_error"][:])
+        for label_problem, ok, error in zip(
+            context.source.label_problems, embeddings["decode_ok"][:], embeddings["decode_error"][:]
+        )
     ]
     scores = Dataset.from_dict(
         {
             ROW_ID: np.arange(len(labels), dtype=np.int64),
             "label": context.source.labels,
+            "predicted_label": predicted.numpy(),
             "decode_ok": np.asarray(embeddings["decode_ok"][:], dtype=bool),
             "flag_reason": problems,
             "semantic_alignment": sas.numpy(),
@@ -227,6 +268,7 @@ def score_stage(context: RunContext, model, embeddings: Dataset) -> tuple[Datase
             {
                 ROW_ID: Value("int64"),
                 "label": ClassLabel(names=context.source.class_names),
+                "predicted_label": ClassLabel(names=context.source.class_names),
                 "decode_ok": Value("bool"),
                 "flag_reason": Value("string"),
                 **{name: Value("float32") for name in SCORE_COLUMNS},
@@ -255,8 +297,11 @@ def select_stage(scores: Dataset, config: ClipselConfig, image_features: torch.T
     scores = scores.remove_columns([c for c in scores.column_names if c.startswith(("reward_", "is_selected_"))])
     for ratio in config.selection.selection_ratios:
         reward = inputs.reward(config.selection.alpha_for(ratio))
-        scores = scores.add_column(reward_column(ratio), np.where(np.isfinite(reward), reward, np.nan)
-                                   .astype(np.float32), feature=Value("float32"))
+        scores = scores.add_column(
+            reward_column(ratio),
+            np.where(np.isfinite(reward), reward, np.nan).astype(np.float32),
+            feature=Value("float32"),
+        )
         scores = scores.add_column(selected_column(ratio), masks[ratio], feature=Value("bool"))
     return masks, scores
 
@@ -290,8 +335,9 @@ def summarize(scores: Dataset, masks: dict, config: ClipselConfig) -> dict:
     }
 
 
-def write_stage(config: ClipselConfig, dataset_with_ids: Dataset, scores: Dataset, masks: dict,
-                command: list[str] | None = None) -> dict:
+def write_stage(
+    config: ClipselConfig, dataset_with_ids: Dataset, scores: Dataset, masks: dict, command: list[str] | None = None
+) -> dict:
     """Write scores, subsets, configuration, summary and card (main process only)."""
     output_dir = Path(config.run.output_dir)
     write_scores(output_dir, scores)
@@ -312,8 +358,10 @@ def trained_model(context: RunContext):
     if adapter.adapter_preset == "none":
         return context.model
     if not saved.exists():
-        raise FileNotFoundError(f"no adapters in {saved}; run `hf-clipsel adapt` first, or pass --adapter_path, or "
-                                "--adapter_preset none for zero-shot scores.")
+        raise FileNotFoundError(
+            f"no adapters in {saved}; run `hf-clipsel adapt` first, or pass --adapter_path, or "
+            "--adapter_preset none for zero-shot scores."
+        )
     return load_adapters(context.model, str(saved))
 
 
@@ -329,8 +377,10 @@ def select_from_scores(config: ClipselConfig, command: list[str] | None = None, 
     scores = scores if scores is not None else read_scores(config.run.output_dir)
     source = load_source(config.data)
     if len(source) != len(scores):
-        raise ValueError(f"the scores have {len(scores)} rows but the source dataset has {len(source)}; select "
-                         "with the same dataset_name, split and max_samples as the run that scored it.")
+        raise ValueError(
+            f"the scores have {len(scores)} rows but the source dataset has {len(source)}; select "
+            "with the same dataset_name, split and max_samples as the run that scored it."
+        )
     masks, scores = select_stage(scores, config)
     return write_stage(config, with_row_ids(source), scores, masks, command)
 

@@ -21,8 +21,9 @@ from .modeling import class_text_features, image_features, logit_scale, vision_t
 logger = logging.getLogger(__name__)
 
 
-def adapter_loss(features: torch.Tensor, class_features: torch.Tensor, labels: torch.Tensor, scale: float,
-                 objective: str) -> torch.Tensor:
+def adapter_loss(
+    features: torch.Tensor, class_features: torch.Tensor, labels: torch.Tensor, scale: float, objective: str
+) -> torch.Tensor:
     """``features`` [B, d] image features, ``class_features`` [C, d] normalised class features."""
     features = F.normalize(features, dim=-1)
     if objective == "class_ce":
@@ -64,15 +65,21 @@ def train_on_cache(
     vision_pooled, labels, text_pooled = vision_pooled.to(device), labels.to(device), text_pooled.to(device)
     history = []
     peft_model.train()
-    bar = tqdm(range(config.adapter_epochs), desc="Training adapters on the embedding cache",
-               disable=not show_progress)
+    bar = tqdm(
+        range(config.adapter_epochs), desc="Training adapters on the embedding cache", disable=not show_progress
+    )
     for _ in bar:
         order = torch.randperm(len(labels), generator=generator).to(device)
         total = 0.0
         for start in range(0, len(order), config.adapter_batch_size):
             batch = order[start : start + config.adapter_batch_size]
-            loss = adapter_loss(image_features(peft_model, vision_pooled[batch]),
-                                class_text_features(peft_model, text_pooled), labels[batch], scale, config.objective)
+            loss = adapter_loss(
+                image_features(peft_model, vision_pooled[batch]),
+                class_text_features(peft_model, text_pooled),
+                labels[batch],
+                scale,
+                config.objective,
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -91,8 +98,14 @@ class EndToEndObjective(torch.nn.Module):
         super().__init__()
         self.peft_model = peft_model
         self.shape = (len(prompts), len(prompts[0]))
-        self.text_inputs = dict(tokenizer([p for per_template in prompts for p in per_template], padding=True,
-                                          truncation=True, return_tensors="pt"))
+        self.text_inputs = dict(
+            tokenizer(
+                [p for per_template in prompts for p in per_template],
+                padding=True,
+                truncation=True,
+                return_tensors="pt",
+            )
+        )
         self.scale = logit_scale(peft_model)
         self.objective = objective
 
@@ -102,8 +115,9 @@ class EndToEndObjective(torch.nn.Module):
         text_inputs = {name: tensor.to(clip.device) for name, tensor in self.text_inputs.items()}
         text_pooled = clip.text_model(**text_inputs).pooler_output.float().reshape(*self.shape, -1)
         features = image_features(self.peft_model, vision_tower_outputs(self.peft_model, pixel_values))
-        return adapter_loss(features, class_text_features(self.peft_model, text_pooled), labels, self.scale,
-                            self.objective)
+        return adapter_loss(
+            features, class_text_features(self.peft_model, text_pooled), labels, self.scale, self.objective
+        )
 
 
 def train_end_to_end(
@@ -124,8 +138,9 @@ def train_end_to_end(
     objective, optimizer, image_batches = accelerator.prepare(objective, optimizer, image_batches)
     history = []
     objective.train()
-    bar = tqdm(range(config.adapter_epochs), desc="Training encoder adapters",
-               disable=not accelerator.is_local_main_process)
+    bar = tqdm(
+        range(config.adapter_epochs), desc="Training encoder adapters", disable=not accelerator.is_local_main_process
+    )
     for _ in bar:
         total, count = 0.0, 0
         for batch in image_batches:

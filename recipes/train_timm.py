@@ -38,12 +38,36 @@ logger = get_logger(__name__)
 # METHOD.md, "Evaluation protocol in the paper": SGD with momentum 0.9; lr multiplied by gamma at each milestone
 # epoch. The ImageNet-1k decay epochs are not stated there: pass --milestones. image_size None = the model's own.
 SCHEDULES = {
-    "cifar": dict(lr=0.1, weight_decay=5e-4, batch_size=128, epochs=200, milestones=[60, 120, 160], gamma=0.2,
-                  image_size=32, crop_pct=1.0),
-    "tiny_imagenet": dict(lr=0.1, weight_decay=1e-4, batch_size=256, epochs=90, milestones=[30, 60], gamma=0.1,
-                          image_size=64, crop_pct=1.0),
-    "imagenet": dict(lr=0.01, weight_decay=1e-3, batch_size=256, epochs=105, milestones=[], gamma=0.1,
-                     image_size=None, crop_pct=None),
+    "cifar": dict(
+        lr=0.1,
+        weight_decay=5e-4,
+        batch_size=128,
+        epochs=200,
+        milestones=[60, 120, 160],
+        gamma=0.2,
+        image_size=32,
+        crop_pct=1.0,
+    ),
+    "tiny_imagenet": dict(
+        lr=0.1,
+        weight_decay=1e-4,
+        batch_size=256,
+        epochs=90,
+        milestones=[30, 60],
+        gamma=0.1,
+        image_size=64,
+        crop_pct=1.0,
+    ),
+    "imagenet": dict(
+        lr=0.01,
+        weight_decay=1e-3,
+        batch_size=256,
+        epochs=105,
+        milestones=[],
+        gamma=0.1,
+        image_size=None,
+        crop_pct=None,
+    ),
 }
 
 
@@ -64,8 +88,15 @@ def parse_args(argv=None):
     p.add_argument("--model", default="resnet50", help="Any timm model name.")
     p.add_argument("--pretrained", action="store_true", help="Load timm's pretrained weights (needs the Hub).")
     p.add_argument("--schedule", choices=tuple(SCHEDULES), default="cifar")
-    for name, kind in [("lr", float), ("weight_decay", float), ("batch_size", int), ("epochs", int),
-                       ("gamma", float), ("image_size", int), ("crop_pct", float)]:
+    for name, kind in [
+        ("lr", float),
+        ("weight_decay", float),
+        ("batch_size", int),
+        ("epochs", int),
+        ("gamma", float),
+        ("image_size", int),
+        ("crop_pct", float),
+    ]:
         p.add_argument(f"--{name}", type=kind, default=None, help="Default: from --schedule.")
     p.add_argument("--milestones", type=int, nargs="*", default=None, help="Epochs where lr *= gamma.")
     p.add_argument("--momentum", type=float, default=0.9)
@@ -137,8 +168,9 @@ def main(argv=None):
 
     with accelerator.main_process_first():
         train = load_split(args.dataset, args.dataset_config, args.data_dir, args.split, args.max_train_samples)
-        test = load_split(args.eval_dataset, args.eval_config, args.eval_data_dir, args.eval_split,
-                          args.max_eval_samples)
+        test = load_split(
+            args.eval_dataset, args.eval_config, args.eval_data_dir, args.eval_split, args.max_eval_samples
+        )
     image_column = args.image_column or next(k for k, v in train.features.items() if isinstance(v, Image))
     label_feature = train.features[args.label_column]
     if not isinstance(label_feature, ClassLabel):
@@ -160,11 +192,11 @@ def main(argv=None):
     per_device = args.batch_size // accelerator.num_processes
     eval_per_device = max(1, (args.eval_batch_size or args.batch_size) // accelerator.num_processes)
     # drop_last as timm's own loader does: a last batch of one breaks BatchNorm on a 1x1 feature map.
-    train_loader = torch.utils.data.DataLoader(train, batch_size=per_device, shuffle=True, drop_last=True,
-                                               num_workers=args.num_workers)
+    train_loader = torch.utils.data.DataLoader(
+        train, batch_size=per_device, shuffle=True, drop_last=True, num_workers=args.num_workers
+    )
     test_loader = torch.utils.data.DataLoader(test, batch_size=eval_per_device, num_workers=args.num_workers)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     # Stepped once per epoch by hand: a prepared scheduler would step once per process per call.
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=args.gamma)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
@@ -176,8 +208,11 @@ def main(argv=None):
     start_epoch, completed_steps = 0, 0
     if args.resume_from_checkpoint:
         found = checkpoints(checkpoint_dir)
-        path = (found[-1] if found else None) if args.resume_from_checkpoint == "latest" \
+        path = (
+            (found[-1] if found else None)
+            if args.resume_from_checkpoint == "latest"
             else Path(args.resume_from_checkpoint)
+        )
         if path is None:
             logger.info("No checkpoint in %s: starting from scratch.", checkpoint_dir)
         else:
@@ -186,8 +221,14 @@ def main(argv=None):
             start_epoch, completed_steps = progress["epoch"] + 1, progress["completed_steps"]
             logger.info("Resumed from %s at epoch %d, step %d.", path, start_epoch, completed_steps)
 
-    logger.info("%d training rows, %d test rows, %d epochs, %d steps per epoch, %d processes", len(train), len(test),
-                epochs, len(train_loader), accelerator.num_processes)
+    logger.info(
+        "%d training rows, %d test rows, %d epochs, %d steps per epoch, %d processes",
+        len(train),
+        len(test),
+        epochs,
+        len(train_loader),
+        accelerator.num_processes,
+    )
     for epoch in range(start_epoch, epochs):
         model.train()
         train_loader.set_epoch(epoch)  # the seedable sampler: the same order per epoch, resumed or not

@@ -37,12 +37,13 @@ from hf_clipsel.metrics import load_accuracy_metric
 
 # METHOD.md, "Evaluation protocol in the paper" (the same table as recipes/train_timm.py); milestones in epochs.
 SCHEDULES = {
-    "cifar": dict(lr=0.1, weight_decay=5e-4, batch_size=128, epochs=200, milestones=[60, 120, 160], gamma=0.2,
-                  image_size=32),
-    "tiny_imagenet": dict(lr=0.1, weight_decay=1e-4, batch_size=256, epochs=90, milestones=[30, 60], gamma=0.1,
-                          image_size=64),
-    "imagenet": dict(lr=0.01, weight_decay=1e-3, batch_size=256, epochs=105, milestones=[], gamma=0.1,
-                     image_size=224),
+    "cifar": dict(
+        lr=0.1, weight_decay=5e-4, batch_size=128, epochs=200, milestones=[60, 120, 160], gamma=0.2, image_size=32
+    ),
+    "tiny_imagenet": dict(
+        lr=0.1, weight_decay=1e-4, batch_size=256, epochs=90, milestones=[30, 60], gamma=0.1, image_size=64
+    ),
+    "imagenet": dict(lr=0.01, weight_decay=1e-3, batch_size=256, epochs=105, milestones=[], gamma=0.1, image_size=224),
 }
 
 
@@ -64,8 +65,14 @@ def parse_args(argv=None):
     p.add_argument("--model_type", choices=("vit", "convnext"), default="vit", help="Architecture built from config.")
     p.add_argument("--config_overrides", default=None, help="e.g. `hidden_size=64,num_hidden_layers=2`.")
     p.add_argument("--schedule", choices=tuple(SCHEDULES), default="cifar")
-    for name, kind in [("lr", float), ("weight_decay", float), ("batch_size", int), ("epochs", int),
-                       ("gamma", float), ("image_size", int)]:
+    for name, kind in [
+        ("lr", float),
+        ("weight_decay", float),
+        ("batch_size", int),
+        ("epochs", int),
+        ("gamma", float),
+        ("image_size", int),
+    ]:
         p.add_argument(f"--{name}", type=kind, default=None, help="Default: from --schedule.")
     p.add_argument("--milestones", type=int, nargs="*", default=None, help="Epochs where lr *= gamma.")
     p.add_argument("--momentum", type=float, default=0.9)
@@ -106,15 +113,23 @@ def build_model(args, labels: ClassLabel):
         return model, AutoImageProcessor.from_pretrained(args.model_name_or_path)
     size = args.image_size
     if args.model_type == "vit":  # a ViT-Tiny width at half depth, on an 8x8 grid of patches
-        config = ViTConfig(image_size=size, patch_size=max(2, size // 8), hidden_size=192, num_hidden_layers=6,
-                           num_attention_heads=3, intermediate_size=768, **label_maps)
+        config = ViTConfig(
+            image_size=size,
+            patch_size=max(2, size // 8),
+            hidden_size=192,
+            num_hidden_layers=6,
+            num_attention_heads=3,
+            intermediate_size=768,
+            **label_maps,
+        )
     else:  # ConvNeXt-Atto-like widths and depths
         config = ConvNextConfig(image_size=size, depths=[2, 2, 6, 2], hidden_sizes=[40, 80, 160, 320], **label_maps)
     if args.config_overrides:
         config.update_from_string(args.config_overrides)
     model = AutoModelForImageClassification.from_config(config)
-    processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=IMAGENET_DEFAULT_MEAN,
-                                  image_std=IMAGENET_DEFAULT_STD)
+    processor = ViTImageProcessor(
+        size={"height": size, "width": size}, image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD
+    )
     return model, processor
 
 
@@ -162,12 +177,18 @@ def main(argv=None):
     model, processor = build_model(args, labels)
     size = processor.size.get("height") or processor.size.get("shortest_edge") or args.image_size
     normalize = transforms.Normalize(mean=processor.image_mean, std=processor.image_std)
-    train_transform = transforms.Compose([
-        transforms.Resize(size), transforms.RandomCrop(size, padding=size // 8, padding_mode="reflect"),
-        transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize,
-    ])
-    eval_transform = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
-                                         normalize])
+    train_transform = transforms.Compose(
+        [
+            transforms.Resize(size),
+            transforms.RandomCrop(size, padding=size // 8, padding_mode="reflect"),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
+    eval_transform = transforms.Compose(
+        [transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(), normalize]
+    )
     with_transform(train, train_transform, image_column, args.label_column)
     with_transform(test, eval_transform, image_column, args.label_column)
 
@@ -195,8 +216,9 @@ def main(argv=None):
     )
     optimizers = (None, None)
     if args.optim is None:
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                    weight_decay=args.weight_decay)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+        )
         # Trainer steps the scheduler once per optimizer step: epochs -> steps.
         steps_per_epoch = math.ceil(len(train) / args.batch_size)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
@@ -211,8 +233,16 @@ def main(argv=None):
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         return metric.compute(predictions=logits, references=prediction.label_ids, top_k=args.top_k)
 
-    trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=test, data_collator=collate,
-                      compute_metrics=compute_metrics, optimizers=optimizers, processing_class=processor)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=test,
+        data_collator=collate,
+        compute_metrics=compute_metrics,
+        optimizers=optimizers,
+        processing_class=processor,
+    )
     resume = args.resume_from_checkpoint
     if resume == "latest":
         last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
@@ -222,7 +252,7 @@ def main(argv=None):
     trainer.save_model(str(output_dir / "model"))
     if trainer.is_world_process_zero():
         summary = {
-            **{key[len("eval_"):]: value for key, value in results.items() if key.startswith("eval_top")},
+            **{key[len("eval_") :]: value for key, value in results.items() if key.startswith("eval_top")},
             "num_train_rows": len(train),
             "num_eval_rows": len(test),
             "epochs": trainer.state.epoch,

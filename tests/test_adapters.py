@@ -2,6 +2,7 @@
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from hf_clipsel.configs import AdapterConfig, ModelConfig
@@ -28,8 +29,13 @@ def _images(count, seed=0):
 
 def _trained(tiny_clip_path, preset="projection", epochs=3):
     model, processor = load_clip(ModelConfig(model_name_or_path=str(tiny_clip_path)))
-    config = AdapterConfig(adapter_preset=preset, adapter_epochs=epochs, adapter_learning_rate=1e-2,
-                           adapter_batch_size=16, prompt_templates=["a photo of a {}.", "a {}."])
+    config = AdapterConfig(
+        adapter_preset=preset,
+        adapter_epochs=epochs,
+        adapter_learning_rate=1e-2,
+        adapter_batch_size=16,
+        prompt_templates=["a photo of a {}.", "a {}."],
+    )
     peft_model = attach_adapters(model, config)
     pixel_values = processor.image_processor(images=_images(48), return_tensors="pt").pixel_values
     labels = torch.arange(48) % len(CLASSES)
@@ -67,15 +73,23 @@ def test_cache_scores_equal_a_full_forward_through_the_peft_model(tiny_clip_path
         full_text = []
         for per_template in prompts:
             inputs = processor.tokenizer(per_template, padding=True, return_tensors="pt")
-            full_text.append(torch.nn.functional.normalize(peft_model.get_text_features(**inputs).pooler_output, dim=-1))
-        full_class_features = torch.nn.functional.normalize(torch.stack(full_text).mean(0), dim=-1)
+            full_text.append(F.normalize(peft_model.get_text_features(**inputs).pooler_output, dim=-1))
+        full_class_features = F.normalize(torch.stack(full_text).mean(0), dim=-1)
     # the adapters really changed the features, and the cache path agrees with the full forward
-    assert not torch.allclose(full, peft_model.get_base_model().visual_projection.base_layer(
-        peft_model.get_base_model().vision_model(pixel_values=pixel_values).pooler_output))
+    assert not torch.allclose(
+        full,
+        peft_model.get_base_model().visual_projection.base_layer(
+            peft_model.get_base_model().vision_model(pixel_values=pixel_values).pooler_output
+        ),
+    )
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(class_features, full_class_features, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(semantic_alignment(cached, class_features, labels),
-                               semantic_alignment(full, full_class_features, labels), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        semantic_alignment(cached, class_features, labels),
+        semantic_alignment(full, full_class_features, labels),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_save_pretrained_from_pretrained_round_trip(tiny_clip_path, tmp_path):
@@ -93,6 +107,7 @@ def test_save_pretrained_from_pretrained_round_trip(tiny_clip_path, tmp_path):
 def test_encoder_preset_targets_attention_and_projections(tiny_clip_path):
     model, _ = load_clip(ModelConfig(model_name_or_path=str(tiny_clip_path)))
     peft_model = attach_adapters(model, AdapterConfig(adapter_preset="encoder_lora", lora_rank=4))
-    names = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in peft_model.named_parameters()
-             if ".lora_A" in name}
+    names = {
+        name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in peft_model.named_parameters() if ".lora_A" in name
+    }
     assert names == {"q_proj", "k_proj", "v_proj", "out_proj", "visual_projection", "text_projection"}

@@ -25,7 +25,8 @@ def _png(seed: int) -> bytes:
 
 def _write(tmp_path, images, labels, label_feature=None, name="data.parquet"):
     features = Features({"image": Image(), "label": label_feature or ClassLabel(names=CLASSES)})
-    data = Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in images], "label": labels}, features=features)
+    cells = [{"bytes": b, "path": None} for b in images]
+    data = Dataset.from_dict({"image": cells, "label": labels}, features=features)
     path = tmp_path / name
     data.to_parquet(str(path))
     return path
@@ -59,8 +60,9 @@ def test_corrupt_images_and_bad_labels_are_flagged_and_never_selected(tmp_path, 
     labels[12] = -1  # missing
     path = _write(tmp_path, images, labels, label_feature=Value("int64"))
     before = path.read_bytes()
-    config = run_config(path, tiny_clip_path, tmp_path / "out", class_names=CLASSES, selection_ratios=[0.5, 1.0],
-                        knn_k=3)
+    config = run_config(
+        path, tiny_clip_path, tmp_path / "out", class_names=CLASSES, selection_ratios=[0.5, 1.0], knn_k=3
+    )
     summary = run(config)
     assert path.read_bytes() == before
 
@@ -83,11 +85,13 @@ def test_corrupt_images_and_bad_labels_are_flagged_and_never_selected(tmp_path, 
 
 
 def test_cli_reports_input_errors_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "hf_clipsel.cli", "run", "--output_dir", str(tmp_path)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_clipsel.cli", "run", "--output_dir", str(tmp_path)], capture_output=True, text=True
+    )
     assert result.returncode == 1
     assert "hf-clipsel run: error: dataset_name is not set" in result.stderr
     assert "Traceback" not in result.stderr
-    bad_ratio = subprocess.run([sys.executable, "-m", "hf_clipsel.cli", "run", "--selection_ratios", "1.5"],
-                               capture_output=True, text=True)
+    bad_ratio = subprocess.run(
+        [sys.executable, "-m", "hf_clipsel.cli", "run", "--selection_ratios", "1.5"], capture_output=True, text=True
+    )
     assert bad_ratio.returncode == 1 and "outside (0, 1]" in bad_ratio.stderr

@@ -36,22 +36,47 @@ def test_help_lists_commands_and_fields():
 
 def test_stage_commands_give_the_same_outputs_as_run(cifar_slice, tiny_clip_path, tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(dict(
-        dataset_name=str(cifar_slice), model_name_or_path=str(tiny_clip_path), selection_ratios=[0.3],
-        knn_k=5, adapter_epochs=2, batch_size=32, embedding_chunk_size=64, max_samples=120,
-    )))
+    config.write_text(
+        yaml.safe_dump(
+            dict(
+                dataset_name=str(cifar_slice),
+                model_name_or_path=str(tiny_clip_path),
+                selection_ratios=[0.3],
+                knn_k=5,
+                adapter_epochs=2,
+                batch_size=32,
+                embedding_chunk_size=64,
+                max_samples=120,
+            )
+        )
+    )
     whole = _cli("run", "--config", str(config), "--output_dir", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
     for stage in ("embed", "adapt", "score", "select"):
         result = _cli(stage, "--config", str(config), "--output_dir", str(tmp_path / "staged"))
         assert result.returncode == 0, f"{stage}: {result.stderr[-3000:]}"
-    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "whole" / "scores"),
-                                  pd.read_parquet(tmp_path / "staged" / "scores"), check_exact=True)
-    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "whole" / "subsets" / "ratio_0.3"),
-                                  pd.read_parquet(tmp_path / "staged" / "subsets" / "ratio_0.3"), check_exact=True)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "whole" / "scores"),
+        pd.read_parquet(tmp_path / "staged" / "scores"),
+        check_exact=True,
+    )
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "whole" / "subsets" / "ratio_0.3"),
+        pd.read_parquet(tmp_path / "staged" / "subsets" / "ratio_0.3"),
+        check_exact=True,
+    )
 
 
 def test_score_before_adapt_says_what_to_run(cifar_slice, tiny_clip_path, tmp_path):
-    result = _cli("score", "--dataset_name", str(cifar_slice), "--model_name_or_path", str(tiny_clip_path),
-                  "--max_samples", "20", "--output_dir", str(tmp_path))
+    result = _cli(
+        "score",
+        "--dataset_name",
+        str(cifar_slice),
+        "--model_name_or_path",
+        str(tiny_clip_path),
+        "--max_samples",
+        "20",
+        "--output_dir",
+        str(tmp_path),
+    )
     assert result.returncode == 1 and "run `hf-clipsel adapt` first" in result.stderr

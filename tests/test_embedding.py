@@ -21,8 +21,13 @@ def test_rerun_reuses_the_cache_and_matches_a_direct_forward(cifar_slice, tiny_c
     config = ModelConfig(model_name_or_path=str(tiny_clip_path))
     model, processor = load_clip(config)
     calls = _count_forwards(model)
-    kwargs = dict(model_fingerprint=model_fingerprint(config, model), cache_dir=tmp_path, accelerator=Accelerator(),
-                  batch_size=20, chunk_size=40)
+    kwargs = dict(
+        model_fingerprint=model_fingerprint(config, model),
+        cache_dir=tmp_path,
+        accelerator=Accelerator(),
+        batch_size=20,
+        chunk_size=40,
+    )
     first = embed_images(dataset, "img", model, processor.image_processor, **kwargs)
     assert len(calls) == 5  # 100 rows in batches of 20
     assert len(list(tmp_path.glob("*/chunk-*-of-00003.arrow"))) == 3
@@ -32,8 +37,9 @@ def test_rerun_reuses_the_cache_and_matches_a_direct_forward(cifar_slice, tiny_c
     assert second["row_id"][:] == list(range(100))
     torch.testing.assert_close(pooled_matrix(first), pooled_matrix(second), rtol=0, atol=0)
 
-    pixel_values = processor.image_processor(images=[image.convert("RGB") for image in dataset["img"][:20]],
-                                             return_tensors="pt").pixel_values
+    pixel_values = processor.image_processor(
+        images=[image.convert("RGB") for image in dataset["img"][:20]], return_tensors="pt"
+    ).pixel_values
     with torch.no_grad():
         direct = vision_tower_outputs(model, pixel_values)
     torch.testing.assert_close(pooled_matrix(first)[:20], direct, rtol=0, atol=0)
@@ -44,6 +50,15 @@ def test_a_different_model_gets_its_own_cache(cifar_slice, tiny_clip_path, tmp_p
     for dtype in ("float32", "bfloat16"):
         config = ModelConfig(model_name_or_path=str(tiny_clip_path), dtype=dtype)
         model, processor = load_clip(config)
-        embed_images(dataset, "img", model, processor.image_processor, model_fingerprint(config, model), tmp_path,
-                     Accelerator(), batch_size=20, chunk_size=20)
+        embed_images(
+            dataset,
+            "img",
+            model,
+            processor.image_processor,
+            model_fingerprint(config, model),
+            tmp_path,
+            Accelerator(),
+            batch_size=20,
+            chunk_size=20,
+        )
     assert len(list(tmp_path.iterdir())) == 2

@@ -147,8 +147,10 @@ def test_corruption_changes_exactly_the_requested_rows(cifar, corruption):
 def test_corruption_strength_grows_with_severity(cifar):
     image = cifar[0]["img"]
     pixels = np.asarray(image, dtype=int)
-    distances = [np.abs(np.asarray(noise.apply_corruption(image, "contrast", s), dtype=int) - pixels).mean()
-                 for s in range(1, 6)]
+    distances = [
+        np.abs(np.asarray(noise.apply_corruption(image, "contrast", s), dtype=int) - pixels).mean()
+        for s in range(1, 6)
+    ]
     assert distances == sorted(distances)
     with pytest.raises(ValueError, match="severity"):
         noise.corrupt_images(cifar, 0.1, "contrast", 6)
@@ -161,8 +163,22 @@ def test_cli_writes_a_loadable_noisy_dataset_and_record(cifar, tmp_path):
     source_dir.mkdir()
     cifar.to_parquet(str(source_dir / "train-00000-of-00001.parquet"))
     output_dir = tmp_path / "noisy"
-    noise.main(["--dataset", str(source_dir), "--output_dir", str(output_dir), "--symmetric", "0.2",
-                "--corruption", "jpeg_compression", "--corruption_fraction", "0.1", "--seed", "0"])
+    noise.main(
+        [
+            "--dataset",
+            str(source_dir),
+            "--output_dir",
+            str(output_dir),
+            "--symmetric",
+            "0.2",
+            "--corruption",
+            "jpeg_compression",
+            "--corruption_fraction",
+            "0.1",
+            "--seed",
+            "0",
+        ]
+    )
     noisy = load_dataset(str(output_dir), split="train")
     record = load_dataset(str(output_dir), "noise_record", split="train")
     assert len(noisy) == len(cifar) and noisy.features == cifar.features

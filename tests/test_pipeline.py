@@ -6,13 +6,17 @@ import hashlib
 import numpy as np
 import pytest
 import yaml
-from datasets import load_dataset
+from datasets import Image, load_dataset
 from peft import PeftModel
 from transformers import CLIPModel
 
 from hf_clipsel.configs import budget
 from hf_clipsel.pipeline import run, select_from_scores
 from tests.conftest import run_config
+
+
+def _image_bytes(dataset):
+    return [cell["bytes"] for cell in dataset.cast_column("img", Image(decode=False))["img"]]
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +31,14 @@ def finished_run(cifar_slice, tiny_clip_path, tmp_path_factory):
 
 def test_every_output_is_written(finished_run):
     _, output_dir, summary = finished_run
-    for name in ("README.md", "run_config.yaml", "run_summary.json", "scores/scores.parquet",
-                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+    for name in (
+        "README.md",
+        "run_config.yaml",
+        "run_summary.json",
+        "scores/scores.parquet",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ):
         assert (output_dir / name).exists(), name
     assert sorted(p.name for p in (output_dir / "subsets").iterdir()) == ["ratio_0.3", "ratio_0.57"]
     saved = yaml.safe_load((output_dir / "run_config.yaml").read_text())
@@ -47,8 +57,16 @@ def test_scores_are_keyed_by_row_id_with_every_column(finished_run):
     for column in ("semantic_alignment_normalized", "sample_diversity_normalized"):
         values = np.asarray(scores[column][:])
         assert values.min() == 0.0 and values.max() == 1.0
-    for name in ("decode_ok", "flag_reason", "semantic_alignment", "sample_diversity",
-                 "reward_ratio_0.3", "is_selected_ratio_0.3", "reward_ratio_0.57", "is_selected_ratio_0.57"):
+    for name in (
+        "decode_ok",
+        "flag_reason",
+        "semantic_alignment",
+        "sample_diversity",
+        "reward_ratio_0.3",
+        "is_selected_ratio_0.3",
+        "reward_ratio_0.57",
+        "is_selected_ratio_0.57",
+    ):
         assert name in scores.column_names
 
 
@@ -64,8 +82,7 @@ def test_subsets_have_the_exact_budget_and_equal_the_source_rows(finished_run):
         expected = source.select(selected)
         assert subset.features["label"] == source.features["label"]
         assert subset["label"][:] == expected["label"][:]
-        assert [i["bytes"] for i in subset.cast_column("img", subset.features["img"].__class__(decode=False))["img"]] \
-            == [i["bytes"] for i in expected.cast_column("img", expected.features["img"].__class__(decode=False))["img"]]
+        assert _image_bytes(subset) == _image_bytes(expected)
 
 
 def test_exact_selection_keeps_the_largest_rewards(finished_run):

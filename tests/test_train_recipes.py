@@ -72,7 +72,7 @@ def test_metric_accumulates_batches(metric):
     rng = np.random.default_rng(3)
     scores, references = rng.normal(size=(60, 7)), rng.integers(0, 7, 60)
     for start in range(0, 60, 25):
-        metric.add_batch(predictions=scores[start:start + 25], references=references[start:start + 25])
+        metric.add_batch(predictions=scores[start : start + 25], references=references[start : start + 25])
     assert metric.compute(top_k=[2])["top2"] == pytest.approx(topk_reference(scores, references, 2))
 
 
@@ -84,8 +84,7 @@ def test_accelerate_configs_parse(name):
     raw = yaml.safe_load(path.read_text())
     config = load_config_from_file(str(path))
     assert config.num_processes == raw["num_processes"] and config.num_machines == raw["num_machines"]
-    assert raw["num_processes"] == {"cpu": 1, "cpu_2proc": 2, "single_gpu": 1, "multi_gpu": 2,
-                                    "multi_node": 16}[name]
+    assert raw["num_processes"] == {"cpu": 1, "cpu_2proc": 2, "single_gpu": 1, "multi_gpu": 2, "multi_node": 16}[name]
 
 
 @pytest.fixture(scope="module")
@@ -122,14 +121,34 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def common_args(selection_dir: Path, eval_dir: Path, output_dir: Path) -> list[str]:
-    return ["--dataset", str(selection_dir), "--dataset_config", "ratio_0.5",
-            "--eval_dataset", "parquet", "--eval_data_dir", str(eval_dir), "--eval_split", "test",
-            "--batch_size", "16", "--num_workers", "0", "--output_dir", str(output_dir)]
+    return [
+        "--dataset",
+        str(selection_dir),
+        "--dataset_config",
+        "ratio_0.5",
+        "--eval_dataset",
+        "parquet",
+        "--eval_data_dir",
+        str(eval_dir),
+        "--eval_split",
+        "test",
+        "--batch_size",
+        "16",
+        "--num_workers",
+        "0",
+        "--output_dir",
+        str(output_dir),
+    ]
 
 
 def run(command: list[str], cache_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(cache_dir / "datasets"),
-           "HF_HOME": str(cache_dir / "hf_home"), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(cache_dir / "datasets"),
+        "HF_HOME": str(cache_dir / "hf_home"),
+        "OMP_NUM_THREADS": "1",
+    }
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -152,8 +171,15 @@ def test_train_timm_then_resume_under_two_cpu_processes(selection_dir, eval_dir,
     assert (output_dir / "checkpoints" / "epoch_0" / "progress.json").is_file()
 
     # accelerate launch, two CPU processes in one group, resuming at epoch 2 from the checkpoint of epoch 1.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"),
-              "--main_process_port", "29547"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / "cpu_2proc.yaml"),
+        "--main_process_port",
+        "29547",
+    ]
     run([*launch, "recipes/train_timm.py", *args, "--epochs", "2", "--resume_from_checkpoint", "latest"], cache_dir)
     second = read_metrics(output_dir)
     assert second["num_processes"] == 2
@@ -165,8 +191,18 @@ def test_train_timm_then_resume_under_two_cpu_processes(selection_dir, eval_dir,
 def test_train_trainer_one_epoch(selection_dir, eval_dir, cache_dir, tmp_path):
     output_dir = tmp_path / "trainer"
     tiny = "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64"
-    run([sys.executable, "recipes/train_trainer.py", *common_args(selection_dir, eval_dir, output_dir),
-         "--config_overrides", tiny, "--epochs", "1"], cache_dir)
+    run(
+        [
+            sys.executable,
+            "recipes/train_trainer.py",
+            *common_args(selection_dir, eval_dir, output_dir),
+            "--config_overrides",
+            tiny,
+            "--epochs",
+            "1",
+        ],
+        cache_dir,
+    )
     metrics = read_metrics(output_dir)
     assert metrics["completed_steps"] == 4 and metrics["epochs"] == 1
     assert (output_dir / "model" / "config.json").is_file()
