@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             _env()
         else:
             _stage(command, args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, OSError) as error:
         # Input problems: one clear line, not a traceback.
         print(f"hf-clipsel {command}: error: {error}", file=sys.stderr)
         return 1

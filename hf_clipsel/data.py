@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 ROW_ID = "row_id"
 LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target")
+HUGE_SIDE = 4096  # pixels; JPEGs with a longer side are decoded at a reduced scale...
+DRAFT_SIDE = 1024  # ...that keeps both sides at least this long
 DATA_FILE_TYPES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
 
@@ -173,14 +175,22 @@ def with_row_ids(dataset: Dataset) -> Dataset:
 
 
 def decode_rgb(image: dict | None) -> tuple[PILImage.Image | None, str]:
-    """Decode one undecoded ``Image`` cell ({"bytes", "path"}) to RGB; return (image, "") or (None, reason)."""
+    """Decode one undecoded ``Image`` cell ({"bytes", "path"}) to RGB; return (image, "") or (None, reason).
+
+    Greyscale, palette, CMYK, 16-bit and transparent images are converted (transparency onto white); a file that
+    is empty, truncated, not an image, or a decompression bomb (PIL's limit) is flagged with the reason.
+    """
     if image is None:
         return None, "image missing"
+    if not image.get("bytes") and not image.get("path"):
+        return None, "image is empty (no bytes, no path)"
     try:
-        source = io.BytesIO(image["bytes"]) if image.get("bytes") else image.get("path")
-        if source is None:
-            return None, "image has neither bytes nor path"
+        source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
         with PILImage.open(source) as opened:
+            if opened.format == "JPEG" and max(opened.size) > HUGE_SIDE:
+                # Let the JPEG decoder scale down by a power of two: a 100-megapixel photo costs a fraction
+                # of the time and memory, and CLIP sees 224 pixels of it anyway.
+                opened.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))
             opened.load()
             return _to_rgb(opened), ""
     except Exception as error:  # any decoder failure flags the row; the run goes on
@@ -188,11 +198,19 @@ def decode_rgb(image: dict | None) -> tuple[PILImage.Image | None, str]:
 
 
 def _to_rgb(image: PILImage.Image) -> PILImage.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits first, a plain convert("RGB") would clip to white.
+    if image.mode.startswith("I;16"):
+        # 16-bit greyscale: map 0..65535 onto 0..255; a plain convert("RGB") would clip most pixels to white.
+        image = PILImage.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8))
+    elif image.mode in ("I", "F"):
+        # 32-bit integer or float greyscale has no fixed range: stretch what is there to 0..255.
         array = np.asarray(image, dtype=np.float64)
-        peak = array.max() or 1.0
-        image = PILImage.fromarray((array / peak * 255).astype(np.uint8))
+        low, high = array.min(), array.max()
+        image = PILImage.fromarray(((array - low) / ((high - low) or 1.0) * 255).round().astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels onto white, as a viewer shows them; dropping alpha would expose arbitrary colours.
+        rgba = image.convert("RGBA")
+        background = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PILImage.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
 
 

@@ -111,6 +111,10 @@ def embed_images(
     key = cache_key(source, image_column, model_fingerprint, image_processor, batch_size, chunk_size)
     directory = Path(cache_dir) / key
     directory.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:  # a killed run leaves the temporary file of the chunk it was writing
+        for stale in directory.glob("tmp*"):
+            stale.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
     num_chunks = -(-len(source) // chunk_size)
     paths = [directory / f"chunk-{i:05d}-of-{num_chunks:05d}.arrow" for i in range(num_chunks)]
     hidden_size = clip_of(model).config.vision_config.hidden_size

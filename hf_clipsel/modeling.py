@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import file_exists
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoProcessor, CLIPModel
 
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 PROJECTIONS = ["visual_projection", "text_projection"]
 ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 PRESET_TARGETS = {"projection": PROJECTIONS, "encoder_lora": ENCODER_ATTENTION + PROJECTIONS}
+SAFETENSORS_ADAPTER = "adapter_model.safetensors"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -75,6 +77,17 @@ def attach_adapters(model: CLIPModel, config: AdapterConfig) -> PeftModel:
 
 
 def load_adapters(model: CLIPModel, adapter_path: str) -> PeftModel:
+    """Adapters saved with save_pretrained, from a folder or a Hub repo; safetensors only (no pickle)."""
+    local = Path(adapter_path)
+    if local.is_dir():
+        has_safetensors = (local / SAFETENSORS_ADAPTER).exists()
+    else:
+        has_safetensors = file_exists(adapter_path, SAFETENSORS_ADAPTER)
+    if not has_safetensors:
+        raise ValueError(
+            f"{adapter_path} has no {SAFETENSORS_ADAPTER}; hf_clipsel loads weights from safetensors only. Save the "
+            "adapters with save_pretrained (safetensors is its default)."
+        )
     peft_model = PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
     peft_model.eval()
     return peft_model

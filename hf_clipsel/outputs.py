@@ -57,6 +57,8 @@ def atomic_directory(final: Path):
     """Yield a temporary sibling of ``final``; on success it replaces ``final`` in one rename."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a run that was killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
     temporary = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     temporary.mkdir()
     try:

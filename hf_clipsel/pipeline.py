@@ -30,6 +30,7 @@ from .modeling import attach_adapters, class_text_features, image_features, load
 from .outputs import (
     ADAPTER_DIR,
     EMBEDDINGS_DIR,
+    RUN_SUMMARY,
     SCORES_DIR,
     read_run_config,
     reward_column,
@@ -93,6 +94,7 @@ def make_accelerator() -> Accelerator:
 def load_context(config: ClipselConfig, accelerator: Accelerator | None = None) -> RunContext:
     accelerator = accelerator or make_accelerator()
     source = prepare_source(load_source(config.data), config.data)
+    check_budgets(config, source.num_rows)
     model, processor = load_clip(config.model)
     model.to(accelerator.device)
     return RunContext(
@@ -104,6 +106,16 @@ def load_context(config: ClipselConfig, accelerator: Accelerator | None = None) 
         processor,
         model_fingerprint(config.model, model),
     )
+
+
+def check_budgets(config: ClipselConfig, num_rows: int) -> None:
+    """A ratio that keeps no row is a mistake: say so before any work is done."""
+    for ratio in config.selection.selection_ratios:
+        if budget(ratio, num_rows) == 0:
+            raise ValueError(
+                f"selection ratio {ratio:g} keeps 0 of {num_rows} rows; use a ratio of at least "
+                f"{1 / num_rows:.2g} for this dataset."
+            )
 
 
 def check_output_dir(config: ClipselConfig) -> None:
@@ -338,10 +350,16 @@ def summarize(scores: Dataset, masks: dict, config: ClipselConfig) -> dict:
 def write_stage(
     config: ClipselConfig, dataset_with_ids: Dataset, scores: Dataset, masks: dict, command: list[str] | None = None
 ) -> dict:
-    """Write scores, subsets, configuration, summary and card (main process only)."""
+    """Write subsets, scores, configuration, summary and card (main process only).
+
+    The card (README.md) is what makes the folder a dataset `load_dataset` reads: it goes first out and last in,
+    so a run killed while writing leaves a folder without it, never one whose card points at a mix of runs.
+    """
     output_dir = Path(config.run.output_dir)
-    write_scores(output_dir, scores)
+    (output_dir / "README.md").unlink(missing_ok=True)
+    (output_dir / RUN_SUMMARY).unlink(missing_ok=True)
     write_subsets(output_dir, dataset_with_ids, masks)
+    write_scores(output_dir, scores)
     write_run_config(output_dir, config.to_flat(), command)
     summary = summarize(scores, masks, config)
     write_run_summary(output_dir, summary)
@@ -381,6 +399,7 @@ def select_from_scores(config: ClipselConfig, command: list[str] | None = None, 
             f"the scores have {len(scores)} rows but the source dataset has {len(source)}; select "
             "with the same dataset_name, split and max_samples as the run that scored it."
         )
+    check_budgets(config, len(scores))
     masks, scores = select_stage(scores, config)
     return write_stage(config, with_row_ids(source), scores, masks, command)
 
