@@ -12,12 +12,15 @@ import logging
 import sys
 import warnings
 
+from .hub import HubPushError
+
 COMMANDS = {
     "run": "the whole pipeline: embed, adapt, score, select, write (and push with --push_to_hub true)",
     "embed": "embed every image into the cache (output_dir/embeddings)",
     "adapt": "train the adapters on the cache and save them to output_dir/adapter",
     "score": "compute the scores with the saved adapters and write output_dir/scores",
     "select": "select subsets from output_dir/scores and write them",
+    "push": "push output_dir to the Hub: a dataset repo (subsets + scores) and a model repo (adapters)",
     "demo": "run the whole pipeline offline on a bundled sample with a tiny random CLIP",
     "env": "print library versions and devices, for bug reports",
 }
@@ -47,12 +50,23 @@ def _stage(command: str, args: list[str]) -> None:
     from .parser import build_parser, parse_config
 
     config = parse_config(args, build_parser(prog=f"hf-clipsel {command}", description=COMMANDS[command]))
+    if command == "push" and not config.run.hub_dataset_id:
+        raise ValueError("push needs --hub_dataset_id org/name (and --hub_model_id for the adapters).")
     command_line = ["hf-clipsel", command, *args]
     accelerator = pipeline.make_accelerator()
     if command == "run":
         summary = pipeline.run(config, accelerator, command_line)
         if summary is not None:
             _print_summary(summary, config.run.output_dir)
+        return
+    if command == "push":
+        result = pipeline.push_outputs(
+            config.run.output_dir, config.run.hub_dataset_id, config.run.hub_model_id, private=config.run.hub_private
+        )
+        print(
+            f"Pushed {config.run.output_dir} to {config.run.hub_dataset_id} ({len(result.dataset.commits)} commits)"
+            + (f" and its adapters to {config.run.hub_model_id}" if config.run.hub_model_id else "")
+        )
         return
     if command == "select":
         summary = pipeline.select_from_scores(config, command_line)
@@ -128,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             _env()
         else:
             _stage(command, args)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, HubPushError) as error:
         # Input problems: one clear line, not a traceback.
         print(f"hf-clipsel {command}: error: {error}", file=sys.stderr)
         return 1

@@ -229,8 +229,17 @@ class RunConfig:
     hub_dataset_id: str | None = field(default=None, metadata={"help": "Dataset repo to push to (org/name)."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Model repo for the adapters (org/name)."})
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repos as private."})
+    scores_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "select: read the scores from this Hub dataset repo (its `scores` config) or output "
+            "folder instead of output_dir/scores, to select again without a model."
+        },
+    )
 
     def __post_init__(self):
+        if self.push_to_hub and not self.hub_dataset_id:
+            raise ValueError("push_to_hub is on but hub_dataset_id is not set; pass --hub_dataset_id org/name.")
         _check_positive("batch_size", self.batch_size)
         _check_positive("embedding_chunk_size", self.embedding_chunk_size)
         if self.embedding_chunk_size % self.batch_size:

@@ -36,6 +36,7 @@ ADAPTER_DIR = "adapter"
 EMBEDDINGS_DIR = "embeddings"
 RUN_CONFIG = "run_config.yaml"
 RUN_SUMMARY = "run_summary.json"
+RUN_RECORD_KEYS = ("versions", "command")  # written beside the settings in run_config.yaml
 MAX_SHARD_BYTES = 500 * 2**20
 
 

@@ -11,6 +11,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from .configs import CONFIG_CLASSES, ClipselConfig
+from .outputs import RUN_RECORD_KEYS
 
 
 def build_parser(**kwargs) -> HfArgumentParser:
@@ -37,6 +38,8 @@ def parse_config(args: list[str] | None = None, parser: HfArgumentParser | None 
     known, _ = pre.parse_known_args(args)
     if known.config:
         values = read_yaml_config(known.config)
+        # A run's saved run_config.yaml is a valid --config: its record of versions and command is not a setting.
+        values = {key: value for key, value in values.items() if key not in RUN_RECORD_KEYS}
         ClipselConfig.from_flat(values)  # validates names and values of the file alone, with its own message
         parser.set_defaults(**values)
     namespace = parser.parse_args(args)

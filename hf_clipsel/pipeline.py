@@ -23,6 +23,7 @@ from datasets import ClassLabel, Dataset, Features, Image, Value
 
 from . import scoring
 from .cards import write_dataset_card
+from .hub import load_scores, push_outputs
 from .configs import ClipselConfig, budget
 from .data import ROW_ID, Source, class_prompts, decode_rgb, load_source, prepare_source, with_row_ids
 from .embedding import embed_class_prompts, embed_images, pooled_matrix
@@ -367,6 +368,15 @@ def write_stage(
     return summary
 
 
+def push_stage(config: ClipselConfig):
+    """Push the written outputs when asked (main process only): subsets and scores, then the adapters."""
+    if not config.run.push_to_hub:
+        return None
+    return push_outputs(
+        config.run.output_dir, config.run.hub_dataset_id, config.run.hub_model_id, private=config.run.hub_private
+    )
+
+
 def trained_model(context: RunContext):
     """The model the score stage uses: given adapters, this run's saved adapters, or zero-shot CLIP."""
     adapter = context.config.adapter
@@ -383,16 +393,21 @@ def trained_model(context: RunContext):
     return load_adapters(context.model, str(saved))
 
 
-def read_scores(output_dir: Path) -> Dataset:
-    path = Path(output_dir) / SCORES_DIR / "scores.parquet"
+def read_scores(config: ClipselConfig) -> Dataset:
+    """The scores to select from: `scores_from` (a Hub dataset repo or a run's folder), else output_dir/scores."""
+    if config.run.scores_from:
+        return load_scores(config.run.scores_from)
+    path = Path(config.run.output_dir) / SCORES_DIR / "scores.parquet"
     if not path.exists():
-        raise FileNotFoundError(f"no scores in {path.parent}; run `hf-clipsel score` (or `run`) first.")
+        raise FileNotFoundError(
+            f"no scores in {path.parent}; run `hf-clipsel score` (or `run`) first, or pass --scores_from."
+        )
     return Dataset.from_parquet(str(path))
 
 
 def select_from_scores(config: ClipselConfig, command: list[str] | None = None, scores: Dataset | None = None) -> dict:
     """Select from saved scores and the source dataset, without a model."""
-    scores = scores if scores is not None else read_scores(config.run.output_dir)
+    scores = scores if scores is not None else read_scores(config)
     source = load_source(config.data)
     if len(source) != len(scores):
         raise ValueError(
@@ -416,5 +431,6 @@ def run(config: ClipselConfig, accelerator: Accelerator | None = None, command: 
         scores, features = score_stage(context, model, embeddings)
         masks, scores = select_stage(scores, config, features)
         summary = write_stage(config, context.dataset, scores, masks, command)
+        push_stage(config)
     context.accelerator.wait_for_everyone()
     return summary

@@ -54,3 +54,12 @@ def test_bad_values_say_how_to_fix_them(values, message):
 def test_flat_round_trip():
     config = ClipselConfig.from_flat({"dataset_name": "d", "alpha": None, "selection_ratios": [0.8, 0.1]})
     assert ClipselConfig.from_flat(config.to_flat()) == config
+
+
+def test_a_saved_run_config_is_a_valid_config(tmp_path):
+    from hf_clipsel.outputs import read_run_config, write_run_config
+
+    config = ClipselConfig.from_flat({"dataset_name": "d", "selection_ratios": [0.4], "output_dir": str(tmp_path)})
+    write_run_config(tmp_path, config.to_flat(), ["hf-clipsel", "run", "--selection_ratios", "0.4"])
+    assert {"versions", "command"} <= set(read_run_config(tmp_path))
+    assert parse_config(["--config", str(tmp_path / "run_config.yaml")]) == config
