@@ -23,10 +23,10 @@ from datasets import ClassLabel, Dataset, Features, Image, Value
 
 from . import scoring
 from .cards import write_dataset_card
-from .hub import load_scores, push_outputs
 from .configs import ClipselConfig, budget
 from .data import ROW_ID, Source, class_prompts, decode_rgb, load_source, prepare_source, with_row_ids
 from .embedding import embed_class_prompts, embed_images, pooled_matrix
+from .hub import load_scores, push_outputs
 from .modeling import attach_adapters, class_text_features, image_features, load_adapters, load_clip, model_fingerprint
 from .outputs import (
     ADAPTER_DIR,
