@@ -1,0 +1,222 @@
+"""Per-sample scores (METHOD.md, Module 2): semantic alignment, sample diversity, normalisation and the reward.
+
+Every function takes torch tensors and returns float tensors on the input's device. Scores are computed in
+float32 whatever the input dtype (bfloat16 features are upcast first); the reward is float64 so that the
+ranking built on it does not depend on the order of the rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Rows per block when gathering text features for the alignment score: bounds the temporary [block, d] copies.
+_ALIGNMENT_BLOCK_ROWS = 65_536
+# Distances held at once by sample_diversity when no chunk size is given: 2**24 float32 = 64 MiB per block.
+_DIVERSITY_BLOCK_ELEMENTS = 1 << 24
+# A squared distance from the expansion |a|^2 + |b|^2 - 2ab is off by about 1e-6 * (|a|^2 + |b|^2) in float32.
+# Below this fraction of |a|^2 + |b|^2 that error is no longer negligible (and exact duplicates would come out
+# near sqrt(1e-6) * |a| instead of 0), so such pairs are recomputed from the difference a - b.
+_NEAR_PAIR_FRACTION = 1e-2
+
+
+def semantic_alignment(image_features: Tensor, class_text_features: Tensor, labels: Tensor) -> Tensor:
+    """Semantic Alignment Score: cosine similarity of each image to the text feature of its *given* label.
+
+    Args:
+        image_features: ``[N, d]`` image features (any float dtype; not necessarily normalised).
+        class_text_features: ``[C, d]`` one text feature per class, in label order.
+        labels: ``[N]`` integer labels in ``[0, C)``.
+
+    Returns:
+        ``[N]`` float32 in ``[-1, 1]``; higher means the image agrees better with its label. A zero feature vector
+        has similarity 0.
+    """
+    labels = torch.as_tensor(labels, device=image_features.device).long()
+    if image_features.ndim != 2 or class_text_features.ndim != 2:
+        raise ValueError("image_features must be [N, d] and class_text_features [C, d].")
+    if image_features.shape[0] != labels.shape[0]:
+        raise ValueError(f"{image_features.shape[0]} image features but {labels.shape[0]} labels.")
+    if image_features.shape[1] != class_text_features.shape[1]:
+        raise ValueError(
+            f"image features have dimension {image_features.shape[1]}, text features {class_text_features.shape[1]}."
+        )
+    if labels.numel() and (labels.min() < 0 or labels.max() >= class_text_features.shape[0]):
+        raise ValueError(
+            f"labels must lie in [0, {class_text_features.shape[0]}); got {int(labels.min())}..{int(labels.max())}."
+        )
+    text = F.normalize(class_text_features.to(device=image_features.device, dtype=torch.float32), dim=-1)
+    alignment = torch.empty(labels.shape[0], dtype=torch.float32, device=image_features.device)
+    # Blocks: the [N, C] similarity matrix or an [N, d] gathered copy would not fit for ImageNet-sized inputs.
+    for start in range(0, labels.shape[0], _ALIGNMENT_BLOCK_ROWS):
+        stop = start + _ALIGNMENT_BLOCK_ROWS
+        images = F.normalize(image_features[start:stop].to(torch.float32), dim=-1)
+        alignment[start:stop] = (images * text[labels[start:stop]]).sum(dim=-1)
+    # Rounding can push a cosine a hair past +-1; the documented range is a promise.
+    return alignment.clamp_(-1.0, 1.0)
+
+
+def _group_rows_by_label(labels: Tensor, rows: Tensor) -> list[Tensor]:
+    """Split ``rows`` (indices) into one index tensor per label value, each in ascending row order."""
+    if rows.numel() == 0:
+        return []
+    order = torch.argsort(labels[rows], stable=True)
+    rows = rows[order]
+    _, counts = torch.unique_consecutive(labels[rows], return_counts=True)
+    return list(torch.split(rows, counts.tolist()))
+
+
+def _class_knn_mean_distance(features: Tensor, k: int, chunk_rows: int | None) -> Tensor:
+    """Mean Euclidean distance from each row of ``features`` ([n, d], n >= 2) to its k nearest other rows."""
+    num_rows = features.shape[0]
+    neighbours = min(k, num_rows - 1)
+    # Centring leaves every distance unchanged but shrinks |a|^2 + |b|^2, and with it the float32 cancellation
+    # error of the expansion below (CLIP features share a large common component).
+    centred = features - features.mean(dim=0, keepdim=True)
+    squared_norms = (centred * centred).sum(dim=1)
+    if chunk_rows is None:
+        chunk_rows = max(1, _DIVERSITY_BLOCK_ELEMENTS // num_rows)
+    mean_distance = torch.empty(num_rows, dtype=torch.float32, device=features.device)
+    for start in range(0, num_rows, chunk_rows):
+        stop = min(start + chunk_rows, num_rows)
+        queries = centred[start:stop]
+        # |q - x|^2 = |q|^2 + |x|^2 - 2 q.x: one matmul instead of a [chunk, n, d] difference tensor.
+        squared = torch.addmm(squared_norms.unsqueeze(0), queries, centred.T, alpha=-2.0)
+        squared.add_(squared_norms[start:stop].unsqueeze(1)).clamp_(min=0.0)
+        local = torch.arange(stop - start, device=features.device)
+        # Self is excluded by index, not by distance, so an exact duplicate still counts as a neighbour at 0.
+        squared[local, local + start] = float("inf")
+        nearest, index = torch.topk(squared, neighbours, dim=1, largest=False, sorted=False)
+        near = nearest < _NEAR_PAIR_FRACTION * (squared_norms[start:stop].unsqueeze(1) + squared_norms[index])
+        if near.any():
+            query_pos, neighbour_pos = near.nonzero(as_tuple=True)
+            difference = queries[query_pos] - centred[index[query_pos, neighbour_pos]]
+            nearest[query_pos, neighbour_pos] = (difference * difference).sum(dim=1)
+        mean_distance[start:stop] = nearest.sqrt_().mean(dim=1)
+    return mean_distance
+
+
+def sample_diversity(
+    image_features: Tensor,
+    labels: Tensor,
+    k: int,
+    valid: Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> Tensor:
+    """Sample Diversity Score: mean Euclidean distance to the ``k`` nearest neighbours of the same class.
+
+    Rows are grouped by label (they need not be sorted by class, and classes may differ in size). The features are
+    used as given, not L2-normalised, as in the released code. Self is excluded by index, so exact duplicate rows
+    are each other's neighbours at distance 0.
+
+    Args:
+        image_features: ``[N, d]`` features (any float dtype; distances are computed in float32).
+        labels: ``[N]`` integer class labels (any values).
+        k: neighbours per row. A class of ``n`` rows with ``n - 1 < k`` uses its ``n - 1`` other rows.
+        valid: optional ``[N]`` bool mask. Invalid rows (e.g. images that failed to decode) are neither queries nor
+            neighbours.
+        chunk_rows: query rows per block. Default: enough rows that a block holds about 2**24 distances, so memory
+            stays bounded (about 64 MiB of distances) even for a class of 50,000 rows.
+
+    Returns:
+        ``[N]`` float32, ``>= 0``; higher means the sample sits in a sparser part of its class. Invalid rows and the
+        only valid row of a class (it has no neighbours) get 0.0.
+    """
+    if image_features.ndim != 2:
+        raise ValueError(f"image_features must be [N, d], got shape {tuple(image_features.shape)}.")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}.")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}.")
+    device = image_features.device
+    num_rows = image_features.shape[0]
+    labels = torch.as_tensor(labels, device=device).long()
+    if labels.shape != (num_rows,):
+        raise ValueError(f"labels must have shape ({num_rows},), got {tuple(labels.shape)}.")
+    valid = _as_valid_mask(valid, num_rows, device)
+    features = image_features.detach().to(torch.float32)
+    diversity = torch.zeros(num_rows, dtype=torch.float32, device=device)
+    for class_rows in _group_rows_by_label(labels, valid.nonzero().squeeze(1)):
+        if class_rows.numel() < 2:
+            continue  # a lone row has no neighbours: 0.0, documented above
+        diversity[class_rows] = _class_knn_mean_distance(features[class_rows], k, chunk_rows)
+    return diversity
+
+
+def _as_valid_mask(valid: Tensor | None, num_rows: int, device: torch.device) -> Tensor:
+    if valid is None:
+        return torch.ones(num_rows, dtype=torch.bool, device=device)
+    valid = torch.as_tensor(valid, device=device)
+    if valid.dtype != torch.bool or valid.shape != (num_rows,):
+        raise ValueError(f"valid must be a bool mask of shape ({num_rows},), got {valid.dtype} {tuple(valid.shape)}.")
+    return valid
+
+
+def min_max(x: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Min-max normalise ``x`` over the valid rows.
+
+    Returns:
+        float32 of ``x``'s shape, in ``[0, 1]`` (order preserved: higher stays higher). Invalid rows get 0.0. When
+        every valid row has the same value (max == min) there is nothing to rank by, and valid rows get 0.0 too.
+    """
+    x = torch.as_tensor(x)
+    valid = _as_valid_mask(valid, x.shape[0], x.device)
+    normalized = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    if not valid.any():
+        return normalized
+    # float64 for the subtraction and division: a float32 range can be tiny next to the values themselves.
+    values = x[valid].to(torch.float64)
+    low, high = values.min(), values.max()
+    if high > low:
+        normalized[valid] = ((values - low) / (high - low)).clamp_(0.0, 1.0).to(torch.float32)
+    return normalized
+
+
+def scale_by_mean(scores: Tensor, valid: Tensor | None = None) -> Tensor:
+    """``scores / mean(scores)``, the mean taken over the valid rows, as a float64 tensor of the same shape.
+
+    This is one term of the reward. When the mean is 0 (e.g. every valid normalised score is 0) the term carries no
+    information and is 0 for every row instead of a division by zero. Invalid rows get 0.0.
+    """
+    scores = torch.as_tensor(scores)
+    valid = _as_valid_mask(valid, scores.shape[0], scores.device)
+    scaled = torch.zeros(scores.shape, dtype=torch.float64, device=scores.device)
+    values = scores[valid].to(torch.float64)
+    if values.numel() == 0:
+        return scaled
+    # Summing sorted values makes the mean depend only on the multiset of values, not on the row order, so a
+    # permutation of the rows yields bit-identical rewards (and so the same selection).
+    mean = torch.sort(values).values.sum() / values.numel()
+    if mean != 0:
+        scaled[valid] = values / mean
+    return scaled
+
+
+def reward(
+    semantic_alignment_normalized: Tensor,
+    sample_diversity_normalized: Tensor,
+    alpha: float,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """Per-sample reward ``c_i = SAS~_i / mean(SAS~) + alpha * SDS~_i / mean(SDS~)`` (means over valid rows).
+
+    Args:
+        semantic_alignment_normalized: ``[N]`` min-max normalised alignment, in ``[0, 1]``.
+        sample_diversity_normalized: ``[N]`` min-max normalised diversity, in ``[0, 1]``.
+        alpha: weight of the diversity term, ``>= 0``.
+        valid: optional ``[N]`` bool mask of rows that may be selected.
+
+    Returns:
+        ``[N]`` float64; higher is better. Each term is ``>= 0`` with mean 1 over valid rows; a term whose mean is 0
+        (every valid value 0) contributes 0 instead of dividing by zero. Invalid rows get ``-inf`` (never selected).
+    """
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}.")
+    alignment = torch.as_tensor(semantic_alignment_normalized)
+    diversity = torch.as_tensor(sample_diversity_normalized, device=alignment.device)
+    if alignment.shape != diversity.shape or alignment.ndim != 1:
+        raise ValueError(f"score shapes differ or are not 1-d: {tuple(alignment.shape)}, {tuple(diversity.shape)}.")
+    valid = _as_valid_mask(valid, alignment.shape[0], alignment.device)
+    rewards = scale_by_mean(alignment, valid) + float(alpha) * scale_by_mean(diversity, valid)
+    return rewards.masked_fill_(~valid, float("-inf"))

@@ -1,0 +1,56 @@
+"""``moderate`` baseline: Moderate-DS (Xia et al., ICLR 2023), on the CLIP image features.
+
+Each row's score is the Euclidean distance of its feature to its class's median feature (coordinate-wise median,
+as in the authors' code). Rows of moderate difficulty are kept: those whose distance is closest to the median of all
+distances. Neither SAS nor SDS is used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hf_clipsel.configs import SelectionConfig
+from hf_clipsel.selection.registry import (
+    SelectionInputs,
+    SelectionResult,
+    ranking,
+    ratio_budgets,
+    register_selector,
+    split_by_label,
+    top_of_ranking,
+)
+
+
+def distance_to_class_median(image_features: torch.Tensor, labels: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``float64[N]`` distance (>= 0) of each valid row's feature to the median feature of its class (valid rows).
+
+    Invalid rows get NaN.
+    """
+    distance = np.full(labels.shape[0], np.nan)
+    for class_rows in split_by_label(np.flatnonzero(valid), labels):
+        if class_rows.size == 0:
+            continue
+        features = image_features[torch.from_numpy(class_rows)].detach().to(torch.float32).cpu().numpy()
+        median = np.median(features, axis=0)
+        distance[class_rows] = np.linalg.norm(features.astype(np.float64) - median, axis=1)
+    return distance
+
+
+@register_selector("moderate")
+def select_moderate(inputs: SelectionInputs, ratios: list[float], config: SelectionConfig) -> SelectionResult:
+    """The k valid rows with the smallest ``|d_i - median(d)|`` (ties by row id); nested across ratios.
+
+    Needs ``inputs.image_features``. With ``class_balanced`` the same ranking is cut per class.
+    """
+    if inputs.image_features is None:
+        raise ValueError("the moderate selector needs image features: pass image_features in SelectionInputs.")
+    distance = distance_to_class_median(inputs.image_features, inputs.labels, inputs.valid)
+    closeness = np.full(inputs.num_rows, -np.inf)
+    if inputs.valid.any():
+        closeness[inputs.valid] = -np.abs(distance[inputs.valid] - np.median(distance[inputs.valid]))
+    order = ranking(closeness, inputs.row_id)
+    result = SelectionResult()
+    for ratio, k in ratio_budgets(inputs, ratios).items():
+        result.add(ratio, top_of_ranking(order, inputs, k, config.class_balanced), k, int(inputs.valid.sum()))
+    return result

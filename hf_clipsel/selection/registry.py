@@ -1,0 +1,184 @@
+"""The selector registry, the inputs every selector reads, and the helpers they share.
+
+A selector is a plain function ``(inputs, ratios, config) -> SelectionResult``. It is registered under a name with
+:func:`register_selector`; a second registration under the same name is an error (as in PEFT), so a typo or an
+import-order accident cannot silently replace a method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hf_clipsel.configs import SelectionConfig, budget
+from hf_clipsel.scoring import reward
+
+
+@dataclass
+class SelectionInputs:
+    """Everything a selector may read, one entry per row of the source dataset.
+
+    Attributes:
+        row_id: ``int64[N]`` stable row ids (unique); ties in every ranking are broken by row id, ascending.
+        labels: ``int64[N]`` class labels.
+        semantic_alignment_normalized: ``float32[N]`` SAS~ in ``[0, 1]``, higher = better aligned with the label.
+        sample_diversity_normalized: ``float32[N]`` SDS~ in ``[0, 1]``, higher = sparser part of the class.
+        valid: ``bool[N]`` rows that may be selected (e.g. images that decoded). Default: all rows.
+        image_features: optional ``[N, d]`` tensor, needed by the ``moderate`` selector only.
+    """
+
+    row_id: np.ndarray
+    labels: np.ndarray
+    semantic_alignment_normalized: np.ndarray
+    sample_diversity_normalized: np.ndarray
+    valid: np.ndarray | None = None
+    image_features: torch.Tensor | None = None
+
+    def __post_init__(self):
+        # Own, writable copies (N numbers each): arrays read from a dataset can be read-only, which torch.from_numpy
+        # warns about, and a caller editing its arrays afterwards must not change a selection in progress.
+        self.row_id = np.array(self.row_id, dtype=np.int64)
+        num_rows = self.row_id.shape[0]
+        self.labels = np.array(self.labels, dtype=np.int64)
+        self.semantic_alignment_normalized = np.array(self.semantic_alignment_normalized, dtype=np.float32)
+        self.sample_diversity_normalized = np.array(self.sample_diversity_normalized, dtype=np.float32)
+        self.valid = np.ones(num_rows, dtype=bool) if self.valid is None else np.array(self.valid, dtype=bool)
+        for name in ("row_id", "labels", "semantic_alignment_normalized", "sample_diversity_normalized", "valid"):
+            if getattr(self, name).shape != (num_rows,):
+                raise ValueError(f"{name} has shape {getattr(self, name).shape}; expected ({num_rows},).")
+        if np.unique(self.row_id).shape[0] != num_rows:
+            raise ValueError("row_id has duplicates; every row needs its own id.")
+        if self.image_features is not None and tuple(self.image_features.shape[:1]) != (num_rows,):
+            raise ValueError(f"image_features has {self.image_features.shape[0]} rows; expected {num_rows}.")
+
+    @property
+    def num_rows(self) -> int:
+        return self.row_id.shape[0]
+
+    def reward(self, alpha: float) -> np.ndarray:
+        """``float64[N]`` reward ``c_i`` of :func:`hf_clipsel.scoring.reward` (higher is better; invalid: -inf)."""
+        return reward(
+            torch.from_numpy(self.semantic_alignment_normalized),
+            torch.from_numpy(self.sample_diversity_normalized),
+            alpha,
+            torch.from_numpy(self.valid),
+        ).numpy()
+
+
+class SelectionResult(dict):
+    """``{ratio: bool[N] mask}``, plus ``diagnostics``: ``{ratio: {name: value}}`` for logging.
+
+    Every selector records ``budget`` (k), ``num_selected`` and ``shortfall`` (how many rows k exceeds the number of
+    valid rows by: > 0 means every valid row was selected and the subset is that much smaller than asked); some add
+    their own entries (``sgd``: iterations, objective, ...).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.diagnostics: dict[float, dict[str, float]] = {}
+
+    def add(self, ratio: float, mask: np.ndarray, budget_rows: int, num_valid: int, **extra: float) -> None:
+        """Record the mask of ``ratio`` and its diagnostics."""
+        self[ratio] = mask
+        self.diagnostics[ratio] = {
+            "budget": budget_rows,
+            "num_selected": int(mask.sum()),
+            "shortfall": max(budget_rows - num_valid, 0),
+            **extra,
+        }
+
+
+Selector = Callable[[SelectionInputs, "list[float]", SelectionConfig], SelectionResult]
+SELECTORS: dict[str, Selector] = {}
+
+
+def register_selector(name: str) -> Callable[[Selector], Selector]:
+    """Decorator: register a selector under ``name``. Registering a name twice raises ``ValueError``."""
+
+    def decorator(selector: Selector) -> Selector:
+        if name in SELECTORS:
+            raise ValueError(f"a selector named {name!r} is already registered ({SELECTORS[name].__module__}).")
+        SELECTORS[name] = selector
+        return selector
+
+    return decorator
+
+
+def get_selector(name: str) -> Selector:
+    """The selector registered under ``name``; ``ValueError`` listing the registered names otherwise."""
+    try:
+        return SELECTORS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown selection method {name!r}; registered methods: {', '.join(sorted(SELECTORS))}."
+        ) from None
+
+
+def quota_array(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`class_quotas` as arrays: the sorted class labels and their quotas."""
+    classes, sizes = np.unique(labels, return_counts=True)
+    total = int(sizes.sum())
+    k = min(k, total)
+    if total == 0:
+        return classes, sizes
+    # Integer arithmetic: the shares are exact, so rounding never depends on float artefacts.
+    quotas, remainders = np.divmod(sizes.astype(np.int64) * k, total)
+    left_over = k - int(quotas.sum())
+    # Largest remainder first, then the smaller label (np.lexsort sorts by the last key first).
+    by_remainder = np.lexsort((classes, -remainders))
+    quotas[by_remainder[:left_over]] += 1
+    return classes, quotas
+
+
+def class_quotas(labels: np.ndarray, k: int) -> dict[int, int]:
+    """Split ``k`` over the classes of ``labels`` in proportion to their sizes, summing to exactly ``min(k, n)``.
+
+    Largest-remainder (Hamilton) rounding: each class gets floor(k * n_c / n), and the rows left over go one each to
+    the classes with the largest remainders (ties: smaller label first). Each quota is within 1 of the exact share
+    k * n_c / n, and never exceeds n_c. Known property of this rounding (the "Alabama paradox"): a larger k can give
+    one class one row fewer, so class-balanced subsets of two ratios need not be nested.
+    """
+    classes, quotas = quota_array(np.asarray(labels, dtype=np.int64), k)
+    return {int(c): int(q) for c, q in zip(classes, quotas)}
+
+
+def split_by_label(rows: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
+    """``rows`` (positions) grouped by ``labels[rows]``, groups in ascending label order, rows in their given order."""
+    by_class = rows[np.argsort(labels[rows], kind="stable")]
+    return np.split(by_class, np.flatnonzero(np.diff(labels[by_class])) + 1)
+
+
+def ranking(key: np.ndarray, row_id: np.ndarray) -> np.ndarray:
+    """Row positions sorted by ``key`` descending, ties by ``row_id`` ascending."""
+    return np.lexsort((row_id, -np.asarray(key, dtype=np.float64)))
+
+
+def top_of_ranking(order: np.ndarray, inputs: SelectionInputs, k: int, class_balanced: bool) -> np.ndarray:
+    """Mask of the first ``k`` valid rows of ``order`` (all valid rows if fewer than ``k``).
+
+    With ``class_balanced`` the first ``quota_c`` valid rows of each class in ``order`` (see :func:`class_quotas`).
+    """
+    order = order[inputs.valid[order]]
+    mask = np.zeros(inputs.num_rows, dtype=bool)
+    if not class_balanced:
+        mask[order[:k]] = True
+        return mask
+    labels = inputs.labels[order]
+    classes, quotas = quota_array(labels, k)
+    # Rank of each row within its class, in the order given: a stable sort by label keeps that order inside a class.
+    by_class = np.argsort(labels, kind="stable")
+    sorted_labels = labels[by_class]
+    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank_in_class = np.empty(order.shape[0], dtype=np.int64)
+    rank_in_class[by_class] = np.arange(order.shape[0]) - starts
+    quota_per_row = quotas[np.searchsorted(classes, labels)]
+    mask[order[rank_in_class < quota_per_row]] = True
+    return mask
+
+
+def ratio_budgets(inputs: SelectionInputs, ratios: list[float]) -> dict[float, int]:
+    """``k`` per ratio: floor(ratio * N) over all N rows (valid or not), via :func:`hf_clipsel.configs.budget`."""
+    return {ratio: budget(ratio, inputs.num_rows) for ratio in ratios}
