@@ -138,7 +138,7 @@ def subset_ratios(output_dir: str | Path) -> list[float]:
 
 def card_configs(output_dir: str | Path) -> list[dict]:
     """The YAML ``configs:`` of the dataset card: one per subset directory, and ``scores``."""
-    return dataset_configs(subset_ratios(output_dir))
+    return dataset_configs(output_dir, subset_ratios(output_dir))
 
 
 def _read_scores(output_dir: Path):

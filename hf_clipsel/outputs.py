@@ -5,7 +5,7 @@
       README.md                    dataset card; its YAML `configs:` names every subset and `scores`
       run_config.yaml              the resolved configuration and library versions
       run_summary.json             counts: rows, flagged rows, kept rows per ratio and per class
-      scores/scores.parquet        one row per source row, keyed by row_id
+      scores/*.parquet             one row per source row, keyed by row_id
       subsets/ratio_<r>/*.parquet  the selected rows, every original column plus row_id
       adapter/                     PEFT adapters (save_pretrained)
       embeddings/                  the embedding cache (not part of the dataset repo)
@@ -16,9 +16,11 @@ Every directory is written beside its final place and renamed into it, so it app
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -38,6 +40,8 @@ RUN_CONFIG = "run_config.yaml"
 RUN_SUMMARY = "run_summary.json"
 RUN_RECORD_KEYS = ("versions", "command")  # written beside the settings in run_config.yaml
 MAX_SHARD_BYTES = 500 * 2**20
+DIGEST_LENGTH = 12
+SHARD_NAME = re.compile(rf"[^-]+-(?P<tag>[0-9a-f]{{{DIGEST_LENGTH}}})-\d{{5}}-of-\d{{5}}\.parquet")
 
 
 def ratio_name(selection_ratio: float) -> str:
@@ -81,22 +85,44 @@ def write_atomic_text(path: Path, text: str) -> None:
 
 
 def write_parquet_shards(dataset: Dataset, directory: Path, split: str = "train") -> list[Path]:
-    """Write ``dataset`` as self-contained parquet shards (image files referenced by path are embedded)."""
+    """Write ``dataset`` as self-contained parquet shards (image files referenced by path are embedded), named
+    ``<split>-<digest>-<i>-of-<n>.parquet`` with a digest of their bytes.
+
+    The digest is there because `datasets` caches a local folder's YAML configs by their file patterns, not the
+    files' contents: a pattern that names the content makes `load_dataset(output_dir, config)` read the new rows
+    after a rerun instead of the cached old ones (datasets 5.2).
+    """
     if any(isinstance(feature, Image) for feature in dataset.features.values()):
         dataset = dataset.with_format("arrow").map(embed_table_storage, batched=True, desc="Embedding image bytes")
         dataset = dataset.with_format(None)
     num_shards = max(1, math.ceil(dataset.data.nbytes * len(dataset) / max(len(dataset.data), 1) / MAX_SHARD_BYTES))
-    paths = []
+    digest = hashlib.sha256()
+    drafts = []
     for index in range(num_shards):
-        path = directory / f"{split}-{index:05d}-of-{num_shards:05d}.parquet"
-        dataset.shard(num_shards, index, contiguous=True).to_parquet(str(path))
-        paths.append(path)
+        draft = directory / f".draft-{index:05d}.parquet"
+        dataset.shard(num_shards, index, contiguous=True).to_parquet(str(draft))
+        digest.update(draft.read_bytes())
+        drafts.append(draft)
+    tag = digest.hexdigest()[:DIGEST_LENGTH]
+    paths = [directory / f"{split}-{tag}-{index:05d}-of-{num_shards:05d}.parquet" for index in range(num_shards)]
+    for draft, path in zip(drafts, paths):
+        os.replace(draft, path)
     return paths
+
+
+def data_files_pattern(directory: Path, relative_to: Path) -> str:
+    """The glob that names exactly the shards in ``directory`` (see :func:`write_parquet_shards`)."""
+    names = [SHARD_NAME.fullmatch(path.name) for path in directory.glob("*.parquet")]
+    tags = {name.group("tag") if name else None for name in names}
+    relative = directory.relative_to(relative_to).as_posix()
+    if len(tags) == 1 and None not in tags:
+        return f"{relative}/*-{tags.pop()}-*.parquet"
+    return f"{relative}/*.parquet"  # files written by other means: no content tag to name
 
 
 def write_scores(output_dir: Path, scores: Dataset) -> None:
     with atomic_directory(Path(output_dir) / SCORES_DIR) as directory:
-        scores.to_parquet(str(directory / "scores.parquet"))
+        write_parquet_shards(scores, directory, split="scores")
 
 
 def write_subsets(output_dir: Path, dataset_with_ids: Dataset, masks: dict) -> dict[float, int]:
@@ -152,16 +178,22 @@ def write_run_summary(output_dir: Path, summary: dict) -> None:
     write_atomic_text(Path(output_dir) / RUN_SUMMARY, json.dumps(summary, indent=2))
 
 
-def dataset_configs(ratios: list[float]) -> list[dict]:
+def dataset_configs(output_dir: Path, ratios: list[float]) -> list[dict]:
     """The card's YAML `configs:` entries that make `load_dataset(output_dir, name)` work."""
+    output_dir = Path(output_dir)
+    directories = {ratio_name(r): output_dir / SUBSETS_DIR / ratio_name(r) for r in ratios}
+    directories["scores"] = output_dir / SCORES_DIR
     configs = [
-        {"config_name": name, "data_files": [{"split": "train", "path": f"{SUBSETS_DIR}/{name}/*.parquet"}]}
-        for name in map(ratio_name, ratios)
+        {"config_name": name, "data_files": [{"split": "train", "path": data_files_pattern(path, output_dir)}]}
+        for name, path in directories.items()
     ]
-    configs.append({"config_name": "scores", "data_files": [{"split": "train", "path": f"{SCORES_DIR}/*.parquet"}]})
     if ratios:
         configs[0]["default"] = True
     return configs
+
+
+def scores_files(output_dir: Path) -> list[Path]:
+    return sorted((Path(output_dir) / SCORES_DIR).glob("*.parquet"))
 
 
 def selected_row_ids(scores: Dataset, selection_ratio: float) -> list[int]:

@@ -34,6 +34,7 @@ from .outputs import (
     RUN_SUMMARY,
     SCORES_DIR,
     read_run_config,
+    scores_files,
     reward_column,
     selected_column,
     write_run_config,
@@ -397,12 +398,13 @@ def read_scores(config: ClipselConfig) -> Dataset:
     """The scores to select from: `scores_from` (a Hub dataset repo or a run's folder), else output_dir/scores."""
     if config.run.scores_from:
         return load_scores(config.run.scores_from)
-    path = Path(config.run.output_dir) / SCORES_DIR / "scores.parquet"
-    if not path.exists():
+    files = scores_files(config.run.output_dir)
+    if not files:
         raise FileNotFoundError(
-            f"no scores in {path.parent}; run `hf-clipsel score` (or `run`) first, or pass --scores_from."
+            f"no scores in {Path(config.run.output_dir) / SCORES_DIR}; run `hf-clipsel score` (or `run`) first, or "
+            "pass --scores_from."
         )
-    return Dataset.from_parquet(str(path))
+    return Dataset.from_parquet([str(path) for path in files])
 
 
 def select_from_scores(config: ClipselConfig, command: list[str] | None = None, scores: Dataset | None = None) -> dict:

@@ -77,8 +77,8 @@ def test_two_processes_give_identical_scores_and_selections(cifar_slice, tiny_cl
     # both processes embedded a share of the chunks
     assert "process 0 of 2: chunks 0-1 of 4" in two.stderr and "process 1 of 2: chunks 2-3 of 4" in two.stderr
 
-    scores_one = pd.read_parquet(tmp_path / "one" / "scores" / "scores.parquet")
-    scores_two = pd.read_parquet(tmp_path / "two" / "scores" / "scores.parquet")
+    scores_one = pd.read_parquet(tmp_path / "one" / "scores")
+    scores_two = pd.read_parquet(tmp_path / "two" / "scores")
     pd.testing.assert_frame_equal(scores_one, scores_two, check_exact=True)
     for ratio in ("ratio_0.3", "ratio_0.5"):
         subset_one = pd.read_parquet(tmp_path / "one" / "subsets" / ratio)

@@ -2,6 +2,7 @@
 
 import copy
 import hashlib
+import shutil
 
 import numpy as np
 import pytest
@@ -35,12 +36,12 @@ def test_every_output_is_written(finished_run):
         "README.md",
         "run_config.yaml",
         "run_summary.json",
-        "scores/scores.parquet",
         "adapter/adapter_config.json",
         "adapter/adapter_model.safetensors",
     ):
         assert (output_dir / name).exists(), name
     assert sorted(p.name for p in (output_dir / "subsets").iterdir()) == ["ratio_0.3", "ratio_0.57"]
+    assert len(list((output_dir / "scores").glob("scores-*.parquet"))) == 1
     saved = yaml.safe_load((output_dir / "run_config.yaml").read_text())
     assert saved["selection_ratios"] == [0.3, 0.57]
     assert {"torch", "transformers", "datasets", "peft", "accelerate"} <= set(saved["versions"])
@@ -111,6 +112,27 @@ def test_select_again_from_saved_scores_without_a_model(finished_run, tmp_path):
     again = load_dataset(str(tmp_path), "scores", split="train")
     assert again["is_selected_ratio_0.3"][:] == scores["is_selected_ratio_0.3"][:]
     assert summary["ratios"]["0.3"]["kept"] == budget(0.3, 240)
+
+
+def test_load_dataset_reads_a_rerun_not_the_cached_first_run(finished_run, tmp_path):
+    # datasets caches a folder's YAML configs by their patterns: the shard names carry a digest of their bytes
+    config, output_dir, _ = finished_run
+    copy_dir = tmp_path / output_dir.name
+    shutil.copytree(output_dir, copy_dir)
+    before = load_dataset(str(copy_dir), "ratio_0.3", split="train")["row_id"][:]
+    config = copy.deepcopy(config)
+    config.run.output_dir = str(copy_dir)
+    config.selection.selection_ratios = [0.3]
+    config.selection.alpha = 5.0  # a diversity-heavy reward: another subset of the same size
+    select_from_scores(config, scores=load_dataset(str(output_dir), "scores", split="train"))
+    after = load_dataset(str(copy_dir), "ratio_0.3", split="train")["row_id"][:]
+    assert len(after) == len(before) and after != before
+    assert (
+        after
+        == load_dataset(str(copy_dir), "scores", split="train").filter(lambda row: row["is_selected_ratio_0.3"])[
+            "row_id"
+        ][:]
+    )
 
 
 def test_rerun_with_other_settings_refuses_to_replace_results(finished_run):
