@@ -328,10 +328,14 @@ def summarize(scores: Dataset, masks: dict, config: ClipselConfig) -> dict:
     for ratio, mask in masks.items():
         k = budget(ratio, len(labels))
         kept_per_class = Counter(labels[mask].tolist())
+        diagnostics = getattr(masks, "diagnostics", {}).get(ratio, {})
         ratios[f"{ratio:g}"] = {
+            "alpha": config.selection.alpha_for(ratio),
             "budget": k,
             "kept": int(mask.sum()),
-            "shortfall": int(k - mask.sum()),
+            # rows missing from the budget because too few rows are usable (sgd's own miss is in diagnostics)
+            "shortfall": int(diagnostics.get("shortfall", max(k - mask.sum(), 0))),
+            "diagnostics": {name: _plain(value) for name, value in diagnostics.items()},
             "kept_per_class": {class_names[c]: int(kept_per_class.get(c, 0)) for c in range(len(class_names))},
         }
     return {
@@ -347,6 +351,11 @@ def summarize(scores: Dataset, masks: dict, config: ClipselConfig) -> dict:
         "selection_method": config.selection.selection_method,
         "ratios": ratios,
     }
+
+
+def _plain(value):
+    """A JSON-friendly copy of a numpy scalar."""
+    return value.item() if hasattr(value, "item") else value
 
 
 def write_stage(

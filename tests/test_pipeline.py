@@ -140,3 +140,18 @@ def test_rerun_with_other_settings_refuses_to_replace_results(finished_run):
     changed = run_config(config.data.dataset_name, config.model.model_name_or_path, output_dir, knn_k=3)
     with pytest.raises(FileExistsError, match="overwrite_output_dir"):
         run(changed)
+
+
+@pytest.mark.parametrize("method", ["sgd", "random", "clip_score", "ccs"])
+def test_other_selectors_run_from_saved_scores(finished_run, tmp_path, method):
+    config, output_dir, _ = finished_run
+    config = copy.deepcopy(config)
+    config.run.output_dir = str(tmp_path)
+    config.selection.selection_method = method
+    config.selection.sgd_exact_trim = True
+    summary = select_from_scores(config, scores=load_dataset(str(output_dir), "scores", split="train"))
+    for ratio, k in (("0.3", 72), ("0.57", 136)):
+        assert summary["ratios"][ratio]["kept"] == k
+        assert summary["ratios"][ratio]["diagnostics"]["budget"] == k
+    if method == "sgd":
+        assert summary["ratios"]["0.3"]["diagnostics"]["iterations"] > 0
