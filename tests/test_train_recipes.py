@@ -88,19 +88,14 @@ def test_accelerate_configs_parse(name):
 
 
 @pytest.fixture(scope="module")
-def selection_dir(cifar_slice, tmp_path_factory) -> Path:
-    """A selection output directory as the pipeline lays it out: README `configs:` -> subsets/ratio_<r>/*.parquet."""
-    from datasets import load_dataset
+def selection_dir(cifar_slice, tiny_clip_path, tmp_path_factory) -> Path:
+    """A real selection: the pipeline on 128 CIFAR-10 rows with a tiny CLIP; ratio 0.5 keeps 64."""
+    from hf_clipsel.pipeline import run as run_pipeline
+    from tests.conftest import run_config
 
-    subset = load_dataset("parquet", data_files=str(cifar_slice), split="train").select(range(64))
-    subset = subset.add_column("row_id", list(range(64)))
     root = tmp_path_factory.mktemp("selection")
-    (root / "subsets" / "ratio_0.5").mkdir(parents=True)
-    subset.to_parquet(str(root / "subsets" / "ratio_0.5" / "train-00000-of-00001.parquet"))
-    (root / "README.md").write_text(
-        "---\nconfigs:\n- config_name: ratio_0.5\n  data_files:\n  - split: train\n"
-        "    path: subsets/ratio_0.5/*.parquet\n---\n"
-    )
+    summary = run_pipeline(run_config(cifar_slice, tiny_clip_path, root, selection_ratios=[0.5], max_samples=128))
+    assert summary["ratios"]["0.5"]["kept"] == 64
     return root
 
 
