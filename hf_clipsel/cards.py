@@ -26,6 +26,8 @@ from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardDa
 from .configs import CONFIG_CLASSES, budget
 from .outputs import (
     ADAPTER_DIR,
+    REPORT_DIR,
+    REPORT_FIGURES,
     RUN_CONFIG,
     RUN_SUMMARY,
     SCORES_DIR,
@@ -292,7 +294,8 @@ def render_dataset_card(
 
     plots = [
         {"path": p.relative_to(output_dir).as_posix(), "title": p.stem.replace("_", " ")}
-        for p in sorted((output_dir / "report").glob("*.png"))
+        for p in (output_dir / REPORT_DIR / name for name in REPORT_FIGURES)
+        if p.exists()
     ]
     size_category = next((label for limit, label in SIZE_CATEGORIES if num_rows < limit), "n>1B")
     card_data = DatasetCardData(

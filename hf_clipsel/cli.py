@@ -22,6 +22,7 @@ COMMANDS = {
     "select": "select subsets from output_dir/scores and write them",
     "push": "push output_dir to the Hub: a dataset repo (subsets + scores) and a model repo (adapters)",
     "demo": "run the whole pipeline offline on a bundled sample with a tiny random CLIP",
+    "report": "plots and an HTML page of a finished run: what was kept, what was dropped and why",
     "env": "print library versions and devices, for bug reports",
 }
 
@@ -140,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             _demo(args)
         elif command == "env":
             _env()
+        elif command == "report":
+            from .report import main as report_main
+
+            return report_main(args)
         else:
             _stage(command, args)
     except (ValueError, OSError, HubPushError) as error:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,7 +195,9 @@ def decode_rgb(image: dict | None) -> tuple[PILImage.Image | None, str]:
             opened.load()
             return _to_rgb(opened), ""
     except Exception as error:  # any decoder failure flags the row; the run goes on
-        return None, f"image failed to decode: {type(error).__name__}: {error}"
+        # PIL names the in-memory file by its address; drop it so that reruns give identical reasons.
+        message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image bytes", str(error))
+        return None, f"image failed to decode: {type(error).__name__}: {message}"
 
 
 def _to_rgb(image: PILImage.Image) -> PILImage.Image:

@@ -38,6 +38,9 @@ ADAPTER_DIR = "adapter"
 EMBEDDINGS_DIR = "embeddings"
 RUN_CONFIG = "run_config.yaml"
 RUN_SUMMARY = "run_summary.json"
+REPORT_DIR = "report"
+# The report's figures, in the order the report and the dataset card show them.
+REPORT_FIGURES = ("score_distributions.png", "alignment_vs_diversity.png", "kept_per_class.png")
 RUN_RECORD_KEYS = ("versions", "command")  # written beside the settings in run_config.yaml
 MAX_SHARD_BYTES = 500 * 2**20
 DIGEST_LENGTH = 12

@@ -42,6 +42,7 @@ from .outputs import (
     write_scores,
     write_subsets,
 )
+from .report import write_report
 from .selection import SelectionInputs, select
 from .training import train_end_to_end, train_on_cache
 
@@ -374,6 +375,10 @@ def write_stage(
     write_run_config(output_dir, config.to_flat(), command)
     summary = summarize(scores, masks, config)
     write_run_summary(output_dir, summary)
+    try:
+        write_report(output_dir)  # before the card, which shows the report's figures
+    except Exception as error:  # the results are written: a report problem must not cost them their card
+        logger.warning("no report: %s; `hf-clipsel report --output_dir %s` writes it again.", error, output_dir)
     write_dataset_card(output_dir)
     return summary
 

@@ -172,7 +172,7 @@ def build_output_dir(path: Path, adapter: Path, seed: int = 0) -> Path:
     (path / "embeddings").mkdir()
     (path / "embeddings" / "chunk-00000.parquet").write_bytes(b"cache that must never be pushed")
     (path / "report").mkdir()
-    (path / "report" / "score_histogram.png").write_bytes(_png(rng))
+    (path / "report" / "score_distributions.png").write_bytes(_png(rng))
     write_dataset_card(path)
     return path
 
@@ -228,8 +228,14 @@ result = {"same": same, "keys": len(saved), "nonzero": all(v.abs().sum() > 0 for
 
 
 def _push(worker: ChildWorker, output_dir: Path, repo: str, model_repo: str | None = None, **options):
-    params = {"output_dir": str(output_dir), "dataset_repo_id": repo, "model_repo_id": model_repo,
-              "retry_wait": 0.01, "max_wait": 0.05, **options}
+    params = {
+        "output_dir": str(output_dir),
+        "dataset_repo_id": repo,
+        "model_repo_id": model_repo,
+        "retry_wait": 0.01,
+        "max_wait": 0.05,
+        **options,
+    }
     return worker.call(PUSH, params)
 
 
@@ -306,8 +312,9 @@ def output_dir(tmp_path_factory, adapter_dir) -> Path:
 @pytest.fixture(scope="module")
 def pushed(worker, output_dir):
     """output_dir pushed to acme/pets-clipsel (in batches of 4 files) and its adapters to acme/pets-adapter."""
-    result, output = _push(worker, output_dir, "acme/pets-clipsel", "acme/pets-adapter", private=True,
-                           max_files_per_commit=4)
+    result, output = _push(
+        worker, output_dir, "acme/pets-clipsel", "acme/pets-adapter", private=True, max_files_per_commit=4
+    )
     assert result["ok"], result
     return result, output
 
@@ -337,7 +344,7 @@ def test_dataset_card_carries_the_run(output_dir, monkeypatch):
         "| `semantic_alignment` |",
         "| `reward_ratio_0.5` |",
         "median",
-        "report/score_histogram.png",
+        "report/score_distributions.png",
         "| `knn_k` | `5` |",
         "| datasets | 5 |",
         "1 flagged",
@@ -392,14 +399,28 @@ def test_push_then_load_gives_the_same_rows_and_cards(hub, worker, output_dir, p
     assert assert_configs_never_partial(hub, repo, output_dir) == len(result["dataset_commits"]) + 1
     final = hub.history(repo)[-1].files
     subsets = {p.relative_to(output_dir).as_posix() for p in (output_dir / "subsets").rglob("*.parquet")}
-    assert set(final) == {".gitattributes", "README.md", "run_config.yaml", "run_summary.json",
-                          "report/score_histogram.png", "scores/scores.parquet", *subsets}
+    assert set(final) == {
+        ".gitattributes",
+        "README.md",
+        "run_config.yaml",
+        "run_summary.json",
+        "report/score_distributions.png",
+        "scores/scores.parquet",
+        *subsets,
+    }
     assert hub.repo(repo).private
     model_files = set(hub.history(model_repo, "model")[-1].files)
     assert model_files == {".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors"}
 
-    loaded, load_logs = worker.call(LOAD, {"repo": repo, "model_repo": model_repo, "output_dir": str(output_dir),
-                                           "configs": ["ratio_0.3", "ratio_0.5", "scores"]})
+    loaded, load_logs = worker.call(
+        LOAD,
+        {
+            "repo": repo,
+            "model_repo": model_repo,
+            "output_dir": str(output_dir),
+            "configs": ["ratio_0.3", "ratio_0.5", "scores"],
+        },
+    )
     scores = Dataset.from_parquet(str(output_dir / "scores" / "scores.parquet"))
     for ratio in RATIOS:
         config = loaded[ratio_name(ratio)]
@@ -432,8 +453,9 @@ def test_push_then_load_gives_the_same_rows_and_cards(hub, worker, output_dir, p
 
 def test_peft_loads_the_adapter_from_the_model_repo(worker, output_dir, tiny_clip_path, pushed):
     adapter_file = output_dir / "adapter" / "adapter_model.safetensors"
-    result, _ = worker.call(PEFT, {"clip": str(tiny_clip_path), "model_repo": "acme/pets-adapter",
-                                   "adapter_file": str(adapter_file)})
+    result, _ = worker.call(
+        PEFT, {"clip": str(tiny_clip_path), "model_repo": "acme/pets-adapter", "adapter_file": str(adapter_file)}
+    )
     assert result == {"same": True, "keys": 4, "nonzero": True}
 
 

@@ -1,0 +1,376 @@
+"""`hf-clipsel report`: what a run kept, what it dropped and why, as PNG figures and one HTML page.
+
+    output_dir/report/
+      index.html                    summary, figures, galleries, flagged rows; references only files in report/
+      score_distributions.png       histograms of SAS and SDS, all usable rows and the rows each ratio keeps
+      alignment_vs_diversity.png    SAS against SDS, one panel per ratio, kept rows coloured
+      kept_per_class.png            rows kept per class at each ratio
+      thumbnails/row_<row_id>.png   the gallery images (a subfolder, so report/*.png are the figures only)
+
+It reads only the run's files (scores/*.parquet, run_summary.json, run_config.yaml) and, for the gallery
+images, the source dataset named in run_config.yaml. The galleries:
+
+- **Lowest alignment**: the usable rows with the lowest ``semantic_alignment`` (lowest first, ties by row_id),
+  with the given label and the class CLIP prefers (``predicted_label``): likely mislabelled or damaged images.
+- **Dropped for redundancy at ratio r**: usable rows not selected at r whose ``semantic_alignment_normalized``
+  is above the median of the usable rows (well aligned, so alignment is not what dropped them), in a class with
+  at least two usable rows (a lone row has diversity 0 by convention, not because it is redundant); lowest
+  ``sample_diversity`` first (the most crowded part of its class), ties by row_id. r defaults to the smallest
+  ratio of the run, the strictest budget.
+- **Flagged rows**: rows with a ``flag_reason`` (undecodable image, missing or out-of-range label), in row order.
+
+A gallery image that cannot be decoded, or a source that cannot be loaded, gives a placeholder, never an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass, fields
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+from jinja2 import Environment, StrictUndefined
+from PIL import Image as PILImage
+
+from .configs import DataConfig
+from .outputs import RUN_SUMMARY, SCORES_DIR, atomic_directory, read_run_config, reward_column, selected_column
+
+logger = logging.getLogger(__name__)
+
+REPORT_DIR = "report"
+INDEX = "index.html"
+THUMBNAILS_DIR = "thumbnails"
+TEMPLATE = "report_template.html.j2"
+GALLERY_SIZE = 24
+MAX_FLAGGED_SHOWN = 200
+SELECTED_PREFIX = "is_selected_ratio_"  # outputs.selected_column(r) is this plus f"{r:g}"
+THUMBNAIL_SIDE = 128  # pixels; small images (CIFAR's 32) are enlarged without smoothing so they stay sharp
+
+
+@dataclass
+class RunScores:
+    """The score columns the report uses, as numpy arrays (one entry per source row)."""
+
+    row_id: np.ndarray
+    label: np.ndarray  # -1 where the label is unusable
+    predicted_label: np.ndarray  # -1 for a flagged row
+    flag_reason: np.ndarray  # "" for a usable row
+    semantic_alignment: np.ndarray
+    sample_diversity: np.ndarray
+    semantic_alignment_normalized: np.ndarray
+    sample_diversity_normalized: np.ndarray
+    selected: dict[float, np.ndarray]  # ratio -> bool mask, ratios ascending
+    reward: dict[float, np.ndarray]
+    class_names: list[str]
+
+    @property
+    def usable(self) -> np.ndarray:
+        return self.flag_reason == ""
+
+    @property
+    def ratios(self) -> list[float]:
+        return list(self.selected)
+
+
+@dataclass
+class Tile:
+    """One image of a gallery or of the flagged table, with what the page says about it."""
+
+    row_id: int
+    given_label: str
+    predicted_label: str
+    semantic_alignment: float
+    sample_diversity: float
+    kept_at: list[str]  # ratios (as text) whose subset holds the row
+    thumbnail: str | None = None  # path relative to report/, None when there is no image to show
+    missing_image: str = ""  # why there is no thumbnail
+    flag_reason: str = ""
+
+    @property
+    def mislabelled_suspect(self) -> bool:
+        return self.predicted_label not in ("", self.given_label)
+
+
+def read_scores(output_dir: Path) -> RunScores:
+    """The scores (output_dir/scores/*.parquet) as :class:`RunScores`, read with pyarrow: no copy in the datasets
+    cache."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import ClassLabel, Features
+
+    directory = Path(output_dir) / SCORES_DIR
+    shards = sorted(directory.glob("*.parquet"))  # one file or several shards, in row order by name
+    if not shards:
+        raise FileNotFoundError(f"no scores in {directory}; run `hf-clipsel run` (or `score` and `select`) first.")
+    table = pa.concat_tables([pq.read_table(shard) for shard in shards])
+    label_feature = Features.from_arrow_schema(table.schema)["label"]
+    if not isinstance(label_feature, ClassLabel):
+        raise ValueError(f"{directory}: the `label` column has no class names; was it written by hf-clipsel?")
+
+    def column(name: str) -> np.ndarray:
+        return table.column(name).to_numpy(zero_copy_only=False)
+
+    prefix = SELECTED_PREFIX
+    ratios = sorted(float(name.removeprefix(prefix)) for name in table.column_names if name.startswith(prefix))
+    num_rows = table.num_rows
+    return RunScores(
+        row_id=column("row_id").astype(np.int64),
+        label=column("label").astype(np.int64),
+        # Runs scored before predicted_label existed have none: -1 shows no CLIP class.
+        predicted_label=(
+            column("predicted_label").astype(np.int64)
+            if "predicted_label" in table.column_names
+            else np.full(num_rows, -1, dtype=np.int64)
+        ),
+        flag_reason=np.asarray([reason or "" for reason in table.column("flag_reason").to_pylist()], dtype=object),
+        semantic_alignment=column("semantic_alignment").astype(np.float64),
+        sample_diversity=column("sample_diversity").astype(np.float64),
+        semantic_alignment_normalized=column("semantic_alignment_normalized").astype(np.float64),
+        sample_diversity_normalized=column("sample_diversity_normalized").astype(np.float64),
+        selected={r: column(selected_column(r)).astype(bool) for r in ratios},
+        reward={r: column(reward_column(r)).astype(np.float64) for r in ratios},
+        class_names=list(label_feature.names),
+    )
+
+
+def lowest_alignment_rows(scores: RunScores, count: int = GALLERY_SIZE) -> np.ndarray:
+    """Positions of the ``count`` usable rows with the lowest semantic alignment, lowest first, ties by row_id."""
+    candidates = np.nonzero(scores.usable)[0]
+    order = np.lexsort((scores.row_id[candidates], scores.semantic_alignment[candidates]))
+    return candidates[order[:count]]
+
+
+def redundant_rows(scores: RunScores, selection_ratio: float, count: int = GALLERY_SIZE) -> np.ndarray:
+    """Positions of well-aligned rows dropped at ``selection_ratio``, most crowded first (see the module doc)."""
+    usable = scores.usable
+    if not usable.any():
+        return np.zeros(0, dtype=np.int64)
+    median = np.median(scores.semantic_alignment_normalized[usable])
+    class_sizes = np.bincount(scores.label[usable], minlength=len(scores.class_names))
+    in_shared_class = class_sizes[np.clip(scores.label, 0, None)] >= 2
+    candidates = np.nonzero(
+        usable & ~scores.selected[selection_ratio] & (scores.semantic_alignment_normalized > median) & in_shared_class
+    )[0]
+    order = np.lexsort((scores.row_id[candidates], scores.sample_diversity[candidates]))
+    return candidates[order[:count]]
+
+
+def flagged_rows(scores: RunScores, count: int = MAX_FLAGGED_SHOWN) -> np.ndarray:
+    return np.nonzero(~scores.usable)[0][:count]
+
+
+def _class_name(scores: RunScores, label: int) -> str:
+    return scores.class_names[label] if 0 <= label < len(scores.class_names) else ""
+
+
+def make_tiles(scores: RunScores, positions: np.ndarray) -> list[Tile]:
+    return [
+        Tile(
+            row_id=int(scores.row_id[p]),
+            given_label=_class_name(scores, int(scores.label[p])),
+            predicted_label=_class_name(scores, int(scores.predicted_label[p])),
+            semantic_alignment=float(scores.semantic_alignment[p]),
+            sample_diversity=float(scores.sample_diversity[p]),
+            kept_at=[f"{r:g}" for r, mask in scores.selected.items() if mask[p]],
+            flag_reason=str(scores.flag_reason[p]),
+        )
+        for p in positions
+    ]
+
+
+def load_gallery_source(run_config: dict, num_rows: int):
+    """The source dataset as the run loaded it and its image column, or (None, why not)."""
+    from .data import detect_image_column, load_source
+
+    keys = {f.name for f in fields(DataConfig)}
+    try:
+        data_config = DataConfig(**{key: value for key, value in run_config.items() if key in keys})
+        dataset = load_source(data_config)
+        image_column = detect_image_column(dataset, data_config.image_column)
+    except Exception as error:  # a moved file, no network, a deleted Hub repo: the report goes on without images
+        logger.warning("report: gallery images skipped, the source dataset did not load: %s", error)
+        return None, f"source dataset not available ({type(error).__name__})"
+    if len(dataset) != num_rows:
+        return None, f"the source has {len(dataset)} rows but the scores {num_rows}: not the run's source"
+    return (dataset, image_column), ""
+
+
+def thumbnail(image: PILImage.Image) -> PILImage.Image:
+    """Fit into THUMBNAIL_SIDE pixels: enlarge tiny images by whole steps without smoothing, shrink big ones."""
+    scale = THUMBNAIL_SIDE / max(image.size)
+    if scale >= 2:
+        factor = int(scale)
+        return image.resize((image.width * factor, image.height * factor), PILImage.NEAREST)
+    if scale < 1:
+        image = image.copy()
+        image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), PILImage.LANCZOS)
+    return image
+
+
+def write_thumbnails(tiles: list[Tile], source, missing_reason: str, report_dir: Path) -> None:
+    """Decode each tile's image from the source and save it under thumbnails/; a failure leaves a placeholder."""
+    from datasets import Image
+
+    from .data import decode_rgb
+
+    if source is None:
+        for tile in tiles:
+            tile.missing_image = missing_reason
+        return
+    dataset, image_column = source
+    row_ids = sorted({tile.row_id for tile in tiles})
+    cells = dataset.select(row_ids).cast_column(image_column, Image(decode=False))[image_column]
+    images = dict(zip(row_ids, cells))
+    (report_dir / THUMBNAILS_DIR).mkdir(exist_ok=True)
+    for tile in tiles:
+        image, error = decode_rgb(images[tile.row_id])
+        if image is None:
+            tile.missing_image = error.split(":")[0]  # "image failed to decode"; the full text is in the table
+            continue
+        relative = f"{THUMBNAILS_DIR}/row_{tile.row_id}.png"
+        if not (report_dir / relative).exists():  # a row in two galleries is written once
+            thumbnail(image).save(report_dir / relative)
+        tile.thumbnail = relative
+
+
+def summary_rows(summary: dict, run_config: dict, scores: RunScores) -> list[tuple[str, str]]:
+    """The summary table: (what, value) pairs, from run_summary.json and run_config.yaml."""
+    alpha = run_config.get("alpha")
+    dataset = str(summary.get("dataset") or run_config.get("dataset_name"))
+    split = run_config.get("dataset_split", "train")
+    if run_config.get("max_samples"):
+        split += f", first {run_config['max_samples']} rows"
+    rows = [
+        ("dataset", f"{dataset} (split {split})"),
+        ("model", str(summary.get("model") or run_config.get("model_name_or_path"))),
+        ("adapters", f"{run_config.get('adapter_preset', 'n/a')}, {run_config.get('adapter_epochs', 'n/a')} epochs"),
+        ("selection method", str(summary.get("selection_method") or run_config.get("selection_method"))),
+        ("alpha (weight of diversity)", "equal to each ratio" if alpha is None else f"{alpha:g}"),
+        ("k nearest neighbours (SDS)", str(run_config.get("knn_k", "n/a"))),
+        ("rows scored", str(summary.get("num_rows", len(scores.row_id)))),
+        ("rows flagged (never selected)", str(summary.get("num_flagged", int((~scores.usable).sum())))),
+    ]
+    for ratio in scores.ratios:
+        info = summary.get("ratios", {}).get(f"{ratio:g}", {})
+        kept = int(scores.selected[ratio].sum())
+        text = f"{kept} rows ({kept / max(len(scores.row_id), 1):.1%})"
+        if info.get("shortfall"):
+            text += f", {info['shortfall']} short of the budget of {info['budget']}"
+        rows.append((f"kept at ratio {ratio:g}", text))
+    return rows
+
+
+def per_class_rows(scores: RunScores, least_kept_first: bool) -> list[dict]:
+    """Usable and kept rows per class; in label order, or (for many classes) least kept at the smallest ratio first."""
+    usable = scores.usable
+    num_classes = len(scores.class_names)
+    totals = np.bincount(scores.label[usable], minlength=num_classes)
+    kept = {r: np.bincount(scores.label[usable & m], minlength=num_classes) for r, m in scores.selected.items()}
+    order = np.arange(num_classes)
+    if least_kept_first:  # a reader of a long table looks for the classes a ratio starves
+        order = np.lexsort((order, kept[scores.ratios[0]] / np.maximum(totals, 1)))
+    return [
+        {"name": scores.class_names[c], "total": int(totals[c]), "kept": [int(kept[r][c]) for r in scores.ratios]}
+        for c in order
+    ]
+
+
+def exact_alphas(run_config: dict, ratios: list[float]) -> dict[float, float] | None:
+    """alpha per ratio when the subsets are exactly the top-k rewards (so a cut line explains them), else None."""
+    if run_config.get("selection_method", "exact") != "exact" or run_config.get("class_balanced"):
+        return None
+    alpha = run_config.get("alpha")
+    return {r: (r if alpha is None else float(alpha)) for r in ratios}
+
+
+def render_page(**context) -> str:
+    environment = Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    template = environment.from_string(files("hf_clipsel").joinpath(TEMPLATE).read_text(encoding="utf-8"))
+    return template.render(**context)
+
+
+def write_report(output_dir: str | Path, gallery_ratio: float | None = None) -> Path:
+    """Write output_dir/report/ (figures, thumbnails, index.html) from a finished run; return index.html's path.
+
+    ``gallery_ratio`` picks the ratio of the "dropped for redundancy" gallery (default: the smallest). The folder is
+    written beside its place and renamed into it, so a report is whole or absent. Needs matplotlib (the `report`
+    extra).
+    """
+    try:
+        from .report_figures import (
+            DPI,
+            FIGURES,
+            MAX_CLASSES_AS_BARS,
+            WIDTH_INCHES,
+            figure_height_pixels,
+            write_figures,
+        )
+    except ImportError as error:
+        raise ImportError(f"the report needs matplotlib: pip install 'hf-clipsel[report]' ({error})") from error
+
+    output_dir = Path(output_dir)
+    scores = read_scores(output_dir)
+    run_config = read_run_config(output_dir) or {}
+    summary_path = output_dir / RUN_SUMMARY
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if not scores.ratios:
+        raise ValueError(f"{output_dir}: the scores hold no selection; run `hf-clipsel select` first.")
+    if gallery_ratio is None:
+        gallery_ratio = scores.ratios[0]
+    elif gallery_ratio not in scores.selected:
+        raise ValueError(f"gallery_ratio {gallery_ratio:g} is not a ratio of this run ({scores.ratios}).")
+
+    many_classes = len(scores.class_names) > MAX_CLASSES_AS_BARS  # the table then follows the figure: by share
+    low_alignment = make_tiles(scores, lowest_alignment_rows(scores))
+    redundant = make_tiles(scores, redundant_rows(scores, gallery_ratio))
+    flagged = make_tiles(scores, flagged_rows(scores))
+    source, missing_reason = load_gallery_source(run_config, len(scores.row_id))
+    with atomic_directory(output_dir / REPORT_DIR) as directory:
+        write_figures(scores, directory, exact_alphas(run_config, scores.ratios))
+        write_thumbnails(low_alignment + redundant + flagged, source, missing_reason, directory)
+        page = render_page(
+            title=f"hf-clipsel report: {summary.get('dataset') or run_config.get('dataset_name') or output_dir.name}",
+            summary=summary_rows(summary, run_config, scores),
+            figures={
+                name: {"path": name, "height": figure_height_pixels(name, len(scores.ratios))} for name in FIGURES
+            },
+            figure_width=round(WIDTH_INCHES * DPI),
+            ratios=[f"{r:g}" for r in scores.ratios],
+            gallery_ratio=f"{gallery_ratio:g}",
+            low_alignment=low_alignment,
+            redundant=redundant,
+            flagged=flagged,
+            num_flagged=int((~scores.usable).sum()),
+            classes=per_class_rows(scores, least_kept_first=many_classes),
+            classes_by_share=many_classes,
+            command=run_config.get("command", ""),
+        )
+        (directory / INDEX).write_text(page, encoding="utf-8")
+    return output_dir / REPORT_DIR / INDEX
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hf-clipsel report",
+        description="Plots and an HTML page of a finished run: what was kept, what was dropped and why.",
+    )
+    parser.add_argument(
+        "--output_dir", required=True, help="The run's output_dir (holds scores/ and run_config.yaml)."
+    )
+    parser.add_argument(
+        "--gallery_ratio",
+        type=float,
+        default=None,
+        help="Ratio of the 'dropped for redundancy' gallery (default: the smallest ratio of the run).",
+    )
+    args = parser.parse_args(argv)
+    index = write_report(args.output_dir, args.gallery_ratio)
+    print(f"Report: {index}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

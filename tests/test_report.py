@@ -1,0 +1,171 @@
+"""The report of a real (tiny) run: figures that open at their size, a page whose links all resolve, galleries
+that show the rows the scores say they should, flagged rows listed with their reason, no crash on bad images."""
+
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from datasets import Dataset, Image, load_dataset
+from PIL import Image as PILImage
+
+from hf_clipsel.pipeline import run
+from hf_clipsel.report import GALLERY_SIZE, INDEX, REPORT_DIR, main, write_report
+from hf_clipsel.report_figures import DPI, FIGURES, WIDTH_INCHES, figure_height_pixels
+from tests.conftest import run_config
+
+UNDECODABLE = (3, 10)
+LABEL_MISSING = 20
+RATIOS = [0.3, 0.5]
+
+
+class PageParser(HTMLParser):
+    """Every src/href of the page, and the row ids shown under each element with an id (gallery or table)."""
+
+    def __init__(self):
+        super().__init__()
+        self.links: list[str] = []
+        self.rows: dict[str, list[int]] = {}
+        self.images_of_row: dict[int, list[str]] = {}
+        self._section = None
+        self._row = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.links += [attrs[key] for key in ("src", "href") if attrs.get(key)]
+        if "id" in attrs:
+            self._section = attrs["id"]
+        if "data-row-id" in attrs:
+            self._row = int(attrs["data-row-id"])
+            self.rows.setdefault(self._section, []).append(self._row)
+            self.images_of_row.setdefault(self._row, [])
+        if tag == "img" and self._row is not None and self._section in ("lowest-alignment", "flagged"):
+            self.images_of_row[self._row].append(attrs["src"])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, cifar_slice, tiny_clip_path) -> Path:
+    """A run on the CIFAR-10 slice with two undecodable images and one missing label."""
+    work = tmp_path_factory.mktemp("report")
+    source = Dataset.from_parquet(str(cifar_slice)).cast_column("img", Image(decode=False))
+
+    def damage(row, index):
+        if index in UNDECODABLE:
+            row["img"] = {"bytes": b"not an image at all", "path": None}
+        if index == LABEL_MISSING:
+            row["label"] = -1
+        return row
+
+    damaged = work / "damaged.parquet"
+    source.map(damage, with_indices=True).cast_column("img", Image()).to_parquet(str(damaged))
+    output_dir = work / "run"
+    run(run_config(damaged, tiny_clip_path, output_dir, selection_ratios=RATIOS))
+    write_report(output_dir)
+    return output_dir
+
+
+def parse_page(index: Path) -> PageParser:
+    parser = PageParser()
+    parser.feed(index.read_text(encoding="utf-8"))
+    return parser
+
+
+def scores_table(run_dir: Path) -> dict[str, np.ndarray]:
+    table = pa.concat_tables([pq.read_table(path) for path in sorted((run_dir / "scores").glob("*.parquet"))])
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def test_figure_names_are_stable():
+    # The dataset card embeds these files by name: renaming one breaks cards already on the Hub.
+    assert FIGURES == ("score_distributions.png", "alignment_vs_diversity.png", "kept_per_class.png")
+
+
+def test_figures_open_at_their_size(run_dir):
+    for name in FIGURES:
+        with PILImage.open(run_dir / REPORT_DIR / name) as image:
+            image.load()
+            assert image.size == (round(WIDTH_INCHES * DPI), figure_height_pixels(name, len(RATIOS))), name
+
+
+def test_page_references_only_files_in_the_report(run_dir):
+    report = (run_dir / REPORT_DIR).resolve()
+    page = parse_page(report / INDEX)
+    assert page.links, "the page links nothing"
+    for link in page.links:
+        assert "://" not in link and not link.startswith("/"), link  # relative: the folder can move or be pushed
+        target = (report / link).resolve()
+        assert target.is_file() and target.is_relative_to(report), link
+    assert {f"{name}" for name in FIGURES} <= set(page.links)
+
+
+def test_lowest_alignment_gallery_shows_the_lowest_rows(run_dir):
+    scores = scores_table(run_dir)
+    usable = scores["flag_reason"] == ""
+    candidates = np.nonzero(usable)[0]
+    order = candidates[np.lexsort((scores["row_id"][candidates], scores["semantic_alignment"][candidates]))]
+    expected = scores["row_id"][order[:GALLERY_SIZE]].tolist()
+    page = parse_page(run_dir / REPORT_DIR / INDEX)
+    assert page.rows["lowest-alignment"] == expected
+    for row in expected:  # every image of the slice decodes: each tile shows its thumbnail
+        assert page.images_of_row[row] == [f"thumbnails/row_{row}.png"]
+
+
+def test_redundancy_gallery_shows_well_aligned_dropped_rows_most_crowded_first(run_dir):
+    scores = scores_table(run_dir)
+    usable = scores["flag_reason"] == ""
+    aligned = scores["semantic_alignment_normalized"]
+    class_sizes = np.bincount(scores["label"][usable])
+    in_shared_class = class_sizes[np.clip(scores["label"], 0, None)] >= 2  # a lone row's diversity is 0 by convention
+    well_aligned = aligned > np.median(aligned[usable])
+    dropped = usable & ~scores[f"is_selected_ratio_{RATIOS[0]:g}"] & well_aligned & in_shared_class
+    candidates = np.nonzero(dropped)[0]
+    order = candidates[np.lexsort((scores["row_id"][candidates], scores["sample_diversity"][candidates]))]
+    shown = parse_page(run_dir / REPORT_DIR / INDEX).rows["dropped-for-redundancy"]
+    assert shown == scores["row_id"][order[:GALLERY_SIZE]].tolist()
+    assert shown, "the slice has well-aligned rows dropped at the smallest ratio"
+    # Each one is really out of the subset and above the median alignment.
+    assert not scores[f"is_selected_ratio_{RATIOS[0]:g}"][shown].any()
+
+
+def test_flagged_rows_are_listed_with_their_reason_and_bad_images_get_a_placeholder(run_dir):
+    page = parse_page(run_dir / REPORT_DIR / INDEX)
+    assert page.rows["flagged"] == [*UNDECODABLE, LABEL_MISSING]
+    html = (run_dir / REPORT_DIR / INDEX).read_text(encoding="utf-8")
+    assert html.count("image failed to decode: UnidentifiedImageError") == len(UNDECODABLE)
+    assert "label missing" in html
+    for row in UNDECODABLE:
+        assert page.images_of_row[row] == []  # no image: a placeholder
+    assert page.images_of_row[LABEL_MISSING] == [f"thumbnails/row_{LABEL_MISSING}.png"]  # the image is fine
+
+
+def test_report_command_picks_the_gallery_ratio(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("embeddings", "adapter", "subsets"))
+    assert main(["--output_dir", str(copy), "--gallery_ratio", "0.5"]) == 0
+    assert "Dropped for redundancy at ratio 0.5" in (copy / REPORT_DIR / INDEX).read_text(encoding="utf-8")
+    with pytest.raises(ValueError, match="not a ratio of this run"):
+        write_report(copy, gallery_ratio=0.9)
+
+
+def test_a_missing_source_gives_placeholders_not_an_error(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("embeddings", "adapter", "subsets"))
+    config = yaml.safe_load((copy / "run_config.yaml").read_text())
+    config["dataset_name"] = str(tmp_path / "moved_away.parquet")
+    (copy / "run_config.yaml").write_text(yaml.safe_dump(config))
+    page = parse_page(write_report(copy))
+    assert len(page.rows["lowest-alignment"]) == GALLERY_SIZE
+    assert not any(link.startswith("thumbnails/") for link in page.links)
+    assert "source dataset not available" in (copy / REPORT_DIR / INDEX).read_text(encoding="utf-8")
+
+
+def test_scores_read_back_with_load_dataset_match_the_page(run_dir):
+    # The page's numbers come from the same file users load: the lowest SAS shown is the minimum over usable rows.
+    scores = load_dataset(str(run_dir), "scores", split="train").with_format("numpy")
+    usable = scores["flag_reason"][:] == ""
+    lowest = int(scores["row_id"][:][usable][np.argmin(scores["semantic_alignment"][:][usable])])
+    assert parse_page(run_dir / REPORT_DIR / INDEX).rows["lowest-alignment"][0] == lowest
