@@ -62,6 +62,13 @@ class DataConfig:
     max_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N rows of the split (for trials and tests)."}
     )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the source instead of downloading it whole (datasets that do not fit on disk): "
+            "one pass reads the labels, one embeds, one writes the subsets."
+        },
+    )
 
     def __post_init__(self):
         _check_positive("max_samples", self.max_samples)

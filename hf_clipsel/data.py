@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from datasets import ClassLabel, Dataset, Image, Value, load_dataset, load_from_disk
+from datasets import ClassLabel, Dataset, Image, IterableDataset, Value, load_dataset, load_from_disk
 from PIL import Image as PILImage
 
 from .configs import DataConfig
@@ -31,7 +31,7 @@ DATA_FILE_TYPES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".js
 class Source:
     """The loaded source dataset and what hf_clipsel needs to know about it."""
 
-    dataset: Dataset  # exactly as loaded, with every original column
+    dataset: Dataset | IterableDataset  # exactly as loaded, with every original column
     image_column: str
     label_column: str
     class_names: list[str]
@@ -40,7 +40,7 @@ class Source:
 
     @property
     def num_rows(self) -> int:
-        return len(self.dataset)
+        return len(self.labels)
 
 
 def load_source(config: DataConfig) -> Dataset:
@@ -55,8 +55,13 @@ def load_source(config: DataConfig) -> Dataset:
                 f"the dataset {config.dataset_name!r} (split {config.dataset_split!r}) has no rows."
             ) from error
         raise
+    if config.streaming and isinstance(dataset, Dataset):  # a save_to_disk folder is on disk already
+        dataset = dataset.to_iterable_dataset()
     if config.max_samples is not None:
-        dataset = dataset.select(range(min(config.max_samples, len(dataset))))
+        if isinstance(dataset, IterableDataset):
+            dataset = dataset.take(config.max_samples)
+        else:
+            dataset = dataset.select(range(min(config.max_samples, len(dataset))))
     return dataset
 
 
@@ -71,11 +76,20 @@ def _load(config: DataConfig) -> Dataset:
         builder = DATA_FILE_TYPES.get(path.suffix)
         if builder is None:
             raise ValueError(f"cannot read {name}: expected one of {', '.join(DATA_FILE_TYPES)} files.")
-        dataset = load_dataset(builder, data_files={config.dataset_split: str(path)}, split=config.dataset_split)
+        dataset = load_dataset(
+            builder,
+            data_files={config.dataset_split: str(path)},
+            split=config.dataset_split,
+            streaming=config.streaming,
+        )
     else:
         # A Hub id or a local directory: `load_dataset` infers parquet, arrow and image folders from the files.
         dataset = load_dataset(
-            name, config.dataset_config_name, split=config.dataset_split, revision=config.dataset_revision
+            name,
+            config.dataset_config_name,
+            split=config.dataset_split,
+            revision=config.dataset_revision,
+            streaming=config.streaming,
         )
     return dataset
 
@@ -116,7 +130,10 @@ def detect_label_column(dataset: Dataset, label_column: str | None = None) -> st
 def resolve_labels(dataset: Dataset, label_column: str, class_names: list[str] | None):
     """Return (class_names, int64 labels with -1 for missing, per-row problem text)."""
     feature = dataset.features[label_column]
-    raw = dataset[label_column][:]
+    if isinstance(dataset, IterableDataset):  # one pass over the label column only
+        raw = [row[label_column] for row in dataset.select_columns([label_column])]
+    else:
+        raw = dataset[label_column][:]
     if isinstance(feature, ClassLabel):
         names = list(class_names) if class_names else list(feature.names)
         if class_names and len(class_names) != feature.num_classes:
@@ -155,11 +172,16 @@ def resolve_labels(dataset: Dataset, label_column: str, class_names: list[str] |
 
 def prepare_source(dataset: Dataset, config: DataConfig) -> Source:
     """Find columns, class names and labels; rows with unusable labels are flagged, not dropped."""
-    if len(dataset) == 0:
-        raise ValueError(f"the dataset {config.dataset_name!r} (split {config.dataset_split!r}) has no rows.")
+    if dataset.features is None:
+        raise ValueError(
+            f"the stream {config.dataset_name!r} does not declare its features; load it without "
+            "--streaming, or cast its columns first."
+        )
     image_column = detect_image_column(dataset, config.image_column)
     label_column = detect_label_column(dataset, config.label_column)
     class_names, labels, problems = resolve_labels(dataset, label_column, config.class_names)
+    if len(labels) == 0:
+        raise ValueError(f"the dataset {config.dataset_name!r} (split {config.dataset_split!r}) has no rows.")
     flagged = sum(bool(p) for p in problems)
     if flagged == len(problems):
         raise ValueError(f"no row of {config.dataset_name!r} has a usable label (first problem: {problems[0]}).")

@@ -87,30 +87,46 @@ def write_atomic_text(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def write_parquet_shards(dataset: Dataset, directory: Path, split: str = "train") -> list[Path]:
-    """Write ``dataset`` as self-contained parquet shards (image files referenced by path are embedded), named
-    ``<split>-<digest>-<i>-of-<n>.parquet`` with a digest of their bytes.
+class ShardWriter:
+    """Writes datasets into ``directory`` as self-contained parquet shards (image files referenced by path are
+    embedded), named ``<split>-<digest>-<i>-of-<n>.parquet`` on :meth:`close`, with a digest of their bytes.
 
     The digest is there because `datasets` caches a local folder's YAML configs by their file patterns, not the
     files' contents: a pattern that names the content makes `load_dataset(output_dir, config)` read the new rows
     after a rerun instead of the cached old ones (datasets 5.2).
     """
-    if any(isinstance(feature, Image) for feature in dataset.features.values()):
-        dataset = dataset.with_format("arrow").map(embed_table_storage, batched=True, desc="Embedding image bytes")
-        dataset = dataset.with_format(None)
-    num_shards = max(1, math.ceil(dataset.data.nbytes * len(dataset) / max(len(dataset.data), 1) / MAX_SHARD_BYTES))
-    digest = hashlib.sha256()
-    drafts = []
-    for index in range(num_shards):
-        draft = directory / f".draft-{index:05d}.parquet"
-        dataset.shard(num_shards, index, contiguous=True).to_parquet(str(draft))
-        digest.update(draft.read_bytes())
-        drafts.append(draft)
-    tag = digest.hexdigest()[:DIGEST_LENGTH]
-    paths = [directory / f"{split}-{tag}-{index:05d}-of-{num_shards:05d}.parquet" for index in range(num_shards)]
-    for draft, path in zip(drafts, paths):
-        os.replace(draft, path)
-    return paths
+
+    def __init__(self, directory: Path, split: str = "train"):
+        self.directory, self.split = Path(directory), split
+        self.drafts: list[Path] = []
+
+    def add(self, dataset: Dataset) -> None:
+        if any(isinstance(feature, Image) for feature in dataset.features.values()):
+            dataset = dataset.with_format("arrow").map(embed_table_storage, batched=True, desc="Embedding image bytes")
+            dataset = dataset.with_format(None)
+        size = dataset.data.nbytes * len(dataset) / max(len(dataset.data), 1)
+        num_shards = max(1, math.ceil(size / MAX_SHARD_BYTES))
+        for index in range(num_shards):
+            draft = self.directory / f".draft-{len(self.drafts):05d}.parquet"
+            dataset.shard(num_shards, index, contiguous=True).to_parquet(str(draft))
+            self.drafts.append(draft)
+
+    def close(self) -> list[Path]:
+        digest = hashlib.sha256()
+        for draft in self.drafts:
+            digest.update(draft.read_bytes())
+        tag, total = digest.hexdigest()[:DIGEST_LENGTH], len(self.drafts)
+        paths = [self.directory / f"{self.split}-{tag}-{i:05d}-of-{total:05d}.parquet" for i in range(total)]
+        for draft, path in zip(self.drafts, paths):
+            os.replace(draft, path)
+        return paths
+
+
+def write_parquet_shards(dataset: Dataset, directory: Path, split: str = "train") -> list[Path]:
+    """Write ``dataset`` into ``directory`` with a :class:`ShardWriter`."""
+    writer = ShardWriter(directory, split)
+    writer.add(dataset)
+    return writer.close()
 
 
 def data_files_pattern(directory: Path, relative_to: Path) -> str:
@@ -137,11 +153,16 @@ def write_subsets(output_dir: Path, dataset_with_ids: Dataset, masks: dict) -> d
         with atomic_directory(subsets / ratio_name(ratio)) as directory:
             write_parquet_shards(dataset_with_ids.select(rows), directory)
         written[ratio] = len(rows)
-    keep = {ratio_name(r) for r in masks}
-    for stale in subsets.glob("ratio_*"):
+    remove_stale_subsets(output_dir, masks)
+    return written
+
+
+def remove_stale_subsets(output_dir: Path, ratios) -> None:
+    """Subsets of ratios this run did not select: an earlier run's, which the new card would not list."""
+    keep = {ratio_name(r) for r in ratios}
+    for stale in (Path(output_dir) / SUBSETS_DIR).glob("ratio_*"):
         if stale.name not in keep:
             shutil.rmtree(stale)
-    return written
 
 
 def library_versions() -> dict[str, str]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from datasets import ClassLabel, Dataset, Features, Image, Value
+from datasets import ClassLabel, Dataset, Features, Image, IterableDataset, Value
 
 from . import scoring
 from .cards import write_dataset_card
@@ -44,6 +44,7 @@ from .outputs import (
 )
 from .report import write_report
 from .selection import SelectionInputs, select
+from .streaming import embed_stream, stream_identity, write_subsets_from_stream
 from .training import train_end_to_end, train_on_cache
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,11 @@ def make_accelerator() -> Accelerator:
 
 def load_context(config: ClipselConfig, accelerator: Accelerator | None = None) -> RunContext:
     accelerator = accelerator or make_accelerator()
+    if config.data.streaming and config.adapter.adapter_preset == "encoder_lora" and not config.adapter.adapter_path:
+        raise ValueError(
+            "the encoder_lora preset trains on full forwards over the images, which a stream cannot "
+            "replay; use --adapter_preset projection with --streaming, or load the data whole."
+        )
     source = prepare_source(load_source(config.data), config.data)
     check_budgets(config, source.num_rows)
     model, processor = load_clip(config.model)
@@ -104,7 +110,7 @@ def load_context(config: ClipselConfig, accelerator: Accelerator | None = None) 
         config,
         accelerator,
         source,
-        with_row_ids(source.dataset),
+        source.dataset if config.data.streaming else with_row_ids(source.dataset),
         model,
         processor,
         model_fingerprint(config.model, model),
@@ -142,6 +148,24 @@ def embed_stage(context: RunContext, model=None) -> Dataset:
     fingerprint = context.model_fingerprint
     if model is not context.model:  # encoder adapters change the tower: their weights join the cache key
         fingerprint += "-" + adapter_fingerprint(model)
+    if isinstance(context.dataset, IterableDataset):
+        processor = context.processor.image_processor
+        key = hashlib.sha256(
+            f"{stream_identity(context.config.data)}-{fingerprint}-{processor.to_json_string()}-"
+            f"{context.config.run.batch_size}-{context.config.run.embedding_chunk_size}".encode()
+        ).hexdigest()[:16]
+        return embed_stream(
+            context.dataset,
+            context.source.num_rows,
+            context.source.image_column,
+            model,
+            processor,
+            key,
+            context.cache_dir,
+            context.accelerator,
+            batch_size=context.config.run.batch_size,
+            chunk_size=context.config.run.embedding_chunk_size,
+        )
     return embed_images(
         context.dataset,
         context.source.image_column,
@@ -370,7 +394,10 @@ def write_stage(
     output_dir = Path(config.run.output_dir)
     (output_dir / "README.md").unlink(missing_ok=True)
     (output_dir / RUN_SUMMARY).unlink(missing_ok=True)
-    write_subsets(output_dir, dataset_with_ids, masks)
+    if isinstance(dataset_with_ids, IterableDataset):
+        write_subsets_from_stream(output_dir, dataset_with_ids, masks)
+    else:
+        write_subsets(output_dir, dataset_with_ids, masks)
     write_scores(output_dir, scores)
     write_run_config(output_dir, config.to_flat(), command)
     summary = summarize(scores, masks, config)
@@ -425,14 +452,16 @@ def select_from_scores(config: ClipselConfig, command: list[str] | None = None, 
     """Select from saved scores and the source dataset, without a model."""
     scores = scores if scores is not None else read_scores(config)
     source = load_source(config.data)
-    if len(source) != len(scores):
+    if isinstance(source, Dataset) and len(source) != len(scores):
         raise ValueError(
             f"the scores have {len(scores)} rows but the source dataset has {len(source)}; select "
             "with the same dataset_name, split and max_samples as the run that scored it."
         )
     check_budgets(config, len(scores))
     masks, scores = select_stage(scores, config)
-    return write_stage(config, with_row_ids(source), scores, masks, command)
+    return write_stage(
+        config, source if isinstance(source, IterableDataset) else with_row_ids(source), scores, masks, command
+    )
 
 
 def run(config: ClipselConfig, accelerator: Accelerator | None = None, command: list[str] | None = None):
