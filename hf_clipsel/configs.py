@@ -14,6 +14,20 @@ from fractions import Fraction
 ADAPTER_PRESETS = ("projection", "encoder_lora", "none")
 OBJECTIVES = ("class_ce", "infonce")
 DTYPES = ("float32", "bfloat16")
+DIVERSITY_GATES = ("none", "agreement")
+# `preset: paper` reproduces the published method: alpha = ratio (the paper's text), adapters trained on every
+# row for the fixed schedule, no held-out check, no gate. Values given explicitly still win.
+PRESETS = {
+    "paper": {
+        "alpha": None,
+        "beta": 2.0,
+        "adapter_holdout_fraction": 0.0,
+        "diversity_gate": "none",
+        "adapter_preset": "projection",
+        "objective": "class_ce",
+        "adapter_epochs": 30,
+    },
+}
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 
 
@@ -129,6 +143,15 @@ class AdapterConfig:
     adapter_learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate (paper: 1e-4)."})
     adapter_lr_step_epochs: int = field(default=30, metadata={"help": "Multiply the lr by 0.1 every N epochs."})
     adapter_batch_size: int = field(default=256, metadata={"help": "Adapter training batch size (paper: 256)."})
+    adapter_holdout_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Fraction of the usable rows held out of adapter training (seeded). On them the adapters "
+            "stop early at the epoch that agrees best with the given labels, and if they end up agreeing less "
+            "than zero-shot CLIP, hf_clipsel says so and scores with zero-shot features. 0 turns both off "
+            "(the paper's fixed schedule)."
+        },
+    )
     prompt_templates: list[str] = field(
         default_factory=lambda: list(DEFAULT_TEMPLATES),
         metadata={
@@ -145,6 +168,8 @@ class AdapterConfig:
         _check_positive("adapter_learning_rate", self.adapter_learning_rate)
         _check_positive("adapter_lr_step_epochs", self.adapter_lr_step_epochs)
         _check_positive("adapter_batch_size", self.adapter_batch_size)
+        if not 0 <= self.adapter_holdout_fraction < 1:
+            raise ValueError(f"adapter_holdout_fraction must be in [0, 1), got {self.adapter_holdout_fraction}.")
         if not self.prompt_templates:
             raise ValueError("prompt_templates is empty; give at least one template such as 'a photo of a {}.'.")
         for template in self.prompt_templates:
@@ -191,6 +216,14 @@ class SelectionConfig:
     sgd_exact_trim: bool = field(
         default=False, metadata={"help": "sgd: trim or fill the final mask to exactly k rows by reward."}
     )
+    diversity_gate: str = field(
+        default="none",
+        metadata={
+            "help": "none: every row can earn the diversity term (released code). agreement: only rows whose "
+            "given label is the class CLIP prefers, so that mislabelled or damaged outliers are not pulled "
+            "back in for being rare."
+        },
+    )
     class_balanced: bool = field(
         default=False, metadata={"help": "Keep each class's share of the dataset (per-class quotas)."}
     )
@@ -211,6 +244,7 @@ class SelectionConfig:
         self.selection_ratios = sorted(float(r) for r in self.selection_ratios)
         _check_positive("alpha", self.alpha, allow_zero=True)
         _check_positive("beta", self.beta)
+        _check_choice("diversity_gate", self.diversity_gate, DIVERSITY_GATES)
         _check_positive("sgd_learning_rate", self.sgd_learning_rate)
         _check_positive("sgd_max_iterations", self.sgd_max_iterations)
 
@@ -274,7 +308,14 @@ class ClipselConfig:
 
     @classmethod
     def from_flat(cls, values: dict) -> ClipselConfig:
-        """Build from one flat mapping of field names (a YAML file's keys); unknown keys are an error."""
+        """Build from one flat mapping of field names (a YAML file's keys); unknown keys are an error.
+
+        ``preset`` (e.g. ``paper``) fills the keys that ``values`` does not give."""
+        values = dict(values)
+        preset = values.pop("preset", None)
+        if preset is not None:
+            _check_choice("preset", preset, PRESETS)
+            values = {**PRESETS[preset], **values}
         known = {f.name: klass for klass in CONFIG_CLASSES for f in fields(klass)}
         unknown = sorted(set(values) - set(known))
         if unknown:

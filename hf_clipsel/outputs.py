@@ -56,6 +56,10 @@ def selected_column(selection_ratio: float) -> str:
     return f"is_selected_{ratio_name(selection_ratio)}"
 
 
+def drop_reason_column(selection_ratio: float) -> str:
+    return f"drop_reason_{ratio_name(selection_ratio)}"
+
+
 def reward_column(selection_ratio: float) -> str:
     return f"reward_{ratio_name(selection_ratio)}"
 

@@ -10,13 +10,20 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from .configs import CONFIG_CLASSES, ClipselConfig
+from .configs import CONFIG_CLASSES, PRESETS, ClipselConfig
 from .outputs import RUN_RECORD_KEYS
 
 
 def build_parser(**kwargs) -> HfArgumentParser:
     parser = HfArgumentParser(CONFIG_CLASSES, **kwargs)
     parser.add_argument("--config", type=str, default=None, help="YAML file of field: value pairs; flags override it.")
+    parser.add_argument(
+        "--preset",
+        type=str,
+        default=None,
+        choices=sorted(PRESETS),
+        help="Named defaults: `paper` reproduces the published method. The file and flags override it.",
+    )
     return parser
 
 
@@ -35,13 +42,19 @@ def parse_config(args: list[str] | None = None, parser: HfArgumentParser | None 
     parser = parser or build_parser()
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
+    pre.add_argument("--preset", default=None)
     known, _ = pre.parse_known_args(args)
+    values = read_yaml_config(known.config) if known.config else {}
+    preset = known.preset or values.get("preset")
+    if preset is not None:  # below the file and the flags
+        if preset not in PRESETS:
+            raise ValueError(f"preset={preset!r} is not valid; choose one of {', '.join(PRESETS)}.")
+        parser.set_defaults(**PRESETS[preset])
     if known.config:
-        values = read_yaml_config(known.config)
         # A run's saved run_config.yaml is a valid --config: its record of versions and command is not a setting.
-        values = {key: value for key, value in values.items() if key not in RUN_RECORD_KEYS}
+        values = {key: value for key, value in values.items() if key not in (*RUN_RECORD_KEYS, "preset")}
         ClipselConfig.from_flat(values)  # validates names and values of the file alone, with its own message
         parser.set_defaults(**values)
     namespace = parser.parse_args(args)
-    flat = {key: value for key, value in vars(namespace).items() if key != "config"}
+    flat = {key: value for key, value in vars(namespace).items() if key not in ("config", "preset")}
     return ClipselConfig.from_flat(flat)

@@ -9,6 +9,7 @@ numbers. The encoder LoRA preset is the exception: its training needs full forwa
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections import Counter
@@ -33,19 +34,22 @@ from .outputs import (
     EMBEDDINGS_DIR,
     RUN_SUMMARY,
     SCORES_DIR,
+    drop_reason_column,
     read_run_config,
     reward_column,
     scores_files,
     selected_column,
+    write_atomic_text,
     write_run_config,
     write_run_summary,
     write_scores,
     write_subsets,
 )
+from .reasons import REASONS, drop_reasons
 from .report import write_report
 from .selection import SelectionInputs, select
 from .streaming import embed_stream, stream_identity, write_subsets_from_stream
-from .training import train_end_to_end, train_on_cache
+from .training import label_agreement, train_end_to_end, train_on_cache
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +59,7 @@ SCORE_COLUMNS = (
     "semantic_alignment_normalized",
     "sample_diversity_normalized",
 )
+ADAPTER_CHECK = "clipsel_adapter_check.json"  # beside the adapters: the held-out agreement check's verdict
 # Settings that change no number in scores or subsets: a rerun that differs only in these may reuse output_dir.
 OUTPUT_NEUTRAL_KEYS = {
     "output_dir",
@@ -209,13 +214,24 @@ def adapt_stage(context: RunContext, embeddings: Dataset):
     peft_model = attach_adapters(context.model, adapter)
     valid = valid_rows(context, embeddings)
     labels = torch.from_numpy(context.source.labels)
+    check = None
     if adapter.adapter_preset == "projection":
         if context.accelerator.is_main_process:
             text_pooled = embed_class_prompts(peft_model, context.processor.tokenizer, prompts_of(context))
             pooled = pooled_matrix(embeddings)
+            seed = context.config.selection.seed
+            train, validation, held = split_holdout(np.nonzero(valid)[0], adapter.adapter_holdout_fraction, seed)
+            early_stopping = (pooled[validation], labels[validation]) if len(validation) else None
+            zero_shot = label_agreement(peft_model, pooled[held], labels[held], text_pooled)
             train_on_cache(
-                peft_model, pooled[valid], labels[valid], text_pooled, adapter, seed=context.config.selection.seed
+                peft_model, pooled[train], labels[train], text_pooled, adapter, seed, holdout=early_stopping
             )
+            if len(held):
+                check = agreement_check(
+                    zero_shot, label_agreement(peft_model, pooled[held], labels[held], text_pooled), len(held)
+                )
+                if check["fell_back"]:
+                    peft_model.base_model.disable_adapter_layers()
     else:
         train_end_to_end(
             peft_model,
@@ -227,8 +243,52 @@ def adapt_stage(context: RunContext, embeddings: Dataset):
         )
     if context.accelerator.is_main_process:
         peft_model.save_pretrained(str(context.output_dir / ADAPTER_DIR))
+        check_path = context.output_dir / ADAPTER_DIR / ADAPTER_CHECK
+        check_path.unlink(missing_ok=True)
+        if check is not None:
+            write_atomic_text(check_path, json.dumps(check, indent=2))
     context.accelerator.wait_for_everyone()
     return peft_model
+
+
+def split_holdout(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, early-stopping, check) rows: ``fraction`` of ``rows`` held out, split in two halves. The check half
+    judges the adapters after early stopping has picked its epoch on the other half, so the check stays honest."""
+    held = round(fraction * len(rows))
+    if held < 2:
+        return rows, rows[:0], rows[:0]
+    order = np.random.default_rng(seed).permutation(rows)
+    validation, check = np.sort(order[: held // 2]), np.sort(order[held // 2 : held])
+    return np.sort(order[held:]), validation, check
+
+
+def agreement_check(zero_shot: float, adapted: float, rows: int) -> dict:
+    """The safety check users see: adapters that agree with the given labels less than zero-shot CLIP on rows they
+    never saw have learned the labels' noise more than the data; then the scores use zero-shot features."""
+    fell_back = adapted < zero_shot
+    if fell_back:
+        logger.warning(
+            "The adapted model agrees with the given labels less than zero-shot CLIP on %d held-out rows "
+            "(%.3f vs %.3f): the labels are likely noisy. Falling back to zero-shot features for scoring.",
+            rows,
+            adapted,
+            zero_shot,
+        )
+    else:
+        logger.info(
+            "Adapter check on %d held-out rows: label agreement %.3f (zero-shot %.3f).", rows, adapted, zero_shot
+        )
+    return {
+        "held_out_rows": rows,
+        "zero_shot_agreement": zero_shot,
+        "adapted_agreement": adapted,
+        "fell_back": fell_back,
+    }
+
+
+def read_adapter_check(adapter_dir: Path) -> dict | None:
+    path = Path(adapter_dir) / ADAPTER_CHECK
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def image_loader(context: RunContext, rows: np.ndarray):
@@ -317,8 +377,15 @@ def score_stage(context: RunContext, model, embeddings: Dataset) -> tuple[Datase
     return scores, features
 
 
-def selection_inputs(scores: Dataset, image_features: torch.Tensor | None = None) -> SelectionInputs:
+def selection_inputs(
+    scores: Dataset, image_features: torch.Tensor | None = None, diversity_gate: str = "none"
+) -> SelectionInputs:
     table = scores.with_format("numpy")[:]
+    gate = None
+    if diversity_gate == "agreement":
+        if "predicted_label" not in table:
+            raise ValueError("diversity_gate agreement needs the scores' predicted_label column; score again.")
+        gate = table["predicted_label"] == table["label"]
     return SelectionInputs(
         row_id=table[ROW_ID].astype(np.int64),
         labels=table["label"].astype(np.int64),
@@ -326,14 +393,18 @@ def selection_inputs(scores: Dataset, image_features: torch.Tensor | None = None
         sample_diversity_normalized=table["sample_diversity_normalized"].astype(np.float32),
         valid=table["flag_reason"] == "",
         image_features=image_features,
+        diversity_gate=gate,
     )
 
 
 def select_stage(scores: Dataset, config: ClipselConfig, image_features: torch.Tensor | None = None):
     """Masks per ratio, and the scores with reward and is_selected columns for every ratio."""
-    inputs = selection_inputs(scores, image_features)
+    inputs = selection_inputs(scores, image_features, config.selection.diversity_gate)
     masks = select(inputs, config.selection)
-    scores = scores.remove_columns([c for c in scores.column_names if c.startswith(("reward_", "is_selected_"))])
+    scores = scores.remove_columns(
+        [c for c in scores.column_names if c.startswith(("reward_", "is_selected_", "drop_reason_"))]
+    )
+    table = scores.with_format("numpy")[:]
     for ratio in config.selection.selection_ratios:
         reward = inputs.reward(config.selection.alpha_for(ratio))
         scores = scores.add_column(
@@ -342,6 +413,15 @@ def select_stage(scores: Dataset, config: ClipselConfig, image_features: torch.T
             feature=Value("float32"),
         )
         scores = scores.add_column(selected_column(ratio), masks[ratio], feature=Value("bool"))
+        reasons = drop_reasons(
+            masks[ratio],
+            table["decode_ok"],
+            ~inputs.valid,
+            inputs.labels,
+            table.get("predicted_label"),
+            inputs.sample_diversity_normalized,
+        )
+        scores = scores.add_column(drop_reason_column(ratio), reasons.tolist(), feature=Value("string"))
     return masks, scores
 
 
@@ -351,6 +431,7 @@ def summarize(scores: Dataset, masks: dict, config: ClipselConfig) -> dict:
     valid = np.asarray(scores["flag_reason"][:]) == ""
     ratios = {}
     for ratio, mask in masks.items():
+        reasons = Counter(scores[drop_reason_column(ratio)][:])
         k = budget(ratio, len(labels))
         kept_per_class = Counter(labels[mask].tolist())
         diagnostics = getattr(masks, "diagnostics", {}).get(ratio, {})
@@ -361,9 +442,11 @@ def summarize(scores: Dataset, masks: dict, config: ClipselConfig) -> dict:
             # rows missing from the budget because too few rows are usable (sgd's own miss is in diagnostics)
             "shortfall": int(diagnostics.get("shortfall", max(k - mask.sum(), 0))),
             "diagnostics": {name: _plain(value) for name, value in diagnostics.items()},
+            "dropped_by_reason": {reason: reasons[reason] for reason in REASONS if reason and reasons[reason]},
             "kept_per_class": {class_names[c]: int(kept_per_class.get(c, 0)) for c in range(len(class_names))},
         }
     return {
+        "adapter_check": read_adapter_check(Path(config.run.output_dir) / ADAPTER_DIR),
         "num_rows": len(labels),
         "num_valid": int(valid.sum()),
         "num_flagged": int((~valid).sum()),
@@ -432,7 +515,10 @@ def trained_model(context: RunContext):
             f"no adapters in {saved}; run `hf-clipsel adapt` first, or pass --adapter_path, or "
             "--adapter_preset none for zero-shot scores."
         )
-    return load_adapters(context.model, str(saved))
+    model = load_adapters(context.model, str(saved))
+    if (read_adapter_check(saved) or {}).get("fell_back"):  # the adapt stage judged them worse than zero-shot
+        model.base_model.disable_adapter_layers()
+    return model
 
 
 def read_scores(config: ClipselConfig) -> Dataset:

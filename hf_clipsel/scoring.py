@@ -198,14 +198,18 @@ def reward(
     sample_diversity_normalized: Tensor,
     alpha: float,
     valid: Tensor | None = None,
+    diversity_gate: Tensor | None = None,
 ) -> Tensor:
-    """Per-sample reward ``c_i = SAS~_i / mean(SAS~) + alpha * SDS~_i / mean(SDS~)`` (means over valid rows).
+    """Per-sample reward ``c_i = SAS~_i / mean(SAS~) + alpha * g_i * SDS~_i / mean(SDS~)`` (means over valid rows).
 
     Args:
         semantic_alignment_normalized: ``[N]`` min-max normalised alignment, in ``[0, 1]``.
         sample_diversity_normalized: ``[N]`` min-max normalised diversity, in ``[0, 1]``.
         alpha: weight of the diversity term, ``>= 0``.
         valid: optional ``[N]`` bool mask of rows that may be selected.
+        diversity_gate: optional ``[N]`` bool ``g``: rows that may earn the diversity term (default: all). A
+            mislabelled or damaged image is an outlier in the class it claims, so an ungated diversity term pulls
+            exactly those rows back in; gating it on alignment stops that.
 
     Returns:
         ``[N]`` float64; higher is better. Each term is ``>= 0`` with mean 1 over valid rows; a term whose mean is 0
@@ -218,5 +222,8 @@ def reward(
     if alignment.shape != diversity.shape or alignment.ndim != 1:
         raise ValueError(f"score shapes differ or are not 1-d: {tuple(alignment.shape)}, {tuple(diversity.shape)}.")
     valid = _as_valid_mask(valid, alignment.shape[0], alignment.device)
-    rewards = scale_by_mean(alignment, valid) + float(alpha) * scale_by_mean(diversity, valid)
+    diversity_term = scale_by_mean(diversity, valid)
+    if diversity_gate is not None:
+        diversity_term = diversity_term * torch.as_tensor(diversity_gate, device=alignment.device).to(torch.float64)
+    rewards = scale_by_mean(alignment, valid) + float(alpha) * diversity_term
     return rewards.masked_fill_(~valid, float("-inf"))

@@ -44,6 +44,16 @@ def _optimizer(model, config: AdapterConfig):
     return optimizer, scheduler
 
 
+@torch.no_grad()
+def label_agreement(model, vision_pooled: torch.Tensor, labels: torch.Tensor, text_pooled: torch.Tensor) -> float:
+    """Fraction of rows whose given label is the class the model prefers (in [0, 1]; higher = agrees more)."""
+    if len(labels) == 0:
+        return float("nan")
+    features = F.normalize(image_features(model, vision_pooled), dim=-1)
+    predicted = (features @ class_text_features(model, text_pooled).T).argmax(dim=-1)
+    return float((predicted.cpu() == labels.cpu()).float().mean())
+
+
 def train_on_cache(
     peft_model,
     vision_pooled: torch.Tensor,
@@ -52,11 +62,15 @@ def train_on_cache(
     config: AdapterConfig,
     seed: int = 0,
     show_progress: bool = True,
+    holdout: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[float]:
     """Train projection adapters on cached pooled outputs; returns the mean loss of each epoch.
 
     ``vision_pooled`` [N, hidden] and ``labels`` [N] hold only rows fit to train on; ``text_pooled`` is
-    [T, C, hidden]. The towers are frozen in this preset, so no image or prompt is encoded again.
+    [T, C, hidden]. The towers are frozen in this preset, so no image or prompt is encoded again. With
+    ``holdout`` (pooled outputs and labels of rows kept out of training), the adapters end at the epoch whose
+    label agreement on those rows is highest (the earliest such epoch): the later epochs of a run on noisy labels
+    mostly learn the noise.
     """
     device = peft_model.get_base_model().device
     optimizer, scheduler = _optimizer(peft_model, config)
@@ -64,6 +78,9 @@ def train_on_cache(
     generator = torch.Generator().manual_seed(seed)
     vision_pooled, labels, text_pooled = vision_pooled.to(device), labels.to(device), text_pooled.to(device)
     history = []
+    best = None
+    if holdout is not None:
+        best = (label_agreement(peft_model, *holdout, text_pooled), _adapter_state(peft_model))
     peft_model.train()
     bar = tqdm(
         range(config.adapter_epochs), desc="Training adapters on the embedding cache", disable=not show_progress
@@ -87,8 +104,20 @@ def train_on_cache(
         scheduler.step()
         history.append(total / len(order))
         bar.set_postfix(loss=f"{history[-1]:.4f}")
+        if holdout is not None:
+            peft_model.eval()
+            agreement = label_agreement(peft_model, *holdout, text_pooled)
+            if agreement > best[0]:
+                best = (agreement, _adapter_state(peft_model))
+            peft_model.train()
     peft_model.eval()
+    if best is not None:
+        peft_model.load_state_dict(best[1], strict=False)
     return history
+
+
+def _adapter_state(peft_model) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in peft_model.state_dict().items() if "lora_" in name}
 
 
 class EndToEndObjective(torch.nn.Module):

@@ -28,6 +28,7 @@ class SelectionInputs:
         sample_diversity_normalized: ``float32[N]`` SDS~ in ``[0, 1]``, higher = sparser part of the class.
         valid: ``bool[N]`` rows that may be selected (e.g. images that decoded). Default: all rows.
         image_features: optional ``[N, d]`` tensor, needed by the ``moderate`` selector only.
+        diversity_gate: optional ``bool[N]``: rows that may earn the reward's diversity term (default: all).
     """
 
     row_id: np.ndarray
@@ -36,6 +37,7 @@ class SelectionInputs:
     sample_diversity_normalized: np.ndarray
     valid: np.ndarray | None = None
     image_features: torch.Tensor | None = None
+    diversity_gate: np.ndarray | None = None
 
     def __post_init__(self):
         # Own, writable copies (N numbers each): arrays read from a dataset can be read-only, which torch.from_numpy
@@ -65,6 +67,7 @@ class SelectionInputs:
             torch.from_numpy(self.sample_diversity_normalized),
             alpha,
             torch.from_numpy(self.valid),
+            None if self.diversity_gate is None else torch.from_numpy(np.asarray(self.diversity_gate, dtype=bool)),
         ).numpy()
 
 

@@ -130,7 +130,10 @@ def select_sgd(inputs: SelectionInputs, ratios: list[float], config: SelectionCo
     num_valid = int(valid.sum())
     valid_tensor = torch.from_numpy(valid)
     alignment_term = scale_by_mean(torch.from_numpy(inputs.semantic_alignment_normalized), valid_tensor)[valid_tensor]
-    diversity_term = scale_by_mean(torch.from_numpy(inputs.sample_diversity_normalized), valid_tensor)[valid_tensor]
+    diversity_term = scale_by_mean(torch.from_numpy(inputs.sample_diversity_normalized), valid_tensor)
+    if inputs.diversity_gate is not None:
+        diversity_term = diversity_term * torch.from_numpy(np.asarray(inputs.diversity_gate, dtype=np.float64))
+    diversity_term = diversity_term[valid_tensor]
     result = SelectionResult()
     for ratio, k in ratio_budgets(inputs, ratios).items():
         alpha = config.alpha_for(ratio)
