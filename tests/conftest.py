@@ -3,6 +3,8 @@
 """
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -39,14 +41,11 @@ def cifar_slice(tmp_path_factory) -> Path:
     return path
 
 
-def run_config(dataset: Path, model: Path, output_dir: Path, **overrides):
-    """A fast configuration for the tiny CLIP: few epochs, small batches and chunks."""
-    from hf_clipsel.configs import ClipselConfig
-
+def fast_settings(dataset: Path, model: Path, **overrides) -> dict:
+    """Settings for a fast run with the tiny CLIP: few epochs, small batches and chunks (YAML keys)."""
     values = dict(
         dataset_name=str(dataset),
         model_name_or_path=str(model),
-        output_dir=str(output_dir),
         selection_ratios=[0.3, 0.5],
         knn_k=5,
         adapter_epochs=2,
@@ -54,5 +53,24 @@ def run_config(dataset: Path, model: Path, output_dir: Path, **overrides):
         batch_size=32,
         embedding_chunk_size=64,
     )
-    values.update(overrides)
-    return ClipselConfig.from_flat(values)
+    return {**values, **overrides}
+
+
+def run_config(dataset: Path, model: Path, output_dir: Path, **overrides):
+    from hf_clipsel.configs import ClipselConfig
+
+    return ClipselConfig.from_flat(fast_settings(dataset, model, output_dir=str(output_dir), **overrides))
+
+
+def write_config(path: Path, dataset: Path, model: Path, **overrides) -> Path:
+    """The fast settings as a YAML file for `--config`."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(fast_settings(dataset, model, **overrides)))
+    return path
+
+
+def cli(*args: str, launcher: tuple[str, ...] = (), env: dict | None = None) -> subprocess.CompletedProcess:
+    """`hf-clipsel` in a subprocess (``launcher`` e.g. `accelerate launch ...` puts `-m hf_clipsel.cli` behind it)."""
+    program = [*launcher, "-m", "hf_clipsel.cli"] if launcher else [sys.executable, "-m", "hf_clipsel.cli"]
+    return subprocess.run([*program, *args], capture_output=True, text=True, env=env)

@@ -1,8 +1,6 @@
 """Bad input gets a clear error that says how to fix it, or a flagged row; never a crash deep in torch."""
 
 import io
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ from PIL import Image as PILImage
 
 from hf_clipsel.configs import budget
 from hf_clipsel.pipeline import run
-from tests.conftest import run_config
+from tests.conftest import cli, run_config
 
 CLASSES = ["cat", "dog", "ship"]
 
@@ -85,13 +83,9 @@ def test_corrupt_images_and_bad_labels_are_flagged_and_never_selected(tmp_path, 
 
 
 def test_cli_reports_input_errors_in_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "hf_clipsel.cli", "run", "--output_dir", str(tmp_path)], capture_output=True, text=True
-    )
+    result = cli("run", "--output_dir", str(tmp_path))
     assert result.returncode == 1
     assert "hf-clipsel run: error: dataset_name is not set" in result.stderr
     assert "Traceback" not in result.stderr
-    bad_ratio = subprocess.run(
-        [sys.executable, "-m", "hf_clipsel.cli", "run", "--selection_ratios", "1.5"], capture_output=True, text=True
-    )
+    bad_ratio = cli("run", "--selection_ratios", "1.5")
     assert bad_ratio.returncode == 1 and "outside (0, 1]" in bad_ratio.stderr

@@ -1,15 +1,10 @@
 """The `hf-clipsel` command: the demo, the environment report, and the stage commands chained by hand."""
 
-import subprocess
-import sys
-
 import pandas as pd
-import yaml
 from datasets import load_dataset
 
-
-def _cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "hf_clipsel.cli", *args], capture_output=True, text=True, **kwargs)
+from tests.conftest import cli as _cli
+from tests.conftest import write_config
 
 
 def test_demo_runs_offline_and_says_it_is_a_demonstration(tmp_path):
@@ -35,21 +30,7 @@ def test_help_lists_commands_and_fields():
 
 
 def test_stage_commands_give_the_same_outputs_as_run(cifar_slice, tiny_clip_path, tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            dict(
-                dataset_name=str(cifar_slice),
-                model_name_or_path=str(tiny_clip_path),
-                selection_ratios=[0.3],
-                knn_k=5,
-                adapter_epochs=2,
-                batch_size=32,
-                embedding_chunk_size=64,
-                max_samples=120,
-            )
-        )
-    )
+    config = write_config(tmp_path / "run.yaml", cifar_slice, tiny_clip_path, selection_ratios=[0.3], max_samples=120)
     whole = _cli("run", "--config", str(config), "--output_dir", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
     for stage in ("embed", "adapt", "score", "select"):

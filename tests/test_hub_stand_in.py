@@ -58,11 +58,14 @@ def _request(hub, method, path, body: bytes | None = None, headers: dict | None 
 
 
 def _commit(hub, repo_id, lines, parent=None):
-    header = {"key": "header", "value": {"summary": "test", "description": "", **({"parentCommit": parent} if parent
-                                                                                   else {})}}
+    header = {
+        "key": "header",
+        "value": {"summary": "test", "description": "", **({"parentCommit": parent} if parent else {})},
+    }
     body = b"".join(json.dumps(line).encode() + b"\n" for line in [header, *lines])
-    return _request(hub, "POST", f"/api/datasets/{repo_id}/commit/main", body,
-                    {"Content-Type": "application/x-ndjson"})
+    return _request(
+        hub, "POST", f"/api/datasets/{repo_id}/commit/main", body, {"Content-Type": "application/x-ndjson"}
+    )
 
 
 def _file(path, content: bytes):
@@ -112,8 +115,9 @@ def test_lfs_objects_are_per_repo_and_uploaded_once(hub):
     lfs = {"key": "lfsFile", "value": {"path": "data.parquet", "algo": "sha256", "oid": oid, "size": len(content)}}
     assert _commit(hub, "acme/one", [lfs])[0] == 200
     assert _commit(hub, "acme/two", [lfs])[0] == 422
-    status, body, headers = _request(hub, "GET", "/datasets/acme/one/resolve/main/data.parquet",
-                                     headers={"Range": "bytes=1-4"})
+    status, body, headers = _request(
+        hub, "GET", "/datasets/acme/one/resolve/main/data.parquet", headers={"Range": "bytes=1-4"}
+    )
     assert (status, body, headers["Content-Range"]) == (206, b"parq", f"bytes 1-4/{len(content)}")
     assert headers["X-Linked-Etag"] == f'"{oid}"'
 

@@ -1,8 +1,5 @@
 """No pickle, no remote code unless asked, and a token never lands in logs, configs or cards."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -11,6 +8,7 @@ from transformers import CLIPModel
 from hf_clipsel.configs import ModelConfig
 from hf_clipsel.modeling import load_adapters, load_clip
 from hf_clipsel.tiny import build_tiny_clip
+from tests.conftest import cli, write_config
 
 FAKE_TOKEN = "hf_FakeTokenForTests0123456789abcdefXYZ"
 
@@ -39,33 +37,14 @@ def test_remote_code_is_off_by_default():
 def test_a_token_in_the_environment_never_appears_in_outputs_or_logs(cifar_slice, tiny_clip_path, tmp_path):
     import os
 
-    env = {**os.environ, "HF_TOKEN": FAKE_TOKEN}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hf_clipsel.cli",
-            "run",
-            "--dataset_name",
-            str(cifar_slice),
-            "--model_name_or_path",
-            str(tiny_clip_path),
-            "--max_samples",
-            "64",
-            "--knn_k",
-            "3",
-            "--adapter_epochs",
-            "1",
-            "--batch_size",
-            "32",
-            "--embedding_chunk_size",
-            "64",
-            "--output_dir",
-            str(tmp_path / "out"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+    config = write_config(tmp_path / "run.yaml", cifar_slice, tiny_clip_path, max_samples=64)
+    result = cli(
+        "run",
+        "--config",
+        str(config),
+        "--output_dir",
+        str(tmp_path / "out"),
+        env={**os.environ, "HF_TOKEN": FAKE_TOKEN},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert FAKE_TOKEN not in result.stdout + result.stderr
