@@ -38,10 +38,21 @@ def _usage() -> str:
 
 def _print_summary(summary: dict, output_dir: str) -> None:
     print(f"\nScored {summary['num_rows']} rows ({summary['num_flagged']} flagged, kept out of selection).")
+    check = summary.get("adapter_check")
+    if check:
+        verdict = "scored with zero-shot features instead" if check["fell_back"] else "kept"
+        print(
+            f"Adapters: label agreement {check['adapted_agreement']:.3f} on {check['held_out_rows']} held-out rows "
+            f"(zero-shot {check['zero_shot_agreement']:.3f}): {verdict}."
+        )
     for ratio, info in summary["ratios"].items():
         shortfall = f", {info['shortfall']} short of the budget" if info["shortfall"] else ""
-        print(f"  ratio {ratio}: kept {info['kept']} of {summary['num_rows']} rows{shortfall}")
-    print(f"Outputs in {output_dir}: scores/, subsets/, adapter/, run_config.yaml, README.md")
+        dropped = ", ".join(f"{count} {reason}" for reason, count in info.get("dropped_by_reason", {}).items())
+        print(
+            f"  ratio {ratio}: kept {info['kept']} of {summary['num_rows']} rows{shortfall}"
+            + (f"; dropped: {dropped}" if dropped else "")
+        )
+    print(f"Outputs in {output_dir}: scores/, subsets/, adapter/, report/index.html, run_config.yaml, README.md")
     print(f'Load a subset: datasets.load_dataset("{output_dir}", "ratio_{next(iter(summary["ratios"]))}")')
 
 
