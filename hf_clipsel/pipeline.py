@@ -9,29 +9,27 @@ numbers. The encoder LoRA preset is the exception: its training needs full forwa
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from datasets import ClassLabel, Dataset, Features, Image, IterableDataset, Value
+from datasets import ClassLabel, Dataset, Features, IterableDataset, Value
 
 from . import scoring
+from .adaptation import adapt_stage, adapter_fingerprint, read_adapter_check, trained_model, uses_encoder_adapters
 from .cards import write_dataset_card
 from .configs import ClipselConfig, budget
-from .data import ROW_ID, Source, class_prompts, decode_rgb, load_source, prepare_source, with_row_ids
+from .context import RunContext, check_budgets, load_context, make_accelerator, prompts_of, valid_rows
+from .data import ROW_ID, load_source, with_row_ids
 from .embedding import embed_class_prompts, embed_images, pooled_matrix
 from .hub import load_scores, push_outputs
-from .modeling import attach_adapters, class_text_features, image_features, load_adapters, load_clip, model_fingerprint
+from .modeling import class_text_features, image_features
 from .outputs import (
     ADAPTER_DIR,
-    EMBEDDINGS_DIR,
     RUN_SUMMARY,
     SCORES_DIR,
     drop_reason_column,
@@ -39,7 +37,6 @@ from .outputs import (
     reward_column,
     scores_files,
     selected_column,
-    write_atomic_text,
     write_run_config,
     write_run_summary,
     write_scores,
@@ -49,9 +46,26 @@ from .reasons import REASONS, drop_reasons
 from .report import write_report
 from .selection import SelectionInputs, select
 from .streaming import embed_stream, stream_identity, write_subsets_from_stream
-from .training import label_agreement, train_end_to_end, train_on_cache
 
 logger = logging.getLogger(__name__)
+
+# The stages, each a plain function; the CLI and the recipes call these.
+__all__ = [
+    "RunContext",
+    "make_accelerator",
+    "load_context",
+    "embed_stage",
+    "adapt_stage",
+    "trained_model",
+    "scoring_embeddings",
+    "score_stage",
+    "select_stage",
+    "write_stage",
+    "push_stage",
+    "read_scores",
+    "select_from_scores",
+    "run",
+]
 
 SCORE_COLUMNS = (
     "semantic_alignment",
@@ -59,9 +73,10 @@ SCORE_COLUMNS = (
     "semantic_alignment_normalized",
     "sample_diversity_normalized",
 )
-ADAPTER_CHECK = "clipsel_adapter_check.json"  # beside the adapters: the held-out agreement check's verdict
 # Settings that change no number in scores or subsets: a rerun that differs only in these may reuse output_dir.
 OUTPUT_NEUTRAL_KEYS = {
+    "scores_from",
+    "streaming",
     "output_dir",
     "overwrite_output_dir",
     "push_to_hub",
@@ -70,66 +85,6 @@ OUTPUT_NEUTRAL_KEYS = {
     "hub_private",
     "cache_dir",
 }
-
-
-@dataclass
-class RunContext:
-    """What every stage needs: the configuration, the loaded source and model, the accelerator."""
-
-    config: ClipselConfig
-    accelerator: Accelerator
-    source: Source
-    dataset: Dataset  # the source with row_id
-    model: object
-    processor: object
-    model_fingerprint: str
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.config.run.output_dir)
-
-    @property
-    def cache_dir(self) -> Path:
-        return Path(self.config.run.cache_dir or self.output_dir / EMBEDDINGS_DIR)
-
-
-def make_accelerator() -> Accelerator:
-    """Accelerate picks the device. Several processes without CUDA (`accelerate launch --multi_gpu` or torchrun on
-    a CPU machine) would each run alone unless asked for CPU explicitly: ask, so they share the work."""
-    several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(cpu=several_processes and not torch.cuda.is_available())
-
-
-def load_context(config: ClipselConfig, accelerator: Accelerator | None = None) -> RunContext:
-    accelerator = accelerator or make_accelerator()
-    if config.data.streaming and config.adapter.adapter_preset == "encoder_lora" and not config.adapter.adapter_path:
-        raise ValueError(
-            "the encoder_lora preset trains on full forwards over the images, which a stream cannot "
-            "replay; use --adapter_preset projection with --streaming, or load the data whole."
-        )
-    source = prepare_source(load_source(config.data), config.data)
-    check_budgets(config, source.num_rows)
-    model, processor = load_clip(config.model)
-    model.to(accelerator.device)
-    return RunContext(
-        config,
-        accelerator,
-        source,
-        source.dataset if config.data.streaming else with_row_ids(source.dataset),
-        model,
-        processor,
-        model_fingerprint(config.model, model),
-    )
-
-
-def check_budgets(config: ClipselConfig, num_rows: int) -> None:
-    """A ratio that keeps no row is a mistake: say so before any work is done."""
-    for ratio in config.selection.selection_ratios:
-        if budget(ratio, num_rows) == 0:
-            raise ValueError(
-                f"selection ratio {ratio:g} keeps 0 of {num_rows} rows; use a ratio of at least "
-                f"{1 / num_rows:.2g} for this dataset."
-            )
 
 
 def check_output_dir(config: ClipselConfig) -> None:
@@ -184,148 +139,11 @@ def embed_stage(context: RunContext, model=None) -> Dataset:
     )
 
 
-def adapter_fingerprint(peft_model) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(peft_model.state_dict().items()):
-        if "lora_" in name:
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def valid_rows(context: RunContext, embeddings: Dataset) -> np.ndarray:
-    """Rows that may be trained on, scored and selected: a decodable image and a usable label."""
-    decode_ok = np.asarray(embeddings["decode_ok"][:], dtype=bool)
-    return decode_ok & (context.source.labels >= 0)
-
-
-def prompts_of(context: RunContext) -> list[list[str]]:
-    return class_prompts(context.source.class_names, context.config.adapter.prompt_templates)
-
-
-def adapt_stage(context: RunContext, embeddings: Dataset):
-    """The model scores are computed with: zero-shot CLIP, loaded adapters, or adapters trained here."""
-    adapter = context.config.adapter
-    if adapter.adapter_path:
-        return load_adapters(context.model, adapter.adapter_path)
-    if adapter.adapter_preset == "none":
-        return context.model
-    torch.manual_seed(context.config.selection.seed)
-    peft_model = attach_adapters(context.model, adapter)
-    valid = valid_rows(context, embeddings)
-    labels = torch.from_numpy(context.source.labels)
-    check = None
-    if adapter.adapter_preset == "projection":
-        if context.accelerator.is_main_process:
-            text_pooled = embed_class_prompts(peft_model, context.processor.tokenizer, prompts_of(context))
-            pooled = pooled_matrix(embeddings)
-            seed = context.config.selection.seed
-            train, validation, held = split_holdout(np.nonzero(valid)[0], adapter.adapter_holdout_fraction, seed)
-            early_stopping = (pooled[validation], labels[validation]) if len(validation) else None
-            zero_shot = label_agreement(peft_model, pooled[held], labels[held], text_pooled)
-            train_on_cache(
-                peft_model, pooled[train], labels[train], text_pooled, adapter, seed, holdout=early_stopping
-            )
-            if len(held):
-                check = agreement_check(
-                    zero_shot, label_agreement(peft_model, pooled[held], labels[held], text_pooled), len(held)
-                )
-                if check["fell_back"]:
-                    peft_model.base_model.disable_adapter_layers()
-    else:
-        train_end_to_end(
-            peft_model,
-            image_loader(context, np.nonzero(valid)[0]),
-            context.processor.tokenizer,
-            prompts_of(context),
-            adapter,
-            context.accelerator,
-        )
-    if context.accelerator.is_main_process:
-        peft_model.save_pretrained(str(context.output_dir / ADAPTER_DIR))
-        check_path = context.output_dir / ADAPTER_DIR / ADAPTER_CHECK
-        check_path.unlink(missing_ok=True)
-        if check is not None:
-            write_atomic_text(check_path, json.dumps(check, indent=2))
-    context.accelerator.wait_for_everyone()
-    return peft_model
-
-
-def split_holdout(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(train, early-stopping, check) rows: ``fraction`` of ``rows`` held out, split in two halves. The check half
-    judges the adapters after early stopping has picked its epoch on the other half, so the check stays honest."""
-    held = round(fraction * len(rows))
-    if held < 2:
-        return rows, rows[:0], rows[:0]
-    order = np.random.default_rng(seed).permutation(rows)
-    validation, check = np.sort(order[: held // 2]), np.sort(order[held // 2 : held])
-    return np.sort(order[held:]), validation, check
-
-
-def agreement_check(zero_shot: float, adapted: float, rows: int) -> dict:
-    """The safety check users see: adapters that agree with the given labels less than zero-shot CLIP on rows they
-    never saw have learned the labels' noise more than the data; then the scores use zero-shot features."""
-    fell_back = adapted < zero_shot
-    if fell_back:
-        logger.warning(
-            "The adapted model agrees with the given labels less than zero-shot CLIP on %d held-out rows "
-            "(%.3f vs %.3f): the labels are likely noisy. Falling back to zero-shot features for scoring.",
-            rows,
-            adapted,
-            zero_shot,
-        )
-    else:
-        logger.info(
-            "Adapter check on %d held-out rows: label agreement %.3f (zero-shot %.3f).", rows, adapted, zero_shot
-        )
-    return {
-        "held_out_rows": rows,
-        "zero_shot_agreement": zero_shot,
-        "adapted_agreement": adapted,
-        "fell_back": fell_back,
-    }
-
-
-def read_adapter_check(adapter_dir: Path) -> dict | None:
-    path = Path(adapter_dir) / ADAPTER_CHECK
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def image_loader(context: RunContext, rows: np.ndarray):
-    """Batches of pixel values and labels for end-to-end training (rows known to decode)."""
-    image_column = context.source.image_column
-    subset = context.dataset.select(rows.tolist()).select_columns([ROW_ID, image_column])
-    subset = subset.cast_column(image_column, Image(decode=False))
-    processor = context.processor.image_processor
-    labels = context.source.labels
-
-    def collate(batch):
-        images = [decode_rgb(row[image_column])[0] for row in batch]
-        return {
-            "pixel_values": processor(images=images, return_tensors="pt").pixel_values,
-            "labels": torch.tensor([labels[row[ROW_ID]] for row in batch]),
-        }
-
-    generator = torch.Generator().manual_seed(context.config.selection.seed)
-    return torch.utils.data.DataLoader(
-        subset,
-        batch_size=context.config.adapter.adapter_batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        generator=generator,
-    )
-
-
 def scoring_embeddings(context: RunContext, model, embeddings: Dataset) -> Dataset:
     """Encoder adapters change the vision tower's outputs: embed again through it (every process)."""
     if model is not context.model and uses_encoder_adapters(model):
         return embed_stage(context, model)
     return embeddings
-
-
-def uses_encoder_adapters(model) -> bool:
-    config = getattr(model, "peft_config", {}).get("default")
-    return config is not None and any(t not in ("visual_projection", "text_projection") for t in config.target_modules)
 
 
 def score_stage(context: RunContext, model, embeddings: Dataset) -> tuple[Dataset, torch.Tensor]:
@@ -500,25 +318,6 @@ def push_stage(config: ClipselConfig):
     return push_outputs(
         config.run.output_dir, config.run.hub_dataset_id, config.run.hub_model_id, private=config.run.hub_private
     )
-
-
-def trained_model(context: RunContext):
-    """The model the score stage uses: given adapters, this run's saved adapters, or zero-shot CLIP."""
-    adapter = context.config.adapter
-    saved = context.output_dir / ADAPTER_DIR
-    if adapter.adapter_path:
-        return load_adapters(context.model, adapter.adapter_path)
-    if adapter.adapter_preset == "none":
-        return context.model
-    if not saved.exists():
-        raise FileNotFoundError(
-            f"no adapters in {saved}; run `hf-clipsel adapt` first, or pass --adapter_path, or "
-            "--adapter_preset none for zero-shot scores."
-        )
-    model = load_adapters(context.model, str(saved))
-    if (read_adapter_check(saved) or {}).get("fell_back"):  # the adapt stage judged them worse than zero-shot
-        model.base_model.disable_adapter_layers()
-    return model
 
 
 def read_scores(config: ClipselConfig) -> Dataset:

@@ -6,9 +6,10 @@ import pandas as pd
 import pytest
 from datasets import load_dataset
 
+from hf_clipsel.adaptation import split_holdout
 from hf_clipsel.configs import ClipselConfig, SelectionConfig
 from hf_clipsel.parser import parse_config
-from hf_clipsel.pipeline import run, split_holdout
+from hf_clipsel.pipeline import run
 from hf_clipsel.reasons import drop_reasons
 from hf_clipsel.selection import SelectionInputs, select
 from tests.conftest import run_config

@@ -1,0 +1,169 @@
+"""Module 1 as a stage: train, load or check the adapters that scoring uses."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset, Image
+
+from .context import RunContext, prompts_of, valid_rows
+from .data import ROW_ID, decode_rgb
+from .embedding import embed_class_prompts, pooled_matrix
+from .modeling import attach_adapters, load_adapters
+from .outputs import ADAPTER_DIR, write_atomic_text
+from .training import label_agreement, train_end_to_end, train_on_cache
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CHECK = "clipsel_adapter_check.json"  # beside the adapters: the held-out agreement check's verdict
+
+
+def adapter_fingerprint(peft_model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(peft_model.state_dict().items()):
+        if "lora_" in name:
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def adapt_stage(context: RunContext, embeddings: Dataset):
+    """The model scores are computed with: zero-shot CLIP, loaded adapters, or adapters trained here."""
+    adapter = context.config.adapter
+    if adapter.adapter_path:
+        return load_adapters(context.model, adapter.adapter_path)
+    if adapter.adapter_preset == "none":
+        return context.model
+    torch.manual_seed(context.config.selection.seed)
+    peft_model = attach_adapters(context.model, adapter)
+    valid = valid_rows(context, embeddings)
+    labels = torch.from_numpy(context.source.labels)
+    check = None
+    if adapter.adapter_preset == "projection":
+        if context.accelerator.is_main_process:
+            text_pooled = embed_class_prompts(peft_model, context.processor.tokenizer, prompts_of(context))
+            pooled = pooled_matrix(embeddings)
+            seed = context.config.selection.seed
+            train, validation, held = split_holdout(np.nonzero(valid)[0], adapter.adapter_holdout_fraction, seed)
+            early_stopping = (pooled[validation], labels[validation]) if len(validation) else None
+            zero_shot = label_agreement(peft_model, pooled[held], labels[held], text_pooled)
+            train_on_cache(
+                peft_model, pooled[train], labels[train], text_pooled, adapter, seed, holdout=early_stopping
+            )
+            if len(held):
+                check = agreement_check(
+                    zero_shot, label_agreement(peft_model, pooled[held], labels[held], text_pooled), len(held)
+                )
+                if check["fell_back"]:
+                    peft_model.base_model.disable_adapter_layers()
+    else:
+        train_end_to_end(
+            peft_model,
+            image_loader(context, np.nonzero(valid)[0]),
+            context.processor.tokenizer,
+            prompts_of(context),
+            adapter,
+            context.accelerator,
+        )
+    if context.accelerator.is_main_process:
+        peft_model.save_pretrained(str(context.output_dir / ADAPTER_DIR))
+        check_path = context.output_dir / ADAPTER_DIR / ADAPTER_CHECK
+        check_path.unlink(missing_ok=True)
+        if check is not None:
+            write_atomic_text(check_path, json.dumps(check, indent=2))
+    context.accelerator.wait_for_everyone()
+    return peft_model
+
+
+def split_holdout(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, early-stopping, check) rows: ``fraction`` of ``rows`` held out, split in two halves. The check half
+    judges the adapters after early stopping has picked its epoch on the other half, so the check stays honest."""
+    held = round(fraction * len(rows))
+    if held < 2:
+        return rows, rows[:0], rows[:0]
+    order = np.random.default_rng(seed).permutation(rows)
+    validation, check = np.sort(order[: held // 2]), np.sort(order[held // 2 : held])
+    return np.sort(order[held:]), validation, check
+
+
+def agreement_check(zero_shot: float, adapted: float, rows: int) -> dict:
+    """The safety check users see: adapters that agree with the given labels less than zero-shot CLIP on rows they
+    never saw have learned the labels' noise more than the data; then the scores use zero-shot features."""
+    fell_back = adapted < zero_shot
+    if fell_back:
+        logger.warning(
+            "The adapted model agrees with the given labels less than zero-shot CLIP on %d held-out rows "
+            "(%.3f vs %.3f): the labels are likely noisy. Falling back to zero-shot features for scoring.",
+            rows,
+            adapted,
+            zero_shot,
+        )
+    else:
+        logger.info(
+            "Adapter check on %d held-out rows: label agreement %.3f (zero-shot %.3f).", rows, adapted, zero_shot
+        )
+    return {
+        "held_out_rows": rows,
+        "zero_shot_agreement": zero_shot,
+        "adapted_agreement": adapted,
+        "fell_back": fell_back,
+    }
+
+
+def read_adapter_check(adapter_dir: Path) -> dict | None:
+    path = Path(adapter_dir) / ADAPTER_CHECK
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def image_loader(context: RunContext, rows: np.ndarray):
+    """Batches of pixel values and labels for end-to-end training (rows known to decode)."""
+    image_column = context.source.image_column
+    subset = context.dataset.select(rows.tolist()).select_columns([ROW_ID, image_column])
+    subset = subset.cast_column(image_column, Image(decode=False))
+    processor = context.processor.image_processor
+    labels = context.source.labels
+
+    def collate(batch):
+        images = [decode_rgb(row[image_column])[0] for row in batch]
+        return {
+            "pixel_values": processor(images=images, return_tensors="pt").pixel_values,
+            "labels": torch.tensor([labels[row[ROW_ID]] for row in batch]),
+        }
+
+    generator = torch.Generator().manual_seed(context.config.selection.seed)
+    return torch.utils.data.DataLoader(
+        subset,
+        batch_size=context.config.adapter.adapter_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        generator=generator,
+    )
+
+
+def uses_encoder_adapters(model) -> bool:
+    config = getattr(model, "peft_config", {}).get("default")
+    return config is not None and any(t not in ("visual_projection", "text_projection") for t in config.target_modules)
+
+
+def trained_model(context: RunContext):
+    """The model the score stage uses: given adapters, this run's saved adapters, or zero-shot CLIP."""
+    adapter = context.config.adapter
+    saved = context.output_dir / ADAPTER_DIR
+    if adapter.adapter_path:
+        return load_adapters(context.model, adapter.adapter_path)
+    if adapter.adapter_preset == "none":
+        return context.model
+    if not saved.exists():
+        raise FileNotFoundError(
+            f"no adapters in {saved}; run `hf-clipsel adapt` first, or pass --adapter_path, or "
+            "--adapter_preset none for zero-shot scores."
+        )
+    model = load_adapters(context.model, str(saved))
+    if (read_adapter_check(saved) or {}).get("fell_back"):  # the adapt stage judged them worse than zero-shot
+        model.base_model.disable_adapter_layers()
+    return model

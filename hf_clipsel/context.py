@@ -1,0 +1,87 @@
+"""What every stage of a run needs: the configuration, the loaded source and model, and the accelerator."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+
+from .configs import ClipselConfig, budget
+from .data import Source, class_prompts, load_source, prepare_source, with_row_ids
+from .modeling import load_clip, model_fingerprint
+from .outputs import EMBEDDINGS_DIR
+
+
+@dataclass
+class RunContext:
+    """What every stage needs: the configuration, the loaded source and model, the accelerator."""
+
+    config: ClipselConfig
+    accelerator: Accelerator
+    source: Source
+    dataset: Dataset  # the source with row_id
+    model: object
+    processor: object
+    model_fingerprint: str
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.run.output_dir)
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.config.run.cache_dir or self.output_dir / EMBEDDINGS_DIR)
+
+
+def make_accelerator() -> Accelerator:
+    """Accelerate picks the device. Several processes without CUDA (`accelerate launch --multi_gpu` or torchrun on
+    a CPU machine) would each run alone unless asked for CPU explicitly: ask, so they share the work."""
+    several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=several_processes and not torch.cuda.is_available())
+
+
+def load_context(config: ClipselConfig, accelerator: Accelerator | None = None) -> RunContext:
+    accelerator = accelerator or make_accelerator()
+    if config.data.streaming and config.adapter.adapter_preset == "encoder_lora" and not config.adapter.adapter_path:
+        raise ValueError(
+            "the encoder_lora preset trains on full forwards over the images, which a stream cannot "
+            "replay; use --adapter_preset projection with --streaming, or load the data whole."
+        )
+    source = prepare_source(load_source(config.data), config.data)
+    check_budgets(config, source.num_rows)
+    model, processor = load_clip(config.model)
+    model.to(accelerator.device)
+    return RunContext(
+        config,
+        accelerator,
+        source,
+        source.dataset if config.data.streaming else with_row_ids(source.dataset),
+        model,
+        processor,
+        model_fingerprint(config.model, model),
+    )
+
+
+def check_budgets(config: ClipselConfig, num_rows: int) -> None:
+    """A ratio that keeps no row is a mistake: say so before any work is done."""
+    for ratio in config.selection.selection_ratios:
+        if budget(ratio, num_rows) == 0:
+            raise ValueError(
+                f"selection ratio {ratio:g} keeps 0 of {num_rows} rows; use a ratio of at least "
+                f"{1 / num_rows:.2g} for this dataset."
+            )
+
+
+def valid_rows(context: RunContext, embeddings: Dataset) -> np.ndarray:
+    """Rows that may be trained on, scored and selected: a decodable image and a usable label."""
+    decode_ok = np.asarray(embeddings["decode_ok"][:], dtype=bool)
+    return decode_ok & (context.source.labels >= 0)
+
+
+def prompts_of(context: RunContext) -> list[list[str]]:
+    return class_prompts(context.source.class_names, context.config.adapter.prompt_templates)
