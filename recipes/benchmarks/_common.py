@@ -1,0 +1,155 @@
+"""Helpers shared by the benchmark scripts: the machine line, load average, thread count, timing, tables.
+
+Benchmarks are not tests. Each script prints what it measured, the command that reproduces it and the machine it ran
+on; recipes/benchmarks/README.md records those figures.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def setup(threads: int | None) -> None:
+    """Fix torch's intra-op thread count (default: torch's own choice, one per core) before any work."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def load_average() -> str:
+    return "load average {:.2f}, {:.2f}, {:.2f} (1, 5, 15 min)".format(*os.getloadavg())
+
+
+def load_1min() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"{os.cpu_count()}-core CPU ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
+        f"python {platform.python_version()}, no GPU" + ("" if not torch.cuda.is_available() else " (CUDA available)")
+    )
+
+
+def cpu_probe(seconds: float = 0.5) -> str:
+    """float32 1024x1024 matmul throughput with 1 thread and with torch's threads: what the CPU gives right now.
+
+    The load average only sees this machine's processes; on a shared host, the probe also sees the neighbours.
+    """
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    threads = torch.get_num_threads()
+    rates = []
+    for count in sorted({1, threads}):
+        torch.set_num_threads(count)
+        a @ b  # warm-up
+        start, runs = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            a @ b
+            runs += 1
+        rates.append(f"{2 * 1024**3 * runs / (time.perf_counter() - start) / 1e9:.0f} GFLOP/s on {count} thread(s)")
+    torch.set_num_threads(threads)
+    return "matmul probe " + ", ".join(rates)
+
+
+def header(title: str) -> None:
+    print(f"# {title}")
+    print("command: python " + " ".join(shlex.quote(a) for a in sys.argv))
+    print("machine: " + machine_line())
+    print("start:   " + load_average() + "; " + cpu_probe())
+
+
+def footer(started: float) -> None:
+    runtime = time.perf_counter() - started
+    print(f"end:     {load_average()}; {cpu_probe()}; total runtime {runtime:.1f} s")
+
+
+def timed(fn, *args, **kwargs):
+    """(seconds, result) of one call."""
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - start, result
+
+
+def interleaved(variants: dict, repeats: int) -> dict[str, list[float]]:
+    """Run each zero-argument callable in ``variants`` once per round, ``repeats`` rounds, alternating the order
+    every round so that a change in machine load hits every variant alike. Returns the seconds of every run."""
+    times = {name: [] for name in variants}
+    names = list(variants)
+    for round_index in range(repeats):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            times[name].append(timed(variants[name])[0])
+    return times
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def table(rows: list[dict], columns: list[str] | None = None) -> None:
+    """Print ``rows`` as a Markdown table (so it can be pasted into the README as is)."""
+    columns = columns or list(rows[0])
+    cells = [[_cell(row.get(c, "")) for c in columns] for row in rows]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "|".join("---" for _ in columns) + "|")
+    for line in cells:
+        print("| " + " | ".join(line) + " |")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        if value == 0 or 1e-3 <= abs(value) < 1e6:
+            return f"{value:.4g}"
+        return f"{value:.3e}"
+    return str(value)
+
+
+# ../shared beside the repository, as the tests expect it.
+CIFAR10_SHARD = str(
+    Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10" / "train-00000-of-00003.parquet"
+)
+MODEL_DIR = "/tmp/hf_clipsel_bench/vit_b32_random"
+
+
+def build_vit_b32(path) -> str:
+    """ViT-B/32 CLIP (CLIPConfig defaults) with RANDOM weights, saved with a processor so that
+    hf_clipsel.modeling.load_clip loads it through the normal from_pretrained path. Reused if already there."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from hf_clipsel.tiny import BOS, EOS, tiny_tokenizer
+
+    path = Path(path)
+    if (path / "model.safetensors").exists() and (path / "processor_config.json").exists():
+        return str(path)
+    tokenizer = tiny_tokenizer()  # offline: a character-level tokenizer stands in for CLIP's BPE
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(token)
+        for name, token in (("bos_token_id", BOS), ("eos_token_id", EOS), ("pad_token_id", EOS))
+    }
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=ids))  # every other value: the ViT-B/32 defaults
+    model.save_pretrained(path)
+    CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer).save_pretrained(path)
+    return str(path)
+
+
+def cifar10_rows(num_rows: int, data_file: str = CIFAR10_SHARD):
+    """The first ``num_rows`` rows of a CIFAR-10 parquet shard (columns img, label), with hf_clipsel's row_id."""
+    from datasets import load_dataset
+
+    from hf_clipsel.data import with_row_ids
+
+    dataset = load_dataset("parquet", data_files=data_file, split="train")
+    return with_row_ids(dataset.select(range(min(num_rows, len(dataset)))))

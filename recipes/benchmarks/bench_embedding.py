@@ -1,0 +1,186 @@
+"""Embedding throughput: hf_clipsel.embedding.embed_images against the bare vision-tower forward, fp32 and bf16.
+
+The model is the ViT-B/32 architecture (CLIPConfig defaults) with RANDOM weights (no Hub here), saved to disk and
+loaded by hf_clipsel.modeling.load_clip like a real checkpoint. The images are the first --num-images rows of a
+real CIFAR-10 parquet shard (32 px PNGs, resized to 224 px by CLIPImageProcessor's defaults).
+
+- embed_images: the library's whole path (datasets.map under Accelerate, PNG decode, processor, forward, cache
+  write to a fresh cache directory every run).
+- bare forward: vision_tower_outputs on the same pixel values, preprocessed beforehand (not timed).
+The two are interleaved, median of --repeats; target: embed_images throughput >= 0.9x the bare forward.
+Decode and processor are also timed alone (interleaved with the others), to say what the difference is made of.
+
+Scores: SAS against the class prompts ("a photo of a {}.") and SDS (K = --knn-k) from the fp32 and the bf16 run, and
+the Spearman rank correlation between them (target >= 0.999). With random weights these scores carry no meaning,
+and their spread may differ from a trained CLIP's: read the correlation as an upper bound on bf16's effect only if
+the spread is comparable (the script prints it).
+
+Default runtime on a 2-core CPU: about 5 minutes (N = 256). Scale up: --num-images 4096 --batch-size 256 on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from functools import partial
+
+import numpy as np
+import torch
+from _common import (
+    MODEL_DIR,
+    build_vit_b32,
+    cifar10_rows,
+    footer,
+    header,
+    interleaved,
+    load_1min,
+    load_average,
+    median,
+    setup,
+    table,
+)
+from accelerate import Accelerator
+from datasets import Image
+from scipy.stats import spearmanr
+
+from hf_clipsel.configs import ModelConfig
+from hf_clipsel.data import class_prompts, decode_rgb
+from hf_clipsel.embedding import embed_class_prompts, embed_images, pooled_matrix
+from hf_clipsel.modeling import class_text_features, image_features, load_clip, model_fingerprint, vision_tower_outputs
+from hf_clipsel.scoring import sample_diversity, semantic_alignment
+
+
+def decode_all(cells) -> list:
+    return [decode_rgb(cell)[0] for cell in cells]
+
+
+def process_all(images: list, processor, batch_size: int) -> list[torch.Tensor]:
+    return [
+        processor(images=images[i : i + batch_size], return_tensors="pt").pixel_values
+        for i in range(0, len(images), batch_size)
+    ]
+
+
+def bare_forward(model, batches) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([vision_tower_outputs(model, pixels) for pixels in batches])
+
+
+def library_embed(dataset, model, processor, fingerprint, accelerator, batch_size: int, workdir: str) -> torch.Tensor:
+    with tempfile.TemporaryDirectory(dir=workdir) as cache_dir:  # a fresh cache: nothing is reused between runs
+        embeddings = embed_images(
+            dataset,
+            "img",
+            model,
+            processor,
+            fingerprint,
+            cache_dir,
+            accelerator,
+            batch_size=batch_size,
+            chunk_size=batch_size * -(-len(dataset) // batch_size),
+        )
+        return pooled_matrix(embeddings)
+
+
+def features(model, processor, pooled: torch.Tensor, class_names) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected image features [N, d] and class prompt features [C, d], as the score stage computes them."""
+    with torch.no_grad():
+        text_pooled = embed_class_prompts(model, processor.tokenizer, class_prompts(class_names, ["a photo of a {}."]))
+        return image_features(model, pooled), class_text_features(model, text_pooled)
+
+
+def compare(name: str, reference: np.ndarray, other: np.ndarray) -> dict:
+    return {
+        "score": name,
+        "Spearman vs fp32": spearmanr(reference, other).statistic,
+        "fp32 std": float(reference.std()),
+        "max abs diff": float(np.abs(reference - other).max()),
+    }
+
+
+def _store(results: dict, key: str, fn, *args) -> None:
+    results[key] = fn(*args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-images", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward (RunConfig default: 64)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median reported)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--knn-k", type=int, default=10, help="K of the SDS compared between dtypes")
+    parser.add_argument("--model-dir", default=MODEL_DIR, help="where the random ViT-B/32 is saved (reused)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    setup(args.threads)
+    started = time.perf_counter()
+    header("bench_embedding: embed_images vs bare forward, ViT-B/32 (random weights)")
+    model_dir = build_vit_b32(args.model_dir)
+    dataset = cifar10_rows(args.num_images)
+    labels = torch.tensor(dataset["label"][:])
+    class_names = dataset.features["label"].names
+    cells = dataset.cast_column("img", Image(decode=False))["img"]  # undecoded, as embed_images reads them
+    accelerator = Accelerator(cpu=True)
+    rows, all_features = [], {}
+    for dtype in args.dtypes:
+        model_config = ModelConfig(model_name_or_path=model_dir, dtype=dtype)
+        model, processor = load_clip(model_config)
+        fingerprint = model_fingerprint(model_config, model)
+        images = decode_all(cells)
+        batches = process_all(images, processor.image_processor, args.batch_size)
+        bare_forward(model, batches[:1])  # warm-up: first-call allocations and kernel selection
+        results = {}
+        embed_args = (dataset, model, processor.image_processor, fingerprint, accelerator, args.batch_size)
+        variants = {
+            "embed_images": partial(_store, results, "library", library_embed, *embed_args, args.model_dir),
+            "bare forward": partial(_store, results, "bare", bare_forward, model, batches),
+            "decode": partial(decode_all, cells),
+            "processor": partial(process_all, images, processor.image_processor, args.batch_size),
+        }
+        times = interleaved(variants, args.repeats)
+        n = len(dataset)
+        library_s, bare_s = median(times["embed_images"]), median(times["bare forward"])
+        decode_s, process_s = median(times["decode"]), median(times["processor"])
+        rows.append(
+            {
+                "dtype": dtype,
+                "N": n,
+                "embed_images img/s": n / library_s,
+                "bare forward img/s": n / bare_s,
+                "ratio (target >= 0.9)": bare_s / library_s,
+                "embed_images ms/img": 1e3 * library_s / n,
+                "forward ms/img": 1e3 * bare_s / n,
+                "decode ms/img": 1e3 * decode_s / n,
+                "processor ms/img": 1e3 * process_s / n,
+                "max abs diff pooled": float((results["library"] - results["bare"]).abs().max()),
+                "load (1 min)": load_1min(),
+            }
+        )
+        all_features[dtype] = features(model, processor, results["library"], class_names)
+        print(load_average(), "|", dtype, "done")
+    table(rows)
+    print(
+        f"(median of {args.repeats} interleaved runs; batch size {args.batch_size}; {torch.get_num_threads()} threads)"
+    )
+    if len(all_features) == 2:
+        (image32, class32), (image16, class16) = all_features["float32"], all_features["bfloat16"]
+        sas32 = semantic_alignment(image32, class32, labels).numpy()
+        sds32 = sample_diversity(image32, labels, args.knn_k).numpy()
+        table(
+            [
+                compare("SAS (bf16 run)", sas32, semantic_alignment(image16, class16, labels).numpy()),
+                compare(
+                    f"SDS, K={args.knn_k} (bf16 run)", sds32, sample_diversity(image16, labels, args.knn_k).numpy()
+                ),
+                # Where SAS's difference comes from: each tower in bf16 alone.
+                compare("SAS: bf16 images, fp32 prompts", sas32, semantic_alignment(image16, class32, labels).numpy()),
+                compare("SAS: fp32 images, bf16 prompts", sas32, semantic_alignment(image32, class16, labels).numpy()),
+            ]
+        )
+        print("(target: Spearman >= 0.999)")
+    footer(started)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Selection speed: `exact` (the k largest rewards) against the released STE optimiser `sgd`, on synthetic scores.
+
+Four parts, all through the library's public API (hf_clipsel.selection.select):
+
+1. N = 50,000 (10 classes): per ratio, time of `exact` and `sgd` (interleaved, median of --repeats), sgd's
+   iterations, |count - k|, the released objective of both masks, and the overlap of sgd's set with exact's.
+2. How sgd's iteration count grows with N (full runs at --growth-sizes), and a linear fit through the origin.
+3. N = 1,281,167 (1000 classes): `exact` for all five ratios in one call (alpha = 0.1 as released, and alpha =
+   ratio as in the paper's text). `sgd` is run with an iteration cap (--sgd-cap-large) to measure its time per
+   iteration; its full time is EXTRAPOLATED as (fitted iterations at this N, capped at the released 100,000) x
+   (time per iteration). --sgd-cap-large 0 runs it uncapped instead (about an hour per ratio on 2 cores).
+4. Peak memory and time, in a fresh subprocess, of scores + selection for 1,281,167 synthetic 512-d embeddings:
+   SAS against 1000 class features, SDS by per-class kNN (K = 50), min-max, exact selection at five ratios.
+
+Default runtime on a 2-core CPU: about 6 minutes. Scale up with e.g. --growth-sizes 50000 200000 800000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from _common import footer, header, interleaved, load_average, median, setup, table, timed
+
+from hf_clipsel import scoring
+from hf_clipsel.configs import SelectionConfig, budget
+from hf_clipsel.selection import SelectionInputs, select
+from hf_clipsel.selection.sgd import run_released_sgd
+
+RATIOS = [0.1, 0.3, 0.5, 0.7, 0.9]
+IMAGENET_ROWS = 1_281_167
+RELEASED_CAP = 100_000
+
+
+def synthetic_inputs(num_rows: int, num_classes: int, seed: int = 0) -> SelectionInputs:
+    """Scores shaped like real ones: alignment skewed high (most labels are right), diversity skewed low (a few
+    outliers per class), min-max normalised to [0, 1] as the pipeline does."""
+    rng = np.random.default_rng(seed)
+    alignment = torch.from_numpy(rng.beta(5.0, 2.0, num_rows))
+    diversity = torch.from_numpy(rng.beta(2.0, 5.0, num_rows))
+    return SelectionInputs(
+        row_id=np.arange(num_rows),
+        labels=rng.integers(0, num_classes, num_rows),
+        semantic_alignment_normalized=scoring.min_max(alignment).numpy(),
+        sample_diversity_normalized=scoring.min_max(diversity).numpy(),
+    )
+
+
+def released_objective(inputs: SelectionInputs, mask: np.ndarray, k: int, alpha: float, beta: float = 2.0) -> float:
+    """The released loss at a hard mask x: -mean(x a) - alpha mean(x d) + beta |sum x - k| / N (lower is better)."""
+    a = inputs.semantic_alignment_normalized.astype(np.float64)
+    d = inputs.sample_diversity_normalized.astype(np.float64)
+    x = mask.astype(np.float64)
+    n = inputs.num_rows
+    return float(-(x * a / a.mean()).mean() - alpha * (x * d / d.mean()).mean() + beta * abs(x.sum() - k) / n)
+
+
+def config(ratios, method, alpha=0.1, cap=RELEASED_CAP) -> SelectionConfig:
+    return SelectionConfig(selection_ratios=list(ratios), selection_method=method, alpha=alpha, sgd_max_iterations=cap)
+
+
+def part_small(num_rows: int, repeats: int) -> None:
+    inputs = synthetic_inputs(num_rows, 10)
+    print(f"\n## 1. exact vs sgd at N = {num_rows:,} (10 classes, alpha = 0.1), median of {repeats} interleaved runs")
+    print(load_average())
+    rows = []
+    for ratio in RATIOS:
+        results = {}
+
+        def run(method, ratio=ratio, results=results):
+            results[method] = select(inputs, config([ratio], method))
+
+        times = interleaved({"exact": lambda: run("exact"), "sgd": lambda: run("sgd")}, repeats)
+        k = budget(ratio, num_rows)
+        exact_mask, sgd_mask = results["exact"][ratio], results["sgd"][ratio]
+        diagnostics = results["sgd"].diagnostics[ratio]
+        rows.append(
+            {
+                "ratio": ratio,
+                "k": k,
+                "exact s": median(times["exact"]),
+                "sgd s": median(times["sgd"]),
+                "sgd / exact": median(times["sgd"]) / median(times["exact"]),
+                "sgd iterations": diagnostics["iterations"],
+                "sgd abs(count-k)": diagnostics["count_error"],
+                "objective exact": released_objective(inputs, exact_mask, k, 0.1),
+                "objective sgd": released_objective(inputs, sgd_mask, k, 0.1),
+                "overlap": float((exact_mask & sgd_mask).sum() / k),
+            }
+        )
+    table(rows)
+    print(
+        "overlap = |sgd set & exact set| / k; objective = the released loss at the final hard mask (lower is better)"
+    )
+    print(load_average())
+
+
+def part_growth(sizes: list[int]) -> dict[float, float]:
+    """Full sgd runs at several N; returns iterations per row (fit through the origin) for each ratio."""
+    print(f"\n## 2. sgd iterations to converge against N (released cap {RELEASED_CAP:,}; linear fit through 0)")
+    print(load_average())
+    iterations = {ratio: [] for ratio in RATIOS}
+    rows = []
+    for num_rows in sizes:
+        inputs = synthetic_inputs(num_rows, 10)
+        seconds, result = timed(select, inputs, config(RATIOS, "sgd"))
+        row = {"N": num_rows, "sgd s (5 ratios)": seconds}
+        for ratio in RATIOS:
+            iterations[ratio].append(result.diagnostics[ratio]["iterations"])
+            row[f"iters @{ratio}"] = iterations[ratio][-1]
+        rows.append(row)
+    n = np.asarray(sizes, dtype=np.float64)
+    slopes = {ratio: float(n @ np.asarray(its) / (n @ n)) for ratio, its in iterations.items()}
+    rows.append({"N": "fit: iterations per 1,000 rows", **{f"iters @{r}": 1000 * s for r, s in slopes.items()}})
+    table(rows)
+    print(load_average())
+    return slopes
+
+
+def part_large(repeats: int, sgd_cap: int, sgd_ratios: list[float], slopes: dict[float, float]) -> None:
+    inputs = synthetic_inputs(IMAGENET_ROWS, 1000)
+    print(f"\n## 3. N = {IMAGENET_ROWS:,} (1000 classes)")
+    print(load_average())
+    variants = {
+        "exact, alpha=0.1 (released), 5 ratios": lambda: select(inputs, config(RATIOS, "exact", 0.1)),
+        "exact, alpha=ratio (paper text), 5 ratios": lambda: select(inputs, config(RATIOS, "exact", None)),
+    }
+    times = interleaved(variants, repeats)
+    table([{"variant": name, "median s": median(t), "min s": min(t), "max s": max(t)} for name, t in times.items()])
+    print(f"(median of {repeats} interleaved runs; target: all five ratios in < 5 s)")
+    print(load_average())
+
+    rows = []
+    a = scoring.scale_by_mean(torch.from_numpy(inputs.semantic_alignment_normalized))
+    d = scoring.scale_by_mean(torch.from_numpy(inputs.sample_diversity_normalized))
+    for ratio in sgd_ratios:
+        k = budget(ratio, IMAGENET_ROWS)
+        cap = sgd_cap or RELEASED_CAP
+        seconds, (mask, diagnostics) = timed(run_released_sgd, a, d, k, IMAGENET_ROWS, 0.1, 2.0, 1e-3, cap)
+        per_iteration = seconds / max(diagnostics["iterations"], 1)
+        row = {"ratio": ratio, "sgd s/iteration": per_iteration, "iterations run": diagnostics["iterations"]}
+        if not sgd_cap:  # uncapped: everything measured
+            exact_mask = select(inputs, config([ratio], "exact"))[ratio]
+            row.update(
+                {
+                    "converged": diagnostics["converged"],
+                    "sgd s": seconds,
+                    "abs(count-k)": int(abs(mask.sum() - k)),
+                    "objective exact": released_objective(inputs, exact_mask, k, 0.1),
+                    "objective sgd": released_objective(inputs, mask, k, 0.1),
+                    "overlap": float((mask & exact_mask).sum() / k),
+                }
+            )
+        else:
+            projected = slopes[ratio] * IMAGENET_ROWS
+            row["EXTRAPOLATED iterations"] = f"{projected:,.0f}" + (" > cap" if projected > RELEASED_CAP else "")
+            row["projected"] = min(projected, RELEASED_CAP)
+        rows.append(row)
+    if sgd_cap:
+        # One step costs the same at every ratio (same tensors, same operations): the median over the ratios is the
+        # least load-sensitive estimate of it.
+        step = median([row["sgd s/iteration"] for row in rows])
+        for row in rows:
+            row["EXTRAPOLATED sgd s"] = row.pop("projected") * step
+        print(f"median s/iteration over the ratios: {step:.4g}")
+    table(rows)
+    if not sgd_cap:
+        print("sgd ran uncapped (released cap 100,000): every figure above is measured.")
+    else:
+        print(
+            f"sgd capped at {sgd_cap} iterations to measure its time per iteration. EXTRAPOLATED iterations = fitted "
+            "iterations per row (part 2) x N; EXTRAPOLATED time = min(that, 100,000 cap) x median s/iteration."
+        )
+    print(load_average())
+
+
+def memory_child(num_classes: int, knn_k: int, dim: int, seed: int = 0) -> None:
+    """Scores + selection for IMAGENET_ROWS synthetic embeddings; prints one JSON line (run in a fresh process)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (IMAGENET_ROWS,), generator=generator)
+    centres = torch.randn(num_classes, dim, generator=generator)
+    # Class centre plus noise, built in place in float32 (no float64 temporaries): 2.6 GB of features.
+    features = torch.randn(IMAGENET_ROWS, dim, generator=generator).mul_(0.5)
+    for start in range(0, IMAGENET_ROWS, 65_536):
+        features[start : start + 65_536] += centres[labels[start : start + 65_536]]
+    text = torch.randn(num_classes, dim, generator=generator)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    resident_before = _proc_status_gib("VmRSS")
+    try:  # reset the kernel's high-water mark, so VmHWM below is the peak of scoring + selection alone
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+    start = time.perf_counter()
+    sas = scoring.semantic_alignment(features, text, labels)
+    after_sas = time.perf_counter()
+    sds = scoring.sample_diversity(features, labels, knn_k)
+    after_sds = time.perf_counter()
+    inputs = SelectionInputs(
+        row_id=np.arange(IMAGENET_ROWS),
+        labels=labels.numpy(),
+        semantic_alignment_normalized=scoring.min_max(sas).numpy(),
+        sample_diversity_normalized=scoring.min_max(sds).numpy(),
+    )
+    masks = select(inputs, config(RATIOS, "exact"))
+    end = time.perf_counter()
+    assert all(int(masks[r].sum()) == budget(r, IMAGENET_ROWS) for r in RATIOS)
+    print(
+        json.dumps(
+            {
+                "embeddings GiB": features.numel() * 4 / 1024**3,
+                "RSS before scoring GiB": resident_before,
+                "peak RSS during scoring+selection GiB": _proc_status_gib("VmHWM"),
+                "peak RSS while building the embeddings GiB": peak_before,
+                "SAS s": after_sas - start,
+                "SDS s": after_sds - after_sas,
+                "normalise + select s": end - after_sds,
+                "total s": end - start,
+            }
+        )
+    )
+
+
+def _proc_status_gib(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (kB), in GiB."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024**2
+
+
+def part_memory(threads: int | None) -> None:
+    print(f"\n## 4. Peak memory: scores + selection for {IMAGENET_ROWS:,} x 512 synthetic embeddings, fresh process")
+    print(load_average())
+    command = [sys.executable, __file__, "--memory-child"] + (["--threads", str(threads)] if threads else [])
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    figures = json.loads(output.strip().splitlines()[-1])
+    table([figures])
+    print(
+        "RSS = the child's whole resident memory (python, torch, the embeddings included); the peak is the kernel's"
+        " high-water mark (VmHWM), reset after the embeddings were built. Target: <= 4 GB (3.73 GiB)."
+    )
+    print(load_average())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small-rows", type=int, default=50_000, help="N of part 1")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per timing (median reported)")
+    parser.add_argument("--growth-sizes", type=int, nargs="+", default=[12_500, 25_000, 50_000, 100_000])
+    parser.add_argument("--sgd-cap-large", type=int, default=200, help="sgd iteration cap at 1.28M; 0 = uncapped")
+    parser.add_argument("--sgd-ratios-large", type=float, nargs="+", default=RATIOS, help="ratios sgd runs at 1.28M")
+    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4], help="which parts to run")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    setup(args.threads)
+    if args.memory_child:
+        memory_child(num_classes=1000, knn_k=50, dim=512)
+        return
+    started = time.perf_counter()
+    header("bench_selection: exact vs released sgd")
+    if 1 in args.parts:
+        part_small(args.small_rows, args.repeats)
+    needs_fit = 2 in args.parts or (3 in args.parts and args.sgd_cap_large)
+    slopes = part_growth(args.growth_sizes) if needs_fit else {}
+    if 3 in args.parts:
+        part_large(args.repeats, args.sgd_cap_large, args.sgd_ratios_large, slopes)
+    if 4 in args.parts:
+        part_memory(args.threads)
+    footer(started)
+
+
+if __name__ == "__main__":
+    main()

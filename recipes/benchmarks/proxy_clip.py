@@ -1,0 +1,228 @@
+"""A proxy CLIP for machines without the Hub: a small CLIPModel trained contrastively on CIFAR-10 test rows.
+
+No pretrained CLIP can be downloaded offline, so the quality benchmark (bench_quality.py) builds its own: a ViT image
+tower sized for 32x32 images on a CPU, a small text tower with hf_clipsel.tiny's character-level tokenizer, trained
+with the cross-entropy of each image against the C class prompts ("a photo of a {class}."), logits = logit_scale x
+cosine, which is the objective hf_clipsel's adapters use. Light augmentation: 4-pixel zero-padded random crop and
+horizontal flip. The result is saved with save_pretrained (model + CLIPProcessor), so the pipeline loads it through
+its normal path (`model_name_or_path`), and its zero-shot accuracy is measured through that same path.
+
+The proxy trains on rows the downstream evaluation never sees (bench_quality: test rows 0..7999; evaluation on
+8000..9999). It is a weak CLIP: its zero-shot accuracy is reported next to every result that depends on it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+from hf_clipsel.configs import ModelConfig
+from hf_clipsel.embedding import embed_class_prompts
+from hf_clipsel.metrics import load_accuracy_metric
+from hf_clipsel.modeling import class_text_features, image_features, load_clip, vision_tower_outputs
+from hf_clipsel.tiny import BOS, EOS, tiny_tokenizer
+
+TEMPLATE = "a photo of a {}."
+
+
+@dataclass
+class ProxySpec:
+    """Size and training of the proxy. Defaults: 2.3M parameters (1.8M in the image tower), ~0.5 s per training
+    batch of 128 on one CPU thread; 12 epochs over 8,000 images took 6.6 minutes here."""
+
+    vision_hidden: int = 192
+    vision_layers: int = 4
+    vision_heads: int = 3
+    patch_size: int = 8  # 4x4 tokens at 32x32; patch 4 (8x8 tokens) costs ~4x more per step on a CPU
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 2
+    projection_dim: int = 128
+    image_size: int = 32
+    epochs: int = 12
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    seed: int = 0
+
+
+def decode_uint8(dataset, image_column: str = "img") -> torch.Tensor:
+    """Every image of ``dataset`` as one uint8 tensor [N, 3, H, W] (RGB; all images must share one size)."""
+    images = [np.asarray(image.convert("RGB")) for image in dataset[image_column]]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Standard CIFAR augmentation on a uint8 batch [B, 3, H, W]: zero-padded random crop, random horizontal flip.
+    Returns float pixels in [0, 255]."""
+    batch, _, height, width = images.shape
+    padded = F.pad(images.float(), (padding,) * 4)
+    top = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)
+    left = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)
+    rows = (top[:, None] + torch.arange(height))[:, None, :, None]
+    cols = (left[:, None] + torch.arange(width))[:, None, None, :]
+    cropped = padded[torch.arange(batch)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
+    flip = torch.rand(batch, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], cropped.flip(-1), cropped)
+
+
+def build_config(spec: ProxySpec, tokenizer) -> CLIPConfig:
+    special = dict(
+        bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
+        eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
+        pad_token_id=tokenizer.convert_tokens_to_ids(EOS),
+    )
+    return CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=spec.text_hidden,
+            intermediate_size=4 * spec.text_hidden,
+            num_hidden_layers=spec.text_layers,
+            num_attention_heads=spec.text_heads,
+            max_position_embeddings=77,
+            **special,
+        ),
+        vision_config=dict(
+            hidden_size=spec.vision_hidden,
+            intermediate_size=4 * spec.vision_hidden,
+            num_hidden_layers=spec.vision_layers,
+            num_attention_heads=spec.vision_heads,
+            image_size=spec.image_size,
+            patch_size=spec.patch_size,
+        ),
+        projection_dim=spec.projection_dim,
+    )
+
+
+def make_processor(spec: ProxySpec, tokenizer) -> CLIPProcessor:
+    size = spec.image_size
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def train_proxy(
+    output_dir: str | Path,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: list[str],
+    spec: ProxySpec,
+    state_path: str | Path | None = None,
+) -> dict:
+    """Train the proxy on ``images`` (uint8 [N, 3, 32, 32]) and ``labels``; save model + processor to ``output_dir``.
+
+    AdamW, linear warm-up then cosine decay, per step. With ``state_path`` the training state is saved after every
+    epoch and a rerun resumes from it. Returns the training history (loss and accuracy per epoch on the training
+    rows, seconds).
+    """
+    output_dir, started = Path(output_dir), time.perf_counter()
+    tokenizer = tiny_tokenizer()
+    processor = make_processor(spec, tokenizer)
+    mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
+    torch.manual_seed(spec.seed)
+    model = CLIPModel(build_config(spec, tokenizer))
+    text_inputs = tokenizer([TEMPLATE.format(name) for name in class_names], padding=True, return_tensors="pt")
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec.learning_rate,
+    )
+    steps_per_epoch = len(labels) // spec.batch_size
+    total, warmup = spec.epochs * steps_per_epoch, max(1, int(spec.warmup_epochs * steps_per_epoch))
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    generator = torch.Generator().manual_seed(spec.seed)
+    history, start_epoch = [], 0
+    if state_path and Path(state_path).exists():
+        state = torch.load(state_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+        print(f"proxy: resumed after epoch {start_epoch}", flush=True)
+    for epoch in range(start_epoch, spec.epochs):
+        model.train()
+        order = torch.randperm(len(labels), generator=generator)
+        loss_sum, correct, seen, epoch_start = 0.0, 0, 0, time.perf_counter()
+        for step in range(steps_per_epoch):
+            batch = order[step * spec.batch_size : (step + 1) * spec.batch_size]
+            pixels = (random_crop_flip(images[batch], generator) / 255.0 - mean) / std
+            image_embeds = F.normalize(model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output))
+            text_embeds = F.normalize(model.text_projection(model.text_model(**text_inputs).pooler_output))
+            logits = model.logit_scale.exp().clamp(max=100) * image_embeds @ text_embeds.T
+            loss = F.cross_entropy(logits, labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * len(batch)
+            correct += (logits.argmax(-1) == labels[batch]).sum().item()
+            seen += len(batch)
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": round(loss_sum / seen, 4),
+                "train_accuracy": round(correct / seen, 4),
+                "seconds": round(time.perf_counter() - epoch_start, 1),
+            }
+        )
+        print(f"proxy epoch {epoch + 1}/{spec.epochs}: {history[-1]}", flush=True)
+        if state_path:
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(),
+                "history": history,
+                "epoch": epoch,
+            }
+            torch.save(state, str(state_path) + ".tmp")
+            Path(str(state_path) + ".tmp").replace(state_path)
+    model.eval()
+    # Written beside its place and renamed in: a folder with model.safetensors is a finished proxy.
+    partial = output_dir.with_name(output_dir.name + ".partial")
+    model.save_pretrained(partial)
+    processor.save_pretrained(partial)
+    (partial / "proxy_training.json").write_text(
+        json.dumps({"spec": asdict(spec), "history": history, "num_train_rows": len(labels)}, indent=2)
+    )
+    if output_dir.exists():
+        raise FileExistsError(f"{output_dir} appeared while the proxy trained; remove it and rerun.")
+    partial.rename(output_dir)
+    return {"history": history, "train_seconds": round(time.perf_counter() - started, 1)}
+
+
+def zero_shot_accuracy(model_path: str | Path, dataset, class_names: list[str], image_column: str = "img") -> float:
+    """Top-1 zero-shot accuracy of the checkpoint at ``model_path`` on ``dataset``, through hf_clipsel's own loading
+    (load_clip: from_pretrained + AutoProcessor), prompt embedding, and accuracy metric module."""
+    model, processor = load_clip(ModelConfig(model_name_or_path=str(model_path)))
+    with torch.no_grad():
+        text_pooled = embed_class_prompts(model, processor.tokenizer, [[TEMPLATE.format(c) for c in class_names]])
+        class_features = class_text_features(model, text_pooled)
+        logits = []
+        for start in range(0, len(dataset), 256):
+            rows = dataset[start : start + 256]
+            pixels = processor.image_processor(
+                images=[image.convert("RGB") for image in rows[image_column]], return_tensors="pt"
+            ).pixel_values
+            features = F.normalize(image_features(model, vision_tower_outputs(model, pixels)), dim=-1)
+            logits.append(features @ class_features.T)
+    metric = load_accuracy_metric(keep_in_memory=True)
+    result = metric.compute(predictions=torch.cat(logits).numpy(), references=np.asarray(dataset["label"]), top_k=[1])
+    return float(result["top1"])
