@@ -59,6 +59,15 @@ def adapt_stage(context: RunContext, embeddings: Dataset):
                 check = agreement_check(
                     zero_shot, label_agreement(peft_model, pooled[held], labels[held], text_pooled), len(held)
                 )
+                # Early stopping may keep the starting point (LoRA B = 0): then nothing was adapted; say so.
+                check["adapters_changed"] = any(
+                    bool(t.abs().sum()) for n, t in peft_model.state_dict().items() if "lora_B" in n
+                )
+                if not check["adapters_changed"]:
+                    logger.warning(
+                        "No epoch agreed better with the held-out labels than zero-shot CLIP: the adapters "
+                        "stay at their starting point and the scores are zero-shot."
+                    )
                 if check["fell_back"]:
                     peft_model.base_model.disable_adapter_layers()
     else:
