@@ -98,8 +98,8 @@ class ModelConfig:
     dtype: str = field(
         default="float32",
         metadata={
-            "help": "Weights and activations of the frozen CLIP: float32 or bfloat16. Scores are always "
-            "computed in float32."
+            "help": "Weights and activations of the frozen CLIP's image tower: float32 or bfloat16 (about 2x "
+            "faster on CPU). The text tower and the projections stay float32; scores are always float32."
         },
     )
     trust_remote_code: bool = field(

@@ -40,9 +40,13 @@ def load_clip(config: ModelConfig) -> tuple[CLIPModel, AutoProcessor]:
     model.requires_grad_(False)
     model.eval()
     # The projections are tiny and are what the paper-faithful adapters act on: keep them (and so the
-    # features and the adapters' training) in float32 even when the towers run in bfloat16.
+    # features and the adapters' training) in float32 even when the image tower runs in bfloat16. The text
+    # tower runs once per class prompt, so float32 costs nothing there, and it keeps every row's alignment
+    # measured against the same exact class features (bfloat16 prompts moved the SAS ranking measurably:
+    # recipes/benchmarks/README.md, "Embedding").
     model.visual_projection.float()
     model.text_projection.float()
+    model.text_model.float()
     return model, processor
 
 

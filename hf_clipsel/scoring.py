@@ -7,6 +7,9 @@ ranking built on it does not depend on the order of the rows.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -173,6 +176,31 @@ def min_max(x: Tensor, valid: Tensor | None = None) -> Tensor:
     return normalized
 
 
+def exact_sum(values: Tensor) -> float:
+    """The sum of float ``values``, computed exactly and rounded once, so it does not depend on their order.
+
+    Sorting before summing gives order independence too, at O(N log N); this is O(N): each value is split into
+    integer mantissa halves (< 2**26) that are added per binary exponent, where float64 sums of integers stay exact
+    for up to 2**26 rows, and the per-exponent sums are combined as Python integers.
+    """
+    values = values.detach().to(device="cpu", dtype=torch.float64).numpy()
+    if values.size == 0:
+        return 0.0
+    if values.size > 2**26 or not np.isfinite(values).all():  # beyond the exact range: fall back to a sorted sum
+        return float(np.sort(values).sum())
+    mantissas, exponents = np.frexp(values)  # values = mantissas * 2**exponents, 0.5 <= |mantissas| < 1
+    integers = np.ldexp(mantissas, 53)  # exact integers, |.| < 2**53
+    high = np.floor(integers / 2**26)
+    low = integers - high * 2**26
+    lowest = int(exponents.min())
+    buckets = exponents - lowest
+    high_sums = np.bincount(buckets, weights=high)
+    low_sums = np.bincount(buckets, weights=low)
+    total = sum((int(h) * 2**26 + int(lo)) << shift for shift, (h, lo) in enumerate(zip(high_sums, low_sums)))
+    shift = lowest - 53
+    return float(Fraction(total) * Fraction(2) ** shift)
+
+
 def scale_by_mean(scores: Tensor, valid: Tensor | None = None) -> Tensor:
     """``scores / mean(scores)``, the mean taken over the valid rows, as a float64 tensor of the same shape.
 
@@ -185,9 +213,9 @@ def scale_by_mean(scores: Tensor, valid: Tensor | None = None) -> Tensor:
     values = scores[valid].to(torch.float64)
     if values.numel() == 0:
         return scaled
-    # Summing sorted values makes the mean depend only on the multiset of values, not on the row order, so a
-    # permutation of the rows yields bit-identical rewards (and so the same selection).
-    mean = torch.sort(values).values.sum() / values.numel()
+    # An exactly rounded sum depends only on the multiset of values, not on the row order, so a permutation of the
+    # rows yields bit-identical rewards (and so the same selection).
+    mean = exact_sum(values) / values.numel()
     if mean != 0:
         scaled[valid] = values / mean
     return scaled

@@ -62,3 +62,10 @@ def test_a_different_model_gets_its_own_cache(cifar_slice, tiny_clip_path, tmp_p
             chunk_size=20,
         )
     assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_bfloat16_runs_the_image_tower_only_in_bfloat16(tiny_clip_path):
+    model, _ = load_clip(ModelConfig(model_name_or_path=str(tiny_clip_path), dtype="bfloat16"))
+    assert model.vision_model.embeddings.patch_embedding.weight.dtype == torch.bfloat16
+    for part in (model.text_model, model.visual_projection, model.text_projection):
+        assert {p.dtype for p in part.parameters()} == {torch.float32}

@@ -22,6 +22,7 @@ from hf_clipsel.selection import (
     select,
 )
 from hf_clipsel.selection.moderate import distance_to_class_median
+from hf_clipsel.selection.registry import ranking, top_k, top_of_ranking
 
 BASELINES = ("random", "clip_score", "moderate", "ccs")
 
@@ -313,3 +314,21 @@ def test_inputs_are_validated():
         SelectionInputs([1, 1], [0, 0], [0.1, 0.2], [0.1, 0.2])
     with pytest.raises(ValueError, match="labels has shape"):
         SelectionInputs([1, 2], [0], [0.1, 0.2], [0.1, 0.2])
+
+
+def test_top_k_matches_the_full_ranking_with_ties_and_invalid_rows():
+    """The partition cut picks the same rows as the sorted ranking (ties by row id), for every k."""
+    rng = np.random.default_rng(3)
+    num_rows = 400
+    inputs = SelectionInputs(
+        row_id=rng.permutation(10 * num_rows)[:num_rows],
+        labels=rng.integers(0, 4, num_rows),
+        semantic_alignment_normalized=np.zeros(num_rows),
+        sample_diversity_normalized=np.zeros(num_rows),
+        valid=rng.random(num_rows) > 0.2,
+    )
+    key = rng.integers(0, 12, num_rows).astype(np.float64)  # many ties
+    key[rng.choice(num_rows, 10, replace=False)] = np.nan
+    order = ranking(np.where(np.isnan(key), -np.inf, key), inputs.row_id)
+    for k in [0, 1, 7, 50, 199, int(inputs.valid.sum()), num_rows]:
+        assert np.array_equal(top_k(key, inputs, k, False), top_of_ranking(order, inputs, k, False)), k

@@ -14,11 +14,10 @@ from hf_clipsel.configs import SelectionConfig
 from hf_clipsel.selection.registry import (
     SelectionInputs,
     SelectionResult,
-    ranking,
     ratio_budgets,
     register_selector,
     split_by_label,
-    top_of_ranking,
+    top_k,
 )
 
 
@@ -49,8 +48,7 @@ def select_moderate(inputs: SelectionInputs, ratios: list[float], config: Select
     closeness = np.full(inputs.num_rows, -np.inf)
     if inputs.valid.any():
         closeness[inputs.valid] = -np.abs(distance[inputs.valid] - np.median(distance[inputs.valid]))
-    order = ranking(closeness, inputs.row_id)
     result = SelectionResult()
     for ratio, k in ratio_budgets(inputs, ratios).items():
-        result.add(ratio, top_of_ranking(order, inputs, k, config.class_balanced), k, int(inputs.valid.sum()))
+        result.add(ratio, top_k(closeness, inputs, k, config.class_balanced), k, int(inputs.valid.sum()))
     return result

@@ -8,10 +8,9 @@ from hf_clipsel.configs import SelectionConfig
 from hf_clipsel.selection.registry import (
     SelectionInputs,
     SelectionResult,
-    ranking,
     ratio_budgets,
     register_selector,
-    top_of_ranking,
+    top_k,
 )
 
 
@@ -23,8 +22,7 @@ def select_random(inputs: SelectionInputs, ratios: list[float], config: Selectio
     smaller random subset of a larger one is again uniform.
     """
     priority = np.random.default_rng(config.seed).permutation(inputs.num_rows)
-    order = ranking(priority, inputs.row_id)
     result = SelectionResult()
     for ratio, k in ratio_budgets(inputs, ratios).items():
-        result.add(ratio, top_of_ranking(order, inputs, k, config.class_balanced), k, int(inputs.valid.sum()))
+        result.add(ratio, top_k(priority, inputs, k, config.class_balanced), k, int(inputs.valid.sum()))
     return result

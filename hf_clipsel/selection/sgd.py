@@ -24,13 +24,13 @@ import torch
 
 from hf_clipsel.configs import SelectionConfig
 from hf_clipsel.scoring import scale_by_mean
-from hf_clipsel.selection.exact import reward_ranking
 from hf_clipsel.selection.registry import (
     SelectionInputs,
     SelectionResult,
+    ranking,
     ratio_budgets,
     register_selector,
-    top_of_ranking,
+    top_k,
 )
 
 # The released code's constants, kept as they are for reproduction.
@@ -137,8 +137,8 @@ def select_sgd(inputs: SelectionInputs, ratios: list[float], config: SelectionCo
     result = SelectionResult()
     for ratio, k in ratio_budgets(inputs, ratios).items():
         alpha = config.alpha_for(ratio)
-        order = reward_ranking(inputs, alpha)
-        exact = top_of_ranking(order, inputs, k, class_balanced=False)
+        reward = inputs.reward(alpha)
+        exact = top_k(reward, inputs, k, class_balanced=False)
         if k >= num_valid:
             mask = valid.copy()
             diagnostics = {"iterations": 0, "converged": True, "budget_term": float("nan"), "objective": float("nan")}
@@ -160,6 +160,6 @@ def select_sgd(inputs: SelectionInputs, ratios: list[float], config: SelectionCo
         diagnostics["count_error"] = abs(count - k)
         diagnostics["overlap_with_exact"] = float((mask & exact).sum() / max(int(exact.sum()), 1))
         if config.sgd_exact_trim:
-            mask = trim_to_budget(mask, order, valid, k)
+            mask = trim_to_budget(mask, ranking(reward, inputs.row_id), valid, k)
         result.add(ratio, mask, k, num_valid, alpha=alpha, **diagnostics)
     return result

@@ -31,6 +31,7 @@ On a GPU with a real CLIP, e.g.:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import sys
@@ -46,18 +47,19 @@ from quality_train import TrainSpec, train_minimal, train_recipe
 from hf_clipsel import pipeline
 from hf_clipsel.configs import ClipselConfig, budget
 from hf_clipsel.noise import CORRUPTIONS, asymmetric_label_noise, corrupt_images, symmetric_label_noise
-from hf_clipsel.outputs import ratio_name, scores_files, selected_column
+from hf_clipsel.outputs import ratio_name, read_run_config, scores_files, selected_column
+from hf_clipsel.pipeline import OUTPUT_NEUTRAL_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
-METHOD, ZERO_SHOT, PAPER, GATE = "exact", "sas_zero_shot", "exact_paper", "exact_gate"
-FROM_SAVED_SCORES = ("random", "clip_score", "ccs", GATE)  # select_from_scores: no model needed
+METHOD, ZERO_SHOT, PAPER, UNGATED = "exact", "sas_zero_shot", "exact_paper", "exact_ungated"
+FROM_SAVED_SCORES = ("random", "clip_score", "ccs", UNGATED)  # select_from_scores: no model needed
 SELECTORS = (METHOD, "random", "clip_score", "moderate", "ccs", ZERO_SHOT)
-VARIANTS = (PAPER, GATE)  # the method with other settings: selection only (noise kept) unless also in --selectors
+VARIANTS = (PAPER, UNGATED)  # the method with other settings: selection only (noise kept) unless also in --selectors
 LABELS = {
     METHOD: "method (exact, package defaults)",
     PAPER: "method, preset paper (alpha = ratio, no held-out check)",
-    GATE: "method + diversity_gate agreement",
+    UNGATED: "method with diversity_gate none (as released)",
     "random": "random",
     "clip_score": "clip_score (adapted SAS)",
     "moderate": "moderate (Moderate-DS)",
@@ -289,23 +291,28 @@ def selection_config(args, case: dict, pool_file: Path, model: str, selector: st
         "label_column": "label",
         "model_name_or_path": model,
         "selection_ratios": list(args.ratios),
-        "selection_method": {ZERO_SHOT: "clip_score", PAPER: METHOD, GATE: METHOD}.get(selector, selector),
+        "selection_method": {ZERO_SHOT: "clip_score", PAPER: METHOD, UNGATED: METHOD}.get(selector, selector),
         "output_dir": str(run_dir / selector),
         "cache_dir": str(run_dir / "embeddings"),  # one embedding pass per case, shared by both runs
         "batch_size": args.embed_batch_size,
+        "overwrite_output_dir": True,  # only reached when finished() found other settings there
     }
     if selector == ZERO_SHOT:
         values["adapter_preset"] = "none"
     elif selector == PAPER:
         values["preset"] = "paper"
-    elif selector == GATE:
-        values["diversity_gate"] = "agreement"
+    elif selector == UNGATED:
+        values["diversity_gate"] = "none"
     return ClipselConfig.from_flat(values)
 
 
 def finished(config: ClipselConfig) -> bool:
+    """The selection is written and was made with these settings (a changed library default reruns it)."""
     output_dir = Path(config.run.output_dir)
-    return (output_dir / "README.md").exists() and (output_dir / "run_summary.json").exists()
+    if not ((output_dir / "README.md").exists() and (output_dir / "run_summary.json").exists()):
+        return False
+    previous = read_run_config(output_dir) or {}
+    return all(previous.get(k) == v for k, v in config.to_flat().items() if k not in OUTPUT_NEUTRAL_KEYS)
 
 
 def saved_scores(config: ClipselConfig):
@@ -454,8 +461,9 @@ def training_subsets(args, masks, columns) -> dict[str, np.ndarray]:
 
 def run_training(args, case, name, mask, seed, spec, tensors, configs, heldout_dir) -> dict:
     path = train_dir(args, case, spec) / name / f"seed{seed}.json"
+    rows_digest = hashlib.sha256(np.flatnonzero(mask).astype(np.int64).tobytes()).hexdigest()[:16]
     result = read_json(path)
-    if result is not None:
+    if result is not None and result.get("rows_digest") == rows_digest:  # the same rows: reuse
         return result
     if args.trainer == "minimal":
         images, labels, test_images, test_labels = tensors
@@ -474,6 +482,7 @@ def run_training(args, case, name, mask, seed, spec, tensors, configs, heldout_d
         result = train_recipe(
             dataset, config_name, data_dir, str(heldout_dir), int(mask.sum()), spec, seed, output_dir
         )
+    result["rows_digest"] = rows_digest
     write_json(path, result)
     return result
 
