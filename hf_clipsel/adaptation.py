@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from .data import ROW_ID, decode_rgb
 from .embedding import embed_class_prompts, pooled_matrix
 from .modeling import attach_adapters, load_adapters
 from .outputs import ADAPTER_DIR, write_atomic_text
-from .training import label_agreement, train_end_to_end, train_on_cache
+from .training import agrees_with_labels, train_end_to_end, train_on_cache
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +52,13 @@ def adapt_stage(context: RunContext, embeddings: Dataset):
             seed = context.config.selection.seed
             train, validation, held = split_holdout(np.nonzero(valid)[0], adapter.adapter_holdout_fraction, seed)
             early_stopping = (pooled[validation], labels[validation]) if len(validation) else None
-            zero_shot = label_agreement(peft_model, pooled[held], labels[held], text_pooled)
+            zero_shot = agrees_with_labels(peft_model, pooled[held], labels[held], text_pooled)
             train_on_cache(
                 peft_model, pooled[train], labels[train], text_pooled, adapter, seed, holdout=early_stopping
             )
             if len(held):
-                check = agreement_check(
-                    zero_shot, label_agreement(peft_model, pooled[held], labels[held], text_pooled), len(held)
-                )
+                adapted = agrees_with_labels(peft_model, pooled[held], labels[held], text_pooled)
+                check = agreement_check(zero_shot.numpy(), adapted.numpy(), adapter.adapter_check_confidence)
                 # Early stopping may keep the starting point (LoRA B = 0): then nothing was adapted; say so.
                 check["adapters_changed"] = any(
                     bool(t.abs().sum()) for n, t in peft_model.state_dict().items() if "lora_B" in n
@@ -100,11 +100,38 @@ def split_holdout(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     return np.sort(order[held:]), validation, check
 
 
-def agreement_check(zero_shot: float, adapted: float, rows: int) -> dict:
-    """The safety check users see: adapters that agree with the given labels less than zero-shot CLIP on rows they
-    never saw have learned the labels' noise more than the data; then the scores use zero-shot features."""
-    fell_back = adapted < zero_shot
-    if fell_back:
+def sign_test_p_value(only_adapted_right: int, only_zero_shot_right: int) -> float:
+    """One-sided sign test: P(X >= only_adapted_right) for X ~ Binomial(n, 1/2), n = the rows where exactly one of
+    the two models agrees with the label. Small means the adapters' gain is unlikely to be chance."""
+    n = only_adapted_right + only_zero_shot_right
+    if n == 0:
+        return 1.0
+    # log-space terms: exact for any n without huge integers or float underflow of 0.5 ** n
+    log_terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
+        for i in range(only_adapted_right, n + 1)
+    ]
+    top = max(log_terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
+
+
+def agreement_check(zero_shot_agrees: np.ndarray, adapted_agrees: np.ndarray, confidence: float) -> dict:
+    """The safety check users see, on held-out rows: keep the adapters only if they agree with the given labels
+    more often than zero-shot CLIP, significantly at ``confidence`` (0: unless they agree less). Otherwise the
+    scores use zero-shot features: adapters that agree less have learned the labels' noise more than the data,
+    and a gain within chance is no reason to trust them over zero-shot CLIP (adapters that learned structured
+    noise gain a little on held-out rows with the same noise)."""
+    zero_shot_agrees, adapted_agrees = np.asarray(zero_shot_agrees, bool), np.asarray(adapted_agrees, bool)
+    rows = len(zero_shot_agrees)
+    zero_shot, adapted = float(zero_shot_agrees.mean()), float(adapted_agrees.mean())
+    only_adapted = int((adapted_agrees & ~zero_shot_agrees).sum())
+    only_zero_shot = int((zero_shot_agrees & ~adapted_agrees).sum())
+    p_value = sign_test_p_value(only_adapted, only_zero_shot)
+    if confidence == 0:
+        fell_back = adapted < zero_shot
+    else:
+        fell_back = only_adapted <= only_zero_shot or p_value > 1 - confidence
+    if fell_back and adapted < zero_shot:
         logger.warning(
             "The adapted model agrees with the given labels less than zero-shot CLIP on %d held-out rows "
             "(%.3f vs %.3f): the labels are likely noisy. Falling back to zero-shot features for scoring.",
@@ -112,14 +139,36 @@ def agreement_check(zero_shot: float, adapted: float, rows: int) -> dict:
             adapted,
             zero_shot,
         )
+    elif fell_back and only_adapted > only_zero_shot:
+        logger.warning(
+            "The adapted model agrees with the given labels on %d held-out rows where zero-shot CLIP does not, and "
+            "zero-shot on %d where it does not (%.3f vs %.3f): a gain this small is within chance (sign test p = "
+            "%.2f > %.2f), and adapters that learned structured label noise look like this. Falling back to "
+            "zero-shot features for scoring.",
+            only_adapted,
+            only_zero_shot,
+            adapted,
+            zero_shot,
+            p_value,
+            1 - confidence,
+        )
     else:
         logger.info(
-            "Adapter check on %d held-out rows: label agreement %.3f (zero-shot %.3f).", rows, adapted, zero_shot
+            "Adapter check on %d held-out rows: label agreement %.3f (zero-shot %.3f), sign test p = %.3g; %s.",
+            rows,
+            adapted,
+            zero_shot,
+            p_value,
+            "scoring with zero-shot features" if fell_back else "adapters kept",
         )
     return {
         "held_out_rows": rows,
         "zero_shot_agreement": zero_shot,
         "adapted_agreement": adapted,
+        "rows_only_adapted_agrees": only_adapted,
+        "rows_only_zero_shot_agrees": only_zero_shot,
+        "sign_test_p_value": p_value,
+        "confidence": confidence,
         "fell_back": fell_back,
     }
 

@@ -152,6 +152,16 @@ class AdapterConfig:
             "(the paper's fixed schedule)."
         },
     )
+    adapter_check_confidence: float = field(
+        default=0.95,
+        metadata={
+            "help": "The held-out check keeps the adapters only if they agree with the given labels more often "
+            "than zero-shot CLIP at this confidence (one-sided sign test on the held-out rows where the two "
+            "disagree); otherwise the scores use zero-shot features. A gain of a few rows is noise, and adapters "
+            "that learned structured label noise (e.g. cat<->dog flips) gain a little on held-out rows that share "
+            "it. 0 keeps them unless they agree less."
+        },
+    )
     prompt_templates: list[str] = field(
         default_factory=lambda: list(DEFAULT_TEMPLATES),
         metadata={
@@ -168,6 +178,10 @@ class AdapterConfig:
         _check_positive("adapter_learning_rate", self.adapter_learning_rate)
         _check_positive("adapter_lr_step_epochs", self.adapter_lr_step_epochs)
         _check_positive("adapter_batch_size", self.adapter_batch_size)
+        if not 0 <= self.adapter_check_confidence < 1:
+            raise ValueError(
+                f"adapter_check_confidence must be in [0, 1), got {self.adapter_check_confidence}; e.g. 0.95."
+            )
         if not 0 <= self.adapter_holdout_fraction < 1:
             raise ValueError(f"adapter_holdout_fraction must be in [0, 1), got {self.adapter_holdout_fraction}.")
         if not self.prompt_templates:

@@ -45,13 +45,20 @@ def _optimizer(model, config: AdapterConfig):
 
 
 @torch.no_grad()
+def agrees_with_labels(
+    model, vision_pooled: torch.Tensor, labels: torch.Tensor, text_pooled: torch.Tensor
+) -> torch.Tensor:
+    """``bool[N]``: whether each row's given label is the class the model prefers."""
+    features = F.normalize(image_features(model, vision_pooled), dim=-1)
+    predicted = (features @ class_text_features(model, text_pooled).T).argmax(dim=-1)
+    return predicted.cpu() == labels.cpu()
+
+
 def label_agreement(model, vision_pooled: torch.Tensor, labels: torch.Tensor, text_pooled: torch.Tensor) -> float:
     """Fraction of rows whose given label is the class the model prefers (in [0, 1]; higher = agrees more)."""
     if len(labels) == 0:
         return float("nan")
-    features = F.normalize(image_features(model, vision_pooled), dim=-1)
-    predicted = (features @ class_text_features(model, text_pooled).T).argmax(dim=-1)
-    return float((predicted.cpu() == labels.cpu()).float().mean())
+    return float(agrees_with_labels(model, vision_pooled, labels, text_pooled).float().mean())
 
 
 def train_on_cache(

@@ -106,3 +106,37 @@ def test_adapters_that_learn_the_label_noise_fall_back_to_zero_shot(cifar_slice,
     assert check["adapters_changed"]
     # scoring used zero-shot features: the same predictions as the zero-shot run
     assert pd.read_parquet(out / "scores")["predicted_label"].tolist() == predicted.tolist()
+
+
+def test_sign_test_p_value_matches_the_binomial_tail():
+    from math import comb
+
+    from hf_clipsel.adaptation import sign_test_p_value
+
+    for wins, losses in [(0, 0), (3, 0), (5, 5), (12, 4), (30, 17), (0, 9)]:
+        n = wins + losses
+        expected = sum(comb(n, i) for i in range(wins, n + 1)) / 2**n if n else 1.0
+        assert sign_test_p_value(wins, losses) == pytest.approx(expected, rel=1e-9)
+    assert sign_test_p_value(5000, 4000) < 1e-20  # large n: no overflow, no underflow to nonsense
+
+
+def test_the_check_keeps_adapters_only_on_a_significant_gain():
+    from hf_clipsel.adaptation import agreement_check
+
+    zero_shot = np.zeros(500, dtype=bool)
+    zero_shot[:200] = True
+    small_gain = zero_shot.copy()
+    small_gain[200:220] = True  # 20 rows only the adapters get right ...
+    small_gain[:17] = False  # ... 17 only zero-shot gets right: +3 rows, as on the asymmetric-noise benchmark
+    check = agreement_check(zero_shot, small_gain, confidence=0.95)
+    assert check["adapted_agreement"] > check["zero_shot_agreement"] and check["fell_back"]
+    assert (check["rows_only_adapted_agrees"], check["rows_only_zero_shot_agrees"]) == (20, 17)
+    assert not agreement_check(zero_shot, small_gain, confidence=0)["fell_back"]  # the plain "not worse" rule
+
+    clear_gain = zero_shot.copy()
+    clear_gain[200:260] = True
+    check = agreement_check(zero_shot, clear_gain, confidence=0.95)
+    assert not check["fell_back"] and check["sign_test_p_value"] < 1e-10
+    assert agreement_check(zero_shot, zero_shot, confidence=0.95)["fell_back"]  # no change: nothing to trust
+    with pytest.raises(ValueError, match="adapter_check_confidence"):
+        parse_config(["--adapter_check_confidence", "1"])
