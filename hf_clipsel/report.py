@@ -236,6 +236,24 @@ def write_thumbnails(tiles: list[Tile], source, missing_reason: str, report_dir:
         tile.thumbnail = relative
 
 
+GATE_TEXT = {
+    "agreement": "on: only rows whose given label is the class CLIP prefers earn the diversity term",
+    "none": "off: every row earns the diversity term (the released reward)",
+}
+
+
+def adapter_check_text(check: dict) -> str:
+    """What the held-out check decided, in a sentence (run_summary.json's adapter_check)."""
+    verdict = "fell back: the scores use zero-shot CLIP features" if check["fell_back"] else "adapters kept"
+    text = (
+        f"{verdict} (label agreement on {check['held_out_rows']} held-out rows: adapted "
+        f"{check['adapted_agreement']:.3f}, zero-shot {check['zero_shot_agreement']:.3f}"
+    )
+    if "sign_test_p_value" in check:
+        text += f"; sign test p = {check['sign_test_p_value']:.2g}, needs <= {1 - check['confidence']:.2g}"
+    return text + ")"
+
+
 def summary_rows(summary: dict, run_config: dict, scores: RunScores) -> list[tuple[str, str]]:
     """The summary table: (what, value) pairs, from run_summary.json and run_config.yaml."""
     alpha = run_config.get("alpha")
@@ -247,8 +265,10 @@ def summary_rows(summary: dict, run_config: dict, scores: RunScores) -> list[tup
         ("dataset", f"{dataset} (split {split})"),
         ("model", str(summary.get("model") or run_config.get("model_name_or_path"))),
         ("adapters", f"{run_config.get('adapter_preset', 'n/a')}, {run_config.get('adapter_epochs', 'n/a')} epochs"),
+        *([("adapter check", adapter_check_text(summary["adapter_check"]))] if summary.get("adapter_check") else []),
         ("selection method", str(summary.get("selection_method") or run_config.get("selection_method"))),
         ("alpha (weight of diversity)", "equal to each ratio" if alpha is None else f"{alpha:g}"),
+        ("diversity gate", GATE_TEXT.get(run_config.get("diversity_gate", "none"), "n/a")),
         ("k nearest neighbours (SDS)", str(run_config.get("knn_k", "n/a"))),
         ("rows scored", str(summary.get("num_rows", len(scores.row_id)))),
         ("rows flagged (never selected)", str(summary.get("num_flagged", int((~scores.usable).sum())))),
@@ -259,6 +279,9 @@ def summary_rows(summary: dict, run_config: dict, scores: RunScores) -> list[tup
         text = f"{kept} rows ({kept / max(len(scores.row_id), 1):.1%})"
         if info.get("shortfall"):
             text += f", {info['shortfall']} short of the budget of {info['budget']}"
+        dropped = info.get("dropped_by_reason") or {}
+        if dropped:
+            text += "; dropped: " + ", ".join(f"{count:,} {reason}" for reason, count in dropped.items())
         rows.append((f"kept at ratio {ratio:g}", text))
     return rows
 
@@ -347,6 +370,9 @@ def write_report(output_dir: str | Path, gallery_ratio: float | None = None) -> 
             classes=per_class_rows(scores, least_kept_first=many_classes),
             classes_by_share=many_classes,
             command=run_config.get("command", ""),
+            gated=run_config.get("diversity_gate") == "agreement",
+            zero_shot_scores=run_config.get("adapter_preset") == "none"
+            or bool((summary.get("adapter_check") or {}).get("fell_back")),
         )
         (directory / INDEX).write_text(page, encoding="utf-8")
     return output_dir / REPORT_DIR / INDEX

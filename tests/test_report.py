@@ -169,3 +169,24 @@ def test_scores_read_back_with_load_dataset_match_the_page(run_dir):
     usable = scores["flag_reason"][:] == ""
     lowest = int(scores["row_id"][:][usable][np.argmin(scores["semantic_alignment"][:][usable])])
     assert parse_page(run_dir / REPORT_DIR / INDEX).rows["lowest-alignment"][0] == lowest
+
+
+def test_summary_says_what_the_adapter_check_decided_and_why_rows_were_dropped(run_dir):
+    import json
+    from collections import Counter
+
+    page = (run_dir / REPORT_DIR / INDEX).read_text(encoding="utf-8")
+    check = json.loads((run_dir / "run_summary.json").read_text())["adapter_check"]
+    verdict = "fell back: the scores use zero-shot CLIP features" if check["fell_back"] else "adapters kept"
+    assert f"{verdict} (label agreement on {check['held_out_rows']} held-out rows" in page
+    assert "zero-shot CLIP image feature" in page if check["fell_back"] else "adapted CLIP image feature" in page
+    assert "on: only rows whose given label is the class CLIP prefers earn the diversity term" in page
+    scores = scores_table(run_dir)
+    for ratio in RATIOS:
+        reasons = Counter(r for r in scores[f"drop_reason_ratio_{ratio:g}"] if r)
+        assert reasons, ratio
+        expected = "; dropped: " + ", ".join(f"{count:,} {reason}" for reason, count in reasons.items())
+        row = page[page.index(f"kept at ratio {ratio:g}") :].split("</tr>")[0]
+        assert sorted(row.split("; dropped: ")[1].removesuffix("</td>").split(", ")) == sorted(
+            expected.removeprefix("; dropped: ").split(", ")
+        )
