@@ -209,6 +209,10 @@ def scale_by_mean(scores: Tensor, valid: Tensor | None = None) -> Tensor:
     """
     scores = torch.as_tensor(scores)
     valid = _as_valid_mask(valid, scores.shape[0], scores.device)
+    if bool(valid.all()):  # the common case: no masked gather and scatter (they dominate the cost)
+        values = scores.to(torch.float64)
+        mean = exact_sum(values) / max(values.numel(), 1)
+        return values / mean if mean != 0 else torch.zeros_like(values)
     scaled = torch.zeros(scores.shape, dtype=torch.float64, device=scores.device)
     values = scores[valid].to(torch.float64)
     if values.numel() == 0:
