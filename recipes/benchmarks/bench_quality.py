@@ -8,6 +8,8 @@ pool drawn from the CIFAR-10 training split, and each selection ratio (0.3, 0.5,
   select); `random`, `clip_score`, `ccs` from the method's saved scores with `pipeline.select_from_scores`; `moderate`
   with `pipeline.select_stage` (it needs the image features, which saved scores do not hold); and the zero-shot
   alignment score alone ("SAS zero-shot": adapter_preset none, clip_score), a second `run` on the same embedding cache;
+  the published method (`--preset paper`), a third `run`; and, selected only, the method with the released
+  (ungated) reward;
 - for every kept set: the fraction of its rows the injector changed (next to the pool's), and the top-1 on held-out
   CIFAR-10 test rows of a fixed timm model trained from scratch on it with a fixed budget, over several seeds;
 - references: the full noisy pool (ratio 1.0) and, as an oracle, its clean rows only.
@@ -20,7 +22,8 @@ Every piece is cached under --work_dir (proxy, pools, selection outputs, one JSO
 killed run started again, skips what is finished. Outputs: --results_prefix.md (tables) and .png (plot), and
 results.json in --work_dir.
 
-Default configuration: 43 minutes measured on a 2-core CPU shared with other jobs (recipes/benchmarks/README.md).
+Default configuration: about 46 minutes on a 2-core CPU shared with other jobs, the sum of its measured pieces
+(recipes/benchmarks/README.md).
 On a GPU with a real CLIP, e.g.:
 
     python recipes/benchmarks/bench_quality.py --model_name_or_path openai/clip-vit-base-patch32 --pool_size 50000 \
@@ -88,12 +91,14 @@ def parse_args(argv=None):
     p.add_argument("--severity", type=int, default=5)
     p.add_argument("--noise_seed", type=int, default=0)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.8])
-    p.add_argument("--selectors", nargs="+", choices=SELECTORS + VARIANTS, default=list(SELECTORS), help="Trained on.")
+    p.add_argument(
+        "--selectors", nargs="+", choices=SELECTORS + VARIANTS, default=[*SELECTORS, PAPER], help="Trained on."
+    )
     p.add_argument(
         "--variants",
         nargs="*",
         choices=VARIANTS,
-        default=list(VARIANTS),
+        default=[UNGATED],
         help="Selected and reported (share of injected rows kept) but not trained on, unless also in --selectors.",
     )
     p.add_argument("--embed_batch_size", type=int, default=64, help="hf_clipsel's batch_size (embedding).")
