@@ -43,8 +43,9 @@ def _print_summary(summary: dict, output_dir: str) -> None:
         verdict = "scored with zero-shot features instead" if check["fell_back"] else "kept"
         print(
             f"Adapters: label agreement {check['adapted_agreement']:.3f} on {check['held_out_rows']} held-out rows "
-            f"(zero-shot {check['zero_shot_agreement']:.3f}, sign test p = {check['sign_test_p_value']:.2g}): "
-            f"{verdict}."
+            f"(zero-shot {check['zero_shot_agreement']:.3f}"
+            + (f", sign test p = {check['sign_test_p_value']:.2g}" if "sign_test_p_value" in check else "")
+            + f"): {verdict}."
         )
     for ratio, info in summary["ratios"].items():
         shortfall = f", {info['shortfall']} short of the budget" if info["shortfall"] else ""
