@@ -55,14 +55,25 @@ from hf_clipsel.pipeline import OUTPUT_NEUTRAL_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
-METHOD, ZERO_SHOT, PAPER, UNGATED = "exact", "sas_zero_shot", "exact_paper", "exact_ungated"
-FROM_SAVED_SCORES = ("random", "clip_score", "ccs", UNGATED)  # select_from_scores: no model needed
+METHOD, ZERO_SHOT, PAPER, UNGATED, BALANCED = (
+    "exact",
+    "sas_zero_shot",
+    "exact_paper",
+    "exact_ungated",
+    "exact_balanced",
+)
+FROM_SAVED_SCORES = ("random", "clip_score", "ccs", UNGATED, BALANCED)  # select_from_scores: no model needed
 SELECTORS = (METHOD, "random", "clip_score", "moderate", "ccs", ZERO_SHOT)
-VARIANTS = (PAPER, UNGATED)  # the method with other settings: selection only (noise kept) unless also in --selectors
+VARIANTS = (
+    PAPER,
+    UNGATED,
+    BALANCED,
+)  # the method with other settings: selection only (noise kept) unless also in --selectors
 LABELS = {
     METHOD: "method (exact, package defaults)",
     PAPER: "method, preset paper (alpha = ratio, no held-out check)",
     UNGATED: "method with diversity_gate none (as released)",
+    BALANCED: "method with class_balanced quotas",
     "random": "random",
     "clip_score": "clip_score (adapted SAS)",
     "moderate": "moderate (Moderate-DS)",
@@ -296,7 +307,9 @@ def selection_config(args, case: dict, pool_file: Path, model: str, selector: st
         "label_column": "label",
         "model_name_or_path": model,
         "selection_ratios": list(args.ratios),
-        "selection_method": {ZERO_SHOT: "clip_score", PAPER: METHOD, UNGATED: METHOD}.get(selector, selector),
+        "selection_method": {ZERO_SHOT: "clip_score", PAPER: METHOD, UNGATED: METHOD, BALANCED: METHOD}.get(
+            selector, selector
+        ),
         "output_dir": str(run_dir / selector),
         "cache_dir": str(run_dir / "embeddings"),  # one embedding pass per case, shared by both runs
         "batch_size": args.embed_batch_size,
@@ -308,6 +321,8 @@ def selection_config(args, case: dict, pool_file: Path, model: str, selector: st
         values["preset"] = "paper"
     elif selector == UNGATED:
         values["diversity_gate"] = "none"
+    elif selector == BALANCED:
+        values["class_balanced"] = True
     return ClipselConfig.from_flat(values)
 
 
@@ -582,7 +597,7 @@ def plot(args, cases, per_case, rows, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, len(cases), figsize=(5.2 * len(cases), 8), squeeze=False, sharex=True)
-    markers = dict(zip(SELECTORS + VARIANTS, "osD^vxPX"))
+    markers = dict(zip(SELECTORS + VARIANTS, "osD^vxPX*"))
     for column, case in enumerate(cases):
         top, bottom = axes[0][column], axes[1][column]
         case_rows = [r for r in rows if r["case"] == case["name"]]
