@@ -47,6 +47,7 @@ SCHEDULES = {
         gamma=0.2,
         image_size=32,
         crop_pct=1.0,
+        augment="pad_crop_flip",
     ),
     "tiny_imagenet": dict(
         lr=0.1,
@@ -57,6 +58,7 @@ SCHEDULES = {
         gamma=0.1,
         image_size=64,
         crop_pct=1.0,
+        augment="pad_crop_flip",
     ),
     "imagenet": dict(
         lr=0.01,
@@ -67,6 +69,7 @@ SCHEDULES = {
         gamma=0.1,
         image_size=None,
         crop_pct=None,
+        augment="timm",
     ),
 }
 
@@ -98,6 +101,14 @@ def parse_args(argv=None):
         ("crop_pct", float),
     ]:
         p.add_argument(f"--{name}", type=kind, default=None, help="Default: from --schedule.")
+    p.add_argument(
+        "--augment",
+        choices=("pad_crop_flip", "timm"),
+        default=None,
+        help="Training augmentation. pad_crop_flip: random crop with padding of 1/8 of the image size and a "
+        "horizontal flip, the usual CIFAR/Tiny-ImageNet one; timm: timm's training transform (RandomResizedCrop, "
+        "colour jitter), made for ImageNet-sized images. Default: from --schedule.",
+    )
     p.add_argument("--milestones", type=int, nargs="*", default=None, help="Epochs where lr *= gamma.")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--max_train_steps", type=int, default=None, help="Stop after this many optimizer steps.")
@@ -155,6 +166,25 @@ def checkpoints(directory: Path):
     return sorted(directory.glob("epoch_*"), key=lambda path: int(path.name.split("_")[1]))
 
 
+def training_transform(augment: str, data_config: dict):
+    """The training augmentation; `pad_crop_flip` keeps the image size (small images lose too much to a resized
+    crop) and normalises like the evaluation transform."""
+    if augment == "timm":
+        return create_transform(**data_config, is_training=True)
+    from torchvision import transforms
+
+    size = data_config["input_size"][-1]
+    return transforms.Compose(
+        [
+            transforms.Resize(size),
+            transforms.RandomCrop(size, padding=max(size // 8, 1)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(data_config["mean"], data_config["std"]),
+        ]
+    )
+
+
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
@@ -184,7 +214,7 @@ def main(argv=None):
     if args.image_size:
         overrides["input_size"] = (3, args.image_size, args.image_size)
     data_config = resolve_data_config(overrides, model=model)
-    with_transform(train, create_transform(**data_config, is_training=True), image_column, args.label_column)
+    with_transform(train, training_transform(args.augment, data_config), image_column, args.label_column)
     with_transform(test, create_transform(**data_config), image_column, args.label_column)
 
     if args.batch_size % accelerator.num_processes:

@@ -163,6 +163,7 @@ def test_train_timm_then_resume_under_two_cpu_processes(selection_dir, eval_dir,
     run([sys.executable, "recipes/train_timm.py", *args, "--epochs", "1"], cache_dir)
     first = read_metrics(output_dir)
     assert first["completed_steps"] == 4 and first["num_processes"] == 1 and first["args"]["lr"] == 0.1
+    assert first["args"]["augment"] == "pad_crop_flip"  # the cifar schedule's small-image augmentation
     assert (output_dir / "checkpoints" / "epoch_0" / "progress.json").is_file()
 
     # accelerate launch, two CPU processes in one group, resuming at epoch 2 from the checkpoint of epoch 1.
