@@ -27,80 +27,30 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from datasets import ClassLabel, Image, load_dataset
+from datasets import ClassLabel, Image
 from timm.data import create_transform, resolve_data_config
 from tqdm.auto import tqdm
+from training_common import PAPER_SCHEDULES, add_data_arguments, add_schedule_arguments, apply_schedule, load_split
 
 from hf_clipsel.metrics import load_accuracy_metric
 
 logger = get_logger(__name__)
 
-# METHOD.md, "Evaluation protocol in the paper": SGD with momentum 0.9; lr multiplied by gamma at each milestone
-# epoch. The ImageNet-1k decay epochs are not stated there: pass --milestones. image_size None = the model's own.
+# The paper's schedules, plus what timm needs: image_size None = the model's own, and the augmentation.
+SMALL_IMAGES = dict(crop_pct=1.0, augment="pad_crop_flip")
 SCHEDULES = {
-    "cifar": dict(
-        lr=0.1,
-        weight_decay=5e-4,
-        batch_size=128,
-        epochs=200,
-        milestones=[60, 120, 160],
-        gamma=0.2,
-        image_size=32,
-        crop_pct=1.0,
-        augment="pad_crop_flip",
-    ),
-    "tiny_imagenet": dict(
-        lr=0.1,
-        weight_decay=1e-4,
-        batch_size=256,
-        epochs=90,
-        milestones=[30, 60],
-        gamma=0.1,
-        image_size=64,
-        crop_pct=1.0,
-        augment="pad_crop_flip",
-    ),
-    "imagenet": dict(
-        lr=0.01,
-        weight_decay=1e-3,
-        batch_size=256,
-        epochs=105,
-        milestones=[],
-        gamma=0.1,
-        image_size=None,
-        crop_pct=None,
-        augment="timm",
-    ),
+    "cifar": {**PAPER_SCHEDULES["cifar"], "image_size": 32, **SMALL_IMAGES},
+    "tiny_imagenet": {**PAPER_SCHEDULES["tiny_imagenet"], "image_size": 64, **SMALL_IMAGES},
+    "imagenet": {**PAPER_SCHEDULES["imagenet"], "image_size": None, "crop_pct": None, "augment": "timm"},
 }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", required=True, help="Training data: selection output dir, Hub id, or builder.")
-    p.add_argument("--dataset_config", default=None, help="Config name, e.g. ratio_0.3.")
-    p.add_argument("--data_dir", default=None)
-    p.add_argument("--split", default="train")
-    p.add_argument("--eval_dataset", required=True, help="Test data, e.g. `parquet` with --eval_data_dir.")
-    p.add_argument("--eval_config", default=None)
-    p.add_argument("--eval_data_dir", default=None)
-    p.add_argument("--eval_split", default="test")
-    p.add_argument("--image_column", default=None, help="Default: the first Image column.")
-    p.add_argument("--label_column", default="label")
-    p.add_argument("--max_train_samples", type=int, default=None)
-    p.add_argument("--max_eval_samples", type=int, default=None)
+    add_data_arguments(p)
     p.add_argument("--model", default="resnet50", help="Any timm model name.")
     p.add_argument("--pretrained", action="store_true", help="Load timm's pretrained weights (needs the Hub).")
-    p.add_argument("--schedule", choices=tuple(SCHEDULES), default="cifar")
-    for name, kind in [
-        ("lr", float),
-        ("weight_decay", float),
-        ("batch_size", int),
-        ("epochs", int),
-        ("gamma", float),
-        ("image_size", int),
-        ("crop_pct", float),
-    ]:
-        p.add_argument(f"--{name}", type=kind, default=None, help="Default: from --schedule.")
+    add_schedule_arguments(p, SCHEDULES, extra=(("crop_pct", float),))
     p.add_argument(
         "--augment",
         choices=("pad_crop_flip", "timm"),
@@ -109,8 +59,6 @@ def parse_args(argv=None):
         "horizontal flip, the usual CIFAR/Tiny-ImageNet one; timm: timm's training transform (RandomResizedCrop, "
         "colour jitter), made for ImageNet-sized images. Default: from --schedule.",
     )
-    p.add_argument("--milestones", type=int, nargs="*", default=None, help="Epochs where lr *= gamma.")
-    p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--max_train_steps", type=int, default=None, help="Stop after this many optimizer steps.")
     p.add_argument("--eval_batch_size", type=int, default=None, help="Total; default: --batch_size.")
     p.add_argument("--top_k", type=int, nargs="+", default=[1, 5])
@@ -119,16 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", required=True)
     p.add_argument("--resume_from_checkpoint", default=None, help="`latest` or a checkpoint directory.")
     p.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep the last N epochs; 0 keeps all.")
-    args = p.parse_args(argv)
-    for key, value in SCHEDULES[args.schedule].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
-
-
-def load_split(path, name, data_dir, split, max_samples):
-    dataset = load_dataset(path, name, data_dir=data_dir, split=split)
-    return dataset.select(range(min(max_samples, len(dataset)))) if max_samples else dataset
+    return apply_schedule(p.parse_args(argv), SCHEDULES)
 
 
 class ToModelInputs:

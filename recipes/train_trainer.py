@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 import torch
-from datasets import ClassLabel, Image, load_dataset
+from datasets import ClassLabel, Image
 from torchvision import transforms
+from training_common import PAPER_SCHEDULES, add_data_arguments, add_schedule_arguments, apply_schedule, load_split
 from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
@@ -35,47 +36,21 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from hf_clipsel.metrics import load_accuracy_metric
 
-# METHOD.md, "Evaluation protocol in the paper" (the same table as recipes/train_timm.py); milestones in epochs.
+# The paper's schedules (recipes/training_common.py); milestones in epochs; ImageNet at 224 pixels.
 SCHEDULES = {
-    "cifar": dict(
-        lr=0.1, weight_decay=5e-4, batch_size=128, epochs=200, milestones=[60, 120, 160], gamma=0.2, image_size=32
-    ),
-    "tiny_imagenet": dict(
-        lr=0.1, weight_decay=1e-4, batch_size=256, epochs=90, milestones=[30, 60], gamma=0.1, image_size=64
-    ),
-    "imagenet": dict(lr=0.01, weight_decay=1e-3, batch_size=256, epochs=105, milestones=[], gamma=0.1, image_size=224),
+    "cifar": {**PAPER_SCHEDULES["cifar"], "image_size": 32},
+    "tiny_imagenet": {**PAPER_SCHEDULES["tiny_imagenet"], "image_size": 64},
+    "imagenet": {**PAPER_SCHEDULES["imagenet"], "image_size": 224},
 }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", required=True, help="Training data: selection output dir, Hub id, or builder.")
-    p.add_argument("--dataset_config", default=None, help="Config name, e.g. ratio_0.3.")
-    p.add_argument("--data_dir", default=None)
-    p.add_argument("--split", default="train")
-    p.add_argument("--eval_dataset", required=True, help="Test data, e.g. `parquet` with --eval_data_dir.")
-    p.add_argument("--eval_config", default=None)
-    p.add_argument("--eval_data_dir", default=None)
-    p.add_argument("--eval_split", default="test")
-    p.add_argument("--image_column", default=None, help="Default: the first Image column.")
-    p.add_argument("--label_column", default="label")
-    p.add_argument("--max_train_samples", type=int, default=None)
-    p.add_argument("--max_eval_samples", type=int, default=None)
+    add_data_arguments(p)
     p.add_argument("--model_name_or_path", default=None, help="Pretrained checkpoint; default: build from config.")
     p.add_argument("--model_type", choices=("vit", "convnext"), default="vit", help="Architecture built from config.")
     p.add_argument("--config_overrides", default=None, help="e.g. `hidden_size=64,num_hidden_layers=2`.")
-    p.add_argument("--schedule", choices=tuple(SCHEDULES), default="cifar")
-    for name, kind in [
-        ("lr", float),
-        ("weight_decay", float),
-        ("batch_size", int),
-        ("epochs", int),
-        ("gamma", float),
-        ("image_size", int),
-    ]:
-        p.add_argument(f"--{name}", type=kind, default=None, help="Default: from --schedule.")
-    p.add_argument("--milestones", type=int, nargs="*", default=None, help="Epochs where lr *= gamma.")
-    p.add_argument("--momentum", type=float, default=0.9)
+    add_schedule_arguments(p, SCHEDULES)
     p.add_argument("--optim", default=None, help="A Trainer optimizer name; default: the paper's SGD + MultiStepLR.")
     p.add_argument("--lr_scheduler_type", default="linear", help="Trainer's scheduler, used with --optim only.")
     p.add_argument("--max_train_steps", type=int, default=None, help="Stop after this many optimizer steps.")
@@ -88,16 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", required=True)
     p.add_argument("--resume_from_checkpoint", default=None, help="`latest` or a checkpoint directory.")
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
-    args = p.parse_args(argv)
-    for key, value in SCHEDULES[args.schedule].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
-
-
-def load_split(path, name, data_dir, split, max_samples):
-    dataset = load_dataset(path, name, data_dir=data_dir, split=split)
-    return dataset.select(range(min(max_samples, len(dataset)))) if max_samples else dataset
+    return apply_schedule(p.parse_args(argv), SCHEDULES)
 
 
 def build_model(args, labels: ClassLabel):
