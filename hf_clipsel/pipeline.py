@@ -87,14 +87,22 @@ OUTPUT_NEUTRAL_KEYS = {
 }
 
 
+def changed_settings(config: ClipselConfig) -> list[str] | None:
+    """The settings (that change results) in which ``config`` differs from the run saved in its output_dir; None
+    when no run is saved there."""
+    previous = read_run_config(Path(config.run.output_dir))
+    if previous is None:
+        return None
+    current = config.to_flat()
+    return sorted(k for k in current if k not in OUTPUT_NEUTRAL_KEYS and previous.get(k) != current[k])
+
+
 def check_output_dir(config: ClipselConfig) -> None:
     """Refuse to replace another run's results unless asked: a rerun of the same run may reuse the folder."""
     output_dir = Path(config.run.output_dir)
-    previous = read_run_config(output_dir)
-    if previous is None or config.run.overwrite_output_dir or not (output_dir / SCORES_DIR).exists():
+    if config.run.overwrite_output_dir or not (output_dir / SCORES_DIR).exists():
         return
-    current = config.to_flat()
-    changed = sorted(k for k in current if k not in OUTPUT_NEUTRAL_KEYS and previous.get(k) != current[k])
+    changed = changed_settings(config)
     if changed:
         raise FileExistsError(
             f"{output_dir} holds the results of a run with other settings ({', '.join(changed)}); pass "
@@ -223,8 +231,12 @@ def select_stage(scores: Dataset, config: ClipselConfig, image_features: torch.T
         [c for c in scores.column_names if c.startswith(("reward_", "is_selected_", "drop_reason_"))]
     )
     table = scores.with_format("numpy")[:]
+    rewards = {}  # one reward per distinct alpha: with a fixed alpha every ratio shares it
     for ratio in config.selection.selection_ratios:
-        reward = inputs.reward(config.selection.alpha_for(ratio))
+        alpha = config.selection.alpha_for(ratio)
+        if alpha not in rewards:
+            rewards[alpha] = inputs.reward(alpha)
+        reward = rewards[alpha]
         scores = scores.add_column(
             reward_column(ratio),
             np.where(np.isfinite(reward), reward, np.nan).astype(np.float32),

@@ -50,8 +50,7 @@ from quality_train import TrainSpec, train_minimal, train_recipe
 from hf_clipsel import pipeline
 from hf_clipsel.configs import ClipselConfig, budget
 from hf_clipsel.noise import CORRUPTIONS, asymmetric_label_noise, corrupt_images, symmetric_label_noise
-from hf_clipsel.outputs import ratio_name, read_run_config, scores_files, selected_column
-from hf_clipsel.pipeline import OUTPUT_NEUTRAL_KEYS
+from hf_clipsel.outputs import ratio_name, scores_files, selected_column
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
@@ -331,8 +330,7 @@ def finished(config: ClipselConfig) -> bool:
     output_dir = Path(config.run.output_dir)
     if not ((output_dir / "README.md").exists() and (output_dir / "run_summary.json").exists()):
         return False
-    previous = read_run_config(output_dir) or {}
-    return all(previous.get(k) == v for k, v in config.to_flat().items() if k not in OUTPUT_NEUTRAL_KEYS)
+    return pipeline.changed_settings(config) == []
 
 
 def saved_scores(config: ClipselConfig):
