@@ -15,14 +15,18 @@ ADAPTER_PRESETS = ("projection", "encoder_lora", "none")
 OBJECTIVES = ("class_ce", "infonce")
 DTYPES = ("float32", "bfloat16")
 DIVERSITY_GATES = ("none", "agreement")
+ALIGNMENTS = ("sas", "sas+posterior")
 # `preset: paper` reproduces the published method: alpha = ratio (the paper's text), adapters trained on every
-# row for the fixed schedule, no held-out check, no gate. Values given explicitly still win.
+# row for the fixed schedule, no held-out check, no gate, SAS alone as the alignment term, no damage check. Values
+# given explicitly still win.
 PRESETS = {
     "paper": {
         "alpha": None,
         "beta": 2.0,
         "adapter_holdout_fraction": 0.0,
         "diversity_gate": "none",
+        "alignment": "sas",
+        "damage_check": False,
         "adapter_preset": "projection",
         "objective": "class_ce",
         "adapter_epochs": 30,
@@ -240,6 +244,31 @@ class SelectionConfig:
             "back in for being rare."
         },
     )
+    alignment: str = field(
+        # Measured (recipes/benchmarks/README.md, "Robust selection"): with the posterior the reward kept less label
+        # noise than SAS alone at every ratio of every label-noise case, over six noise draws.
+        default="sas+posterior",
+        metadata={
+            "help": "The reward's alignment term (exact and sgd). sas: the semantic alignment score alone (paper). "
+            "sas+posterior: min-max(SAS~ + P~), P = CLIP's zero-shot probability of the given label over all "
+            "classes, which also sees how much closer the image is to its label than to the other classes."
+        },
+    )
+    damage_check: bool = field(
+        default=True,
+        metadata={
+            "help": "Rank images whose pixels are damaged (noise far above, or contrast far below, the dataset's "
+            "usual level) after every other row in the reward (exact and sgd): they are kept only if the budget "
+            "needs them, and dropped ones get the reason 'damaged'. CLIP can be blind to such damage."
+        },
+    )
+    damage_threshold: float = field(
+        default=3.0,
+        metadata={
+            "help": "How far from the dataset's median, in robust standard deviations (1.4826 x MAD; noise on a "
+            "log scale), a pixel statistic must lie for damage_check to flag the image."
+        },
+    )
     class_balanced: bool = field(
         default=False, metadata={"help": "Keep each class's share of the dataset (per-class quotas)."}
     )
@@ -261,6 +290,8 @@ class SelectionConfig:
         _check_positive("alpha", self.alpha, allow_zero=True)
         _check_positive("beta", self.beta)
         _check_choice("diversity_gate", self.diversity_gate, DIVERSITY_GATES)
+        _check_choice("alignment", self.alignment, ALIGNMENTS)
+        _check_positive("damage_threshold", self.damage_threshold)
         _check_positive("sgd_learning_rate", self.sgd_learning_rate)
         _check_positive("sgd_max_iterations", self.sgd_max_iterations)
 

@@ -2,7 +2,8 @@
 Accelerate, cached on disk in chunks so that a rerun (or a run killed half way) reuses what is done.
 
 The cache holds the pooled vision-tower outputs, before the projection: the projection preset's adapters act
-after it, so training and scoring run on this cache without touching an image again.
+after it, so training and scoring run on this cache without touching an image again. It also holds two pixel
+statistics per image (hf_clipsel.image_quality), measured here because this is the one pass that decodes the images.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from accelerate import Accelerator
 from datasets import Dataset, Features, Image, List, Value, concatenate_datasets
 
 from .data import ROW_ID, decode_rgb
+from .image_quality import QUALITY_COLUMNS, pixel_statistics
 from .modeling import clip_of, text_tower_outputs, vision_tower_outputs
 
 logger = logging.getLogger(__name__)
 
 VISION_POOLED = "vision_pooled"
 # Bump when the cached numbers would change for the same model and data.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: pixel statistics
 
 
 def embedding_features(hidden_size: int) -> Features:
@@ -34,14 +36,17 @@ def embedding_features(hidden_size: int) -> Features:
             VISION_POOLED: List(Value("float32"), length=hidden_size),
             "decode_ok": Value("bool"),
             "decode_error": Value("string"),
+            **{name: Value("float32") for name in QUALITY_COLUMNS},
         }
     )
 
 
 def embed_batch(batch: dict, image_column: str, model, image_processor, hidden_size: int) -> dict:
-    """One `datasets.map` batch: decode to RGB, run the vision tower, flag what cannot be decoded."""
+    """One `datasets.map` batch: decode to RGB, run the vision tower, measure the pixels, flag what cannot be
+    decoded."""
     decoded = [decode_rgb(cell) for cell in batch[image_column]]
     errors = [error for _, error in decoded]
+    statistics = [pixel_statistics(image) if image is not None else (0.0, 0.0) for image, _ in decoded]
     pooled = np.zeros((len(decoded), hidden_size), dtype=np.float32)
     rows, pixel_values = _preprocess([image for image, _ in decoded], image_processor, errors)
     if rows:
@@ -52,6 +57,7 @@ def embed_batch(batch: dict, image_column: str, model, image_processor, hidden_s
         VISION_POOLED: pooled,
         "decode_ok": [not error for error in errors],
         "decode_error": errors,
+        **{name: [row[i] for row in statistics] for i, name in enumerate(QUALITY_COLUMNS)},
     }
 
 

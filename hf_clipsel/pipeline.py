@@ -22,12 +22,13 @@ from datasets import ClassLabel, Dataset, Features, IterableDataset, Value
 from . import scoring
 from .adaptation import adapt_stage, adapter_fingerprint, read_adapter_check, trained_model, uses_encoder_adapters
 from .cards import write_dataset_card
-from .configs import ClipselConfig, budget
+from .configs import ClipselConfig, SelectionConfig, budget
 from .context import RunContext, check_budgets, load_context, make_accelerator, prompts_of, valid_rows
 from .data import ROW_ID, load_source, with_row_ids
 from .embedding import embed_class_prompts, embed_images, pooled_matrix
+from .image_quality import QUALITY_COLUMNS, damage_flags
 from .hub import load_scores, push_outputs
-from .modeling import class_text_features, image_features
+from .modeling import class_text_features, image_features, logit_scale
 from .outputs import (
     ADAPTER_DIR,
     RUN_SUMMARY,
@@ -67,11 +68,16 @@ __all__ = [
     "run",
 ]
 
+# Per row: "" or the damage the pixel check found ("noisy", "low contrast"); written by every selection.
+DAMAGE = "damage"
 SCORE_COLUMNS = (
     "semantic_alignment",
     "sample_diversity",
     "semantic_alignment_normalized",
     "sample_diversity_normalized",
+    "class_posterior",
+    "class_posterior_normalized",
+    *QUALITY_COLUMNS,
 )
 # Settings that change no number in scores or subsets: a rerun that differs only in these may reuse output_dir.
 OUTPUT_NEUTRAL_KEYS = {
@@ -169,6 +175,8 @@ def score_stage(context: RunContext, model, embeddings: Dataset) -> tuple[Datase
     sas = scoring.semantic_alignment(features, class_features, labels.clamp(min=0))
     sas = torch.where(valid_t, sas, torch.zeros_like(sas))
     sds = scoring.sample_diversity(features, labels, context.config.scoring.knn_k, valid=valid_t)
+    posterior = scoring.class_posterior(features, class_features, labels.clamp(min=0), logit_scale(model))
+    posterior = torch.where(valid_t, posterior, torch.zeros_like(posterior))
     # The class the (adapted) CLIP prefers: where it differs from the given label, the row is a suspect.
     predicted = torch.where(valid_t, (F.normalize(features, dim=-1) @ class_features.T).argmax(dim=-1), -1)
     problems = [
@@ -188,6 +196,9 @@ def score_stage(context: RunContext, model, embeddings: Dataset) -> tuple[Datase
             "sample_diversity": sds.numpy(),
             "semantic_alignment_normalized": scoring.min_max(sas, valid_t).numpy(),
             "sample_diversity_normalized": scoring.min_max(sds, valid_t).numpy(),
+            "class_posterior": posterior.numpy(),
+            "class_posterior_normalized": scoring.min_max(posterior, valid_t).numpy(),
+            **{name: np.asarray(embeddings[name][:], dtype=np.float32) for name in QUALITY_COLUMNS},
         },
         features=Features(
             {
@@ -203,15 +214,44 @@ def score_stage(context: RunContext, model, embeddings: Dataset) -> tuple[Datase
     return scores, features
 
 
-def selection_inputs(
-    scores: Dataset, image_features: torch.Tensor | None = None, diversity_gate: str = "none"
-) -> SelectionInputs:
+def _required_column(table: dict, column: str, setting: str) -> np.ndarray:
+    if column not in table:
+        raise ValueError(
+            f"{setting} needs the scores' {column} column, which these scores (from an older hf_clipsel) lack; "
+            f"score again with `hf-clipsel score`, or select with the setting off."
+        )
+    return table[column]
+
+
+def damaged_rows(scores: Dataset, selection: SelectionConfig) -> np.ndarray:
+    """``""`` or the damage found (``noisy``, ``low contrast``) per row; all ``""`` when damage_check is off."""
     table = scores.with_format("numpy")[:]
-    gate = None
-    if diversity_gate == "agreement":
-        if "predicted_label" not in table:
-            raise ValueError("diversity_gate agreement needs the scores' predicted_label column; score again.")
-        gate = table["predicted_label"] == table["label"]
+    if not selection.damage_check:
+        return np.full(len(scores), "", dtype=object)
+    return damage_flags(
+        _required_column(table, QUALITY_COLUMNS[0], "damage_check"),
+        _required_column(table, QUALITY_COLUMNS[1], "damage_check"),
+        table["flag_reason"] == "",
+        selection.damage_threshold,
+    )
+
+
+def selection_inputs(
+    scores: Dataset,
+    image_features: torch.Tensor | None = None,
+    selection: SelectionConfig | None = None,
+    damage: np.ndarray | None = None,
+) -> SelectionInputs:
+    """What the selectors read, from the scores and the selection settings (default: the paper's reward).
+    ``damage``: :func:`damaged_rows`, when the caller has it already."""
+    selection = selection or SelectionConfig(diversity_gate="none", alignment="sas", damage_check=False)
+    damage = damaged_rows(scores, selection) if damage is None else damage
+    table = scores.with_format("numpy")[:]
+    gate = posterior = None
+    if selection.diversity_gate == "agreement":
+        gate = _required_column(table, "predicted_label", "diversity_gate agreement") == table["label"]
+    if selection.alignment == "sas+posterior":
+        posterior = _required_column(table, "class_posterior_normalized", "alignment sas+posterior")
     return SelectionInputs(
         row_id=table[ROW_ID].astype(np.int64),
         labels=table["label"].astype(np.int64),
@@ -220,16 +260,20 @@ def selection_inputs(
         valid=table["flag_reason"] == "",
         image_features=image_features,
         diversity_gate=gate,
+        class_posterior_normalized=posterior,
+        demoted=damage != "",
     )
 
 
 def select_stage(scores: Dataset, config: ClipselConfig, image_features: torch.Tensor | None = None):
     """Masks per ratio, and the scores with reward and is_selected columns for every ratio."""
-    inputs = selection_inputs(scores, image_features, config.selection.diversity_gate)
+    damage = damaged_rows(scores, config.selection)
+    inputs = selection_inputs(scores, image_features, config.selection, damage)
     masks = select(inputs, config.selection)
     scores = scores.remove_columns(
-        [c for c in scores.column_names if c.startswith(("reward_", "is_selected_", "drop_reason_"))]
+        [c for c in scores.column_names if c.startswith(("reward_", "is_selected_", "drop_reason_")) or c == DAMAGE]
     )
+    scores = scores.add_column(DAMAGE, damage.tolist(), feature=Value("string"))
     table = scores.with_format("numpy")[:]
     rewards = {}  # one reward per distinct alpha: with a fixed alpha every ratio shares it
     for ratio in config.selection.selection_ratios:
@@ -250,6 +294,7 @@ def select_stage(scores: Dataset, config: ClipselConfig, image_features: torch.T
             inputs.labels,
             table.get("predicted_label"),
             inputs.sample_diversity_normalized,
+            inputs.demoted,
         )
         scores = scores.add_column(drop_reason_column(ratio), reasons.tolist(), feature=Value("string"))
     return masks, scores

@@ -3,6 +3,7 @@
     ""                    kept
     "undecodable"         the image could not be decoded (never selectable)
     "unusable label"      the label is missing or outside the classes (never selectable)
+    "damaged"             the pixel check flagged the image (noisy or low contrast): ranked after every other row
     "misaligned"          CLIP prefers another class than the given label: likely mislabelled or damaged
     "redundant"           aligned with its label, but in a dense part of its class (diversity below the class median)
     "outside the budget"  aligned and not redundant, but its reward fell below the k-th
@@ -15,15 +16,16 @@ from __future__ import annotations
 
 import numpy as np
 
-KEPT, UNDECODABLE, UNUSABLE_LABEL, MISALIGNED, REDUNDANT, OUTSIDE_BUDGET = (
+KEPT, UNDECODABLE, UNUSABLE_LABEL, DAMAGED, MISALIGNED, REDUNDANT, OUTSIDE_BUDGET = (
     "",
     "undecodable",
     "unusable label",
+    "damaged",
     "misaligned",
     "redundant",
     "outside the budget",
 )
-REASONS = (KEPT, UNDECODABLE, UNUSABLE_LABEL, MISALIGNED, REDUNDANT, OUTSIDE_BUDGET)
+REASONS = (KEPT, UNDECODABLE, UNUSABLE_LABEL, DAMAGED, MISALIGNED, REDUNDANT, OUTSIDE_BUDGET)
 
 
 def drop_reasons(
@@ -33,8 +35,10 @@ def drop_reasons(
     labels: np.ndarray,
     predicted_labels: np.ndarray | None,
     diversity: np.ndarray,
+    damaged: np.ndarray | None = None,
 ) -> np.ndarray:
-    """One reason per row (object array of the strings above). ``flagged`` marks rows kept out of selection."""
+    """One reason per row (object array of the strings above). ``flagged`` marks rows kept out of selection,
+    ``damaged`` the rows the damage check demoted."""
     reasons = np.full(len(selected), OUTSIDE_BUDGET, dtype=object)
     usable = ~flagged
     below_median = np.zeros(len(selected), dtype=bool)
@@ -44,6 +48,8 @@ def drop_reasons(
     reasons[below_median] = REDUNDANT
     if predicted_labels is not None:
         reasons[predicted_labels != labels] = MISALIGNED
+    if damaged is not None:
+        reasons[damaged] = DAMAGED
     reasons[flagged] = UNUSABLE_LABEL
     reasons[~decode_ok] = UNDECODABLE
     reasons[selected] = KEPT

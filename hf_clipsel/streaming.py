@@ -55,7 +55,7 @@ def embed_stream(
 ) -> Dataset:
     """Pooled vision-tower outputs of every row of ``stream``, as :func:`hf_clipsel.embedding.embed_images` gives
     them; only one chunk of images is held in memory at a time."""
-    directory = Path(cache_dir) / f"stream-{cache_key}"
+    directory = Path(cache_dir) / f"stream-{cache_key}-v{CACHE_FORMAT_VERSION}"
     directory.mkdir(parents=True, exist_ok=True)
     num_chunks = -(-num_rows // chunk_size)
     paths = [directory / f"chunk-{i:05d}-of-{num_chunks:05d}.arrow" for i in range(num_chunks)]

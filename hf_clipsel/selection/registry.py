@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from hf_clipsel.configs import SelectionConfig, budget
-from hf_clipsel.scoring import reward
+from hf_clipsel.scoring import min_max, reward
 
 
 @dataclass
@@ -29,6 +29,10 @@ class SelectionInputs:
         valid: ``bool[N]`` rows that may be selected (e.g. images that decoded). Default: all rows.
         image_features: optional ``[N, d]`` tensor, needed by the ``moderate`` selector only.
         diversity_gate: optional ``bool[N]``: rows that may earn the reward's diversity term (default: all).
+        class_posterior_normalized: optional ``float32[N]`` in ``[0, 1]``: when given, the reward's alignment term is
+            min-max(SAS~ + posterior~) instead of SAS~ (see :meth:`alignment`).
+        demoted: optional ``bool[N]``: rows (e.g. damaged images) that the reward ranks after every other valid
+            row; they are selected only when the budget needs them.
     """
 
     row_id: np.ndarray
@@ -38,6 +42,8 @@ class SelectionInputs:
     valid: np.ndarray | None = None
     image_features: torch.Tensor | None = None
     diversity_gate: np.ndarray | None = None
+    class_posterior_normalized: np.ndarray | None = None
+    demoted: np.ndarray | None = None
 
     def __post_init__(self):
         # Own, writable copies (N numbers each): arrays read from a dataset can be read-only, which torch.from_numpy
@@ -53,6 +59,11 @@ class SelectionInputs:
                 raise ValueError(f"{name} has shape {getattr(self, name).shape}; expected ({num_rows},).")
         if np.unique(self.row_id).shape[0] != num_rows:
             raise ValueError("row_id has duplicates; every row needs its own id.")
+        for name, dtype in (("class_posterior_normalized", np.float32), ("demoted", bool), ("diversity_gate", bool)):
+            if getattr(self, name) is not None:
+                setattr(self, name, np.array(getattr(self, name), dtype=dtype))
+                if getattr(self, name).shape != (num_rows,):
+                    raise ValueError(f"{name} has shape {getattr(self, name).shape}; expected ({num_rows},).")
         if self.image_features is not None and tuple(self.image_features.shape[:1]) != (num_rows,):
             raise ValueError(f"image_features has {self.image_features.shape[0]} rows; expected {num_rows}.")
 
@@ -60,15 +71,34 @@ class SelectionInputs:
     def num_rows(self) -> int:
         return self.row_id.shape[0]
 
+    def alignment(self) -> torch.Tensor:
+        """The reward's alignment term before scaling, float32 ``[N]`` in ``[0, 1]``: SAS~, or with a class posterior
+        min-max(SAS~ + posterior~) over the valid rows (the cosine and how far the label beats the other classes)."""
+        alignment = torch.from_numpy(self.semantic_alignment_normalized)
+        if self.class_posterior_normalized is None:
+            return alignment
+        return min_max(alignment + torch.from_numpy(self.class_posterior_normalized), torch.from_numpy(self.valid))
+
+    def preferred(self) -> np.ndarray:
+        """``bool[N]``: the valid rows that are not demoted."""
+        return self.valid if self.demoted is None else self.valid & ~self.demoted
+
     def reward(self, alpha: float) -> np.ndarray:
-        """``float64[N]`` reward ``c_i`` of :func:`hf_clipsel.scoring.reward` (higher is better; invalid: -inf)."""
-        return reward(
-            torch.from_numpy(self.semantic_alignment_normalized),
+        """``float64[N]`` reward ``c_i`` of :func:`hf_clipsel.scoring.reward` on :meth:`alignment` (higher is better;
+        invalid: -inf). Demoted rows are shifted below every other valid row (by the valid rewards' range + 1), so
+        every ranking by reward takes them last and keeps their order among themselves."""
+        rewards = reward(
+            self.alignment(),
             torch.from_numpy(self.sample_diversity_normalized),
             alpha,
             torch.from_numpy(self.valid),
-            None if self.diversity_gate is None else torch.from_numpy(np.asarray(self.diversity_gate, dtype=bool)),
+            None if self.diversity_gate is None else torch.from_numpy(self.diversity_gate),
         ).numpy()
+        demoted = self.valid & ~self.preferred()
+        if demoted.any():
+            finite = rewards[self.valid]
+            rewards[demoted] -= finite.max() - finite.min() + 1.0
+        return rewards
 
 
 class SelectionResult(dict):

@@ -128,12 +128,7 @@ def select_sgd(inputs: SelectionInputs, ratios: list[float], config: SelectionCo
         )
     valid = inputs.valid
     num_valid = int(valid.sum())
-    valid_tensor = torch.from_numpy(valid)
-    alignment_term = scale_by_mean(torch.from_numpy(inputs.semantic_alignment_normalized), valid_tensor)[valid_tensor]
-    diversity_term = scale_by_mean(torch.from_numpy(inputs.sample_diversity_normalized), valid_tensor)
-    if inputs.diversity_gate is not None:
-        diversity_term = diversity_term * torch.from_numpy(np.asarray(inputs.diversity_gate, dtype=np.float64))
-    diversity_term = diversity_term[valid_tensor]
+    preferred = inputs.preferred()
     result = SelectionResult()
     for ratio, k in ratio_budgets(inputs, ratios).items():
         alpha = config.alpha_for(ratio)
@@ -143,9 +138,10 @@ def select_sgd(inputs: SelectionInputs, ratios: list[float], config: SelectionCo
             mask = valid.copy()
             diagnostics = {"iterations": 0, "converged": True, "budget_term": float("nan"), "objective": float("nan")}
         else:
-            valid_mask, diagnostics = run_released_sgd(
-                alignment_term,
-                diversity_term,
+            # Demoted rows (damaged images) join the optimisation only when the other valid rows cannot fill k.
+            pool = preferred if preferred.sum() > k else valid
+            pool_mask, diagnostics = run_released_sgd(
+                *_terms(inputs, pool),
                 k,
                 inputs.num_rows,
                 alpha,
@@ -154,7 +150,7 @@ def select_sgd(inputs: SelectionInputs, ratios: list[float], config: SelectionCo
                 config.sgd_max_iterations,
             )
             mask = np.zeros(inputs.num_rows, dtype=bool)
-            mask[valid] = valid_mask
+            mask[pool] = pool_mask
         count = int(mask.sum())
         diagnostics["count_before_trim"] = count
         diagnostics["count_error"] = abs(count - k)
@@ -163,3 +159,13 @@ def select_sgd(inputs: SelectionInputs, ratios: list[float], config: SelectionCo
             mask = trim_to_budget(mask, ranking(reward, inputs.row_id), valid, k)
         result.add(ratio, mask, k, num_valid, alpha=alpha, **diagnostics)
     return result
+
+
+def _terms(inputs: SelectionInputs, pool: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reward's alignment and (gated) diversity terms over the ``pool`` rows, each scaled by its mean there."""
+    pool_tensor = torch.from_numpy(pool)
+    alignment_term = scale_by_mean(inputs.alignment(), pool_tensor)
+    diversity_term = scale_by_mean(torch.from_numpy(inputs.sample_diversity_normalized), pool_tensor)
+    if inputs.diversity_gate is not None:
+        diversity_term = diversity_term * torch.from_numpy(inputs.diversity_gate.astype(np.float64))
+    return alignment_term[pool_tensor], diversity_term[pool_tensor]

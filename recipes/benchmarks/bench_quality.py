@@ -314,8 +314,8 @@ def selection_config(args, case: dict, pool_file: Path, model: str, selector: st
         "batch_size": args.embed_batch_size,
         "overwrite_output_dir": True,  # only reached when finished() found other settings there
     }
-    if selector == ZERO_SHOT:
-        values["adapter_preset"] = "none"
+    if selector == ZERO_SHOT:  # the zero-shot alignment score alone: no adapters, SAS only, no damage check
+        values.update(adapter_preset="none", alignment="sas", damage_check=False)
     elif selector == PAPER:
         values["preset"] = "paper"
     elif selector == UNGATED:
