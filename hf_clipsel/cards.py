@@ -337,6 +337,10 @@ def render_dataset_card(
             "beta": config.get("beta", 2.0),
             "knn_k": config.get("knn_k", "K"),
             "class_balanced": config.get("class_balanced", False),
+            # defaults of runs written before these settings existed: the paper's reward
+            "alignment": config.get("alignment", "sas"),
+            "gated": config.get("diversity_gate", "none") == "agreement",
+            "damage_check": config.get("damage_check", False),
         },
         counts={"num_rows": num_rows, "num_valid": num_valid, "num_flagged": num_rows - num_valid},
         ratios=ratio_rows,

@@ -47,6 +47,9 @@ def _print_summary(summary: dict, output_dir: str) -> None:
             + (f", sign test p = {check['sign_test_p_value']:.2g}" if "sign_test_p_value" in check else "")
             + f"): {verdict}."
         )
+    if summary.get("damaged"):
+        found = ", ".join(f"{count} {kind}" for kind, count in summary["damaged"].items())
+        print(f"Damage check: {found} (ranked after every other row; the scores' `damage` column lists them).")
     for ratio, info in summary["ratios"].items():
         shortfall = f", {info['shortfall']} short of the budget" if info["shortfall"] else ""
         dropped = ", ".join(f"{count} {reason}" for reason, count in info.get("dropped_by_reason", {}).items())

@@ -26,8 +26,8 @@ from .configs import ClipselConfig, SelectionConfig, budget
 from .context import RunContext, check_budgets, load_context, make_accelerator, prompts_of, valid_rows
 from .data import ROW_ID, load_source, with_row_ids
 from .embedding import embed_class_prompts, embed_images, pooled_matrix
-from .image_quality import QUALITY_COLUMNS, damage_flags
 from .hub import load_scores, push_outputs
+from .image_quality import QUALITY_COLUMNS, damage_flags
 from .modeling import class_text_features, image_features, logit_scale
 from .outputs import (
     ADAPTER_DIR,
@@ -320,8 +320,10 @@ def summarize(scores: Dataset, masks: dict, config: ClipselConfig) -> dict:
             "dropped_by_reason": {reason: reasons[reason] for reason in REASONS if reason and reasons[reason]},
             "kept_per_class": {class_names[c]: int(kept_per_class.get(c, 0)) for c in range(len(class_names))},
         }
+    damage = Counter(scores[DAMAGE][:]) if DAMAGE in scores.column_names else Counter()
     return {
         "adapter_check": read_adapter_check(Path(config.run.output_dir) / ADAPTER_DIR),
+        "damaged": {kind: count for kind, count in sorted(damage.items()) if kind},
         "num_rows": len(labels),
         "num_valid": int(valid.sum()),
         "num_flagged": int((~valid).sum()),

@@ -242,6 +242,21 @@ GATE_TEXT = {
 }
 
 
+ALIGNMENT_TEXT = {
+    "sas+posterior": "SAS plus CLIP's probability of the given label over all classes",
+    "sas": "SAS alone (the paper's)",
+}
+
+
+def damage_check_text(run_config: dict, summary: dict) -> str:
+    """Whether the pixel check ran and what it flagged (run_summary.json's damaged counts)."""
+    if not run_config.get("damage_check", False):
+        return "off"
+    damaged = summary.get("damaged") or {}
+    found = ", ".join(f"{count} {kind}" for kind, count in damaged.items()) or "none"
+    return f"on (threshold {run_config.get('damage_threshold', 'n/a')} robust SD): images flagged: {found}"
+
+
 def adapter_check_text(check: dict) -> str:
     """What the held-out check decided, in a sentence (run_summary.json's adapter_check)."""
     verdict = "fell back: the scores use zero-shot CLIP features" if check["fell_back"] else "adapters kept"
@@ -269,6 +284,8 @@ def summary_rows(summary: dict, run_config: dict, scores: RunScores) -> list[tup
         ("selection method", str(summary.get("selection_method") or run_config.get("selection_method"))),
         ("alpha (weight of diversity)", "equal to each ratio" if alpha is None else f"{alpha:g}"),
         ("diversity gate", GATE_TEXT.get(run_config.get("diversity_gate", "none"), "n/a")),
+        ("alignment term", ALIGNMENT_TEXT.get(run_config.get("alignment", "sas"), "n/a")),
+        ("damage check", damage_check_text(run_config, summary)),
         ("k nearest neighbours (SDS)", str(run_config.get("knn_k", "n/a"))),
         ("rows scored", str(summary.get("num_rows", len(scores.row_id)))),
         ("rows flagged (never selected)", str(summary.get("num_flagged", int((~scores.usable).sum())))),

@@ -1,9 +1,10 @@
-"""Robust selection mechanisms: the diversity gate, reason codes, the held-out agreement check and its fallback,
-and the `paper` preset."""
+"""Robust selection mechanisms: the diversity gate, the class posterior in the alignment term, the damage check
+and its demotion, reason codes, the held-out agreement check and its fallback, and the `paper` preset."""
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from datasets import load_dataset
 
 from hf_clipsel.adaptation import split_holdout
@@ -11,6 +12,7 @@ from hf_clipsel.configs import ClipselConfig, SelectionConfig
 from hf_clipsel.parser import parse_config
 from hf_clipsel.pipeline import run
 from hf_clipsel.reasons import drop_reasons
+from hf_clipsel.scoring import POSTERIOR_LOGIT_FRACTION, class_posterior
 from hf_clipsel.selection import SelectionInputs, select
 from tests.conftest import run_config
 
@@ -56,6 +58,57 @@ def test_reason_codes():
         "redundant",
         "",
     ]
+    # a damaged row is "damaged" whatever else it is, unless kept; an undecodable one stays "undecodable"
+    damaged = np.array([True, True, False, True, False, True, False, False])
+    reasons = drop_reasons(selected, decode_ok, flagged, labels, predicted, diversity, damaged).tolist()
+    assert reasons == ["", "undecodable", "unusable label", "damaged", "redundant", "damaged", "redundant", ""]
+
+
+def test_demoted_rows_are_taken_last_and_only_when_the_budget_needs_them():
+    # rows 0-2 have the best scores but are demoted (damaged): both optimisers take the other rows first
+    alignment = np.array([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1], dtype=np.float32)
+    inputs = SelectionInputs(
+        row_id=np.arange(10),
+        labels=np.zeros(10),
+        semantic_alignment_normalized=alignment,
+        sample_diversity_normalized=np.zeros(10, dtype=np.float32),
+        valid=np.array([True] * 9 + [False]),
+        demoted=np.arange(10) < 3,
+    )
+    masks = select(inputs, SelectionConfig(selection_ratios=[0.5, 0.8], alpha=0.0))
+    assert masks[0.5].tolist() == [False, False, False, True, True, True, True, True, False, False]
+    # 8 rows asked, 6 undemoted valid rows: the two best demoted rows fill the budget, the invalid row never
+    assert masks[0.8].tolist() == [True, True, False, True, True, True, True, True, True, False]
+    reward = inputs.reward(0.0)
+    assert reward[:3].max() < reward[3:9].min() and reward[0] > reward[1] > reward[2]  # order kept among them
+    sgd = select(
+        inputs, SelectionConfig(selection_ratios=[0.5], alpha=0.0, selection_method="sgd", sgd_exact_trim=True)
+    )[0.5]
+    assert not sgd[:3].any() and sgd.sum() == 5
+
+
+def test_the_posterior_enters_the_alignment_term_as_a_min_max_sum():
+    sas = np.array([0.0, 0.5, 1.0, 0.5], dtype=np.float32)
+    posterior = np.array([1.0, 0.0, 0.0, 0.2], dtype=np.float32)
+    common = dict(row_id=np.arange(4), labels=np.zeros(4), sample_diversity_normalized=np.zeros(4, dtype=np.float32))
+    blended = SelectionInputs(**common, semantic_alignment_normalized=sas, class_posterior_normalized=posterior)
+    # sums 1.0, 0.5, 1.0, 0.7 -> min-max over the rows
+    np.testing.assert_allclose(blended.alignment().numpy(), [1.0, 0.0, 1.0, 0.4], rtol=1e-6)
+    plain = SelectionInputs(**common, semantic_alignment_normalized=sas)
+    np.testing.assert_array_equal(plain.alignment().numpy(), sas)
+    # row 1 (fair cosine, but CLIP prefers another class) now ranks last
+    assert np.argmin(blended.reward(0.0)) == 1 and np.argmin(plain.reward(0.0)) == 0
+
+
+def test_class_posterior_is_the_softmax_over_the_class_prompts_at_the_label():
+    generator = torch.Generator().manual_seed(0)
+    images, text = torch.randn(50, 8, generator=generator), torch.randn(4, 8, generator=generator)
+    labels = torch.randint(0, 4, (50,), generator=generator)
+    cosine = torch.nn.functional.normalize(images, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T
+    expected = torch.softmax(POSTERIOR_LOGIT_FRACTION * 30.0 * cosine, dim=-1)[torch.arange(50), labels]
+    torch.testing.assert_close(class_posterior(images, text, labels, 30.0), expected)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        class_posterior(images, text, labels + 4, 30.0)
 
 
 def test_paper_preset_sets_defaults_that_flags_override():
@@ -65,6 +118,8 @@ def test_paper_preset_sets_defaults_that_flags_override():
     assert parse_config(["--preset", "paper", "--alpha", "0.2"]).selection.alpha == 0.2
     assert ClipselConfig.from_flat({"preset": "paper", "knn_k": 7}).selection.alpha is None
     assert parse_config([]).adapter.adapter_holdout_fraction == 0.1  # the default checks its adapters
+    assert (paper.selection.alignment, paper.selection.damage_check) == ("sas", False)
+    assert (parse_config([]).selection.alignment, parse_config([]).selection.damage_check) == ("sas+posterior", True)
     with pytest.raises(ValueError, match="preset='fast' is not valid"):
         ClipselConfig.from_flat({"preset": "fast"})
 
