@@ -257,9 +257,9 @@ class SelectionConfig:
     damage_check: bool = field(
         default=True,
         metadata={
-            "help": "Rank images whose pixels are damaged (noise far above, or contrast far below, the dataset's "
-            "usual level) after every other row in the reward (exact and sgd): they are kept only if the budget "
-            "needs them, and dropped ones get the reason 'damaged'. CLIP can be blind to such damage."
+            "help": "Rank images whose pixels are damaged (noise far above, or contrast or sharpness far below, "
+            "the dataset's usual level) after every other row in the reward (exact and sgd): they are kept only if "
+            "the budget needs them, and dropped ones get the reason 'damaged'. CLIP can be blind to such damage."
         },
     )
     damage_threshold: float = field(

@@ -2,7 +2,7 @@
 Accelerate, cached on disk in chunks so that a rerun (or a run killed half way) reuses what is done.
 
 The cache holds the pooled vision-tower outputs, before the projection: the projection preset's adapters act
-after it, so training and scoring run on this cache without touching an image again. It also holds two pixel
+after it, so training and scoring run on this cache without touching an image again. It also holds three pixel
 statistics per image (hf_clipsel.image_quality), measured here because this is the one pass that decodes the images.
 """
 
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 VISION_POOLED = "vision_pooled"
 # Bump when the cached numbers would change for the same model and data.
-CACHE_FORMAT_VERSION = 2  # 2: pixel statistics
+CACHE_FORMAT_VERSION = 3  # 2: pixel statistics; 3: sharpness
 
 
 def embedding_features(hidden_size: int) -> Features:
@@ -46,7 +46,7 @@ def embed_batch(batch: dict, image_column: str, model, image_processor, hidden_s
     decoded."""
     decoded = [decode_rgb(cell) for cell in batch[image_column]]
     errors = [error for _, error in decoded]
-    statistics = [pixel_statistics(image) if image is not None else (0.0, 0.0) for image, _ in decoded]
+    statistics = [pixel_statistics(image) if image is not None else (0.0, 0.0, 1.0) for image, _ in decoded]
     pooled = np.zeros((len(decoded), hidden_size), dtype=np.float32)
     rows, pixel_values = _preprocess([image for image, _ in decoded], image_processor, errors)
     if rows:

@@ -68,7 +68,7 @@ __all__ = [
     "run",
 ]
 
-# Per row: "" or the damage the pixel check found ("noisy", "low contrast"); written by every selection.
+# Per row: "" or the damage the pixel check found ("noisy", "low contrast", "blurry"); written by every selection.
 DAMAGE = "damage"
 SCORE_COLUMNS = (
     "semantic_alignment",
@@ -224,16 +224,13 @@ def _required_column(table: dict, column: str, setting: str) -> np.ndarray:
 
 
 def damaged_rows(scores: Dataset, selection: SelectionConfig) -> np.ndarray:
-    """``""`` or the damage found (``noisy``, ``low contrast``) per row; all ``""`` when damage_check is off."""
+    """``""`` or the damage found (``noisy``, ``low contrast``, ``blurry``) per row; all ``""`` when damage_check is
+    off."""
     table = scores.with_format("numpy")[:]
     if not selection.damage_check:
         return np.full(len(scores), "", dtype=object)
-    return damage_flags(
-        _required_column(table, QUALITY_COLUMNS[0], "damage_check"),
-        _required_column(table, QUALITY_COLUMNS[1], "damage_check"),
-        table["flag_reason"] == "",
-        selection.damage_threshold,
-    )
+    statistics = [_required_column(table, column, "damage_check") for column in QUALITY_COLUMNS]
+    return damage_flags(*statistics, table["flag_reason"] == "", selection.damage_threshold)
 
 
 def selection_inputs(

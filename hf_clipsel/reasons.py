@@ -3,7 +3,7 @@
     ""                    kept
     "undecodable"         the image could not be decoded (never selectable)
     "unusable label"      the label is missing or outside the classes (never selectable)
-    "damaged"             the pixel check flagged the image (noisy or low contrast): ranked after every other row
+    "damaged"             the pixel check flagged the image (noisy, low contrast, blurry): ranked after every other row
     "misaligned"          CLIP prefers another class than the given label: likely mislabelled or damaged
     "redundant"           aligned with its label, but in a dense part of its class (diversity below the class median)
     "outside the budget"  aligned and not redundant, but its reward fell below the k-th

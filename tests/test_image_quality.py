@@ -4,21 +4,22 @@ import numpy as np
 import pandas as pd
 import pytest
 from datasets import load_dataset
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from hf_clipsel import noise
-from hf_clipsel.image_quality import LOW_CONTRAST, NOISY, damage_flags, pixel_statistics, robust_z
+from hf_clipsel.image_quality import BLURRY, LOW_CONTRAST, NOISY, damage_flags, pixel_statistics, robust_z
 from hf_clipsel.pipeline import run
 from tests.conftest import run_config
 
 
-def smooth_image(seed: int, size: int = 64) -> Image.Image:
-    """A random smooth scene: a tilted gradient plus a soft blob (no pixel noise beyond 8-bit rounding)."""
+def scene(seed: int, size: int = 64) -> Image.Image:
+    """A random scene: a tilted gradient, a soft blob and a fine texture (nothing beyond 8-bit rounding noise)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size] / size
     angle, cx, cy = rng.uniform(0, np.pi), *rng.uniform(0.2, 0.8, 2)
-    gray = 0.3 + 0.3 * (np.cos(angle) * x + np.sin(angle) * y) + 0.3 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / 0.05)
-    return Image.fromarray(np.uint8(np.clip(gray, 0, 1) * 255)).convert("RGB")
+    texture = np.asarray(Image.fromarray(rng.uniform(0, 255, (size // 2, size // 2))).resize((size, size))) / 255
+    gray = 0.2 + 0.3 * (np.cos(angle) * x + np.sin(angle) * y) + 0.3 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / 0.05)
+    return Image.fromarray(np.uint8(np.clip(gray + 0.15 * texture, 0, 1) * 255)).convert("RGB")
 
 
 def with_noise(image: Image.Image, sigma: float, seed: int = 0) -> Image.Image:
@@ -28,12 +29,22 @@ def with_noise(image: Image.Image, sigma: float, seed: int = 0) -> Image.Image:
 
 def test_noise_level_estimates_the_added_noise_and_contrast_the_pixel_spread():
     flat = Image.new("RGB", (256, 256), (128, 128, 128))
-    assert pixel_statistics(flat) == (0.0, 0.0)
+    assert pixel_statistics(flat) == (0.0, 0.0, 1.0)
     noisy = Image.fromarray(np.uint8(np.clip(128 + np.random.default_rng(0).normal(0, 10, (256, 256)), 0, 255)))
-    noise_level, contrast = pixel_statistics(noisy)
+    noise_level, contrast, _ = pixel_statistics(noisy)
     assert noise_level * 255 == pytest.approx(10, rel=0.05)  # Immerkaer's estimate of the added sigma
     assert contrast * 255 == pytest.approx(10, rel=0.05)
-    assert pixel_statistics(Image.new("RGB", (2, 2))) == (0.0, 0.0)  # too small to measure: nothing to flag
+    assert pixel_statistics(Image.new("RGB", (3, 3))) == (0.0, 0.0, 1.0)  # too small to measure: nothing to flag
+
+
+def test_blur_lowers_sharpness_and_noise_raises_it():
+    scene = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)).resize((256, 256))
+    sharpness = pixel_statistics(scene)[2]
+    assert pixel_statistics(scene.filter(ImageFilter.GaussianBlur(2)))[2] < sharpness
+    assert (
+        pixel_statistics(with_noise(scene.convert("RGB").resize((64, 64)), 0.1))[2]
+        > pixel_statistics(scene.convert("RGB").resize((64, 64)))[2]
+    )
 
 
 def test_large_images_are_measured_on_a_centre_crop():
@@ -42,18 +53,19 @@ def test_large_images_are_measured_on_a_centre_crop():
 
 
 def test_flags_name_the_noisy_and_the_blank_images_and_nothing_else():
-    images = [smooth_image(seed) for seed in range(60)]
+    images = [scene(seed) for seed in range(60)]
     images[3] = with_noise(images[3], 0.15)
     images[17] = with_noise(images[17], 0.1, seed=1)
     images[40] = Image.new("RGB", (64, 64), (20, 20, 20))
-    statistics = np.array([pixel_statistics(image) for image in images])
+    images[50] = images[50].filter(ImageFilter.GaussianBlur(3))
+    statistics = np.array([pixel_statistics(image) for image in images]).T
     usable = np.ones(60, dtype=bool)
     usable[41] = False
-    flags = damage_flags(statistics[:, 0], statistics[:, 1], usable, threshold=3.0)
-    assert {row: flag for row, flag in enumerate(flags) if flag} == {3: NOISY, 17: NOISY, 40: LOW_CONTRAST}
+    flags = damage_flags(*statistics, usable, threshold=3.0)
+    assert {row: flag for row, flag in enumerate(flags) if flag} == {3: NOISY, 17: NOISY, 40: LOW_CONTRAST, 50: BLURRY}
     # a rerun of the same rows with one more unusable row: that row is never flagged
     usable[3] = False
-    assert damage_flags(statistics[:, 0], statistics[:, 1], usable, threshold=3.0)[3] == ""
+    assert damage_flags(*statistics, usable, threshold=3.0)[3] == ""
 
 
 def test_robust_z_ignores_unusable_rows_and_a_zero_spread():

@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     pool = shard.shuffle(seed=args.seed).select(range(args.pool_size))
     clean = np.array([pixel_statistics(image) for image in pool["img"]])
     usable = np.ones(len(pool), dtype=bool)
-    flags = damage_flags(clean[:, 0], clean[:, 1], usable, args.threshold)
+    flags = damage_flags(*clean.T, usable, args.threshold)
     print(f"pool: {len(pool)} CIFAR-10 training images (seed {args.seed}), threshold {args.threshold}")
     print(f"no corruption: {np.mean(flags != ''):.2%} of the images flagged\n")
     print("| corruption | " + " | ".join(f"severity {s}" for s in range(1, 6)) + " |")
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
             rows = np.asarray(record["row_id"])
             statistics = clean.copy()
             statistics[rows] = [pixel_statistics(image) for image in damaged.select(rows)["img"]]
-            flagged = damage_flags(statistics[:, 0], statistics[:, 1], usable, args.threshold) != ""
+            flagged = damage_flags(*statistics.T, usable, args.threshold) != ""
             is_damaged = np.zeros(len(pool), dtype=bool)
             is_damaged[rows] = True
             cells.append(f"{flagged[is_damaged].mean():.0%} / {flagged[~is_damaged].mean():.1%}")
