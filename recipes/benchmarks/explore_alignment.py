@@ -1,35 +1,43 @@
-"""Exploration, not a package feature: which zero-shot score separates the injected rows best?
+"""Which zero-shot alignment term separates mislabelled rows best, over several noise draws? (No training.)
 
-Reads the cache of a finished `bench_quality.py` run (--work_dir; its SAS zero-shot selections and embedding caches)
-and, per noise case, prints the share of injected rows kept at each ratio by the top-k of:
+Reads the cache of a finished `bench_quality.py` run (--work_dir: its pools and their zero-shot embedding caches).
+For each label-noise case (symmetric or asymmetric), label noise is drawn again on the same images with noise seeds
+0..D-1 (seed 0 is the benchmark's own pool), and for each draw it counts the share of mislabelled rows kept at
+each ratio by the top-k of:
 - zero-shot SAS (cosine to the given label's prompt; what `clip_score` / SAS zero-shot select by);
-- SAS + the gated diversity term (the package default's reward with zero-shot features);
+- SAS + the gated diversity term (the reward with `alignment sas`, zero-shot features);
 - p(label | image): the zero-shot class posterior, softmax over the class prompts at half the logit scale;
-- min-max(SAS) + min-max(posterior), + the gated diversity term;
-and each score's AUROC against the injected rows (0.5 = chance). No training: kept-noise only.
+- min-max(SAS~ + posterior~) + the gated diversity term (the reward with `alignment sas+posterior`, the default).
+It prints the mean over the draws, each score's AUROC against the mislabelled rows (0.5 = chance), and in how many
+draws each score kept strictly less noise than SAS at each ratio.
 
     python recipes/benchmarks/bench_quality.py --asymmetric 0.3 --corruption 0.05   # first, to fill the cache
-    python recipes/benchmarks/explore_alignment.py                                  # under a minute on 2 cores
+    python recipes/benchmarks/explore_alignment.py --noise_draws 6                  # about a minute
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from datasets import ClassLabel, Dataset, Features
 from sklearn.metrics import roc_auc_score
 
 from hf_clipsel import pipeline, scoring
 from hf_clipsel.context import load_context, prompts_of
 from hf_clipsel.embedding import embed_class_prompts, pooled_matrix
 from hf_clipsel.modeling import class_text_features, image_features, logit_scale
+from hf_clipsel.noise import asymmetric_label_noise, symmetric_label_noise
 from hf_clipsel.parser import parse_config
+from hf_clipsel.selection import SelectionInputs
 
 RATIOS = (0.3, 0.5, 0.8)
+NOISE = {"sym": ("symmetric", symmetric_label_noise), "asym": ("asymmetric", asymmetric_label_noise)}
 
 
 def kept_share(score: np.ndarray, injected: np.ndarray, ratio: float) -> float:
@@ -38,56 +46,81 @@ def kept_share(score: np.ndarray, injected: np.ndarray, ratio: float) -> float:
     return float(injected[order[: int(ratio * len(score))]].mean())
 
 
-def normalized(x) -> np.ndarray:
-    return scoring.min_max(torch.as_tensor(x)).double().numpy()
-
-
-def case_scores(run_dir: Path, pool_file: Path, knn_k: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    config = parse_config(["--config", str(run_dir / "sas_zero_shot" / "run_config.yaml")])
-    context = load_context(config)
+def zero_shot_features(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor, float, list[str]]:
+    """(image features [N, d], cosine to each class prompt [N, C], logit scale, class names) of a case's pool."""
+    context = load_context(parse_config(["--config", str(run_dir / "sas_zero_shot" / "run_config.yaml")]))
     embeddings = pipeline.embed_stage(context)  # the case's embedding cache: nothing is encoded again
     with torch.no_grad():
         features = image_features(context.model, pooled_matrix(embeddings))
         text_pooled = embed_class_prompts(context.model, context.processor.tokenizer, prompts_of(context))
         cosine = F.normalize(features, dim=-1) @ class_text_features(context.model, text_pooled).T
-    table = pq.read_table(pool_file, columns=["label", "is_noisy"]).to_pydict()
-    labels, injected = torch.tensor(table["label"]), np.asarray(table["is_noisy"], dtype=bool)
+    return features, cosine, logit_scale(context.model), context.source.class_names
+
+
+def scores_for(features, cosine, scale: float, labels: np.ndarray, knn_k: int) -> dict[str, np.ndarray]:
+    """The four scores of the module docstring, for one set of given labels; the rewards come from the package's
+    own SelectionInputs.reward (alpha 0.1, the agreement gate)."""
+    labels_t = torch.from_numpy(labels)
     rows = torch.arange(len(labels))
-    sas = cosine[rows, labels].numpy()
-    posterior = torch.softmax(0.5 * logit_scale(context.model) * cosine, dim=-1)[rows, labels].numpy()
-    agrees = (cosine.argmax(dim=-1) == labels).numpy()
-    diversity = normalized(scoring.sample_diversity(features, labels, knn_k).numpy())  # as the package: unnormalised
-
-    def gated(alignment):
-        alignment = normalized(alignment)
-        return alignment / alignment.mean() + 0.1 * agrees * diversity / diversity.mean()
-
-    blend = normalized(sas) + normalized(posterior)
+    sas = cosine[rows, labels_t]
+    posterior = torch.softmax(scoring.POSTERIOR_LOGIT_FRACTION * scale * cosine, dim=-1)[rows, labels_t]
+    common = dict(
+        row_id=np.arange(len(labels)),
+        labels=labels,
+        semantic_alignment_normalized=scoring.min_max(sas).numpy(),
+        sample_diversity_normalized=scoring.min_max(scoring.sample_diversity(features, labels_t, knn_k)).numpy(),
+        diversity_gate=(cosine.argmax(dim=-1) == labels_t).numpy(),
+    )
+    with_posterior = SelectionInputs(**common, class_posterior_normalized=scoring.min_max(posterior).numpy())
     return {
-        "zero-shot SAS": sas,
-        "SAS + gated diversity (default reward)": gated(sas),
-        "posterior of the given label": posterior,
-        "SAS + posterior + gated diversity": gated(blend),
-    }, injected
+        "zero-shot SAS": sas.numpy(),
+        "SAS + gated diversity (alignment sas)": SelectionInputs(**common).reward(0.1),
+        "posterior of the given label": posterior.numpy(),
+        "SAS + posterior + gated diversity (default)": with_posterior.reward(0.1),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default="/tmp/quality/work", help="bench_quality.py's --work_dir.")
+    parser.add_argument("--noise_draws", type=int, default=6, help="Noise seeds 0..D-1 per case.")
     parser.add_argument("--knn_k", type=int, default=100)
     args = parser.parse_args()
     work_dir = Path(args.work_dir)
     for model_dir in sorted((work_dir / "runs").iterdir()):
         for case_dir in sorted(model_dir.iterdir()):
-            for run_dir in sorted(case_dir.iterdir()):
-                pool_file = next((work_dir / "pools" / case_dir.name / "pool").glob("*.parquet"))
-                scores, injected = case_scores(run_dir, pool_file, args.knn_k)
-                print(f"\n{case_dir.name}: {injected.mean():.1%} injected")
-                print("| score | " + " | ".join(f"kept at {r}" for r in RATIOS) + " | AUROC |")
-                print("|---|" + "---|" * (len(RATIOS) + 1))
-                for name, score in scores.items():
-                    shares = " | ".join(f"{kept_share(score, injected, r):.1%}" for r in RATIOS)
-                    print(f"| {name} | {shares} | {roc_auc_score(injected, -score):.3f} |")
+            match = re.match(r"(a?sym)(\d+)-", case_dir.name)
+            if not match:
+                continue  # damaged images: no label noise to redraw
+            kind, fraction = match.group(1), int(match.group(2)) / 100
+            run_dir = next(case_dir.iterdir())
+            features, cosine, scale, class_names = zero_shot_features(run_dir)
+            pool_file = next((work_dir / "pools" / case_dir.name / "pool").glob("*.parquet"))
+            clean = np.asarray(pq.read_table(pool_file, columns=["clean_label"]).column(0).to_pylist())
+            source = Dataset.from_dict({"label": clean}, features=Features({"label": ClassLabel(names=class_names)}))
+            kept, aurocs = {}, {}
+            for seed in range(args.noise_draws):
+                noisy, _ = NOISE[kind][1](source, fraction, seed=seed)
+                labels = np.asarray(noisy["label"], dtype=np.int64)
+                injected = labels != clean
+                for name, score in scores_for(features, cosine, scale, labels, args.knn_k).items():
+                    kept.setdefault(name, []).append([kept_share(score, injected, r) for r in RATIOS])
+                    aurocs.setdefault(name, []).append(roc_auc_score(injected, -score))
+            reference = np.array(kept["zero-shot SAS"])
+            print(f"\n{case_dir.name}: {fraction:.0%} {NOISE[kind][0]} label noise, {args.noise_draws} draws")
+            print(
+                "| score | "
+                + " | ".join(f"kept at {r}" for r in RATIOS)
+                + " | AUROC | draws below SAS at "
+                + "/".join(map(str, RATIOS))
+                + " |"
+            )
+            print("|---|" + "---|" * (len(RATIOS) + 2))
+            for name, shares in kept.items():
+                shares = np.array(shares)
+                means = " | ".join(f"{m:.2%}" for m in shares.mean(axis=0))
+                wins = "/".join(str(int(w)) for w in (shares < reference).sum(axis=0))
+                print(f"| {name} | {means} | {np.mean(aurocs[name]):.3f} | {wins} |")
 
 
 if __name__ == "__main__":
