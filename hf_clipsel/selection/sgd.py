@@ -117,6 +117,9 @@ def select_sgd(inputs: SelectionInputs, ratios: list[float], config: SelectionCo
     fraction of the exact top-k that the optimiser also selected, before trim), and the common ``budget``,
     ``num_selected``, ``shortfall``.
 
+    Demoted rows (``inputs.demoted``, e.g. damaged images) are left out of the optimisation whenever the other valid
+    rows number more than ``k``, so they are selected only when the budget needs them, as with ``exact``.
+
     When ``k`` is at least the number of valid rows, all valid rows are selected without running the optimiser
     (it could not reach the budget and would run to the iteration cap). ``class_balanced`` is not supported: the
     released objective has one global budget term.
