@@ -326,11 +326,13 @@ def selection_config(args, case: dict, pool_file: Path, model: str, selector: st
 
 
 def finished(config: ClipselConfig) -> bool:
-    """The selection is written and was made with these settings (a changed library default reruns it)."""
+    """The selection is written, was made with these settings (a changed library default reruns it), and its scores
+    have every column the library writes now (new scores, e.g. a new pixel statistic, rerun it too)."""
     output_dir = Path(config.run.output_dir)
     if not ((output_dir / "README.md").exists() and (output_dir / "run_summary.json").exists()):
         return False
-    return pipeline.changed_settings(config) == []
+    columns = set(pq.read_schema(scores_files(output_dir)[0]).names)
+    return pipeline.changed_settings(config) == [] and set(pipeline.SCORE_COLUMNS) <= columns
 
 
 def saved_scores(config: ClipselConfig):
