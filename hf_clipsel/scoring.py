@@ -66,8 +66,8 @@ def semantic_alignment(image_features: Tensor, class_text_features: Tensor, labe
 
 
 # The class posterior is a softmax over the class prompts at this fraction of CLIP's logit scale. Measured on the
-# quality benchmark's label-noise pools (explore_alignment.py, six noise draws): 0.25, 0.5 and 1 all separate
-# mislabelled rows better than the cosine alone; 0.5 did so at every ratio of every case.
+# quality benchmark's label-noise pools (six noise draws, recipes/benchmarks/README.md): in the reward, 0.25 and 0.5
+# kept less noise than SAS alone at every ratio of every case and draw; 1 did not (asymmetric noise at 0.5).
 POSTERIOR_LOGIT_FRACTION = 0.5
 
 

@@ -7,7 +7,15 @@ from datasets import load_dataset
 from PIL import Image, ImageFilter
 
 from hf_clipsel import noise
-from hf_clipsel.image_quality import BLURRY, LOW_CONTRAST, NOISY, damage_flags, pixel_statistics, robust_z
+from hf_clipsel.image_quality import (
+    BLURRY,
+    LOW_CONTRAST,
+    MAX_SIDE,
+    NOISY,
+    damage_flags,
+    pixel_statistics,
+    robust_z,
+)
 from hf_clipsel.pipeline import run
 from tests.conftest import run_config
 
@@ -49,7 +57,10 @@ def test_blur_lowers_sharpness_and_noise_raises_it():
 
 def test_large_images_are_measured_on_a_centre_crop():
     pixels = np.random.default_rng(0).integers(0, 256, (1200, 2000), dtype=np.uint8)
-    assert pixel_statistics(Image.fromarray(pixels)) == pixel_statistics(Image.fromarray(pixels[344:856, 744:1256]))
+    top, left = (1200 - MAX_SIDE) // 2, (2000 - MAX_SIDE) // 2
+    centre = pixels[top : top + MAX_SIDE, left : left + MAX_SIDE]
+    assert pixel_statistics(Image.fromarray(pixels)) == pixel_statistics(Image.fromarray(centre))
+    assert pixel_statistics(Image.fromarray(pixels)) != pixel_statistics(Image.fromarray(centre[1:, 1:]))
 
 
 def test_flags_name_the_noisy_and_the_blank_images_and_nothing_else():
