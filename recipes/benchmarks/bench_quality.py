@@ -71,7 +71,7 @@ VARIANTS = (
 LABELS = {
     METHOD: "method (exact, package defaults)",
     PAPER: "method, preset paper (alpha = ratio, no held-out check)",
-    UNGATED: "method with diversity_gate none (as released)",
+    UNGATED: "method with diversity_gate none",
     BALANCED: "method with class_balanced quotas",
     "random": "random",
     "clip_score": "clip_score (adapted SAS)",
