@@ -54,25 +54,29 @@ from hf_clipsel.outputs import ratio_name, scores_files, selected_column
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
-METHOD, ZERO_SHOT, PAPER, UNGATED, BALANCED = (
+METHOD, ZERO_SHOT, PAPER, UNGATED, BALANCED, ALPHA_RATIO = (
     "exact",
     "sas_zero_shot",
     "exact_paper",
     "exact_ungated",
     "exact_balanced",
+    "exact_alpha_ratio",
 )
-FROM_SAVED_SCORES = ("random", "clip_score", "ccs", UNGATED, BALANCED)  # select_from_scores: no model needed
+# Selected by select_from_scores on the method's saved scores: no model needed.
+FROM_SAVED_SCORES = ("random", "clip_score", "ccs", UNGATED, BALANCED, ALPHA_RATIO)
 SELECTORS = (METHOD, "random", "clip_score", "moderate", "ccs", ZERO_SHOT)
 VARIANTS = (
     PAPER,
     UNGATED,
     BALANCED,
+    ALPHA_RATIO,
 )  # the method with other settings: selection only (noise kept) unless also in --selectors
 LABELS = {
     METHOD: "method (exact, package defaults)",
     PAPER: "method, preset paper (alpha = ratio, no held-out check)",
     UNGATED: "method with diversity_gate none",
     BALANCED: "method with class_balanced quotas",
+    ALPHA_RATIO: "method with alpha = ratio",
     "random": "random",
     "clip_score": "clip_score (adapted SAS)",
     "moderate": "moderate (Moderate-DS)",
@@ -306,9 +310,7 @@ def selection_config(args, case: dict, pool_file: Path, model: str, selector: st
         "label_column": "label",
         "model_name_or_path": model,
         "selection_ratios": list(args.ratios),
-        "selection_method": {ZERO_SHOT: "clip_score", PAPER: METHOD, UNGATED: METHOD, BALANCED: METHOD}.get(
-            selector, selector
-        ),
+        "selection_method": "clip_score" if selector == ZERO_SHOT else METHOD if selector in VARIANTS else selector,
         "output_dir": str(run_dir / selector),
         "cache_dir": str(run_dir / "embeddings"),  # one embedding pass per case, shared by both runs
         "batch_size": args.embed_batch_size,
@@ -322,6 +324,8 @@ def selection_config(args, case: dict, pool_file: Path, model: str, selector: st
         values["diversity_gate"] = "none"
     elif selector == BALANCED:
         values["class_balanced"] = True
+    elif selector == ALPHA_RATIO:  # the paper's alpha with the default's gate, posterior term and damage check
+        values["alpha"] = None
     return ClipselConfig.from_flat(values)
 
 
@@ -597,7 +601,7 @@ def plot(args, cases, per_case, rows, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, len(cases), figsize=(5.2 * len(cases), 8), squeeze=False, sharex=True)
-    markers = dict(zip(SELECTORS + VARIANTS, "osD^vxPX*"))
+    markers = dict(zip(SELECTORS + VARIANTS, "osD^vxPX*h"))
     for column, case in enumerate(cases):
         top, bottom = axes[0][column], axes[1][column]
         case_rows = [r for r in rows if r["case"] == case["name"]]
