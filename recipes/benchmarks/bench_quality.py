@@ -4,12 +4,13 @@ For each noise case (default: 20% and 40% symmetric label noise, hf_clipsel.nois
 pool drawn from the CIFAR-10 training split, and each selection ratio (0.3, 0.5, 0.8):
 
 - selectors, all through the package: the method (`exact`, package defaults: projection adapters trained on the
-  pool's noisy labels, alpha 0.1) with `hf_clipsel.pipeline.run`, once per noise case (embed + adapt + score +
-  select); `random`, `clip_score`, `ccs` from the method's saved scores with `pipeline.select_from_scores`; `moderate`
-  with `pipeline.select_stage` (it needs the image features, which saved scores do not hold); and the zero-shot
-  alignment score alone ("SAS zero-shot": adapter_preset none, clip_score), a second `run` on the same embedding cache;
-  the published method (`--preset paper`), a third `run`; and, selected only, the method with the released
-  (ungated) reward;
+  pool's noisy labels with the held-out check, alpha 0.1, gate, posterior term, damage check) with
+  `hf_clipsel.pipeline.run`, once per noise case (embed + adapt + score + select); `random`, `clip_score`, `ccs` from
+  the method's saved scores with `pipeline.select_from_scores`; `moderate` with `pipeline.select_stage` (it needs the
+  image features, which saved scores do not hold); and the zero-shot alignment score alone ("SAS zero-shot":
+  adapter_preset none, clip_score), a second `run` on the same embedding cache; the published method
+  (`--preset paper`), a third `run`; and variants of the method from its saved scores (--variants: ungated,
+  class-balanced, alpha = ratio), selected only unless also given to --selectors;
 - for every kept set: the fraction of its rows the injector changed (next to the pool's), and the top-1 on held-out
   CIFAR-10 test rows of a fixed timm model trained from scratch on it with a fixed budget, over several seeds;
 - references: the full noisy pool (ratio 1.0) and, as an oracle, its clean rows only.
