@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from datasets import Dataset, Features, Image, List, Value, concatenate_datasets
 
 from .data import ROW_ID, decode_rgb
-from .image_quality import QUALITY_COLUMNS, pixel_statistics
+from .image_quality import QUALITY_COLUMNS, UNMEASURED, pixel_statistics
 from .modeling import clip_of, text_tower_outputs, vision_tower_outputs
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def embed_batch(batch: dict, image_column: str, model, image_processor, hidden_s
     decoded."""
     decoded = [decode_rgb(cell) for cell in batch[image_column]]
     errors = [error for _, error in decoded]
-    statistics = [pixel_statistics(image) if image is not None else (0.0, 0.0, 1.0) for image, _ in decoded]
+    statistics = [pixel_statistics(image) if image is not None else UNMEASURED for image, _ in decoded]
     pooled = np.zeros((len(decoded), hidden_size), dtype=np.float32)
     rows, pixel_values = _preprocess([image for image, _ in decoded], image_processor, errors)
     if rows:

@@ -34,6 +34,8 @@ MAX_SIDE = 256
 _MAD_TO_STD = 1.4826
 # Floor of the noise level and of the gradients: 1e-4 is 0.03 grey levels, so a flat image's ratios stay finite.
 _FLOOR = 1e-4
+# The statistics of an image too small to measure (or not decoded): nothing in them is flagged.
+UNMEASURED = (0.0, 0.0, 1.0)
 
 
 def pixel_statistics(image: Image.Image) -> tuple[float, float, float]:
@@ -45,7 +47,7 @@ def pixel_statistics(image: Image.Image) -> tuple[float, float, float]:
         image = image.crop((left, top, left + min(width, MAX_SIDE), top + min(height, MAX_SIDE)))
     pixels = np.asarray(image.convert("L"), dtype=np.float64) / 255.0
     if min(pixels.shape) < 4:
-        return 0.0, 0.0, 1.0
+        return UNMEASURED
     # The kernel [[1, -2, 1], [-2, 4, -2], [1, -2, 1]] as shifted slices (no scipy): the difference of two
     # Laplacians, zero on any locally quadratic surface, so what remains is mostly noise.
     p = pixels
@@ -86,12 +88,16 @@ def damage_flags(
     usable = np.asarray(usable, dtype=bool)
     # log: noise levels spread multiplicatively (a textured photo has several times a smooth one's); the floor keeps
     # a clean image's level of ~0 finite.
-    noise_z = robust_z(np.log(np.maximum(np.asarray(noise_level, dtype=np.float64), _FLOOR)), usable)
+    noise_z = robust_z(_floored_log(noise_level), usable)
     contrast_z = robust_z(contrast, usable)
-    sharpness_z = robust_z(np.log(np.maximum(np.asarray(sharpness, dtype=np.float64), _FLOOR)), usable)
+    sharpness_z = robust_z(_floored_log(sharpness), usable)
     flags = np.full(noise_z.shape, "", dtype=object)
     flags[sharpness_z < -threshold] = BLURRY
     flags[contrast_z < -threshold] = LOW_CONTRAST
     flags[noise_z > threshold] = NOISY
     flags[~usable] = ""
     return flags
+
+
+def _floored_log(values) -> np.ndarray:
+    return np.log(np.maximum(np.asarray(values, dtype=np.float64), _FLOOR))

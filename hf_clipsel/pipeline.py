@@ -223,27 +223,20 @@ def _required_column(table: dict, column: str, setting: str) -> np.ndarray:
     return table[column]
 
 
-def damaged_rows(scores: Dataset, selection: SelectionConfig) -> np.ndarray:
-    """``""`` or the damage found (``noisy``, ``low contrast``, ``blurry``) per row; all ``""`` when damage_check is
-    off."""
-    table = scores.with_format("numpy")[:]
+def damaged_rows(table: dict, selection: SelectionConfig) -> np.ndarray:
+    """``""`` or the damage found (``noisy``, ``low contrast``, ``blurry``) per row of the scores ``table`` (numpy
+    columns); all ``""`` when damage_check is off."""
     if not selection.damage_check:
-        return np.full(len(scores), "", dtype=object)
+        return np.full(len(table[ROW_ID]), "", dtype=object)
     statistics = [_required_column(table, column, "damage_check") for column in QUALITY_COLUMNS]
     return damage_flags(*statistics, table["flag_reason"] == "", selection.damage_threshold)
 
 
 def selection_inputs(
-    scores: Dataset,
-    image_features: torch.Tensor | None = None,
-    selection: SelectionConfig | None = None,
-    damage: np.ndarray | None = None,
+    table: dict, selection: SelectionConfig, damage: np.ndarray, image_features: torch.Tensor | None = None
 ) -> SelectionInputs:
-    """What the selectors read, from the scores and the selection settings (default: the paper's reward).
-    ``damage``: :func:`damaged_rows`, when the caller has it already."""
-    selection = selection or SelectionConfig(diversity_gate="none", alignment="sas", damage_check=False)
-    damage = damaged_rows(scores, selection) if damage is None else damage
-    table = scores.with_format("numpy")[:]
+    """What the selectors read: the scores ``table`` (numpy columns), the selection settings and the damage found
+    (:func:`damaged_rows`)."""
     gate = posterior = None
     if selection.diversity_gate == "agreement":
         gate = _required_column(table, "predicted_label", "diversity_gate agreement") == table["label"]
@@ -264,14 +257,14 @@ def selection_inputs(
 
 def select_stage(scores: Dataset, config: ClipselConfig, image_features: torch.Tensor | None = None):
     """Masks per ratio, and the scores with reward and is_selected columns for every ratio."""
-    damage = damaged_rows(scores, config.selection)
-    inputs = selection_inputs(scores, image_features, config.selection, damage)
+    table = scores.with_format("numpy")[:]  # read once: the inputs, the damage and the reasons all come from it
+    damage = damaged_rows(table, config.selection)
+    inputs = selection_inputs(table, config.selection, damage, image_features)
     masks = select(inputs, config.selection)
     scores = scores.remove_columns(
         [c for c in scores.column_names if c.startswith(("reward_", "is_selected_", "drop_reason_")) or c == DAMAGE]
     )
     scores = scores.add_column(DAMAGE, damage.tolist(), feature=Value("string"))
-    table = scores.with_format("numpy")[:]
     rewards = {}  # one reward per distinct alpha: with a fixed alpha every ratio shares it
     for ratio in config.selection.selection_ratios:
         alpha = config.selection.alpha_for(ratio)
@@ -317,7 +310,7 @@ def summarize(scores: Dataset, masks: dict, config: ClipselConfig) -> dict:
             "dropped_by_reason": {reason: reasons[reason] for reason in REASONS if reason and reasons[reason]},
             "kept_per_class": {class_names[c]: int(kept_per_class.get(c, 0)) for c in range(len(class_names))},
         }
-    damage = Counter(scores[DAMAGE][:]) if DAMAGE in scores.column_names else Counter()
+    damage = Counter(scores[DAMAGE][:])  # select_stage wrote it
     return {
         "adapter_check": read_adapter_check(Path(config.run.output_dir) / ADAPTER_DIR),
         "damaged": {kind: count for kind, count in sorted(damage.items()) if kind},

@@ -94,7 +94,7 @@ class SelectionInputs:
             torch.from_numpy(self.valid),
             None if self.diversity_gate is None else torch.from_numpy(self.diversity_gate),
         ).numpy()
-        demoted = self.valid & ~self.preferred()
+        demoted = np.zeros_like(self.valid) if self.demoted is None else self.valid & self.demoted
         if demoted.any():
             finite = rewards[self.valid]
             rewards[demoted] -= finite.max() - finite.min() + 1.0
