@@ -27,8 +27,8 @@ NOISE_LEVEL, CONTRAST, SHARPNESS = "noise_level", "contrast", "sharpness"
 QUALITY_COLUMNS = (NOISE_LEVEL, CONTRAST, SHARPNESS)
 NOISY, LOW_CONTRAST, BLURRY = "noisy", "low contrast", "blurry"
 # Larger images are measured on a centre crop of this many pixels a side: a crop keeps the noise statistics (a resize
-# would average the noise away) and bounds the cost per image: 2.7 ms for a 500x375 and 1.2 ms for a 1024x768 RGB
-# image on one core of the development machine (512 a side took 10 ms; CLIP ViT-B/32 takes about 77 ms there).
+# would average the noise away) and bounds the cost per image to 1-3 ms on one core of the development machine
+# (bench_damage_check.py times it; 512 a side took 10 ms; CLIP ViT-B/32 takes about 77 ms there).
 MAX_SIDE = 256
 # MAD -> standard deviation for normally distributed values.
 _MAD_TO_STD = 1.4826

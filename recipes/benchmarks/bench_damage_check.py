@@ -4,7 +4,8 @@ clean images it flags, on real CIFAR-10 images.
 For each of the five corruptions of hf_clipsel.noise (Hendrycks & Dietterich's CIFAR-10-C parameters) at each
 severity, 5% of a pool of CIFAR-10 training images (seeded) are corrupted, the pixel statistics of every image are
 measured (hf_clipsel.image_quality, as the pipeline does while embedding) and flagged against the pool's own
-median and spread with the package's default threshold. No model is involved.
+median and spread with the package's default threshold. No model is involved. Last, the cost of the statistics
+per image at two photo sizes.
 
     python recipes/benchmarks/bench_damage_check.py            # about 20 seconds on one core
     python recipes/benchmarks/bench_damage_check.py --pool_size 2000 --threshold 2.5
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from datasets import load_dataset
+from PIL import Image
 
 from hf_clipsel.configs import SelectionConfig
 from hf_clipsel.image_quality import damage_flags, pixel_statistics
@@ -58,7 +60,20 @@ def main(argv=None) -> None:
             cells.append(f"{flagged[is_damaged].mean():.0%} / {flagged[~is_damaged].mean():.1%}")
         print(f"| {corruption} | " + " | ".join(cells) + " |")
     print("\ncells: damaged images flagged / clean images flagged")
+    # Cost per image beside the embedding: random RGB pixels at two photo sizes (larger ones use a centre crop).
+    rng = np.random.default_rng(args.seed)
+    for width, height in ((500, 375), (1024, 768)):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        rounds = [_seconds_per_call(pixel_statistics, image, 100) for _ in range(5)]
+        print(f"pixel_statistics on a {width}x{height} RGB image: {min(rounds) * 1000:.2f} ms (best of 5 x 100)")
     print(f"seconds: {time.perf_counter() - start:.0f}")
+
+
+def _seconds_per_call(fn, argument, calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn(argument)
+    return (time.perf_counter() - start) / calls
 
 
 if __name__ == "__main__":

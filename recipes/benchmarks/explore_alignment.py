@@ -13,6 +13,7 @@ draws each score kept strictly less noise than SAS at each ratio.
 
     python recipes/benchmarks/bench_quality.py --asymmetric 0.3 --corruption 0.05   # first, to fill the cache
     python recipes/benchmarks/explore_alignment.py --noise_draws 6                  # about a minute
+    python recipes/benchmarks/explore_alignment.py --posterior_fractions 0.25 1     # other temperatures too
 """
 
 from __future__ import annotations
@@ -57,13 +58,20 @@ def zero_shot_features(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor, float
     return features, cosine, logit_scale(context.model), context.source.class_names
 
 
-def scores_for(features, cosine, scale: float, labels: np.ndarray, knn_k: int) -> dict[str, np.ndarray]:
+def scores_for(
+    features, cosine, scale: float, labels: np.ndarray, knn_k: int, other_fractions: tuple = ()
+) -> dict[str, np.ndarray]:
     """The four scores of the module docstring, for one set of given labels; the rewards come from the package's
-    own SelectionInputs.reward (alpha 0.1, the agreement gate)."""
+    own SelectionInputs.reward (alpha 0.1, the agreement gate). ``other_fractions``: the default reward again with
+    the posterior at these fractions of the logit scale instead of scoring.POSTERIOR_LOGIT_FRACTION."""
     labels_t = torch.from_numpy(labels)
     rows = torch.arange(len(labels))
     sas = cosine[rows, labels_t]
-    posterior = torch.softmax(scoring.POSTERIOR_LOGIT_FRACTION * scale * cosine, dim=-1)[rows, labels_t]
+
+    def posterior_at(fraction: float) -> torch.Tensor:
+        return torch.softmax(fraction * scale * cosine, dim=-1)[rows, labels_t]
+
+    posterior = posterior_at(scoring.POSTERIOR_LOGIT_FRACTION)
     common = dict(
         row_id=np.arange(len(labels)),
         labels=labels,
@@ -72,12 +80,16 @@ def scores_for(features, cosine, scale: float, labels: np.ndarray, knn_k: int) -
         diversity_gate=(cosine.argmax(dim=-1) == labels_t).numpy(),
     )
     with_posterior = SelectionInputs(**common, class_posterior_normalized=scoring.min_max(posterior).numpy())
-    return {
+    scores = {
         "zero-shot SAS": sas.numpy(),
         "SAS + gated diversity (alignment sas)": SelectionInputs(**common).reward(0.1),
         "posterior of the given label": posterior.numpy(),
         "SAS + posterior + gated diversity (default)": with_posterior.reward(0.1),
     }
+    for fraction in other_fractions:
+        other = SelectionInputs(**common, class_posterior_normalized=scoring.min_max(posterior_at(fraction)).numpy())
+        scores[f"the default with the posterior at {fraction:g} x the logit scale"] = other.reward(0.1)
+    return scores
 
 
 def main() -> None:
@@ -85,6 +97,9 @@ def main() -> None:
     parser.add_argument("--work_dir", default="/tmp/quality/work", help="bench_quality.py's --work_dir.")
     parser.add_argument("--noise_draws", type=int, default=6, help="Noise seeds 0..D-1 per case.")
     parser.add_argument("--knn_k", type=int, default=100)
+    parser.add_argument(
+        "--posterior_fractions", type=float, nargs="*", default=[], help="Other softmax temperatures to compare."
+    )
     args = parser.parse_args()
     work_dir = Path(args.work_dir)
     for model_dir in sorted((work_dir / "runs").iterdir()):
@@ -103,7 +118,9 @@ def main() -> None:
                 noisy, _ = NOISE[kind][1](source, fraction, seed=seed)
                 labels = np.asarray(noisy["label"], dtype=np.int64)
                 injected = labels != clean
-                for name, score in scores_for(features, cosine, scale, labels, args.knn_k).items():
+                for name, score in scores_for(
+                    features, cosine, scale, labels, args.knn_k, tuple(args.posterior_fractions)
+                ).items():
                     kept.setdefault(name, []).append([kept_share(score, injected, r) for r in RATIOS])
                     aurocs.setdefault(name, []).append(roc_auc_score(injected, -score))
             reference = np.array(kept["zero-shot SAS"])
