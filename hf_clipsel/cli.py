@@ -37,6 +37,8 @@ def _usage() -> str:
 
 
 def _print_summary(summary: dict, output_dir: str) -> None:
+    from .noise import describe_kept_noise
+
     print(f"\nScored {summary['num_rows']} rows ({summary['num_flagged']} flagged, kept out of selection).")
     check = summary.get("adapter_check")
     if check:
@@ -50,6 +52,9 @@ def _print_summary(summary: dict, output_dir: str) -> None:
     if summary.get("damaged"):
         found = ", ".join(f"{count} {kind}" for kind, count in summary["damaged"].items())
         print(f"Damage check: {found} (ranked after every other row; the scores' `damage` column lists them).")
+    noise = summary.get("injected_noise")
+    if noise:
+        print(f"Injected noise (hf_clipsel.noise columns) in the pool: {describe_kept_noise(noise['pool'])}")
     for ratio, info in summary["ratios"].items():
         shortfall = f", {info['shortfall']} short of the budget" if info["shortfall"] else ""
         dropped = ", ".join(f"{count} {reason}" for reason, count in info.get("dropped_by_reason", {}).items())
@@ -57,6 +62,9 @@ def _print_summary(summary: dict, output_dir: str) -> None:
             f"  ratio {ratio}: kept {info['kept']} of {summary['num_rows']} rows{shortfall}"
             + (f"; dropped: {dropped}" if dropped else "")
         )
+        if noise:
+            kept = noise["ratios"][ratio]
+            print(f"    kept {describe_kept_noise(kept['selected'], kept['random'], 'random subset of that size')}")
     print(f"Outputs in {output_dir}: scores/, subsets/, adapter/, report/index.html, run_config.yaml, README.md")
     print(f'Load a subset: datasets.load_dataset("{output_dir}", "ratio_{next(iter(summary["ratios"]))}")')
 

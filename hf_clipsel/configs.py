@@ -47,6 +47,11 @@ def _check_positive(name: str, value, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}.")
 
 
+def ratio_name(selection_ratio: float) -> str:
+    """Name of a ratio's subset config and the suffix of its score columns: 0.3 -> "ratio_0.3", 1.0 -> "ratio_1"."""
+    return f"ratio_{selection_ratio:g}"
+
+
 def budget(selection_ratio: float, num_rows: int) -> int:
     """Number of rows kept at ``selection_ratio``: floor(ratio * N) without float artefacts.
 
@@ -286,6 +291,13 @@ class SelectionConfig:
                 )
         if len(set(self.selection_ratios)) != len(self.selection_ratios):
             raise ValueError(f"selection_ratios has duplicates: {self.selection_ratios}.")
+        names = [ratio_name(r) for r in self.selection_ratios]
+        clashes = sorted({name for name in names if names.count(name) > 1})
+        if clashes:  # e.g. 0.5 and 0.5000004: one subset config and one set of score columns for both
+            raise ValueError(
+                f"selection_ratios {self.selection_ratios} name the same subset twice ({', '.join(clashes)}); "
+                "give ratios that differ in their first 6 significant digits."
+            )
         self.selection_ratios = sorted(float(r) for r in self.selection_ratios)
         _check_positive("alpha", self.alpha, allow_zero=True)
         _check_positive("beta", self.beta)

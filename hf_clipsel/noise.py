@@ -12,7 +12,8 @@ flips 40% of the truck, bird, deer, cat and dog images of CIFAR-10). Which rows 
 without replacement from a generator seeded with (seed, injector), so the same seed gives the same rows, and
 label noise and corruptions applied with one seed do not pick correlated rows.
 
-    python -m hf_clipsel.noise --dataset parquet --data_dir ../shared/data/cifar10 --output_dir noisy --symmetric 0.2
+    python -m hf_clipsel.noise --dataset uoft-cs/cifar10 --output_dir noisy --symmetric 0.2
+    python -m hf_clipsel.noise --dataset parquet --data_dir path/to/cifar10 --output_dir noisy --symmetric 0.2
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from PIL import ImageFilter
 # The standard CIFAR-10 asymmetric flips (Patrini et al., 2017): visually similar classes.
 CIFAR10_ASYMMETRIC = {"truck": "automobile", "bird": "airplane", "deer": "horse", "cat": "dog", "dog": "cat"}
 
-# Severity 1..5 parameters of Hendrycks & Dietterich (2019): CIFAR-10-C (make_cifar_c.py) and ImageNet-C.
+# Severity 1..5 parameters of Hendrycks & Dietterich (2019): CIFAR-10-C and ImageNet-C.
 CORRUPTION_PARAMETERS = {
     "cifar": {
         "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),  # noise std on [0, 1] pixels
@@ -103,12 +104,48 @@ def _record(dataset, label_column, rows, original, new, kind, corruption=None, s
     )
 
 
-def _flag_features(dataset: Dataset, label_column: str | None) -> Features:
+def _flag_features(dataset: Dataset, label_column: str | None, corruption: bool = False) -> Features:
     features = dataset.features.copy()
     if label_column is not None and "clean_label" not in features:
         features["clean_label"] = dataset.features[label_column]
     features["is_noisy"] = Value("bool")
+    if corruption:
+        features["corruption"] = Value("string")
     return features
+
+
+# The record columns `add_noise_columns` writes into a dataset; a selection's summary reads them (kept_noise).
+NOISE_COLUMNS = ("is_noisy", "clean_label", "corruption")
+NOISE_NAMES = {"label_noise": "label noise", "damaged": "damaged", "noisy": "any injected noise"}
+
+
+def kept_noise(columns: dict[str, np.ndarray], mask: np.ndarray | None = None) -> dict[str, float]:
+    """The share of the rows in ``mask`` (all rows when None) that carry injected noise, read from the columns
+    ``add_noise_columns`` writes: ``noisy`` (`is_noisy`: any injector changed the row), ``label_noise`` (`label`
+    differs from `clean_label`) and ``damaged`` (`corruption` is set), each where its columns are in ``columns``.
+    Values in [0, 1]; an empty selection gives 0."""
+    mask = np.ones(len(next(iter(columns.values()))), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    flags = {}
+    if "is_noisy" in columns:
+        flags["noisy"] = np.asarray(columns["is_noisy"], dtype=bool)
+    if "clean_label" in columns and "label" in columns:
+        flags["label_noise"] = np.asarray(columns["label"]) != np.asarray(columns["clean_label"])
+    if "corruption" in columns:
+        flags["damaged"] = np.asarray(columns["corruption"], dtype=object) != ""
+    return {name: float(flag[mask].mean()) if mask.any() else 0.0 for name, flag in flags.items()}
+
+
+def describe_kept_noise(kept: dict[str, float], compared: dict[str, float] | None = None, against: str = "") -> str:
+    """``kept`` (:func:`kept_noise`) in words, e.g. "label noise 2.0% (random 19.0%), damaged 0.0% (random 3.0%)";
+    "any injected noise" only where neither of the finer kinds is known."""
+    names = [n for n in ("label_noise", "damaged") if n in kept] or [n for n in ("noisy",) if n in kept]
+    parts = []
+    for name in names:
+        part = f"{NOISE_NAMES[name]} {kept[name]:.1%}"
+        if compared is not None and name in compared:
+            part += f" ({against} {compared[name]:.1%})".replace("( ", "(")
+        parts.append(part)
+    return ", ".join(parts)
 
 
 def _relabel_batch(batch, indices, label_column, new_labels, noisy, add_noise_columns):
@@ -272,6 +309,8 @@ def _corrupt_batch(batch, indices, image_column, chosen, corruption, severity, s
     out = {image_column: images}
     if add_noise_columns:
         out["is_noisy"] = (np.asarray(batch.get("is_noisy", False), dtype=bool) | chosen[indices]).tolist()
+        earlier = batch.get("corruption", [""] * len(indices))  # a second corruption of a row names itself
+        out["corruption"] = [corruption if chosen[i] else before for i, before in zip(indices, earlier)]
     return out
 
 
@@ -291,7 +330,8 @@ def corrupt_images(
 
     ``corruption`` is one of gaussian_noise, gaussian_blur, contrast, jpeg_compression, pixelate; ``severity``
     1..5; ``parameters`` picks the CIFAR-10-C ("cifar", for ~32 px images) or ImageNet-C ("imagenet") constants.
-    Corrupted images are stored as PNG. ``add_noise_columns`` adds `is_noisy`. Returns (noisy dataset, record).
+    Corrupted images are stored as PNG. ``add_noise_columns`` adds `is_noisy` and `corruption` (the corruption's
+    name, "" for an untouched row). Returns (noisy dataset, record).
     """
     if corruption not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {corruption!r}; choose one of {', '.join(CORRUPTIONS)}.")
@@ -306,7 +346,7 @@ def corrupt_images(
     chosen[rows] = True
     image_feature = dataset.features[image_column]
     raw = dataset.cast_column(image_column, Image(decode=False))
-    features = _flag_features(raw, None) if add_noise_columns else raw.features.copy()
+    features = _flag_features(raw, None, corruption=True) if add_noise_columns else raw.features.copy()
     corrupted = raw.map(
         _corrupt_batch,
         batched=True,
@@ -347,7 +387,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--severity", type=int, default=3)
     parser.add_argument("--parameters", choices=tuple(CORRUPTION_PARAMETERS), default="cifar")
     parser.add_argument("--label_column", default="label")
-    parser.add_argument("--add_noise_columns", action="store_true", help="Add clean_label / is_noisy columns.")
+    parser.add_argument(
+        "--add_noise_columns", action="store_true", help="Add clean_label / is_noisy (/ corruption) columns."
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

@@ -30,6 +30,7 @@ import yaml
 from datasets import Dataset, Image
 from datasets.table import embed_table_storage
 
+from .configs import ratio_name
 from .data import ROW_ID
 
 SCORES_DIR = "scores"
@@ -45,11 +46,6 @@ RUN_RECORD_KEYS = ("versions", "command")  # written beside the settings in run_
 MAX_SHARD_BYTES = 500 * 2**20
 DIGEST_LENGTH = 12
 SHARD_NAME = re.compile(rf"[^-]+-(?P<tag>[0-9a-f]{{{DIGEST_LENGTH}}})-\d{{5}}-of-\d{{5}}\.parquet")
-
-
-def ratio_name(selection_ratio: float) -> str:
-    """Config name of a ratio's subset: 0.3 -> "ratio_0.3", 1.0 -> "ratio_1"."""
-    return f"ratio_{selection_ratio:g}"
 
 
 def selected_column(selection_ratio: float) -> str:
@@ -207,16 +203,23 @@ def write_run_summary(output_dir: Path, summary: dict) -> None:
 
 
 def dataset_configs(output_dir: Path, ratios: list[float]) -> list[dict]:
-    """The card's YAML `configs:` entries that make `load_dataset(output_dir, name)` work."""
+    """The card's YAML `configs:` entries that make `load_dataset(output_dir, name)` work.
+
+    One config per ratio (``load_dataset(output_dir, "ratio_0.3")``, split ``train``) and ``scores``; and a default
+    config with every ratio as a split of its own (``load_dataset(output_dir, split="ratio_0.3")``), because timm's
+    ``hfds/`` reader calls ``load_dataset(repo, split=...)`` without a config name.
+    """
     output_dir = Path(output_dir)
     directories = {ratio_name(r): output_dir / SUBSETS_DIR / ratio_name(r) for r in ratios}
     directories["scores"] = output_dir / SCORES_DIR
+    patterns = {name: data_files_pattern(path, output_dir) for name, path in directories.items()}
     configs = [
-        {"config_name": name, "data_files": [{"split": "train", "path": data_files_pattern(path, output_dir)}]}
-        for name, path in directories.items()
+        {"config_name": name, "data_files": [{"split": "train", "path": pattern}]}
+        for name, pattern in patterns.items()
     ]
     if ratios:
-        configs[0]["default"] = True
+        splits = [{"split": ratio_name(r), "path": patterns[ratio_name(r)]} for r in ratios]
+        configs.insert(0, {"config_name": "default", "data_files": splits, "default": True})
     return configs
 
 

@@ -8,6 +8,7 @@ numbers. The encoder LoRA preset is the exception: its training needs full forwa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections import Counter
@@ -29,6 +30,7 @@ from .embedding import embed_class_prompts, embed_images, pooled_matrix
 from .hub import load_scores, push_outputs
 from .image_quality import QUALITY_COLUMNS, damage_flags
 from .modeling import class_text_features, image_features, logit_scale
+from .noise import NOISE_COLUMNS, kept_noise
 from .outputs import (
     ADAPTER_DIR,
     RUN_SUMMARY,
@@ -290,7 +292,26 @@ def select_stage(scores: Dataset, config: ClipselConfig, image_features: torch.T
     return masks, scores
 
 
-def summarize(scores: Dataset, masks: dict, config: ClipselConfig) -> dict:
+def injected_noise(dataset, scores: Dataset, masks: dict, config: ClipselConfig) -> dict | None:
+    """For a source that carries hf_clipsel.noise's record columns (``is_noisy``...): the injected noise in the pool,
+    and per ratio in the subset and in a random subset of the same size (the ``random`` selector, same seed)."""
+    if isinstance(dataset, IterableDataset) or "is_noisy" not in dataset.column_names:
+        return None
+    present = [name for name in NOISE_COLUMNS if name in dataset.column_names]
+    columns = {**dataset.select_columns(present).with_format("numpy")[:], "label": np.asarray(scores["label"][:])}
+    table = scores.with_format("numpy")[:]
+    random_config = dataclasses.replace(config.selection, selection_method="random", class_balanced=False)
+    random_masks = select(selection_inputs(table, random_config, damaged_rows(table, random_config)), random_config)
+    return {
+        "pool": kept_noise(columns),
+        "ratios": {
+            f"{ratio:g}": {"selected": kept_noise(columns, mask), "random": kept_noise(columns, random_masks[ratio])}
+            for ratio, mask in masks.items()
+        },
+    }
+
+
+def summarize(scores: Dataset, masks: dict, config: ClipselConfig, dataset=None) -> dict:
     labels = np.asarray(scores["label"][:])
     class_names = scores.features["label"].names
     valid = np.asarray(scores["flag_reason"][:]) == ""
@@ -325,6 +346,7 @@ def summarize(scores: Dataset, masks: dict, config: ClipselConfig) -> dict:
         "model_revision": config.model.model_revision,
         "selection_method": config.selection.selection_method,
         "ratios": ratios,
+        "injected_noise": None if dataset is None else injected_noise(dataset, scores, masks, config),
     }
 
 
@@ -350,7 +372,7 @@ def write_stage(
         write_subsets(output_dir, dataset_with_ids, masks)
     write_scores(output_dir, scores)
     write_run_config(output_dir, config.to_flat(), command)
-    summary = summarize(scores, masks, config)
+    summary = summarize(scores, masks, config, dataset_with_ids)
     write_run_summary(output_dir, summary)
     try:
         write_report(output_dir)  # before the card, which shows the report's figures

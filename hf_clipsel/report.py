@@ -36,6 +36,7 @@ from jinja2 import Environment, StrictUndefined
 from PIL import Image as PILImage
 
 from .configs import DataConfig
+from .noise import describe_kept_noise
 from .outputs import RUN_SUMMARY, SCORES_DIR, atomic_directory, read_run_config, reward_column, selected_column
 
 logger = logging.getLogger(__name__)
@@ -300,6 +301,12 @@ def summary_rows(summary: dict, run_config: dict, scores: RunScores) -> list[tup
         if dropped:
             text += "; dropped: " + ", ".join(f"{count:,} {reason}" for reason, count in dropped.items())
         rows.append((f"kept at ratio {ratio:g}", text))
+    noise = summary.get("injected_noise")
+    if noise:  # the source carries hf_clipsel.noise's record columns: how much of it each subset kept
+        rows.append(("injected noise in the pool", describe_kept_noise(noise["pool"])))
+        for ratio, kept in noise["ratios"].items():
+            text = describe_kept_noise(kept["selected"], kept["random"], "random subset of the same size:")
+            rows.append((f"injected noise kept at ratio {ratio}", text))
     return rows
 
 

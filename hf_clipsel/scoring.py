@@ -1,4 +1,5 @@
-"""Per-sample scores (METHOD.md, Module 2): semantic alignment, sample diversity, normalisation and the reward.
+"""Per-sample scores (README.md, "The method", step 2): semantic alignment, sample diversity, normalisation and
+the reward.
 
 Every function takes torch tensors and returns float tensors on the input's device. Scores are computed in
 float32 whatever the input dtype (bfloat16 features are upcast first); the reward is float64 so that the

@@ -1,4 +1,4 @@
-"""Train the PEFT adapters on the target dataset (METHOD.md, module 1).
+"""Train the PEFT adapters on the target dataset (README.md, "The method", step 1).
 
 Objective (a documented choice; the released code did not include its training): `class_ce`, the cross-entropy
 of each image against all C class prompts with logits = logit_scale * cos(f_i, g_c), which avoids the false

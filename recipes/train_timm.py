@@ -5,9 +5,10 @@ The paper's downstream schedules are presets (`--schedule`); every value can be 
 
     accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml recipes/train_timm.py \
         --dataset outputs/cifar10 --dataset_config ratio_0.3 \
-        --eval_dataset parquet --eval_data_dir ../shared/data/cifar10 --eval_split test \
+        --eval_dataset uoft-cs/cifar10 --eval_split test \
         --schedule cifar --output_dir outputs/cifar10/train_timm_ratio_0.3
 
+A local copy of the test set in the Hub's parquet layout works too: `--eval_dataset parquet --eval_data_dir DIR`.
 `--dataset` is anything `load_dataset` reads: a selection output dir or its Hub copy (with `--dataset_config
 ratio_<r>`), a Hub id, or a builder such as `parquet` with `--data_dir`.
 """

@@ -7,8 +7,10 @@ SGD + MultiStepLR), overridable by flags; `--optim adamw_torch` switches to Trai
 
     accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml recipes/train_trainer.py \
         --dataset outputs/cifar10 --dataset_config ratio_0.3 \
-        --eval_dataset parquet --eval_data_dir ../shared/data/cifar10 --eval_split test \
+        --eval_dataset uoft-cs/cifar10 --eval_split test \
         --schedule cifar --output_dir outputs/cifar10/train_trainer_ratio_0.3
+
+A local copy of the test set in the Hub's parquet layout works too: `--eval_dataset parquet --eval_data_dir DIR`.
 """
 
 import argparse

@@ -8,9 +8,9 @@ import argparse
 
 from datasets import load_dataset
 
-# METHOD.md, "Evaluation protocol in the paper": SGD with momentum 0.9; lr multiplied by gamma at each milestone
-# epoch. The ImageNet-1k decay epochs are not stated there: pass --milestones. Each script adds its own keys
-# (image size for ImageNet, augmentation, ...).
+# README.md, "The method" (downstream evaluation in the paper): SGD with momentum 0.9; lr multiplied by gamma at
+# each milestone epoch. The ImageNet-1k decay epochs are not stated there: pass --milestones. Each script adds its
+# own keys (image size for ImageNet, augmentation, ...).
 PAPER_SCHEDULES = {
     "cifar": dict(lr=0.1, weight_decay=5e-4, batch_size=128, epochs=200, milestones=[60, 120, 160], gamma=0.2),
     "tiny_imagenet": dict(lr=0.1, weight_decay=1e-4, batch_size=256, epochs=90, milestones=[30, 60], gamma=0.1),

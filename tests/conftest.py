@@ -1,5 +1,5 @@
 """Offline by construction: no Hub, caches in temporary folders, a tiny CLIP saved to disk so the real
-`from_pretrained` path runs, and small fixed slices of the real CIFAR-10 copy in ../shared where images matter.
+`from_pretrained` path runs, and the small CIFAR-10 fixture committed under tests/data/cifar10 where images matter.
 """
 
 import os
@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
+CIFAR10 = REPO / "tests" / "data" / "cifar10"  # 240 train and 50 test rows; provenance in its README
 
 
 @pytest.fixture(scope="session")
@@ -30,14 +30,12 @@ def tiny_clip_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cifar_slice(tmp_path_factory) -> Path:
-    """The first 240 rows of a CIFAR-10 training shard, as a parquet file (img: Image, label: ClassLabel)."""
-    from datasets import load_dataset
+    """A copy of the fixture's 240 CIFAR-10 training rows (img: Image, label: ClassLabel), so that a test that
+    writes where it should not can never change the committed file."""
+    import shutil
 
-    if not CIFAR10.exists():
-        pytest.fail(f"{CIFAR10} is missing: the tests need ../shared/data/cifar10 beside the repository.")
-    shard = load_dataset("parquet", data_files=str(CIFAR10 / "train-00000-of-00003.parquet"), split="train")
     path = tmp_path_factory.mktemp("cifar") / "cifar10_slice.parquet"
-    shard.select(range(240)).to_parquet(str(path))
+    shutil.copyfile(CIFAR10 / "train-00000-of-00001.parquet", path)
     return path
 
 

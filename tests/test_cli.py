@@ -1,19 +1,9 @@
-"""The `hf-clipsel` command: the demo, the environment report, and the stage commands chained by hand."""
+"""The `hf-clipsel` command: the environment report and the stage commands chained by hand (the demo: test_demo)."""
 
 import pandas as pd
-from datasets import load_dataset
 
 from tests.conftest import cli as _cli
 from tests.conftest import write_config
-
-
-def test_demo_runs_offline_and_says_it_is_a_demonstration(tmp_path):
-    result = _cli("demo", "--output_dir", str(tmp_path / "demo"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.startswith("DEMONSTRATION:")
-    assert "ratio 0.3: kept 539 of 1797 rows" in result.stdout
-    subset = load_dataset(str(tmp_path / "demo"), "ratio_0.5", split="train")
-    assert len(subset) == 898 and subset.features["label"].names[0] == "zero"
 
 
 def test_env_prints_versions_and_devices():

@@ -324,8 +324,13 @@ def test_dataset_card_carries_the_run(output_dir, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     card = render_dataset_card(output_dir, dataset_repo_id="acme/pets-clipsel", model_repo_id="acme/pets-adapter")
     data = card.data.to_dict()
-    assert [c["config_name"] for c in data["configs"]] == ["ratio_0.3", "ratio_0.5", "scores"]
-    assert data["configs"][0]["data_files"] == [{"split": "train", "path": "subsets/ratio_0.3/*.parquet"}]
+    assert [c["config_name"] for c in data["configs"]] == ["default", "ratio_0.3", "ratio_0.5", "scores"]
+    # the default config holds every ratio as a split (timm's hfds/ reader names no config)
+    assert data["configs"][0]["default"] and data["configs"][0]["data_files"] == [
+        {"split": "ratio_0.3", "path": "subsets/ratio_0.3/*.parquet"},
+        {"split": "ratio_0.5", "path": "subsets/ratio_0.5/*.parquet"},
+    ]
+    assert data["configs"][1]["data_files"] == [{"split": "train", "path": "subsets/ratio_0.3/*.parquet"}]
     assert data["configs"][-1]["data_files"] == [{"split": "train", "path": "scores/*.parquet"}]
     assert data["source_datasets"] == ["acme/pets"] and "hf-clipsel" in data["tags"]
     text = card.text
@@ -428,7 +433,12 @@ def test_push_then_load_gives_the_same_rows_and_cards(hub, worker, output_dir, p
         assert config["row_ids"] == np.flatnonzero(scores[selected_column(ratio)][:]).tolist()
     assert loaded["scores"]["rows_equal"] and loaded["scores"]["row_ids"] == list(range(NUM_ROWS))
     assert loaded["load_scores_equal"]
-    assert [c["config_name"] for c in loaded["card"]["data"]["configs"]] == ["ratio_0.3", "ratio_0.5", "scores"]
+    assert [c["config_name"] for c in loaded["card"]["data"]["configs"]] == [
+        "default",
+        "ratio_0.3",
+        "ratio_0.5",
+        "scores",
+    ]
     assert 'load_dataset("acme/pets-clipsel", "ratio_0.5", split="train")' in loaded["card"]["text"]
     assert "[acme/pets-adapter](" in loaded["card"]["text"]
     assert loaded["model_card"]["data"]["base_model"] == "acme/tiny-clip"

@@ -1,6 +1,10 @@
 """The pipeline and the Hub together, against the local stand-in: `run --push_to_hub`, then `select --scores_from`
-the pushed repo reproduces the selection without a model."""
+the pushed repo reproduces the selection without a model, and timm's own `hfds/` reader trains on what was pushed."""
 
+import hashlib
+import io
+
+import numpy as np
 import pandas as pd
 import pytest
 from hub_stand_in import ChildWorker, HubStandIn, child_env  # tests/ is on sys.path under pytest
@@ -77,6 +81,37 @@ def test_run_pushes_and_select_from_the_pushed_scores_reproduces_it(worker, cifa
     again = pd.read_parquet(tmp_path / "again" / "scores")
     assert again["is_selected_ratio_0.3"].tolist() == original["is_selected_ratio_0.3"].tolist()
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "again" / "subsets" / "ratio_0.3"), local)
+
+    # timm's hfds/ reader calls load_dataset(repo, split=...) with no config name: each ratio is a split of the
+    # default config. Every row timm yields is a selected row, in order, with its label and its exact pixels.
+    timm_rows, output = worker.call(TIMM_READ, {"repo": "acme/cifar-clipsel", "split": "ratio_0.3"})
+    assert timm_rows is not None, output[-3000:]
+    source = pd.read_parquet(cifar_slice)
+    selected = original["row_id"][original["is_selected_ratio_0.3"]].tolist()
+    assert len(timm_rows["targets"]) == 72
+    assert timm_rows["targets"] == source["label"].iloc[selected].tolist()
+    assert timm_rows["pixels"] == [_pixel_digest(source["img"].iloc[i]["bytes"]) for i in selected]
+
+
+TIMM_READ = """
+import hashlib, io
+import numpy as np
+from PIL import Image
+from timm.data import create_dataset
+
+dataset = create_dataset(f"hfds/{params['repo']}", root=None, split=params["split"], input_key="img")
+rows = [dataset[i] for i in range(len(dataset))]
+result = {
+    "targets": [int(target) for _, target in rows],
+    "pixels": [hashlib.sha256(np.asarray(image).tobytes()).hexdigest() for image, _ in rows],
+}
+"""
+
+
+def _pixel_digest(encoded: bytes) -> str:
+    from PIL import Image
+
+    return hashlib.sha256(np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB")).tobytes()).hexdigest()
 
 
 def test_push_without_a_repo_id_is_a_clear_error(tmp_path):

@@ -91,6 +91,26 @@ def test_noise_columns_only_when_asked(cifar):
     both, record_2 = noise.corrupt_images(flagged, 0.25, "contrast", 2, seed=0, add_noise_columns=True)
     np.testing.assert_array_equal(both["clean_label"], labels_of(cifar))
     assert set(np.flatnonzero(both["is_noisy"])) == set(record["row_id"]) | set(record_2["row_id"])
+    corrupted = np.asarray(both["corruption"]) == "contrast"
+    np.testing.assert_array_equal(np.flatnonzero(corrupted), np.sort(record_2["row_id"]))
+    assert set(both["corruption"]) == {"", "contrast"}
+
+
+def test_kept_noise_reads_the_record_columns(cifar):
+    flagged, _ = noise.symmetric_label_noise(cifar, 0.25, seed=0, add_noise_columns=True)
+    both, _ = noise.corrupt_images(flagged, 0.1, "contrast", 2, seed=1, add_noise_columns=True)
+    columns = {name: np.asarray(both[name]) for name in ("label", "clean_label", "is_noisy", "corruption")}
+    label_noise = columns["label"] != columns["clean_label"]
+    damaged = columns["corruption"] != ""
+    assert noise.kept_noise(columns) == {
+        "noisy": pytest.approx((label_noise | damaged).mean()),
+        "label_noise": pytest.approx(label_noise.mean()),
+        "damaged": pytest.approx(damaged.mean()),
+    }
+    first_half = np.arange(len(both)) < len(both) // 2
+    assert noise.kept_noise(columns, first_half)["label_noise"] == pytest.approx(label_noise[first_half].mean())
+    assert noise.kept_noise(columns, np.zeros(len(both), dtype=bool)) == {"noisy": 0, "label_noise": 0, "damaged": 0}
+    assert noise.kept_noise({"label": columns["label"]}) == {}  # a source without the record columns
 
 
 def test_asymmetric_cifar_default_flips(cifar):

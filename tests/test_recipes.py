@@ -22,7 +22,7 @@ def _commands(readme: Path) -> list[list[str]]:
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", readme.read_text(), flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
-            line = line.split(" #")[0].strip()
+            line = re.split(r"(?:^|\s)#", line)[0].strip()
             if line:
                 commands.append(shlex.split(line))
     return commands
@@ -40,9 +40,9 @@ def _program(command: list[str]) -> tuple[list[str], list[str]] | None:
         return [sys.executable, "-m", "hf_clipsel.cli", command[1]], command[2:]
     if command[:2] == ["python", "-m"]:
         return [sys.executable, "-m", command[2]], command[3:]
-    if command[0] == "python" and command[1].endswith(".py"):
+    if command[0] == "python" and command[1].endswith(".py") and (REPO / command[1]).is_file():
         return [sys.executable, command[1]], command[2:]
-    return None  # pip, pytest: not ours
+    return None  # pip, pytest, timm's train.py: not ours
 
 
 @functools.cache

@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from hf_clipsel.metrics import ACCURACY_MODULE, load_accuracy_metric
+from tests.conftest import CIFAR10
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "recipes" / "accelerate_configs"
-CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
 
 
 def topk_reference(scores: np.ndarray, references: np.ndarray, k: int) -> float:
@@ -101,12 +101,11 @@ def selection_dir(cifar_slice, tiny_clip_path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def eval_dir(tmp_path_factory) -> Path:
-    """50 CIFAR-10 test rows in the same layout as ../shared/data/cifar10 (`parquet` + data_dir, split `test`)."""
-    from datasets import load_dataset
+    """The fixture's 50 CIFAR-10 test rows in the Hub's parquet layout (`parquet` + data_dir, split `test`)."""
+    import shutil
 
-    test = load_dataset("parquet", data_files=str(CIFAR10 / "test-00000-of-00001.parquet"), split="train")
     root = tmp_path_factory.mktemp("cifar10_test")
-    test.select(range(50)).to_parquet(str(root / "test-00000-of-00001.parquet"))
+    shutil.copyfile(CIFAR10 / "test-00000-of-00001.parquet", root / "test-00000-of-00001.parquet")
     return root
 
 

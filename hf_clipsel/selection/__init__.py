@@ -1,4 +1,4 @@
-"""Selection (METHOD.md, Module 3): from per-row scores to one boolean mask per selection ratio.
+"""Selection (README.md, "The method", step 3): from per-row scores to one boolean mask per selection ratio.
 
 Selectors, by ``SelectionConfig.selection_method``:
 

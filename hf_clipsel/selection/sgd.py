@@ -1,4 +1,4 @@
-"""``sgd``: the released straight-through-estimator optimiser (METHOD.md, Module 3), for reproduction.
+"""``sgd``: the released straight-through-estimator optimiser (README.md, "The method", step 3), for reproduction.
 
 A learnable ``w`` (one entry per valid row, initialised at 0.01 so every row starts selected) gives the soft mask
 ``x = sigmoid(100 w)``. The loss is

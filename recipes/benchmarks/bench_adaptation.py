@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 from _common import (
-    CIFAR10_SHARD,
+    CIFAR10_HUB_ID,
+    DATA_DIR_HELP,
     MODEL_DIR,
     build_vit_b32,
     cifar10_rows,
@@ -102,10 +103,10 @@ def train_reencoding(peft_model, pixels, labels, text_pooled, config: AdapterCon
     peft_model.eval()
 
 
-def part_training(model_dir: str, num_images: int, epochs: int, repeats: int) -> None:
+def part_training(model_dir: str, num_images: int, epochs: int, repeats: int, data_dir: str | None) -> None:
     print(f"\n## 1. Adapter training, {epochs} epochs on {num_images} images: cache vs re-encoding every epoch")
     print(load_average())
-    dataset = cifar10_rows(num_images)
+    dataset = cifar10_rows(num_images, data_dir)
     labels = torch.tensor(dataset["label"][:])
     model, processor = load_clip(ModelConfig(model_name_or_path=model_dir))
     pixels = pixel_values(dataset, processor.image_processor)
@@ -152,7 +153,7 @@ def part_training(model_dir: str, num_images: int, epochs: int, repeats: int) ->
     print(load_average())
 
 
-def pipeline_config(num_images: int, model_dir: str, output_dir: str):
+def pipeline_config(num_images: int, model_dir: str, output_dir: str, data_dir: str | None):
     return parse_config(
         [
             "--config",
@@ -160,7 +161,7 @@ def pipeline_config(num_images: int, model_dir: str, output_dir: str):
             "--preset",  # the paper's fixed 30-epoch schedule on every row (no held-out early stopping)
             "paper",
             "--dataset_name",
-            CIFAR10_SHARD,
+            data_dir or CIFAR10_HUB_ID,
             "--model_name_or_path",
             model_dir,
             "--max_samples",
@@ -196,13 +197,13 @@ def stage_breakdown(config) -> list[dict]:
     return rows
 
 
-def part_pipeline(model_dir: str, num_images: int, repeats: int, workdir: str) -> None:
+def part_pipeline(model_dir: str, num_images: int, repeats: int, workdir: str, data_dir: str | None) -> None:
     print(
         f"\n## 2. pipeline.run (recipes/cifar10/select.yaml, projection preset) vs one embedding pass, N={num_images}"
     )
     print(load_average())
-    recipe = pipeline_config(num_images, model_dir, workdir)
-    dataset = cifar10_rows(num_images)
+    recipe = pipeline_config(num_images, model_dir, workdir, data_dir)
+    dataset = cifar10_rows(num_images, data_dir)
     model_config = ModelConfig(model_name_or_path=model_dir)
     model, processor = load_clip(model_config)
     fingerprint = model_fingerprint(model_config, model)
@@ -258,16 +259,17 @@ def main() -> None:
     parser.add_argument("--parts", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--model-dir", default=MODEL_DIR, help="where the random ViT-B/32 is saved (reused)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--data_dir", default=None, help=DATA_DIR_HELP)
     args = parser.parse_args()
     setup(args.threads)
     started = time.perf_counter()
     header("bench_adaptation: cache vs re-encoding; pipeline cost in embedding passes")
     model_dir = build_vit_b32(args.model_dir)
     if 1 in args.parts:
-        part_training(model_dir, args.train_images, args.epochs, args.repeats)
+        part_training(model_dir, args.train_images, args.epochs, args.repeats, args.data_dir)
     if 2 in args.parts:
         with tempfile.TemporaryDirectory(prefix="bench_adaptation_") as workdir:
-            part_pipeline(model_dir, args.pipeline_images, args.repeats, workdir)
+            part_pipeline(model_dir, args.pipeline_images, args.repeats, workdir, args.data_dir)
     footer(started)
 
 

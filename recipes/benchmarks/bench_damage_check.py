@@ -15,22 +15,22 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
-from datasets import load_dataset
+from _common import DATA_DIR_HELP, load_cifar10
 from PIL import Image
 
 from hf_clipsel.configs import SelectionConfig
 from hf_clipsel.image_quality import damage_flags, pixel_statistics
 from hf_clipsel.noise import CORRUPTIONS, corrupt_images
 
-DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10"
+# The pool is drawn from the first third of the training split (the recorded figures used exactly these rows).
+FIRST_THIRD = 16_667
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", default=str(DEFAULT_DATA), help="CIFAR-10 in Hub parquet layout (img, label).")
+    parser.add_argument("--data_dir", default=None, help=DATA_DIR_HELP)
     parser.add_argument("--pool_size", type=int, default=5000)
     parser.add_argument("--fraction", type=float, default=0.05, help="Share of the pool that is corrupted.")
     parser.add_argument("--threshold", type=float, default=SelectionConfig.damage_threshold)
@@ -38,7 +38,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    shard = load_dataset("parquet", data_files=str(Path(args.data_dir) / "train-00000-of-00003.parquet"))["train"]
+    shard = load_cifar10(args.data_dir, split="train").select(range(FIRST_THIRD))
     pool = shard.shuffle(seed=args.seed).select(range(args.pool_size))
     clean = np.array([pixel_statistics(image) for image in pool["img"]])
     usable = np.ones(len(pool), dtype=bool)

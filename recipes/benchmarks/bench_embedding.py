@@ -29,6 +29,7 @@ from functools import partial
 import numpy as np
 import torch
 from _common import (
+    DATA_DIR_HELP,
     MODEL_DIR,
     build_vit_b32,
     cifar10_rows,
@@ -113,12 +114,13 @@ def main() -> None:
     parser.add_argument("--knn-k", type=int, default=10, help="K of the SDS compared between dtypes")
     parser.add_argument("--model-dir", default=MODEL_DIR, help="where the random ViT-B/32 is saved (reused)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--data_dir", default=None, help=DATA_DIR_HELP)
     args = parser.parse_args()
     setup(args.threads)
     started = time.perf_counter()
     header("bench_embedding: embed_images vs bare forward, ViT-B/32 (random weights)")
     model_dir = build_vit_b32(args.model_dir)
-    dataset = cifar10_rows(args.num_images)
+    dataset = cifar10_rows(args.num_images, args.data_dir)
     labels = torch.tensor(dataset["label"][:])
     class_names = dataset.features["label"].names
     cells = dataset.cast_column("img", Image(decode=False))["img"]  # undecoded, as embed_images reads them

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from _common import DATA_DIR_HELP, load_cifar10
 from proxy_clip import ProxySpec, decode_uint8, train_proxy, zero_shot_accuracy
 from quality_train import TrainSpec, train_minimal, train_recipe
 
@@ -54,7 +55,6 @@ from hf_clipsel.noise import CORRUPTIONS, asymmetric_label_noise, corrupt_images
 from hf_clipsel.outputs import ratio_name, scores_files, selected_column
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
 METHOD, ZERO_SHOT, PAPER, UNGATED, BALANCED, ALPHA_RATIO = (
     "exact",
     "sas_zero_shot",
@@ -91,7 +91,7 @@ LABELS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work_dir", default="/tmp/quality/work", help="Cache of every intermediate result.")
-    p.add_argument("--data_dir", default=str(DEFAULT_DATA), help="CIFAR-10 in Hub parquet layout (img, label).")
+    p.add_argument("--data_dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--results_prefix", default=str(Path(__file__).parent / "quality_cifar10"))
     p.add_argument("--model_name_or_path", default=None, help="A CLIP checkpoint; default: train the proxy.")
     p.add_argument("--proxy_epochs", type=int, default=ProxySpec.epochs)
@@ -194,12 +194,6 @@ def train_dir(args, case: dict, spec: TrainSpec) -> Path:
 
 
 # ---------------------------------------------------------------- data, proxy
-
-
-def load_cifar(data_dir: str):
-    from datasets import load_dataset
-
-    return load_dataset("parquet", data_dir=data_dir)
 
 
 def ensure_heldout(args, test) -> Path:
@@ -654,7 +648,7 @@ def main(argv=None):
     command = "python " + " ".join(shlex.quote(a) for a in arguments)
     print(f"command: {command}\nwork_dir: {work_dir}\ntorch threads: {torch.get_num_threads()}", flush=True)
 
-    cifar = load_cifar(args.data_dir)
+    cifar = load_cifar10(args.data_dir)
     class_names = cifar["train"].features["label"].names
     heldout_dir = ensure_heldout(args, cifar["test"])
     model, zero_shot = ensure_model(args, cifar["test"], class_names)
