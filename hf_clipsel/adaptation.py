@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from datasets import Dataset, Image
 
 from .context import RunContext, prompts_of, valid_rows
 from .data import ROW_ID, decode_rgb
-from .embedding import embed_class_prompts, pooled_matrix
+from .embedding import embed_class_prompts, embed_stage, pooled_matrix
 from .modeling import attach_adapters, load_adapters
 from .outputs import ADAPTER_DIR, write_atomic_text
 from .training import agrees_with_labels, train_end_to_end, train_on_cache
@@ -33,8 +34,9 @@ def adapter_fingerprint(peft_model) -> str:
     return digest.hexdigest()[:16]
 
 
-def adapt_stage(context: RunContext, embeddings: Dataset):
-    """The model scores are computed with: zero-shot CLIP, loaded adapters, or adapters trained here."""
+def adapt_stage(context: RunContext, embeddings: Dataset, directory: Path | None = None):
+    """The model scores are computed with: zero-shot CLIP, loaded adapters, or adapters trained here (saved to
+    ``directory/adapter``, a run folder's staging area; default output_dir)."""
     adapter = context.config.adapter
     if adapter.adapter_path:
         return load_adapters(context.model, adapter.adapter_path)
@@ -80,11 +82,11 @@ def adapt_stage(context: RunContext, embeddings: Dataset):
             context.accelerator,
         )
     if context.accelerator.is_main_process:
-        peft_model.save_pretrained(str(context.output_dir / ADAPTER_DIR))
-        check_path = context.output_dir / ADAPTER_DIR / ADAPTER_CHECK
-        check_path.unlink(missing_ok=True)
+        adapter_dir = Path(directory or context.output_dir) / ADAPTER_DIR
+        shutil.rmtree(adapter_dir, ignore_errors=True)  # never write into files linked from a finished run
+        peft_model.save_pretrained(str(adapter_dir))
         if check is not None:
-            write_atomic_text(check_path, json.dumps(check, indent=2))
+            write_atomic_text(adapter_dir / ADAPTER_CHECK, json.dumps(check, indent=2))
     context.accelerator.wait_for_everyone()
     return peft_model
 
@@ -201,6 +203,13 @@ def image_loader(context: RunContext, rows: np.ndarray):
         collate_fn=collate,
         generator=generator,
     )
+
+
+def scoring_embeddings(context: RunContext, model, embeddings: Dataset) -> Dataset:
+    """Encoder adapters change the vision tower's outputs: embed again through it (every process)."""
+    if model is not context.model and uses_encoder_adapters(model):
+        return embed_stage(context, model, f"{context.model_fingerprint}-{adapter_fingerprint(model)}")
+    return embeddings
 
 
 def uses_encoder_adapters(model) -> bool:

@@ -19,7 +19,6 @@ from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import yaml
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData, constants
 
@@ -30,13 +29,11 @@ from .outputs import (
     REPORT_FIGURES,
     RUN_CONFIG,
     RUN_SUMMARY,
-    SCORES_DIR,
     SUBSETS_DIR,
     dataset_configs,
     ratio_name,
-    reward_column,
-    selected_column,
 )
+from .scores_table import reward_column, selected_column
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 DATASET_CARD_TEMPLATE = "dataset_card.md"
@@ -144,15 +141,17 @@ def card_configs(output_dir: str | Path) -> list[dict]:
 
 
 def _read_scores(output_dir: Path):
-    files = sorted((output_dir / SCORES_DIR).glob("*.parquet"))
-    if not files:
-        return None, None
-    from datasets import ClassLabel, Features
+    """The scores table (pyarrow) of the run written in ``output_dir`` and its class names; (None, None) without."""
+    from datasets import ClassLabel
 
-    tables = [pq.read_table(f) for f in files]
-    table = tables[0] if len(tables) == 1 else __import__("pyarrow").concat_tables(tables)
-    label = Features.from_arrow_schema(tables[0].schema).get("label")
-    return table, (label.names if isinstance(label, ClassLabel) else None)
+    from .scores_table import read_scores_in
+
+    try:
+        scores = read_scores_in(output_dir)
+    except FileNotFoundError:
+        return None, None
+    label = scores.features.get("label")
+    return scores.data.table, (label.names if isinstance(label, ClassLabel) else None)
 
 
 def _fmt(value: float) -> str:

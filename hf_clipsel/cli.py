@@ -12,8 +12,6 @@ import logging
 import sys
 import warnings
 
-from .hub import HubPushError
-
 COMMANDS = {
     "run": "the whole pipeline: embed, adapt, score, select, write (and push with --push_to_hub true)",
     "embed": "embed every image into the cache (output_dir/embeddings)",
@@ -23,6 +21,7 @@ COMMANDS = {
     "push": "push output_dir to the Hub: a dataset repo (subsets + scores) and a model repo (adapters)",
     "demo": "run the whole pipeline offline on a bundled sample with a tiny random CLIP",
     "report": "plots and an HTML page of a finished run: what was kept, what was dropped and why",
+    "clean": "remove the embedding caches in output_dir that its run does not use",
     "env": "print library versions and devices, for bug reports",
 }
 
@@ -64,56 +63,65 @@ def _print_summary(summary: dict, output_dir: str) -> None:
         )
         if noise:
             kept = noise["ratios"][ratio]
-            print(f"    kept {describe_kept_noise(kept['selected'], kept['random'], 'random subset of that size')}")
+            print(f"    kept {describe_kept_noise(kept['selected'], kept['random'], 'random')}")
+    cache = summary.get("embedding_cache_bytes") or 0
     print(f"Outputs in {output_dir}: scores/, subsets/, adapter/, report/index.html, run_config.yaml, README.md")
+    if cache:
+        clean = f"hf-clipsel clean --output_dir {output_dir}"
+        print(f"Embedding caches: {cache / 2**20:.1f} MiB on disk (`{clean}` removes those the run does not use)")
     print(f'Load a subset: datasets.load_dataset("{output_dir}", "ratio_{next(iter(summary["ratios"]))}")')
 
 
 def _stage(command: str, args: list[str]) -> None:
     from . import pipeline
-    from .outputs import ADAPTER_DIR
     from .parser import build_parser, parse_config
 
     config = parse_config(args, build_parser(prog=f"hf-clipsel {command}", description=COMMANDS[command]))
     if command == "push" and not config.run.hub_dataset_id:
         raise ValueError("push needs --hub_dataset_id org/name (and --hub_model_id for the adapters).")
     command_line = ["hf-clipsel", command, *args]
-    accelerator = pipeline.make_accelerator()
-    if command == "run":
-        summary = pipeline.run(config, accelerator, command_line)
-        if summary is not None:
-            _print_summary(summary, config.run.output_dir)
-        return
+    output_dir = config.run.output_dir
     if command == "push":
-        result = pipeline.push_outputs(
-            config.run.output_dir, config.run.hub_dataset_id, config.run.hub_model_id, private=config.run.hub_private
-        )
+        result = pipeline.push(config)
         print(
-            f"Pushed {config.run.output_dir} to {config.run.hub_dataset_id} ({len(result.dataset.commits)} commits)"
+            f"Pushed {output_dir} to {config.run.hub_dataset_id} ({len(result.dataset.commits)} commits)"
             + (f" and its adapters to {config.run.hub_model_id}" if config.run.hub_model_id else "")
         )
-        return
-    if command == "select":
-        summary = pipeline.select_from_scores(config, command_line)
-        _print_summary(summary, config.run.output_dir)
-        return
-    context = pipeline.load_context(config, accelerator)
-    embeddings = pipeline.embed_stage(context)
-    if command == "embed":
-        if accelerator.is_main_process:
-            print(f"Embedded {len(embeddings)} rows; cache in {context.cache_dir}")
-        return
-    if command == "adapt":
-        pipeline.adapt_stage(context, embeddings)
-        if accelerator.is_main_process:
-            print(f"Adapters in {context.output_dir / ADAPTER_DIR}")
-        return
-    model = pipeline.trained_model(context)
-    embeddings = pipeline.scoring_embeddings(context, model, embeddings)
-    if accelerator.is_main_process:
-        scores, _ = pipeline.score_stage(context, model, embeddings)
-        pipeline.write_scores(context.output_dir, scores)
-        print(f"Scores of {len(scores)} rows in {context.output_dir / 'scores'}; next: hf-clipsel select")
+    elif command == "clean":
+        removed = pipeline.clean(config)
+        for path in removed:
+            print(f"removed {path}")
+        print(f"Removed {len(removed)} embedding cache(s) that the run in {output_dir} does not use.")
+    elif command == "select":
+        _print_summary(pipeline.select_from_scores(config, command_line), output_dir)
+    else:
+        accelerator = pipeline.make_accelerator()
+        result = getattr(pipeline, command)(config, accelerator, command_line)
+        if not accelerator.is_main_process:
+            return
+        if command == "run":
+            _print_summary(result, output_dir)
+        elif command == "embed":
+            print(f"Embedded {len(result)} rows into the cache of {output_dir}; next: hf-clipsel adapt")
+        elif command == "adapt":
+            print(f"Adapters in {output_dir}/adapter; next: hf-clipsel score")
+        else:
+            print(f"Scores of {len(result)} rows in {output_dir}/scores; next: hf-clipsel select")
+
+
+def _report(args: list[str]) -> None:
+    from .pipeline import report
+
+    parser = argparse.ArgumentParser(prog="hf-clipsel report", description=COMMANDS["report"])
+    parser.add_argument("--output_dir", required=True, help="The output_dir of a finished run.")
+    parser.add_argument(
+        "--gallery_ratio",
+        type=float,
+        default=None,
+        help="Ratio of the 'dropped for redundancy' gallery (default: the smallest ratio of the run).",
+    )
+    options = parser.parse_args(args)
+    print(f"Report: {report(options.output_dir, options.gallery_ratio)}")
 
 
 def _demo(args: list[str]) -> None:
@@ -166,12 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "env":
             _env()
         elif command == "report":
-            from .report import main as report_main
-
-            return report_main(args)
+            _report(args)
         else:
             _stage(command, args)
-    except (ValueError, OSError, HubPushError) as error:
+    except (ValueError, OSError) as error:  # OSError covers a refused lock and a push that gave up
         # Input problems: one clear line, not a traceback.
         print(f"hf-clipsel {command}: error: {error}", file=sys.stderr)
         return 1

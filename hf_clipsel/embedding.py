@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from datasets import Dataset, Features, Image, List, Value, concatenate_datasets
+from datasets import Dataset, Features, Image, IterableDataset, List, Value, concatenate_datasets
 
 from .data import ROW_ID, decode_rgb
 from .image_quality import QUALITY_COLUMNS, UNMEASURED, pixel_statistics
@@ -163,6 +163,51 @@ def embed_images(
             len(embeddings),
         )
     return embeddings
+
+
+def embed_stage(context, model=None, fingerprint: str | None = None) -> Dataset:
+    """The embed stage: pooled vision-tower outputs of every row of the run's source (cached), with decode flags
+    and pixel statistics. ``model`` (default: the frozen CLIP) and ``fingerprint`` (default: its checkpoint's) name
+    another tower, e.g. one with encoder adapters."""
+    from .streaming import embed_stream, stream_identity  # the streamed source's engine (it imports this module)
+
+    model = model or context.model
+    fingerprint = fingerprint or context.model_fingerprint
+    run = context.config.run
+    if isinstance(context.dataset, IterableDataset):
+        processor = context.processor.image_processor
+        key = hashlib.sha256(
+            f"{stream_identity(context.config.data)}-{fingerprint}-{processor.to_json_string()}-"
+            f"{run.batch_size}-{run.embedding_chunk_size}".encode()
+        ).hexdigest()[:16]
+        return embed_stream(
+            context.dataset,
+            context.source.num_rows,
+            context.source.image_column,
+            model,
+            processor,
+            key,
+            context.cache_dir,
+            context.accelerator,
+            batch_size=run.batch_size,
+            chunk_size=run.embedding_chunk_size,
+        )
+    return embed_images(
+        context.dataset,
+        context.source.image_column,
+        model,
+        context.processor.image_processor,
+        fingerprint,
+        context.cache_dir,
+        context.accelerator,
+        batch_size=run.batch_size,
+        chunk_size=run.embedding_chunk_size,
+    )
+
+
+def cache_keys(*embeddings: Dataset) -> list[str]:
+    """The names of the cache folders the given embeddings were read from (what a run's record keeps)."""
+    return sorted({Path(f["filename"]).parent.name for e in embeddings for f in e.cache_files})
 
 
 def _ranges(indices: list[int]) -> str:

@@ -49,17 +49,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, DatasetCard, HfApi
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import RepoFile
 
 from .cards import read_run, redact, render_adapter_card, render_dataset_card
 from .outputs import ADAPTER_DIR, RUN_CONFIG, RUN_SUMMARY, SCORES_DIR, SUBSETS_DIR
+from .run_record import RECORD, RunRecord, verify
 
 logger = logging.getLogger(__name__)
 
 README = "README.md"
-# What goes to the dataset repo (besides the card); embeddings/ and adapter/ never do.
-PUSHED_FILES = (RUN_CONFIG, RUN_SUMMARY)
+# What goes to the dataset repo (besides the card): the record's files but the adapters, and the record itself.
+PUSHED_FILES = (RUN_CONFIG, RUN_SUMMARY, RECORD)
 # Folders this package owns in the dataset repo: pushed whole, and remote files there that the run no longer has
 # are deleted, or a config's glob would pick up stale shards.
 OWNED_FOLDERS = (SUBSETS_DIR, SCORES_DIR, "report")
@@ -75,7 +76,7 @@ TRANSIENT_ERROR_NAMES = {
 }
 
 
-class HubPushError(RuntimeError):
+class HubPushError(OSError):
     """A push gave up after repeated transient failures; rerunning it finishes the job."""
 
 
@@ -346,16 +347,10 @@ class _Syncer:
         logger.info("Committed %d file(s) to %s: %s", len(operations), self.repo_id, message)
 
 
-def _dataset_files(output_dir: Path) -> dict[str, _LocalFile]:
-    paths = [output_dir / name for name in PUSHED_FILES if (output_dir / name).is_file()]
-    for folder in OWNED_FOLDERS:
-        paths.extend(p for p in sorted((output_dir / folder).rglob("*")) if p.is_file())
-    files = {}
-    for path in paths:
-        relative = path.relative_to(output_dir)
-        if not any(part.startswith(".") for part in relative.parts):  # temporaries of atomic writes, caches
-            files[relative.as_posix()] = _local_file(relative.as_posix(), path)
-    return files
+def _dataset_files(output_dir: Path, record: RunRecord) -> dict[str, _LocalFile]:
+    """The files of the dataset repo: what the run's record lists, but the adapters (they go to the model repo)."""
+    names = [name for name in record.artefacts if name.split("/")[0] in (*OWNED_FOLDERS, *PUSHED_FILES)]
+    return {name: _local_file(name, output_dir / name) for name in sorted([*names, RECORD])}
 
 
 def _adapter_files(adapter_dir: Path) -> dict[str, _LocalFile]:
@@ -397,6 +392,8 @@ def push_outputs(
         raise ValueError(f"max_files_per_commit must be at least 1, got {max_files_per_commit}.")
     if not (output_dir / SCORES_DIR).is_dir() and not (output_dir / SUBSETS_DIR).is_dir():
         raise FileNotFoundError(f"{output_dir} holds no scores/ or subsets/: is it the output_dir of a run?")
+    # Before anything is uploaded: the folder holds exactly the finished run its record describes, byte for byte.
+    record = verify(output_dir, deep=True)
     api = HfApi(token=token)
     options = dict(
         token=token,
@@ -428,30 +425,15 @@ def push_outputs(
         card_text = (output_dir / README).read_text(encoding="utf-8")
     else:
         raise FileNotFoundError(f"{output_dir} has no {RUN_CONFIG}, {RUN_SUMMARY} or {README} to make a card from.")
-    syncer.sync(_dataset_files(output_dir), redact(card_text, token).encode("utf-8"), OWNED_FOLDERS)
+    syncer.sync(_dataset_files(output_dir, record), redact(card_text, token).encode("utf-8"), OWNED_FOLDERS)
     result.dataset = syncer.result
     logger.info("Outputs of %s are in dataset repo %s.", output_dir, dataset_repo_id)
     return result
 
 
 def load_scores(repo_or_dir: str | Path, revision: str | None = None, token: str | None = None):
-    """The ``scores`` config of a run, from its ``output_dir`` or its dataset repo, as a ``datasets.Dataset``.
+    """The ``scores`` config of a run, from its ``output_dir`` or its dataset repo, as a ``datasets.Dataset``
+    (:func:`hf_clipsel.scores_table.read_scores`). One row per source row, keyed by ``row_id``."""
+    from .scores_table import read_scores
 
-    One row per source row, keyed by ``row_id``; used to select again without a model.
-    """
-    from datasets import Dataset, load_dataset
-
-    path = Path(repo_or_dir)
-    if path.is_dir():
-        if (path / README).exists() and "scores" in _config_patterns(_readme_configs((path / README).read_text())):
-            return load_dataset(str(path), "scores", split="train")
-        files = sorted((path / SCORES_DIR).glob("*.parquet"))
-        if not files:
-            raise FileNotFoundError(f"no scores in {path / SCORES_DIR}.")
-        return Dataset.from_parquet([str(f) for f in files])
-    try:
-        return load_dataset(str(repo_or_dir), "scores", split="train", revision=revision, token=token)
-    except RepositoryNotFoundError as error:
-        raise FileNotFoundError(
-            f"{repo_or_dir} is neither a local directory nor a dataset repo you can read."
-        ) from error
+    return read_scores(repo_or_dir, revision=revision, token=token)

@@ -31,7 +31,6 @@ from datasets import Dataset, Image
 from datasets.table import embed_table_storage
 
 from .configs import ratio_name
-from .data import ROW_ID
 
 SCORES_DIR = "scores"
 SUBSETS_DIR = "subsets"
@@ -46,18 +45,6 @@ RUN_RECORD_KEYS = ("versions", "command")  # written beside the settings in run_
 MAX_SHARD_BYTES = 500 * 2**20
 DIGEST_LENGTH = 12
 SHARD_NAME = re.compile(rf"[^-]+-(?P<tag>[0-9a-f]{{{DIGEST_LENGTH}}})-\d{{5}}-of-\d{{5}}\.parquet")
-
-
-def selected_column(selection_ratio: float) -> str:
-    return f"is_selected_{ratio_name(selection_ratio)}"
-
-
-def drop_reason_column(selection_ratio: float) -> str:
-    return f"drop_reason_{ratio_name(selection_ratio)}"
-
-
-def reward_column(selection_ratio: float) -> str:
-    return f"reward_{ratio_name(selection_ratio)}"
 
 
 @contextlib.contextmanager
@@ -221,12 +208,3 @@ def dataset_configs(output_dir: Path, ratios: list[float]) -> list[dict]:
         splits = [{"split": ratio_name(r), "path": patterns[ratio_name(r)]} for r in ratios]
         configs.insert(0, {"config_name": "default", "data_files": splits, "default": True})
     return configs
-
-
-def scores_files(output_dir: Path) -> list[Path]:
-    return sorted((Path(output_dir) / SCORES_DIR).glob("*.parquet"))
-
-
-def selected_row_ids(scores: Dataset, selection_ratio: float) -> list[int]:
-    table = scores.select_columns([ROW_ID, selected_column(selection_ratio)]).with_format("numpy")[:]
-    return table[ROW_ID][table[selected_column(selection_ratio)]].tolist()

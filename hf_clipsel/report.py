@@ -24,7 +24,6 @@ A gallery image that cannot be decoded, or a source that cannot be loaded, gives
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import dataclass, fields
@@ -37,7 +36,8 @@ from PIL import Image as PILImage
 
 from .configs import DataConfig
 from .noise import describe_kept_noise
-from .outputs import RUN_SUMMARY, SCORES_DIR, atomic_directory, read_run_config, reward_column, selected_column
+from .outputs import RUN_SUMMARY, atomic_directory, read_run_config
+from .scores_table import read_scores_in, reward_column, selected_column, selected_ratios
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ THUMBNAILS_DIR = "thumbnails"
 TEMPLATE = "report_template.html.j2"
 GALLERY_SIZE = 24
 MAX_FLAGGED_SHOWN = 200
-SELECTED_PREFIX = "is_selected_ratio_"  # outputs.selected_column(r) is this plus f"{r:g}"
 THUMBNAIL_SIDE = 128  # pixels; small images (CIFAR's 32) are enlarged without smoothing so they stay sharp
 
 
@@ -96,26 +95,19 @@ class Tile:
 
 
 def read_scores(output_dir: Path) -> RunScores:
-    """The scores (output_dir/scores/*.parquet) as :class:`RunScores`, read with pyarrow: no copy in the datasets
-    cache."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from datasets import ClassLabel, Features
+    """The scores of the run written in ``output_dir`` (scores_table's reader) as :class:`RunScores`."""
+    from datasets import ClassLabel
 
-    directory = Path(output_dir) / SCORES_DIR
-    shards = sorted(directory.glob("*.parquet"))  # one file or several shards, in row order by name
-    if not shards:
-        raise FileNotFoundError(f"no scores in {directory}; run `hf-clipsel run` (or `score` and `select`) first.")
-    table = pa.concat_tables([pq.read_table(shard) for shard in shards])
-    label_feature = Features.from_arrow_schema(table.schema)["label"]
+    scores = read_scores_in(output_dir)
+    label_feature = scores.features["label"]
     if not isinstance(label_feature, ClassLabel):
-        raise ValueError(f"{directory}: the `label` column has no class names; was it written by hf-clipsel?")
+        raise ValueError(f"{output_dir}: the scores' `label` column has no class names; was it written by hf-clipsel?")
+    table = scores.data.table
 
     def column(name: str) -> np.ndarray:
         return table.column(name).to_numpy(zero_copy_only=False)
 
-    prefix = SELECTED_PREFIX
-    ratios = sorted(float(name.removeprefix(prefix)) for name in table.column_names if name.startswith(prefix))
+    ratios = selected_ratios(table.column_names)
     num_rows = table.num_rows
     return RunScores(
         row_id=column("row_id").astype(np.int64),
@@ -400,27 +392,3 @@ def write_report(output_dir: str | Path, gallery_ratio: float | None = None) -> 
         )
         (directory / INDEX).write_text(page, encoding="utf-8")
     return output_dir / REPORT_DIR / INDEX
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hf-clipsel report",
-        description="Plots and an HTML page of a finished run: what was kept, what was dropped and why.",
-    )
-    parser.add_argument(
-        "--output_dir", required=True, help="The run's output_dir (holds scores/ and run_config.yaml)."
-    )
-    parser.add_argument(
-        "--gallery_ratio",
-        type=float,
-        default=None,
-        help="Ratio of the 'dropped for redundancy' gallery (default: the smallest ratio of the run).",
-    )
-    args = parser.parse_args(argv)
-    index = write_report(args.output_dir, args.gallery_ratio)
-    print(f"Report: {index}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,14 +1,500 @@
-"""A finished run, read back: its scores, its subsets and its summary, from its folder or its Hub dataset repo."""
+"""The run record: what a run is, what it wrote, and whether a folder holds it whole. Every command asks here.
+
+A run's folder (``output_dir``) holds ``run_record.json``: the run's identity (every setting that changes results,
+per stage; the source's size and labels digest; the checkpoint), what each stage recorded, and the sha256 of every
+artefact (scores, subsets, adapters, report, configuration, summary). It is written last, atomically. A folder
+whose record is missing, or whose files do not match it, is an *incomplete* run: ``push`` refuses it, ``load_run``
+refuses it, and the card (README.md, which makes the folder a dataset) is then a placeholder whose configs match no
+file, so ``load_dataset(output_dir)`` refuses it too.
+
+One writer at a time: :class:`RunFolder` holds an exclusive lock on ``output_dir/.hf_clipsel.lock`` (``flock``,
+released by the kernel when its process dies, so a lock left by a killed run is simply taken over), and names the
+holder to a second run. A stage builds its artefacts beside the run, in ``output_dir/.staging-*`` (hidden:
+``datasets`` and pushes never see it), starting from hard links of the run's current files, and :meth:`commit`
+swaps them in with renames: the old run stays whole and loadable until the new one is complete, and a kill during
+the swap leaves a folder that every command and ``load_dataset`` refuse (never one that mixes two runs).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import datetime
+import hashlib
 import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets import Dataset, load_dataset
+import numpy as np
 
-from .outputs import RUN_SUMMARY, ratio_name
+from .configs import AdapterConfig, ClipselConfig, DataConfig, ModelConfig, ScoringConfig, SelectionConfig, ratio_name
+
+logger = logging.getLogger(__name__)
+
+RECORD = "run_record.json"
+CARD = "README.md"
+LOCK = ".hf_clipsel.lock"
+STAGING_PREFIX = ".staging-"
+TRASH_PREFIX = ".trash-"
+RECORD_FORMAT = 1
+# The run's own entries of output_dir, swapped whole by a commit. Anything else there (the embedding cache, a
+# user's files) is left alone.
+ARTEFACTS = ("scores", "subsets", "adapter", "report", "run_config.yaml", "run_summary.json")
+STAGES = ("embed", "adapt", "score", "select")
+# The settings each stage's results depend on. Settings in no stage change no number (where to write, push, etc.).
+STAGE_SETTINGS = {
+    "embed": (
+        *(f.name for f in dataclasses.fields(DataConfig) if f.name != "streaming"),
+        *(f.name for f in dataclasses.fields(ModelConfig)),
+        "batch_size",
+        "embedding_chunk_size",
+    ),
+    "adapt": (*(f.name for f in dataclasses.fields(AdapterConfig)), "seed"),
+    "score": tuple(f.name for f in dataclasses.fields(ScoringConfig)),
+    "select": tuple(f.name for f in dataclasses.fields(SelectionConfig)),
+}
+# The folder entries each stage writes (run_config.yaml is rewritten by every stage from the record).
+STAGE_ARTEFACTS = {
+    "adapt": ("adapter",),
+    "score": ("scores", "run_config.yaml"),
+    "select": ("scores", "subsets", "report", "run_config.yaml", "run_summary.json"),
+}
+SELECT_KEYS = (*(f.name for f in dataclasses.fields(DataConfig)), *STAGE_SETTINGS["select"])
+INCOMPLETE_CARD = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: this-hf-clipsel-run-is-incomplete/*
+tags:
+- hf-clipsel
+---
+# An incomplete hf-clipsel run
+
+This folder holds no finished selection: a run is writing it, or one was stopped before it finished. `hf-clipsel
+run` with the same settings finishes it (the embedding cache is reused); `run_record.json` appears when it is whole.
+"""
+
+
+class IncompleteRunError(ValueError):
+    """A folder whose record is missing or does not match its files."""
+
+
+class RunLockedError(OSError):
+    """Another process holds the folder."""
+
+
+def stage_settings(config: ClipselConfig, stage: str) -> dict:
+    flat = config.to_flat()
+    return {key: flat[key] for key in STAGE_SETTINGS[stage]}
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _artefact_files(root: Path) -> list[Path]:
+    files = []
+    for entry in ARTEFACTS:
+        path = root / entry
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            files.extend(p for p in sorted(path.rglob("*")) if p.is_file())
+    return [p for p in files if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+
+
+def artefact_sizes(root: Path) -> dict[str, int]:
+    return {p.relative_to(root).as_posix(): p.stat().st_size for p in _artefact_files(root)}
+
+
+@dataclass
+class RunRecord:
+    """What a run is and what it wrote. ``stages`` maps each stage done to ``{"settings": {...}, ...}`` (the embed
+    stage also names its cache; a selection from saved scores names them); ``artefacts`` maps every file of the run,
+    relative to its folder, to its sha256."""
+
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    stages: dict[str, dict] = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+    artefacts: dict[str, str] = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    command: str | None = None
+    written: str | None = None
+    format: int = RECORD_FORMAT
+
+    @classmethod
+    def from_json(cls, text: str) -> RunRecord:
+        values = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)
+
+    @property
+    def selected(self) -> bool:
+        return "select" in self.stages
+
+    @property
+    def ratios(self) -> list[float]:
+        return sorted(
+            float(r) for r in (self.stages.get("select", {}).get("settings", {}).get("selection_ratios") or [])
+        )
+
+    def settings(self) -> dict:
+        """Every recorded setting, across stages."""
+        merged = {}
+        for stage in STAGES:
+            merged.update(self.stages.get(stage, {}).get("settings", {}))
+        return merged
+
+    def disagreements(self, config: ClipselConfig, stages=STAGES, keys=None) -> list[str]:
+        """The settings of ``stages`` (those recorded; only ``keys`` when given) in which ``config`` differs."""
+        changed = []
+        for stage in stages:
+            recorded = self.stages.get(stage, {}).get("settings")
+            if recorded is None:
+                continue
+            current = stage_settings(config, stage)
+            changed += [k for k in current if k in recorded and recorded[k] != current[k] and (not keys or k in keys)]
+        return sorted(set(changed))
+
+    def cache_keys(self) -> list[str]:
+        return list(self.stages.get("embed", {}).get("caches", []))
+
+    def with_stage(self, stage: str, config: ClipselConfig, **extra) -> RunRecord:
+        """This record with ``stage`` done under ``config`` (``extra``: what else the stage records)."""
+        stages = dict(self.stages)
+        stages[stage] = {"settings": stage_settings(config, stage), **{k: v for k, v in extra.items() if v}}
+        return dataclasses.replace(self, stages=stages)
+
+    def described(self, source, command: list[str] | None) -> RunRecord:
+        """This record with the source's identity (a :class:`~hf_clipsel.data.Source`, or None to keep the one
+        recorded), the library versions and the command line."""
+        from .outputs import library_versions
+
+        identity = self.source
+        if source is not None:
+            labels = np.ascontiguousarray(source.labels, dtype=np.int64)
+            identity = {
+                "num_rows": int(source.num_rows),
+                "class_names": list(source.class_names),
+                "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
+                "image_column": source.image_column,
+                "label_column": source.label_column,
+            }
+        return dataclasses.replace(
+            self, source=identity, versions=library_versions(), command=" ".join(command) if command else None
+        )
+
+    def configuration(self, config: ClipselConfig) -> dict:
+        """The flat configuration that produced this run: each recorded stage's own settings (so a later stage
+        command never rewrites what an earlier one used), the settings that change no result from ``config``."""
+        staged = {key for keys in STAGE_SETTINGS.values() for key in keys}
+        flat = {key: value for key, value in config.to_flat().items() if key not in staged}
+        return {**flat, **self.settings()}
+
+    def artefacts_of_stages(self) -> tuple[str, ...]:
+        """The folder entries the recorded stages wrote (what a stage that extends this record keeps)."""
+        kept = {entry for stage in self.stages for entry in STAGE_ARTEFACTS.get(stage, ())}
+        return tuple(entry for entry in ARTEFACTS if entry in kept)
+
+
+def read_record(output_dir: str | Path) -> RunRecord | None:
+    path = Path(output_dir) / RECORD
+    if not path.is_file():
+        return None
+    try:
+        return RunRecord.from_json(path.read_text())
+    except (ValueError, TypeError):
+        return None
+
+
+def incomplete_message(output_dir: Path, why: str) -> str:
+    return (
+        f"{output_dir} holds an incomplete run ({why}): it was stopped before it finished, or its files were "
+        "changed afterwards. Run `hf-clipsel run` again with the same settings to finish it (the embedding cache is "
+        "reused), or pass --overwrite_output_dir to start over."
+    )
+
+
+def verify(output_dir: str | Path, deep: bool = False, need_selection: bool = True) -> RunRecord:
+    """The record of the run in ``output_dir``, after checking that the folder holds exactly its files (sizes and
+    presence; with ``deep`` also their sha256). Raises :class:`IncompleteRunError` with what is wrong."""
+    output_dir = Path(output_dir)
+    record = read_record(output_dir)
+    if record is None:
+        raise IncompleteRunError(incomplete_message(output_dir, f"no readable {RECORD}"))
+    if need_selection and not record.selected:
+        raise IncompleteRunError(
+            f"{output_dir} holds a run that has not selected yet (stages done: {', '.join(record.stages) or 'none'});"
+            " run `hf-clipsel select` (or `hf-clipsel run`) first."
+        )
+    present = {p.relative_to(output_dir).as_posix(): p for p in _artefact_files(output_dir)}
+    missing = sorted(set(record.artefacts) - set(present))
+    extra = sorted(set(present) - set(record.artefacts))
+    if missing or extra:
+        what = (f"missing {', '.join(missing[:3])}" if missing else "") + (
+            f"{'; ' if missing else ''}not of this run: {', '.join(extra[:3])}" if extra else ""
+        )
+        raise IncompleteRunError(incomplete_message(output_dir, what))
+    if deep:
+        changed = [name for name, digest in record.artefacts.items() if file_digest(present[name]) != digest]
+        if changed:
+            raise IncompleteRunError(
+                incomplete_message(output_dir, f"changed since written: {', '.join(changed[:3])}")
+            )
+    return record
+
+
+def extend_record(previous: RunRecord | None, config: ClipselConfig, stage: str) -> RunRecord:
+    """The record that ``stage`` (or ``"run"``, every stage) starts from in a folder whose record is ``previous``.
+
+    A run may be repeated, and a stage may add to a run, only where every recorded setting agrees; a stage already
+    done is not redone. ``--overwrite_output_dir`` replaces the stage and the ones after it (a whole run: all).
+    """
+    output_dir = Path(config.run.output_dir)
+    if previous is None:
+        return RunRecord()
+    order = STAGES.index(stage) if stage in STAGES else len(STAGES) - 1
+    # What the command uses: the settings of its stage and the earlier ones; a selection reads saved scores, so of
+    # the earlier stages only the dataset (the model and its training are the scores' business).
+    keys = SELECT_KEYS if stage == "select" else None
+    changed = previous.disagreements(config, STAGES[: order + 1], keys)
+    later = [s for s in previous.stages if STAGES.index(s) >= order]
+    if not config.run.overwrite_output_dir:
+        if changed:
+            raise FileExistsError(
+                f"{output_dir} holds the results of a run with other settings ({', '.join(changed)}); pass "
+                "--overwrite_output_dir to replace them, or choose another --output_dir."
+            )
+        if later and stage != "run":
+            raise FileExistsError(
+                f"{output_dir} has done the {stage} stage already (stages done: {', '.join(previous.stages)}); pass "
+                f"--overwrite_output_dir to redo it and the stages after it, or choose another --output_dir."
+            )
+    if stage == "run":
+        return RunRecord()
+    kept = {}
+    for name in STAGES[:order]:  # earlier stages stay only while they agree, and only as a prefix
+        if name not in previous.stages or previous.disagreements(config, [name], keys):
+            break
+        kept[name] = previous.stages[name]
+    if not kept:
+        return RunRecord()
+    return dataclasses.replace(previous, stages=kept, artefacts={})
+
+
+class FolderLock:
+    """An exclusive, non-blocking lock on ``path`` (``flock``): the kernel releases it when the holder dies. The file
+    names the holder while it is held and is emptied on release."""
+
+    def __init__(self, path: Path):
+        self.path, self.handle = Path(path), None
+
+    def acquire(self) -> str | None:
+        """Take the lock, or raise :class:`RunLockedError` naming the holder. Returns a note when the lock was left
+        by a process that no longer runs (taken over)."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # noqa: SIM115 (held until release)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunLockedError(
+                f"{self.path.parent} is in use by {holder}; wait for it to finish, or choose another --output_dir."
+            ) from None
+        handle.seek(0)
+        left = handle.read().strip()
+        handle.seek(0)
+        handle.truncate()
+        command = " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:200]
+        handle.write(f"process {os.getpid()} on {socket.gethostname()} ({command}), since {_now()}")
+        handle.flush()
+        self.handle = handle
+        if left:
+            return f"took over the lock of {left}, which no longer holds it"
+        return None
+
+    def release(self) -> None:
+        if self.handle is None:
+            return
+        import fcntl
+
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.flush()
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+        self.handle = None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def held_by_main_process(config: ClipselConfig, accelerator, stage: str):
+    """``(folder, record)``: the :class:`RunFolder` of ``config.run.output_dir`` (and of an outside ``cache_dir``)
+    held by the main process, and the record ``stage`` extends (:func:`extend_record`); ``(None, None)`` on the
+    other processes. A refusal (the folder is locked, or holds another run) is raised on every process."""
+    from accelerate.utils import broadcast_object_list
+
+    folder = record = error = None
+    if accelerator.is_main_process:
+        output_dir = Path(config.run.output_dir)
+        cache_dir = Path(config.run.cache_dir) if config.run.cache_dir else None
+        outside = (cache_dir,) if cache_dir and output_dir.resolve() not in cache_dir.resolve().parents else ()
+        try:
+            folder = RunFolder(output_dir, extra_locks=outside).__enter__()
+            for note in folder.notes:
+                logger.warning("%s: %s.", output_dir, note)
+            record = extend_record(folder.record, config, stage)
+        except (OSError, ValueError) as raised:
+            error = raised
+            if folder is not None:
+                folder.__exit__(None, None, None)
+    if accelerator.num_processes > 1:
+        message = [str(error) if error else None]
+        broadcast_object_list(message)
+        if message[0] and error is None:
+            raise RunLockedError(message[0])
+    if error is not None:
+        raise error
+    try:
+        yield folder, record
+    finally:
+        if folder is not None:
+            folder.__exit__(None, None, None)
+
+
+class RunFolder:
+    """``output_dir`` held by this process: locked, with a staging folder where a stage builds the run's next state.
+
+    Use as a context manager. :attr:`staging` starts as hard links of the run's current artefacts (so renderers and
+    readers see a whole run there); a stage writes or replaces its own entries in it, then :meth:`commit` swaps the
+    staging folder's artefacts in and writes the record last.
+    """
+
+    def __init__(self, output_dir: str | Path, extra_locks: tuple[Path, ...] = ()):
+        self.output_dir = Path(output_dir)
+        self.locks = [FolderLock(self.output_dir / LOCK)] + [FolderLock(Path(p) / LOCK) for p in extra_locks]
+        self.staging: Path | None = None
+        self.notes: list[str] = []
+
+    def __enter__(self) -> RunFolder:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            for lock in self.locks:
+                note = lock.acquire()
+                if note:
+                    self.notes.append(note)
+        except BaseException:
+            self.release()
+            raise
+        for stale in [*self.output_dir.glob(STAGING_PREFIX + "*"), *self.output_dir.glob(TRASH_PREFIX + "*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed run; nobody else writes here now
+        card = self.output_dir / CARD
+        if not card.exists():
+            _write_atomic(card, INCOMPLETE_CARD)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+        self.release()
+
+    def release(self) -> None:
+        for lock in reversed(self.locks):
+            lock.release()
+
+    @property
+    def record(self) -> RunRecord | None:
+        return read_record(self.output_dir)
+
+    def stage(self, keep: tuple[str, ...] = ARTEFACTS) -> Path:
+        """A fresh staging folder holding hard links of the run's current entries named in ``keep``."""
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging = self.output_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}"
+        self.staging.mkdir()
+        for entry in keep:
+            source = self.output_dir / entry
+            if source.is_dir():
+                shutil.copytree(source, self.staging / entry, copy_function=_link_or_copy)
+            elif source.is_file():
+                _link_or_copy(source, self.staging / entry)
+        return self.staging
+
+    def commit(self, record: RunRecord, card_text: str | None) -> RunRecord:
+        """Make the staging folder's artefacts the run's: the record lists and digests them; ``card_text`` (None
+        while the run has not selected) becomes README.md. Only renames happen once the old run stops being whole."""
+        staging = self.staging
+        record.artefacts = {name: file_digest(staging / name) for name in artefact_sizes(staging)}
+        record.written = _now()
+        _write_atomic(staging / RECORD, record.to_json())
+        if card_text is not None:
+            _write_atomic(staging / CARD, card_text)
+        trash = self.output_dir / f"{TRASH_PREFIX}{uuid.uuid4().hex[:8]}"
+        trash.mkdir()
+        # From here until the new card is in, the folder is not loadable and not a run: never a mix of two.
+        _write_atomic(self.output_dir / CARD, INCOMPLETE_CARD)
+        (self.output_dir / RECORD).unlink(missing_ok=True)
+        for entry in ARTEFACTS:
+            if (self.output_dir / entry).exists():
+                os.replace(self.output_dir / entry, trash / entry)
+            if (staging / entry).exists():
+                os.replace(staging / entry, self.output_dir / entry)
+        os.replace(staging / RECORD, self.output_dir / RECORD)
+        if card_text is not None:
+            os.replace(staging / CARD, self.output_dir / CARD)
+        shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        self.staging = None
+        return record
+
+
+def _link_or_copy(source, destination) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:  # a file system without hard links
+        shutil.copy2(source, destination)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else 0
+
+
+def unused_caches(output_dir: str | Path, cache_dir: str | Path) -> list[Path]:
+    """Embedding caches in ``cache_dir`` that the record of the run in ``output_dir`` does not name. A folder without a
+    record may be a killed run whose cache a rerun resumes from: nothing of it counts as unused."""
+    record = read_record(output_dir)
+    if record is None:
+        raise IncompleteRunError(incomplete_message(Path(output_dir), f"no readable {RECORD}; its caches stay"))
+    keep = set(record.cache_keys())
+    return sorted(p for p in Path(cache_dir).glob("*") if p.is_dir() and p.name not in keep)
 
 
 @dataclass
@@ -17,31 +503,35 @@ class FinishedRun:
     ``row_id``); ``scores`` has one row per source row; ``summary`` is the run's ``run_summary.json``."""
 
     location: str
-    scores: Dataset
-    subsets: dict[float, Dataset] = field(default_factory=dict)
+    scores: object  # datasets.Dataset
+    subsets: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
+    record: RunRecord | None = None
 
     @property
     def ratios(self) -> list[float]:
         return sorted(self.subsets)
 
 
-def _summary(location: str, revision: str | None, token: str | None) -> dict:
-    path = Path(location)
-    if path.is_dir():
-        return json.loads((path / RUN_SUMMARY).read_text()) if (path / RUN_SUMMARY).exists() else {}
+def load_run(repo_or_dir: str | Path, revision: str | None = None, token: str | None = None) -> FinishedRun:
+    """The scores, subsets and summary of a finished run: its ``output_dir`` (checked against its record first), or
+    the Hub dataset repo it was pushed to."""
+    from datasets import load_dataset
     from huggingface_hub import hf_hub_download
 
-    local = hf_hub_download(location, RUN_SUMMARY, repo_type="dataset", revision=revision, token=token)
-    return json.loads(Path(local).read_text())
-
-
-def load_run(repo_or_dir: str | Path, revision: str | None = None, token: str | None = None) -> FinishedRun:
-    """The scores, subsets and summary of a finished run: its ``output_dir``, or the dataset repo it was pushed to."""
     location = str(repo_or_dir)
-    summary = _summary(location, revision, token)
-    options = dict(revision=revision, token=token) if not Path(location).is_dir() else {}
+    if Path(location).is_dir():
+        record = verify(location)
+        summary = json.loads((Path(location) / "run_summary.json").read_text())
+        options = {}
+    else:
+        options = dict(revision=revision, token=token)
+        fetch = {
+            name: hf_hub_download(location, name, repo_type="dataset", **options)
+            for name in (RECORD, "run_summary.json")
+        }
+        record = RunRecord.from_json(Path(fetch[RECORD]).read_text())
+        summary = json.loads(Path(fetch["run_summary.json"]).read_text())
     scores = load_dataset(location, "scores", split="train", **options)
-    ratios = [float(ratio) for ratio in summary.get("ratios", {})]
-    subsets = {ratio: load_dataset(location, ratio_name(ratio), split="train", **options) for ratio in ratios}
-    return FinishedRun(location, scores, subsets, summary)
+    subsets = {ratio: load_dataset(location, ratio_name(ratio), split="train", **options) for ratio in record.ratios}
+    return FinishedRun(location, scores, subsets, summary, record)

@@ -16,7 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _git_files() -> list[str]:
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True)
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     if listed.returncode == 0 and listed.stdout:
         return [name for name in listed.stdout.split("\0") if name]
     # not a git checkout (an unpacked source archive): everything but the usual build and cache folders

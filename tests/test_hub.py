@@ -24,7 +24,9 @@ from PIL import Image as PILImage
 
 from hf_clipsel.cards import render_adapter_card, render_dataset_card, write_dataset_card
 from hf_clipsel.hub import _matches, is_transient
-from hf_clipsel.outputs import ratio_name, reward_column, selected_column
+from hf_clipsel.outputs import ratio_name
+from hf_clipsel.run_record import RECORD, RunRecord, artefact_sizes, file_digest
+from hf_clipsel.scores_table import reward_column, selected_column
 
 FAKE_TOKEN = "hf_FakeTokenForTestsOnly0123456789abcdef"
 CLASS_NAMES = ["cat", "dog", "frog"]
@@ -174,6 +176,14 @@ def build_output_dir(path: Path, adapter: Path, seed: int = 0) -> Path:
     (path / "report").mkdir()
     (path / "report" / "score_distributions.png").write_bytes(_png(rng))
     write_dataset_card(path)
+    return record_by_hand(path)
+
+
+def record_by_hand(path: Path) -> Path:
+    """The run record of a folder made by hand (what a run writes last): its artefacts and their digests."""
+    record = RunRecord(stages={"select": {"settings": {"selection_ratios": list(RATIOS)}}})
+    record.artefacts = {name: file_digest(path / name) for name in artefact_sizes(path)}
+    (path / RECORD).write_text(record.to_json())
     return path
 
 
@@ -408,6 +418,7 @@ def test_push_then_load_gives_the_same_rows_and_cards(hub, worker, output_dir, p
         ".gitattributes",
         "README.md",
         "run_config.yaml",
+        "run_record.json",
         "run_summary.json",
         "report/score_distributions.png",
         "scores/scores.parquet",
@@ -521,6 +532,7 @@ def test_repushing_a_different_run_never_mixes_two_runs(hub, worker, output_dir,
     assert _push(worker, output_dir, repo, max_files_per_commit=4)[0]["ok"]
     second = build_output_dir(tmp_path / "second", adapter_dir, seed=1)
     (second / "subsets" / "ratio_0.5" / "train-00002-of-00003.parquet").unlink()  # the glob must not read it
+    record_by_hand(second)
     before = len(hub.history(repo))
     result, _ = _push(worker, second, repo, max_files_per_commit=4)
     assert result["ok"]

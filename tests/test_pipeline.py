@@ -125,6 +125,7 @@ def test_load_dataset_reads_a_rerun_not_the_cached_first_run(finished_run, tmp_p
     config.selection.selection_ratios = [0.3]
     config.selection.alpha = 5.0  # a diversity-heavy, ungated reward: another subset of the same size
     config.selection.diversity_gate = "none"
+    config.run.overwrite_output_dir = True  # another selection replaces this one only when asked
     select_from_scores(config, scores=load_dataset(str(output_dir), "scores", split="train"))
     after = load_dataset(str(copy_dir), "ratio_0.3", split="train")["row_id"][:]
     assert len(after) == len(before) and after != before

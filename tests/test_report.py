@@ -13,9 +13,11 @@ import yaml
 from datasets import Dataset, Image, load_dataset
 from PIL import Image as PILImage
 
+from hf_clipsel.cli import main
 from hf_clipsel.pipeline import run
-from hf_clipsel.report import GALLERY_SIZE, INDEX, REPORT_DIR, main, write_report
+from hf_clipsel.report import GALLERY_SIZE, INDEX, REPORT_DIR, write_report
 from hf_clipsel.report_figures import DPI, FIGURES, WIDTH_INCHES, figure_height_pixels
+from hf_clipsel.run_record import verify
 from tests.conftest import run_config
 
 UNDECODABLE = (3, 10)
@@ -144,9 +146,10 @@ def test_flagged_rows_are_listed_with_their_reason_and_bad_images_get_a_placehol
 
 def test_report_command_picks_the_gallery_ratio(run_dir, tmp_path):
     copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("embeddings", "adapter", "subsets"))
-    assert main(["--output_dir", str(copy), "--gallery_ratio", "0.5"]) == 0
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("embeddings"))
+    assert main(["report", "--output_dir", str(copy), "--gallery_ratio", "0.5"]) == 0
     assert "Dropped for redundancy at ratio 0.5" in (copy / REPORT_DIR / INDEX).read_text(encoding="utf-8")
+    verify(copy, deep=True)  # the new report is part of the run: its record lists it
     with pytest.raises(ValueError, match="not a ratio of this run"):
         write_report(copy, gallery_ratio=0.9)
 

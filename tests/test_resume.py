@@ -119,13 +119,13 @@ def test_a_kill_while_writing_leaves_no_readable_partial_output(cifar_slice, tin
     _wait_for(lambda: (output_dir / "stalled").exists(), child)
     child.send_signal(signal.SIGKILL)
     child.wait()
-    # the half-written subset sits in a temporary folder; nothing is published
-    assert list((output_dir / "subsets").glob(".ratio_0.3.tmp-*/*.parquet"))
-    assert not (output_dir / "subsets" / "ratio_0.3").exists()
-    assert not (output_dir / "README.md").exists() and not (output_dir / "scores").exists()
-    with pytest.raises((FileNotFoundError, ValueError)):  # no data files, or no such config
+    # the half-written subset sits in the hidden staging folder; nothing is published, no record vouches for it
+    assert list(output_dir.glob(".staging-*/subsets/.ratio_0.3.tmp-*/*.parquet"))
+    assert not (output_dir / "subsets").exists() and not (output_dir / "scores").exists()
+    assert not (output_dir / "run_record.json").exists()
+    with pytest.raises((FileNotFoundError, ValueError)):  # the placeholder card's configs match no file
         load_dataset(str(output_dir), "ratio_0.3", split="train")
 
     summary = run(run_config(cifar_slice, tiny_clip_path, output_dir, overwrite_output_dir=True))
-    assert not list((output_dir / "subsets").glob(".*tmp*")), "the next run clears what the killed one left"
+    assert not list(output_dir.glob(".staging-*")), "the next run clears what the killed one left"
     assert len(load_dataset(str(output_dir), "ratio_0.3", split="train")) == summary["ratios"]["0.3"]["kept"] == 72

@@ -6,8 +6,8 @@ pool drawn from the CIFAR-10 training split, and each selection ratio (0.3, 0.5,
 - selectors, all through the package: the method (`exact`, package defaults: projection adapters trained on the
   pool's noisy labels with the held-out check, alpha 0.1, gate, posterior term, damage check) with
   `hf_clipsel.pipeline.run`, once per noise case (embed + adapt + score + select); `random`, `clip_score`, `ccs` from
-  the method's saved scores with `pipeline.select_from_scores`; `moderate` with `pipeline.select_stage` (it needs the
-  image features, which saved scores do not hold); and the zero-shot alignment score alone ("SAS zero-shot":
+  the method's saved scores with `pipeline.select_from_scores`; `moderate` the same, given the image features
+  (saved scores do not hold them); and the zero-shot alignment score alone ("SAS zero-shot":
   adapter_preset none, clip_score), a second `run` on the same embedding cache; the published method
   (`--preset paper`), a third `run`; and variants of the method from its saved scores (--variants: ungated,
   class-balanced, alpha = ratio), selected only unless also given to --selectors;
@@ -50,9 +50,10 @@ from proxy_clip import ProxySpec, decode_uint8, train_proxy, zero_shot_accuracy
 from quality_train import TrainSpec, train_minimal, train_recipe
 
 from hf_clipsel import pipeline
-from hf_clipsel.configs import ClipselConfig, budget
+from hf_clipsel.configs import ClipselConfig, budget, ratio_name
 from hf_clipsel.noise import CORRUPTIONS, asymmetric_label_noise, corrupt_images, symmetric_label_noise
-from hf_clipsel.outputs import ratio_name, scores_files, selected_column
+from hf_clipsel.run_record import IncompleteRunError, verify
+from hf_clipsel.scores_table import SCORE_COLUMNS, read_scores, selected_column
 
 REPO = Path(__file__).resolve().parents[2]
 METHOD, ZERO_SHOT, PAPER, UNGATED, BALANCED, ALPHA_RATIO = (
@@ -327,17 +328,16 @@ def selection_config(args, case: dict, pool_file: Path, model: str, selector: st
 def finished(config: ClipselConfig) -> bool:
     """The selection is written, was made with these settings (a changed library default reruns it), and its scores
     have every column the library writes now (new scores, e.g. a new pixel statistic, rerun it too)."""
-    output_dir = Path(config.run.output_dir)
-    if not ((output_dir / "README.md").exists() and (output_dir / "run_summary.json").exists()):
+    try:
+        record = verify(config.run.output_dir)
+    except IncompleteRunError:
         return False
-    columns = set(pq.read_schema(scores_files(output_dir)[0]).names)
-    return pipeline.changed_settings(config) == [] and set(pipeline.SCORE_COLUMNS) <= columns
+    columns = set(read_scores(config.run.output_dir).column_names)
+    return record.disagreements(config) == [] and set(SCORE_COLUMNS) <= columns
 
 
 def saved_scores(config: ClipselConfig):
-    from datasets import Dataset
-
-    return Dataset.from_parquet([str(path) for path in scores_files(config.run.output_dir)])
+    return read_scores(config.run.output_dir)
 
 
 def ensure_selections(args, case: dict, pool_file: Path, model: str) -> dict[str, ClipselConfig]:
@@ -368,7 +368,8 @@ def all_selectors(args) -> list[str]:
 
 def select_moderate(method: ClipselConfig, config: ClipselConfig, method_scores, command) -> None:
     """Moderate-DS needs the image features, which saved scores do not carry: score again with the method's saved
-    adapters on the cached embeddings (the same numbers as the method's run, checked), then select_stage."""
+    adapters on the cached embeddings (the same numbers as the method's run, checked), then select_from_scores with
+    those features."""
     context = pipeline.load_context(method)
     embeddings = pipeline.embed_stage(context)
     model = pipeline.trained_model(context)
@@ -381,15 +382,14 @@ def select_moderate(method: ClipselConfig, config: ClipselConfig, method_scores,
                 f"scoring again gave other {column} values than the method's run (max diff "
                 f"{np.abs(again - saved).max():.3g})."
             )
-    masks, scores = pipeline.select_stage(scores, config, features)
-    pipeline.write_stage(config, context.dataset, scores, masks, command)
+    pipeline.select_from_scores(config, command, scores=scores, image_features=features)
 
 
 def kept_masks(args, configs: dict[str, ClipselConfig], num_rows: int) -> dict[str, dict[float, np.ndarray]]:
     """{selector: {ratio: bool[N]}}, read back from each selection's written scores (is_selected_ratio_<r>)."""
     masks = {}
     for selector in all_selectors(args):
-        table = pq.read_table(scores_files(configs[selector].run.output_dir)).to_pydict()
+        table = read_scores(configs[selector].run.output_dir).to_dict()
         row_id = np.asarray(table["row_id"])
         if not np.array_equal(row_id, np.arange(num_rows)):
             raise RuntimeError(f"{selector}: scores are not in pool row order.")
@@ -425,7 +425,7 @@ def score_diagnostics(configs, columns) -> dict:
     """How well each score separates the injected rows (AUROC, 0.5 = chance; for SAS and the reward, low = noisy, so
     1 - AUROC of the raw score is reported), and how much of the noise the adapters learned."""
     noisy = columns["is_noisy"].astype(bool)
-    adapted = pq.read_table(scores_files(configs[METHOD].run.output_dir)).to_pydict()
+    adapted = read_scores(configs[METHOD].run.output_dir).to_dict()
     summary = json.loads((Path(configs[METHOD].run.output_dir) / "run_summary.json").read_text())
     check = summary.get("adapter_check") or {}
     out = {
@@ -440,8 +440,8 @@ def score_diagnostics(configs, columns) -> dict:
         "adapted_predicts_clean_label": _share(adapted["predicted_label"], columns["clean_label"], None),
     }
     zero_dir = configs[ZERO_SHOT].run.output_dir
-    if scores_files(zero_dir):
-        zero = pq.read_table(scores_files(zero_dir)).to_pydict()
+    if (Path(zero_dir) / "run_record.json").exists():
+        zero = read_scores(zero_dir).to_dict()
         out["auroc_zero_shot_sas_low"] = 1 - auroc(np.asarray(zero["semantic_alignment"]), noisy)
         out["zero_shot_predicts_given_label_on_noisy_rows"] = _share(zero["predicted_label"], columns["label"], noisy)
         out["zero_shot_predicts_clean_label"] = _share(zero["predicted_label"], columns["clean_label"], None)
