@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import shutil
 from pathlib import Path
 
@@ -105,16 +104,12 @@ def split_holdout(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
 def sign_test_p_value(only_adapted_right: int, only_zero_shot_right: int) -> float:
     """One-sided sign test: P(X >= only_adapted_right) for X ~ Binomial(n, 1/2), n = the rows where exactly one of
     the two models agrees with the label. Small means the adapters' gain is unlikely to be chance."""
+    from scipy.stats import binomtest
+
     n = only_adapted_right + only_zero_shot_right
     if n == 0:
         return 1.0
-    # log-space terms: exact for any n without huge integers or float underflow of 0.5 ** n
-    log_terms = [
-        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
-        for i in range(only_adapted_right, n + 1)
-    ]
-    top = max(log_terms)
-    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
+    return float(binomtest(only_adapted_right, n, 0.5, alternative="greater").pvalue)
 
 
 def agreement_check(zero_shot_agrees: np.ndarray, adapted_agrees: np.ndarray, confidence: float) -> dict:

@@ -377,7 +377,8 @@ def render_adapter_card(
     peft = json.loads(peft_path.read_text()) if peft_path.exists() else {}
     candidates = [config.get("model_name_or_path") or summary.get("model"), peft.get("base_model_name_or_path")]
     base_model = next((c for c in candidates if is_hub_id(c)), None)
-    base_name = base_model or next((c for c in candidates if c), "openai/clip-vit-base-patch32")
+    # Never a guess shown as a fact: an unknown checkpoint is written as a placeholder the reader must fill in.
+    base_name = base_model or next((c for c in candidates if c), "<the CLIP checkpoint the adapters were trained on>")
     source_name = config.get("dataset_name") or summary.get("dataset") or "unknown"
     training = {"base model revision": summary.get("model_revision") or config.get("model_revision") or "not pinned"}
     if peft:
@@ -402,7 +403,7 @@ def render_adapter_card(
         card_data=card_data.to_yaml(),
         title=f"CLIP adapters for data selection on {source_name}",
         base_model=base_name,
-        base_model_link=_link(base_name),
+        base_model_link=_link(base_name) if base_model or any(candidates) else "`an unrecorded CLIP checkpoint`",
         base_model_revision=summary.get("model_revision") or config.get("model_revision"),
         source={
             "name": source_name,

@@ -139,21 +139,21 @@ def _demo(args: list[str]) -> None:
 
 
 def _env() -> None:
-    import platform
-
+    """Our libraries and devices, then huggingface_hub's own environment dump (platform, endpoint, cache paths,
+    whether a token is saved; never the token)."""
     import torch
+    from huggingface_hub import dump_environment_info
 
     from .outputs import library_versions
 
     for name, version in library_versions().items():
         print(f"{name}: {version}")
-    print(f"platform: {platform.platform()}")
     print(f"cpu threads: {torch.get_num_threads()}")
     print(f"cuda: {torch.cuda.is_available()} ({torch.cuda.device_count()} devices)")
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            print(f"  cuda:{index}: {torch.cuda.get_device_name(index)}")
+    for index in range(torch.cuda.device_count()):
+        print(f"  cuda:{index}: {torch.cuda.get_device_name(index)}")
     print(f"mps: {torch.backends.mps.is_available()}")
+    dump_environment_info()
 
 
 def main(argv: list[str] | None = None) -> int:

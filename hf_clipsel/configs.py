@@ -8,6 +8,7 @@ fails at parse time with a message that says how to fix it, not deep inside torc
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
 
@@ -45,6 +46,46 @@ def _check_positive(name: str, value, allow_zero: bool = False) -> None:
         return
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}.")
+
+
+_TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+_LIST_WORDS = {float: "a list of numbers (e.g. [0.3, 0.5])", str: 'a list of strings (e.g. ["a photo of a {}."])'}
+
+
+def _typed(key: str, value, annotation):
+    """``value`` (e.g. from a YAML file) checked against the field's type (``int | None``, ``list[float]``...),
+    numbers widened where that loses nothing; a one-line error that names the key, the value and the type."""
+    arguments = typing.get_args(annotation)
+    optional = type(None) in arguments
+    base = next((a for a in arguments if a is not type(None)), annotation) if optional else annotation
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{key} cannot be empty (null); give {_expected(base, optional)}.")
+    if typing.get_origin(base) is list:
+        (item,) = typing.get_args(base)
+        items = value if isinstance(value, (list, tuple)) else [value] if key == "selection_ratios" else None
+        if items is None:
+            raise ValueError(f"{key}: {value!r} is not a list; give {_expected(base, optional)}.")
+        return [_typed(key, element, item) for element in items]
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(base, True)
+    if not ok:
+        raise ValueError(f"{key}: {value!r} is not {_expected(base, optional)}.")
+    return float(value) if base is float else value
+
+
+def _expected(base, optional: bool) -> str:
+    if typing.get_origin(base) is list:
+        (item,) = typing.get_args(base)
+        text = _LIST_WORDS.get(item, f"a list of {getattr(item, '__name__', item)}")
+    else:
+        text = _TYPE_WORDS.get(base, getattr(base, "__name__", str(base)))
+    return text + (" or null" if optional else "")
 
 
 def ratio_name(selection_ratio: float) -> str:
@@ -306,6 +347,14 @@ class SelectionConfig:
         _check_positive("damage_threshold", self.damage_threshold)
         _check_positive("sgd_learning_rate", self.sgd_learning_rate)
         _check_positive("sgd_max_iterations", self.sgd_max_iterations)
+        from .selection.registry import SELECTORS  # the selectors register themselves; imported late (a cycle)
+
+        _check_choice("selection_method", self.selection_method, sorted(SELECTORS))
+        if self.selection_method == "sgd" and self.class_balanced:
+            raise ValueError(
+                "selection_method=sgd does not support class_balanced (the released objective has one budget, not "
+                "one per class); use selection_method exact with class_balanced."
+            )
 
     def alpha_for(self, selection_ratio: float) -> float:
         return selection_ratio if self.alpha is None else self.alpha
@@ -381,9 +430,10 @@ class ClipselConfig:
             raise ValueError(
                 f"unknown configuration keys: {', '.join(unknown)}. Run `hf-clipsel run --help` for the valid ones."
             )
+        annotations = {name: hint for klass in CONFIG_CLASSES for name, hint in typing.get_type_hints(klass).items()}
         groups = {klass: {} for klass in CONFIG_CLASSES}
         for key, value in values.items():
-            groups[known[key]][key] = value
+            groups[known[key]][key] = _typed(key, value, annotations[key])
         return cls(*(klass(**groups[klass]) for klass in CONFIG_CLASSES))
 
     def to_flat(self) -> dict:

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, DatasetCard, HfApi
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.hf_api import RepoFile
 
 from .cards import read_run, redact, render_adapter_card, render_dataset_card
@@ -156,6 +156,8 @@ def is_transient(error: BaseException) -> bool:
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
+        if isinstance(error, OfflineModeIsEnabled):  # a ConnectionError that no retry can fix: HF_HUB_OFFLINE is set
+            return False
         response = getattr(error, "response", None)
         if isinstance(error, HfHubHTTPError) and response is not None:
             return response.status_code in TRANSIENT_STATUS

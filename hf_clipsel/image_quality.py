@@ -31,7 +31,6 @@ NOISY, LOW_CONTRAST, BLURRY = "noisy", "low contrast", "blurry"
 # (bench_damage_check.py times it; 512 a side took 10 ms; CLIP ViT-B/32 takes about 77 ms there).
 MAX_SIDE = 256
 # MAD -> standard deviation for normally distributed values.
-_MAD_TO_STD = 1.4826
 # Floor of the noise level and of the gradients: 1e-4 is 0.03 grey levels, so a flat image's ratios stay finite.
 _FLOOR = 1e-4
 # The statistics of an image too small to measure (or not decoded): nothing in them is flagged.
@@ -69,12 +68,14 @@ def _mean_gradient(pixels: np.ndarray) -> float:
 
 def robust_z(values: np.ndarray, usable: np.ndarray) -> np.ndarray:
     """``(values - median) / (1.4826 * MAD)``, median and MAD over the usable rows; 0 where the spread is 0."""
+    from scipy.stats import median_abs_deviation
+
     values = np.asarray(values, dtype=np.float64)
     z = np.zeros(values.shape, dtype=np.float64)
     if not usable.any():
         return z
     median = np.median(values[usable])
-    spread = _MAD_TO_STD * np.median(np.abs(values[usable] - median))
+    spread = median_abs_deviation(values[usable], scale="normal")  # the MAD scaled to a normal's standard deviation
     if spread > 0:
         z = (values - median) / spread
     return z

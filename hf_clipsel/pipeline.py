@@ -167,6 +167,11 @@ def _commit_stage(folder: RunFolder, record, context: RunContext, command, stage
 def select_from_scores(config, command=None, scores=None, image_features=None) -> dict:
     """Select from saved scores (this run's, or ``scores_from``) and the source dataset, without a model.
     ``image_features`` (row order) serve the selectors that need them (``moderate``)."""
+    if image_features is None and config.selection.selection_method == "moderate":
+        raise ValueError(
+            "selection_method moderate measures distances between image features, which saved scores do not hold: "
+            "select with it in `hf-clipsel run --selection_method moderate` (the features come from the cache)."
+        )
     with held_by_main_process(config, Accelerator(cpu=True), "select") as (folder, record):
         location = config.run.scores_from or config.run.output_dir
         scores = scores if scores is not None else read_scores(location)

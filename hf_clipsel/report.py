@@ -107,7 +107,8 @@ def read_scores(output_dir: Path) -> RunScores:
     def column(name: str) -> np.ndarray:
         return table.column(name).to_numpy(zero_copy_only=False)
 
-    ratios = selected_ratios(table.column_names)
+    names = table.column_names
+    ratios = selected_ratios(names)
     num_rows = table.num_rows
     return RunScores(
         row_id=column("row_id").astype(np.int64),
@@ -124,7 +125,8 @@ def read_scores(output_dir: Path) -> RunScores:
         semantic_alignment_normalized=column("semantic_alignment_normalized").astype(np.float64),
         sample_diversity_normalized=column("sample_diversity_normalized").astype(np.float64),
         selected={r: column(selected_column(r)).astype(bool) for r in ratios},
-        reward={r: column(reward_column(r)).astype(np.float64) for r in ratios},
+        # only the methods that rank by the reward write it (exact, sgd)
+        reward={r: column(reward_column(r)).astype(np.float64) for r in ratios if reward_column(r) in names},
         class_names=list(label_feature.names),
     )
 
@@ -318,8 +320,17 @@ def per_class_rows(scores: RunScores, least_kept_first: bool) -> list[dict]:
 
 
 def exact_alphas(run_config: dict, ratios: list[float]) -> dict[float, float] | None:
-    """alpha per ratio when the subsets are exactly the top-k rewards (so a cut line explains them), else None."""
-    if run_config.get("selection_method", "exact") != "exact" or run_config.get("class_balanced"):
+    """alpha per ratio when the subsets are exactly the top-k of the paper's reward (SAS~ and SDS~ alone), so that a
+    line of equal reward explains them; else None. The class posterior, the diversity gate and the demotion of
+    damaged rows all change the reward in ways a line in the SAS-SDS plane cannot show."""
+    paper_reward = (
+        run_config.get("selection_method", "exact") == "exact"
+        and not run_config.get("class_balanced")
+        and run_config.get("alignment", "sas") == "sas"
+        and run_config.get("diversity_gate", "none") == "none"
+        and not run_config.get("damage_check", False)
+    )
+    if not paper_reward:
         return None
     alpha = run_config.get("alpha")
     return {r: (r if alpha is None else float(alpha)) for r in ratios}
@@ -386,7 +397,7 @@ def write_report(output_dir: str | Path, gallery_ratio: float | None = None) -> 
             classes=per_class_rows(scores, least_kept_first=many_classes),
             classes_by_share=many_classes,
             command=run_config.get("command", ""),
-            gated=run_config.get("diversity_gate") == "agreement",
+            reward_line=exact_alphas(run_config, scores.ratios) is not None,
             zero_shot_scores=run_config.get("adapter_preset") == "none"
             or bool((summary.get("adapter_check") or {}).get("fell_back")),
         )

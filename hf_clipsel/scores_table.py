@@ -43,6 +43,9 @@ SCORE_COLUMNS = (
     *QUALITY_COLUMNS,
 )
 SELECTION_PREFIXES = ("reward_", "is_selected_", "drop_reason_")
+# The methods that rank rows by the reward, and so write it (``reward_ratio_<r>``, higher kept first); the baselines
+# (random, clip_score, moderate, ccs) rank by something else and write no reward column.
+RANKED_BY_REWARD = ("exact", "sgd")
 
 
 def selected_column(selection_ratio: float) -> str:
@@ -136,9 +139,10 @@ def select_stage(scores: Dataset, config: ClipselConfig, image_features: torch.T
     rewards = {}  # one reward per distinct alpha: with a fixed alpha every ratio shares it
     for ratio in config.selection.selection_ratios:
         alpha = config.selection.alpha_for(ratio)
-        if alpha not in rewards:
+        if alpha not in rewards and config.selection.selection_method in RANKED_BY_REWARD:
             rewards[alpha] = inputs.reward(alpha)
-        reward = np.where(np.isfinite(rewards[alpha]), rewards[alpha], np.nan).astype(np.float32)
+            rewards[alpha] = np.where(np.isfinite(rewards[alpha]), rewards[alpha], np.nan).astype(np.float32)
+        reward = rewards.get(alpha)
         reasons = drop_reasons(
             masks[ratio],
             table["decode_ok"],
@@ -148,7 +152,8 @@ def select_stage(scores: Dataset, config: ClipselConfig, image_features: torch.T
             inputs.sample_diversity_normalized,
             inputs.demoted,
         )
-        scores = scores.add_column(reward_column(ratio), reward, feature=Value("float32"))
+        if config.selection.selection_method in RANKED_BY_REWARD:
+            scores = scores.add_column(reward_column(ratio), reward, feature=Value("float32"))
         scores = scores.add_column(selected_column(ratio), masks[ratio], feature=Value("bool"))
         scores = scores.add_column(drop_reason_column(ratio), reasons.tolist(), feature=Value("string"))
     return masks, scores

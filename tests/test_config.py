@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -49,6 +51,28 @@ def test_ratio_outside_unit_interval_is_an_error(ratio):
 def test_bad_values_say_how_to_fix_them(values, message):
     with pytest.raises(ValueError, match=message):
         ClipselConfig.from_flat(values)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("knn_k: five", "knn_k: 'five' is not a whole number"),
+        ("selection_ratios: abc", "selection_ratios: 'abc' is not a number"),
+        ("max_samples: 60.7", "max_samples: 60.7 is not a whole number or null"),
+        ("batch_size: 16.5", "batch_size: 16.5 is not a whole number"),
+        ("streaming: maybe", "streaming: 'maybe' is not true or false"),
+        ("prompt_templates: a photo of a {}.", "prompt_templates: 'a photo of a {}.' is not a list"),
+        ("knn_k: [5", "is not valid YAML at line 2, column 1"),
+        ("selection_method: exactt", "selection_method='exactt' is not valid; choose one of ccs, clip_score, exact"),
+        ("selection_method: sgd\nclass_balanced: true", "sgd does not support class_balanced"),
+    ],
+)
+def test_a_bad_yaml_value_is_one_line_that_names_the_key(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ValueError, match=re.escape(message)) as raised:
+        parse_config(["--config", str(path)])
+    assert "\n" not in str(raised.value)
 
 
 def test_flat_round_trip():

@@ -12,18 +12,22 @@ import io
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
+import httpx2
+import huggingface_hub
 import numpy as np
 import pytest
 import yaml
 from datasets import ClassLabel, Dataset, Features, Image, Value
 from hub_stand_in import ChildWorker, HubStandIn, child_env  # tests/ is on sys.path under pytest
 from huggingface_hub import DatasetCard
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from PIL import Image as PILImage
 
 from hf_clipsel.cards import render_adapter_card, render_dataset_card, write_dataset_card
-from hf_clipsel.hub import _matches, is_transient
+from hf_clipsel.hub import _matches, is_transient, push_outputs
 from hf_clipsel.outputs import ratio_name
 from hf_clipsel.run_record import RECORD, RunRecord, artefact_sizes, file_digest
 from hf_clipsel.scores_table import reward_column, selected_column
@@ -395,6 +399,13 @@ def test_adapter_card(output_dir):
     assert 'CLIPModel.from_pretrained("acme/tiny-clip")' in card.text and "`r` | `4`" in card.text
 
 
+def test_adapter_card_never_guesses_an_unknown_checkpoint(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    card = render_adapter_card(tmp_path)
+    assert card.data.to_dict().get("base_model") is None
+    assert "openai/clip" not in card.text and "unrecorded CLIP checkpoint" in card.text
+
+
 def test_helpers():
     assert _matches("subsets/ratio_0.3/train-00000-of-00003.parquet", "subsets/ratio_0.3/*.parquet")
     assert not _matches("subsets/ratio_0.3/x/train.parquet", "subsets/ratio_0.3/*.parquet")
@@ -404,6 +415,19 @@ def test_helpers():
     wrapped = RuntimeError("Error while uploading")
     wrapped.__cause__ = ConnectionResetError()
     assert is_transient(wrapped)
+    # permanent: offline mode (a ConnectionError), and 401/403/404 answers; 429 and 5xx are worth a retry
+    assert not is_transient(OfflineModeIsEnabled("offline"))
+    for status, transient in ((401, False), (403, False), (404, False), (429, True), (503, True)):
+        response = httpx2.Response(status, request=httpx2.Request("POST", "http://hub/api/commit"))
+        assert is_transient(HfHubHTTPError("answer", response=response)) is transient, status
+
+
+def test_push_in_offline_mode_fails_at_once_with_the_fix(output_dir, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    started = time.monotonic()
+    with pytest.raises(OfflineModeIsEnabled, match="HF_HUB_OFFLINE"):
+        push_outputs(output_dir, "acme/offline", retry_wait=5.0)
+    assert time.monotonic() - started < 5  # no retry
 
 
 # -- pushing -------------------------------------------------------------------------------------------------------

@@ -73,10 +73,16 @@ def test_run_pushes_and_select_from_the_pushed_scores_reproduces_it(worker, cifa
                 "0.3",
                 "--output_dir",
                 str(tmp_path / "again"),
+                "--push_to_hub",  # select pushes too when asked
+                "true",
+                "--hub_dataset_id",
+                "acme/cifar-again",
             ]
         },
     )
     assert code == 0, output[-3000:]
+    again_remote, _ = worker.call(LOAD_SUBSET, {"repo": "acme/cifar-again", "config": "ratio_0.3"})
+    assert again_remote["row_ids"] == remote["row_ids"]
     original = pd.read_parquet(tmp_path / "run" / "scores")
     again = pd.read_parquet(tmp_path / "again" / "scores")
     assert again["is_selected_ratio_0.3"].tolist() == original["is_selected_ratio_0.3"].tolist()

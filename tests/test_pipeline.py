@@ -157,3 +157,18 @@ def test_other_selectors_run_from_saved_scores(finished_run, tmp_path, method):
         assert summary["ratios"][ratio]["diagnostics"]["budget"] == k
     if method == "sgd":
         assert summary["ratios"]["0.3"]["diagnostics"]["iterations"] > 0
+    # the reward is written only by the methods that rank by it: a baseline's column would claim an order it ignored
+    columns = load_dataset(str(tmp_path), "scores", split="train").column_names
+    assert ("reward_ratio_0.3" in columns) == (method == "sgd"), columns
+    assert "is_selected_ratio_0.3" in columns
+
+
+def test_moderate_from_saved_scores_is_refused_before_any_work(finished_run, tmp_path):
+    config, _, _ = finished_run
+    config = copy.deepcopy(config)
+    config.run.output_dir = str(tmp_path / "moderate")
+    config.data.dataset_name = str(tmp_path / "not_even_loaded.parquet")
+    config.selection.selection_method = "moderate"
+    with pytest.raises(ValueError, match="image features, which saved scores do not hold"):
+        select_from_scores(config)
+    assert not (tmp_path / "moderate").exists()

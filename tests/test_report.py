@@ -15,7 +15,7 @@ from PIL import Image as PILImage
 
 from hf_clipsel.cli import main
 from hf_clipsel.pipeline import run
-from hf_clipsel.report import GALLERY_SIZE, INDEX, REPORT_DIR, write_report
+from hf_clipsel.report import GALLERY_SIZE, INDEX, REPORT_DIR, exact_alphas, write_report
 from hf_clipsel.report_figures import DPI, FIGURES, WIDTH_INCHES, figure_height_pixels
 from hf_clipsel.run_record import verify
 from tests.conftest import run_config
@@ -193,3 +193,14 @@ def test_summary_says_what_the_adapter_check_decided_and_why_rows_were_dropped(r
         assert sorted(row.split("; dropped: ")[1].removesuffix("</td>").split(", ")) == sorted(
             expected.removeprefix("; dropped: ").split(", ")
         )
+
+
+def test_the_line_of_equal_reward_is_drawn_only_for_the_reward_it_describes():
+    from hf_clipsel.configs import ClipselConfig
+
+    # the default reward adds the class posterior, the diversity gate and the demotion of damaged rows: no line
+    assert exact_alphas(ClipselConfig.from_flat({}).to_flat(), [0.3]) is None
+    assert exact_alphas(ClipselConfig.from_flat({"preset": "paper"}).to_flat(), [0.3, 0.5]) == {0.3: 0.3, 0.5: 0.5}
+    paper_fixed_alpha = ClipselConfig.from_flat({"preset": "paper", "alpha": 0.1}).to_flat()
+    assert exact_alphas(paper_fixed_alpha, [0.3]) == {0.3: 0.1}
+    assert exact_alphas({**paper_fixed_alpha, "selection_method": "sgd"}, [0.3]) is None

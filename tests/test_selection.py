@@ -91,7 +91,7 @@ def test_exact_breaks_ties_by_row_id():
     assert sorted(inputs.row_id[mask]) == [10, 20]
 
 
-def test_budget_has_no_float_artefacts():
+def test_exact_keeps_exactly_the_budget_at_a_ratio_with_a_float_artefact():
     inputs = make_inputs(50_000, seed=5)
     inputs.valid[:] = True
     result = select(inputs, SelectionConfig(selection_ratios=[0.57], selection_method="exact"))
@@ -156,6 +156,27 @@ def test_exact_with_alpha_equal_to_ratio():
         assert result.diagnostics[ratio]["alpha"] == ratio
 
 
+def released_loop(sas_n: np.ndarray, sds_n: np.ndarray, k: int, alpha: float = 0.1, beta: float = 2.0) -> tuple:
+    """The released selection script's loop, transcribed as it is written there (independently of hf_clipsel): it
+    steps, then stops once the ratio loss it measured before that step is below 1e-3. Returns the mask it measured
+    then (x > 0.5), the mask after its last step (what the released code keeps), and the steps before the check."""
+    sas = torch.tensor(sas_n / sas_n.mean(), dtype=torch.float32)
+    sds = torch.tensor(sds_n / sds_n.mean(), dtype=torch.float32)
+    w = torch.nn.Parameter(torch.full((len(sas),), 0.01))
+    optimizer = torch.optim.SGD([w], lr=1e-3, momentum=0.9)
+    for iteration in range(100_000):  # noqa: B007 (the count is returned)
+        x = torch.sigmoid(100 * w)
+        ste = (x > 0.5).float() - x.detach() + x
+        ratio_loss = beta * torch.abs(ste.sum() - k) / len(sas)
+        loss = -(x * sas).mean() - alpha * (x * sds).mean() + ratio_loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if ratio_loss.item() < 1e-3:
+            break
+    return (x > 0.5).numpy(), (torch.sigmoid(100 * w) > 0.5).numpy(), iteration
+
+
 def test_sgd_reproduces_the_released_optimiser_at_50k():
     num_rows, ratio = 50_000, 0.5
     inputs = make_inputs(num_rows, seed=11)
@@ -174,6 +195,17 @@ def test_sgd_reproduces_the_released_optimiser_at_50k():
     overlap = (mask & exact).sum() / k
     assert overlap >= 0.999
     assert diagnostics["overlap_with_exact"] == pytest.approx(overlap)
+    # against the released loop itself, on rows that are all valid (as the released code assumes): the same steps and
+    # exactly the mask that met the stopping rule; the released code then takes one more step, which moves a few rows
+    inputs.valid[:] = True
+    ours = select(inputs, SelectionConfig(selection_ratios=[ratio], selection_method="sgd"))
+    at_check, after_step, released_iterations = released_loop(
+        inputs.semantic_alignment_normalized, inputs.sample_diversity_normalized, k
+    )
+    assert released_iterations == ours.diagnostics[ratio]["iterations"]
+    np.testing.assert_array_equal(ours[ratio], at_check)
+    assert (after_step != at_check).sum() <= 0.001 * num_rows
+    inputs.valid[:20] = False
     print(f"sgd at N=50,000: {diagnostics['iterations']} iterations, {elapsed:.1f}s")  # visible with -s
 
     trimmed = select(inputs, SelectionConfig(selection_ratios=[ratio], selection_method="sgd", sgd_exact_trim=True))

@@ -411,14 +411,13 @@ def check_written_subset(config: ClipselConfig, ratio: float, mask: np.ndarray) 
 
 
 def auroc(score: np.ndarray, positive: np.ndarray) -> float:
-    """P(score of a positive row > score of a negative row), ties count half (Mann-Whitney)."""
-    from scipy.stats import rankdata
+    """P(score of a positive row > score of a negative row), ties count half; nan when one class is absent."""
+    from sklearn.metrics import roc_auc_score
 
-    ranks = rankdata(score)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
+    positive = np.asarray(positive, dtype=bool)
+    if positive.all() or not positive.any():
         return float("nan")
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(positive, score))
 
 
 def score_diagnostics(configs, columns) -> dict:
