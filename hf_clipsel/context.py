@@ -52,7 +52,7 @@ def load_context(config: ClipselConfig, accelerator: Accelerator | None = None) 
             "the encoder_lora preset trains on full forwards over the images, which a stream cannot "
             "replay; use --adapter_preset projection with --streaming, or load the data whole."
         )
-    source = prepare_source(load_source(config.data), config.data)
+    source = prepare_source(load_source(config.data), config.data, warn=accelerator.is_main_process)
     check_budgets(config, source.num_rows)
     model, processor = load_clip(config.model)
     model.to(accelerator.device)

@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 
 ROW_ID = "row_id"
 LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target")
-HUGE_SIDE = 4096  # pixels; JPEGs with a longer side are decoded at a reduced scale...
-DRAFT_SIDE = 1024  # ...that keeps both sides at least this long
+HUGE_SIDE = 4096  # pixels; images with a longer side are reduced as they are decoded (JPEG) or right after...
+DRAFT_SIDE = 1024  # ...to a scale that keeps both sides at least this long, so a batch holds small images only
 DATA_FILE_TYPES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
 
@@ -35,8 +35,9 @@ class Source:
     image_column: str
     label_column: str
     class_names: list[str]
-    labels: np.ndarray  # int64[N]; -1 where the label is missing
+    labels: np.ndarray  # int64[N]; -1 where the label is missing or names no class
     label_problems: list[str]  # "" for a usable label, else why the row cannot be scored
+    given_labels: list[str]  # each row's label as the source gives it, as text ("" when missing)
 
     @property
     def num_rows(self) -> int:
@@ -94,14 +95,19 @@ def _load(config: DataConfig) -> Dataset:
     return dataset
 
 
+def _is_string_column(dataset: Dataset, column: str) -> bool:
+    feature = (dataset.features or {}).get(column)
+    return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+
+
 def detect_image_column(dataset: Dataset, image_column: str | None = None) -> str:
     if image_column is not None:
         if image_column not in dataset.column_names:
             raise ValueError(f"image_column={image_column!r} is not a column; columns: {dataset.column_names}.")
         if not isinstance(dataset.features[image_column], Image):
             raise ValueError(
-                f"column {image_column!r} is {dataset.features[image_column]}, not an Image feature; cast it with "
-                f"`dataset.cast_column({image_column!r}, datasets.Image())` first."
+                f"column {image_column!r} is {dataset.features[image_column]}, neither an Image feature nor a column "
+                "of image paths or URLs; name the column that holds the images with --image_column."
             )
         return image_column
     for name, feature in dataset.features.items():
@@ -128,7 +134,8 @@ def detect_label_column(dataset: Dataset, label_column: str | None = None) -> st
 
 
 def resolve_labels(dataset: Dataset, label_column: str, class_names: list[str] | None):
-    """Return (class_names, int64 labels with -1 for missing, per-row problem text)."""
+    """Return (class_names, int64 labels with -1 for missing or out of range, per-row problem text, each row's label
+    as given, as text)."""
     feature = dataset.features[label_column]
     if isinstance(dataset, IterableDataset):  # one pass over the label column only
         raw = [row[label_column] for row in dataset.select_columns([label_column])]
@@ -167,27 +174,38 @@ def resolve_labels(dataset: Dataset, label_column: str, class_names: list[str] |
         else:
             problems.append("")
             array[row] = label
-    return names, array, problems
+    return names, array, problems, ["" if value is None else str(value) for value in raw]
 
 
-def prepare_source(dataset: Dataset, config: DataConfig) -> Source:
-    """Find columns, class names and labels; rows with unusable labels are flagged, not dropped."""
+def prepare_source(dataset: Dataset, config: DataConfig, warn: bool = True) -> Source:
+    """Find columns, class names and labels; rows with unusable labels are flagged, not dropped. ``warn``: say what
+    is odd about the data (under several processes, only the main one says it)."""
     if dataset.features is None:
         raise ValueError(
             f"the stream {config.dataset_name!r} does not declare its features; load it without "
             "--streaming, or cast its columns first."
         )
+    if config.image_column and _is_string_column(dataset, config.image_column):
+        # A column of paths or URLs named as the images (a CSV of file names, say): read them as images.
+        dataset = dataset.cast_column(config.image_column, Image())
     image_column = detect_image_column(dataset, config.image_column)
     label_column = detect_label_column(dataset, config.label_column)
-    class_names, labels, problems = resolve_labels(dataset, label_column, config.class_names)
+    class_names, labels, problems, given = resolve_labels(dataset, label_column, config.class_names)
     if len(labels) == 0:
         raise ValueError(f"the dataset {config.dataset_name!r} (split {config.dataset_split!r}) has no rows.")
     flagged = sum(bool(p) for p in problems)
     if flagged == len(problems):
         raise ValueError(f"no row of {config.dataset_name!r} has a usable label (first problem: {problems[0]}).")
-    if flagged:
+    if flagged and warn:
         logger.warning("%d of %d rows have an unusable label and are kept out of selection.", flagged, len(labels))
-    return Source(dataset, image_column, label_column, class_names, labels, problems)
+    if len(class_names) == 1 and warn:
+        logger.warning(
+            "the dataset has one class (%r): CLIP's class posterior is 1 for every row and its preferred class is "
+            "always the label, so the alignment term and the diversity gate cannot tell rows apart; only the "
+            "semantic alignment, the diversity and the damage check do.",
+            class_names[0],
+        )
+    return Source(dataset, image_column, label_column, class_names, labels, problems, given)
 
 
 def with_row_ids(dataset: Dataset) -> Dataset:
@@ -215,11 +233,23 @@ def decode_rgb(image: dict | None) -> tuple[PILImage.Image | None, str]:
                 # of the time and memory, and CLIP sees 224 pixels of it anyway.
                 opened.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))
             opened.load()
-            return _to_rgb(opened), ""
+            return _reduced_rgb(opened), ""
     except Exception as error:  # any decoder failure flags the row; the run goes on
         # PIL names the in-memory file by its address; drop it so that reruns give identical reasons.
         message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image bytes", str(error))
         return None, f"image failed to decode: {type(error).__name__}: {message}"
+
+
+def _reduced_rgb(image: PILImage.Image) -> PILImage.Image:
+    """RGB, and a huge image (a PNG or TIFF has no reduced-scale decoding) shrunk at once by an integer box filter, so
+    that a batch holds DRAFT_SIDE-scale images only, whatever it is given (CLIP sees 224 pixels anyway)."""
+    factor = min(image.size) // DRAFT_SIDE
+    if max(image.size) <= HUGE_SIDE or factor < 2:
+        return _to_rgb(image)
+    try:  # before the conversion, which would copy the full-size pixels again
+        return _to_rgb(image.reduce(factor))
+    except (ValueError, NotImplementedError):  # modes reduce() does not take (16-bit, palette...)
+        return _to_rgb(image).reduce(factor)
 
 
 def _to_rgb(image: PILImage.Image) -> PILImage.Image:

@@ -156,7 +156,7 @@ def embed_images(
     accelerator.wait_for_everyone()
     embeddings = concatenate_datasets([Dataset.from_file(str(path)) for path in paths])
     flagged = len(embeddings) - sum(embeddings["decode_ok"])
-    if flagged:
+    if flagged and accelerator.is_main_process:  # every process holds all of them: one says so
         logger.warning(
             "%d of %d images could not be decoded; they are flagged and kept out of selection.",
             flagged,

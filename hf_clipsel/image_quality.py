@@ -13,7 +13,8 @@ see it. Three cheap statistics, computed while the images are decoded for embedd
 
 A row is flagged ``noisy`` when log(noise_level) lies more than ``threshold`` robust standard deviations (median and
 MAD over the usable rows) above the dataset's median, ``low contrast`` when its contrast lies that far below, and
-``blurry`` when log(sharpness) does. (Too little noise is no sign of damage: smooth photos have little.)
+``blurry`` when log(sharpness) does. (Too little noise is no sign of damage: smooth photos have little.) A blank
+image (one colour; also an image under 4x4 pixels) is ``low contrast`` whatever the dataset.
 The check is relative, so it adapts to each dataset's resolution and compression; it finds damage that affects a
 minority of the rows, not a dataset that is noisy throughout.
 """
@@ -30,16 +31,18 @@ NOISY, LOW_CONTRAST, BLURRY = "noisy", "low contrast", "blurry"
 # would average the noise away) and bounds the cost per image to 1-3 ms on one core of the development machine
 # (bench_damage_check.py times it; 512 a side took 10 ms; CLIP ViT-B/32 takes about 77 ms there).
 MAX_SIDE = 256
-# MAD -> standard deviation for normally distributed values.
 # Floor of the noise level and of the gradients: 1e-4 is 0.03 grey levels, so a flat image's ratios stay finite.
 _FLOOR = 1e-4
 # The statistics of an image too small to measure (or not decoded): nothing in them is flagged.
 UNMEASURED = (0.0, 0.0, 1.0)
+# A contrast below half a grey level is a blank image (a single colour, or too small to show anything): low contrast
+# whatever the rest of the dataset looks like.
+BLANK_CONTRAST = 0.5 / 255
 
 
 def pixel_statistics(image: Image.Image) -> tuple[float, float, float]:
     """``(noise_level, contrast, sharpness)`` of one image (see the module docstring). Images under 4x4 pixels give
-    (0, 0, 1): too small to measure, nothing to flag."""
+    (0, 0, 1): too small to measure, and flagged as blank (low contrast)."""
     width, height = image.size
     if width > MAX_SIDE or height > MAX_SIDE:  # crop first: converting the whole image would cost more than the rest
         left, top = max((width - MAX_SIDE) // 2, 0), max((height - MAX_SIDE) // 2, 0)
@@ -94,7 +97,7 @@ def damage_flags(
     sharpness_z = robust_z(_floored_log(sharpness), usable)
     flags = np.full(noise_z.shape, "", dtype=object)
     flags[sharpness_z < -threshold] = BLURRY
-    flags[contrast_z < -threshold] = LOW_CONTRAST
+    flags[(contrast_z < -threshold) | (np.asarray(contrast) < BLANK_CONTRAST)] = LOW_CONTRAST
     flags[noise_z > threshold] = NOISY
     flags[~usable] = ""
     return flags

@@ -41,7 +41,7 @@ RUN_SUMMARY = "run_summary.json"
 REPORT_DIR = "report"
 # The report's figures, in the order the report and the dataset card show them.
 REPORT_FIGURES = ("score_distributions.png", "alignment_vs_diversity.png", "kept_per_class.png")
-RUN_RECORD_KEYS = ("versions", "command")  # written beside the settings in run_config.yaml
+RUN_RECORD_KEYS = ("versions", "command", "source")  # written beside the settings in run_config.yaml
 MAX_SHARD_BYTES = 500 * 2**20
 DIGEST_LENGTH = 12
 SHARD_NAME = re.compile(rf"[^-]+-(?P<tag>[0-9a-f]{{{DIGEST_LENGTH}}})-\d{{5}}-of-\d{{5}}\.parquet")
@@ -88,8 +88,14 @@ class ShardWriter:
         self.drafts: list[Path] = []
 
     def add(self, dataset: Dataset) -> None:
+        scratch = None
         if any(isinstance(feature, Image) for feature in dataset.features.values()):
-            dataset = dataset.with_format("arrow").map(embed_table_storage, batched=True, desc="Embedding image bytes")
+            # The map's cache file goes here, never beside the source's own files (a `save_to_disk` folder, maybe
+            # read-only): the source is never written into.
+            scratch = self.directory / f".images-{len(self.drafts):05d}.arrow"
+            dataset = dataset.with_format("arrow").map(
+                embed_table_storage, batched=True, cache_file_name=str(scratch), desc="Embedding image bytes"
+            )
             dataset = dataset.with_format(None)
         size = dataset.data.nbytes * len(dataset) / max(len(dataset.data), 1)
         num_shards = max(1, math.ceil(size / MAX_SHARD_BYTES))
@@ -97,6 +103,9 @@ class ShardWriter:
             draft = self.directory / f".draft-{len(self.drafts):05d}.parquet"
             dataset.shard(num_shards, index, contiguous=True).to_parquet(str(draft))
             self.drafts.append(draft)
+        if scratch is not None:
+            del dataset
+            scratch.unlink(missing_ok=True)
 
     def close(self) -> list[Path]:
         digest = hashlib.sha256()

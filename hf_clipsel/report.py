@@ -397,6 +397,7 @@ def write_report(output_dir: str | Path, gallery_ratio: float | None = None) -> 
             classes=per_class_rows(scores, least_kept_first=many_classes),
             classes_by_share=many_classes,
             command=run_config.get("command", ""),
+            gated=run_config.get("diversity_gate") == "agreement",
             reward_line=exact_alphas(run_config, scores.ratios) is not None,
             zero_shot_scores=run_config.get("adapter_preset") == "none"
             or bool((summary.get("adapter_check") or {}).get("fell_back")),

@@ -203,7 +203,8 @@ class RunRecord:
         command never rewrites what an earlier one used), the settings that change no result from ``config``."""
         staged = {key for keys in STAGE_SETTINGS.values() for key in keys}
         flat = {key: value for key, value in config.to_flat().items() if key not in staged}
-        return {**flat, **self.settings()}
+        # `source` says which columns were used (found when not given) and what was scored: rows and labels
+        return {**flat, **self.settings(), "source": self.source}
 
     def artefacts_of_stages(self) -> tuple[str, ...]:
         """The folder entries the recorded stages wrote (what a stage that extends this record keeps)."""

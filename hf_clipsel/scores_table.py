@@ -5,7 +5,8 @@ and turns it into what the selectors read.
 Columns (README.md, "Outputs", has the same table for users):
 
 - ``row_id`` int64, the row's position in the source split; ``label`` the given label (ClassLabel; -1 where it is
-  missing or out of range); ``predicted_label`` the class CLIP prefers (-1 for a flagged row); ``decode_ok``;
+  missing or out of range); ``given_label`` the label exactly as the source gives it, as text (so an out-of-range
+  value is kept); ``predicted_label`` the class CLIP prefers (-1 for a flagged row); ``decode_ok``;
   ``flag_reason`` ("" for a usable row).
 - ``semantic_alignment`` in [-1, 1] (higher: better aligned with its label's prompt); ``sample_diversity`` >= 0
   (higher: a sparser part of its class); ``class_posterior`` in [0, 1]; each with ``*_normalized`` (min-max over
@@ -71,6 +72,7 @@ def scores_features(class_names: list[str]) -> Features:
         {
             ROW_ID: Value("int64"),
             "label": ClassLabel(names=class_names),
+            "given_label": Value("string"),
             "predicted_label": ClassLabel(names=class_names),
             "decode_ok": Value("bool"),
             "flag_reason": Value("string"),
@@ -119,6 +121,7 @@ def score_stage(context, model, embeddings: Dataset) -> tuple[Dataset, torch.Ten
         {
             ROW_ID: np.arange(len(labels), dtype=np.int64),
             "label": context.source.labels,
+            "given_label": context.source.given_labels,
             "predicted_label": predicted.numpy(),
             "decode_ok": np.asarray(embeddings["decode_ok"][:], dtype=bool),
             "flag_reason": flag_reason,

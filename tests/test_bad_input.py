@@ -4,6 +4,7 @@ import io
 
 import numpy as np
 import pytest
+import yaml
 from datasets import ClassLabel, Dataset, Features, Image, Value, load_dataset
 from PIL import Image as PILImage
 
@@ -69,6 +70,8 @@ def test_corrupt_images_and_bad_labels_are_flagged_and_never_selected(tmp_path, 
     assert reasons[3].startswith("image failed to decode") and reasons[7].startswith("image failed to decode")
     assert reasons[11] == "label 7 outside the 3 classes" and reasons[12] == "label missing"
     assert {row for row, reason in reasons.items() if reason} == {3, 7, 11, 12}
+    given = scores["given_label"][:]  # the label as the source gives it survives, in range or not
+    assert given[11] == "7" and given[12] == "-1" and given[0] == "0" and scores["label"][11] == -1
     assert scores["decode_ok"][:].count(False) == 2
     flagged = [3, 7, 11, 12]
     for ratio in (0.5, 1.0):
@@ -89,3 +92,52 @@ def test_cli_reports_input_errors_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     bad_ratio = cli("run", "--selection_ratios", "1.5")
     assert bad_ratio.returncode == 1 and "outside (0, 1]" in bad_ratio.stderr
+
+
+def test_a_save_to_disk_source_is_never_written_into(tmp_path, tiny_clip_path):
+    source = tmp_path / "source"
+    Dataset.from_parquet(str(_write(tmp_path, [_png(i) for i in range(24)], [i % 3 for i in range(24)]))).save_to_disk(
+        str(source)
+    )
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    summary = run(
+        run_config(
+            source,
+            tiny_clip_path,
+            tmp_path / "out",
+            selection_ratios=[0.5],
+            knn_k=2,
+            batch_size=8,
+            embedding_chunk_size=8,
+        )
+    )
+    assert summary["ratios"]["0.5"]["kept"] == 12
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before  # no cache-*.arrow appeared in it
+
+
+def test_a_csv_of_image_paths_works_when_image_column_names_it(tmp_path, tiny_clip_path):
+    paths = []
+    for i in range(24):
+        path = tmp_path / "images" / f"{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(_png(i))
+        paths.append(str(path))
+    csv = tmp_path / "images.csv"
+    csv.write_text("file,label\n" + "".join(f"{p},{i % 3}\n" for i, p in enumerate(paths)))
+    config = run_config(
+        csv,
+        tiny_clip_path,
+        tmp_path / "out",
+        image_column="file",
+        class_names=CLASSES,
+        selection_ratios=[0.5],
+        knn_k=2,
+        batch_size=8,
+        embedding_chunk_size=8,
+    )
+    summary = run(config)
+    assert summary["num_flagged"] == 0 and summary["ratios"]["0.5"]["kept"] == 12
+    subset = load_dataset(str(tmp_path / "out"), "ratio_0.5", split="train")
+    assert isinstance(subset.features["file"], Image)  # the subset carries the images themselves, not paths
+    run_config_file = yaml.safe_load((tmp_path / "out" / "run_config.yaml").read_text())
+    assert run_config_file["source"]["image_column"] == "file" and run_config_file["source"]["num_rows"] == 24

@@ -9,7 +9,15 @@ from tests.conftest import write_config
 def test_env_prints_versions_and_devices():
     result = _cli("env")
     assert result.returncode == 0
-    for name in ("torch:", "transformers:", "datasets:", "peft:", "cuda:", "huggingface_hub version:", "HF_HUB_CACHE:"):
+    for name in (
+        "torch:",
+        "transformers:",
+        "datasets:",
+        "peft:",
+        "cuda:",
+        "huggingface_hub version:",
+        "HF_HUB_CACHE:",
+    ):
         assert name in result.stdout
 
 

@@ -80,6 +80,20 @@ def test_flags_name_the_noisy_and_the_blank_images_and_nothing_else():
     assert damage_flags(*statistics, usable, threshold=3.0)[3] == ""
 
 
+def test_a_blank_or_tiny_image_is_low_contrast_whatever_the_dataset():
+    # contrasts spread so widely that a blank image is not 3 robust SDs below the median: still flagged
+    images = [scene(seed).point(lambda v, s=seed: v * (0.1 + s / 20)) for seed in range(40)]
+    images[5] = Image.new("RGB", (64, 64), (128, 90, 200))  # one colour
+    images[9] = Image.new("RGB", (1, 1), (255, 0, 0))  # one pixel: too small to measure anything else
+    statistics = np.array([pixel_statistics(image) for image in images]).T
+    contrast_z = (statistics[1] - np.median(statistics[1])) / (
+        1.4826 * np.median(np.abs(statistics[1] - np.median(statistics[1])))
+    )
+    assert contrast_z[5] > -3, "the construction must not be flagged by the relative test alone"
+    flags = damage_flags(*statistics, np.ones(40, dtype=bool), threshold=3.0)
+    assert flags[5] == LOW_CONTRAST and flags[9] == LOW_CONTRAST
+
+
 def test_robust_z_ignores_unusable_rows_and_a_zero_spread():
     values = np.array([1.0, 2.0, 3.0, 100.0, -50.0])
     usable = np.array([True, True, True, True, False])

@@ -67,6 +67,26 @@ def test_broken_images_are_flagged_with_a_reason(kind):
     assert image is None and flagged.startswith(reason)
 
 
+@pytest.mark.parametrize(
+    "mode, format", [("RGB", "PNG"), ("I;16", "PNG"), ("P", "PNG"), ("CMYK", "TIFF"), ("RGB", "JPEG")]
+)
+def test_huge_images_are_reduced_as_they_are_decoded(mode, format):
+    """A batch must not hold full-size decodes of huge images (a 144-megapixel PNG took 2.9 GB): every format comes
+    back at a scale that keeps both sides at least 1024 pixels, not at full size."""
+    gradient = np.tile(np.linspace(0, 255, 6000), (4500, 1))
+    if mode == "I;16":  # 16-bit pixels span 0..65535
+        huge = PILImage.fromarray((gradient * 257).astype(np.uint16))
+    else:
+        huge = PILImage.fromarray(np.dstack([gradient.astype(np.uint8)] * 3)).convert(mode)
+    image, reason = decode_rgb({"bytes": _encode(huge, format), "path": None})
+    assert reason == "" and image.mode == "RGB"
+    assert 1024 <= min(image.size) and max(image.size) <= 4096, image.size
+    assert image.size[0] * 4500 == image.size[1] * 6000  # the aspect ratio is kept
+    # what it shows is the same picture: dark on the left, bright on the right
+    pixels = np.asarray(image.convert("L"), dtype=np.float64)
+    assert pixels[:, :10].mean() < 20 and pixels[:, -10:].mean() > 230
+
+
 def test_conversions_keep_what_a_viewer_shows():
     # transparent pixels become white, not black
     clear = PILImage.new("RGBA", (4, 4), (0, 0, 0, 0))

@@ -45,3 +45,17 @@ def test_singleton_empty_and_duplicated_classes(tmp_path, tiny_clip_path):
     kept = summary["ratios"]["0.5"]["kept_per_class"]
     assert kept["empty"] == 0 and sum(kept.values()) == 15
     assert summary["rows_per_class"] == {"cat": 15, "dog": 14, "ship": 1, "empty": 0}
+
+
+def test_a_single_class_dataset_is_warned_about(tmp_path, tiny_clip_path, caplog):
+    features = Features({"image": Image(), "label": ClassLabel(names=["cat"])})
+    Dataset.from_dict(
+        {"image": [{"bytes": _png(i), "path": None} for i in range(12)], "label": [0] * 12}, features=features
+    ).to_parquet(str(tmp_path / "one_class.parquet"))
+    with caplog.at_level("WARNING"):
+        run(
+            run_config(
+                tmp_path / "one_class.parquet", tiny_clip_path, tmp_path / "out", knn_k=2, selection_ratios=[0.5]
+            )
+        )
+    assert "the dataset has one class ('cat'): CLIP's class posterior is 1 for every row" in caplog.text
