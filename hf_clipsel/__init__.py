@@ -45,6 +45,13 @@ _EXPORTS = {
     "SelectionResult": "selection",
     "load_run": "run_record",
     "FinishedRun": "run_record",
+    "RunRecord": "run_record",
+    "RunSummary": "summary",
+    "read_scores": "scores_table",
+    "embed": "pipeline",
+    "adapt": "pipeline",
+    "score": "pipeline",
+    "push": "pipeline",
     "push_outputs": "hub",
 }
 

@@ -28,12 +28,12 @@ from .outputs import (
     REPORT_DIR,
     REPORT_FIGURES,
     RUN_CONFIG,
-    RUN_SUMMARY,
     SUBSETS_DIR,
     dataset_configs,
     ratio_name,
 )
 from .scores_table import reward_column, selected_column
+from .summary import RunSummary
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 DATASET_CARD_TEMPLATE = "dataset_card.md"
@@ -114,12 +114,11 @@ def _render(template: str, **context) -> str:
     return environment.get_template(template).render(**context)
 
 
-def read_run(output_dir: str | Path) -> tuple[dict, dict]:
-    """``run_config.yaml`` and ``run_summary.json`` of a run (empty mappings where a file is missing)."""
+def read_run(output_dir: str | Path) -> tuple[dict, RunSummary]:
+    """``run_config.yaml`` (an empty mapping where it is missing) and the run summary of a run."""
     output_dir = Path(output_dir)
     config = yaml.safe_load((output_dir / RUN_CONFIG).read_text()) if (output_dir / RUN_CONFIG).exists() else {}
-    summary = json.loads((output_dir / RUN_SUMMARY).read_text()) if (output_dir / RUN_SUMMARY).exists() else {}
-    return config or {}, summary or {}
+    return config or {}, RunSummary.read(output_dir)
 
 
 def subset_ratios(output_dir: str | Path) -> list[float]:
@@ -217,11 +216,11 @@ def render_dataset_card(
     config, summary = read_run(output_dir)
     ratios = subset_ratios(output_dir)
     table, label_names = _read_scores(output_dir)
-    class_names = label_names or summary.get("class_names") or []
+    class_names = label_names or summary.class_names
 
-    source_name = config.get("dataset_name") or summary.get("dataset") or "unknown"
-    model_name = config.get("model_name_or_path") or summary.get("model") or "unknown"
-    num_rows = table.num_rows if table is not None else int(summary.get("num_rows", 0))
+    source_name = config.get("dataset_name") or summary.dataset or "unknown"
+    model_name = config.get("model_name_or_path") or summary.model or "unknown"
+    num_rows = table.num_rows if table is not None else summary.num_rows
     labels = valid = None
     if table is not None:
         labels = table.column("label").to_numpy(zero_copy_only=False) if "label" in table.column_names else None
@@ -231,7 +230,7 @@ def render_dataset_card(
             valid = table.column("decode_ok").to_numpy(zero_copy_only=False).astype(bool)
         else:
             valid = np.ones(num_rows, dtype=bool)
-    num_valid = int(valid.sum()) if valid is not None else int(summary.get("num_valid", num_rows))
+    num_valid = int(valid.sum()) if valid is not None else summary.num_valid
 
     def column(name):
         return (
@@ -246,9 +245,9 @@ def render_dataset_card(
         mask = column(selected_column(ratio))
         mask = mask.astype(bool) if mask is not None else None
         kept_masks.append(mask)
-        info = summary.get("ratios", {}).get(f"{ratio:g}", {})
-        kept = int(mask.sum()) if mask is not None else info.get("kept", "n/a")
-        k = info.get("budget", budget(ratio, num_rows))
+        info = summary.ratios.get(f"{ratio:g}")
+        kept = int(mask.sum()) if mask is not None else (info.kept if info else "n/a")
+        k = info.budget if info else budget(ratio, num_rows)
         ratio_rows.append(
             {
                 "config": ratio_name(ratio),
@@ -274,9 +273,10 @@ def render_dataset_card(
             total = int(in_class.sum())
             kept = [int((m & in_class).sum()) if m is not None else "n/a" for m in kept_masks]
         else:
-            total = summary.get("rows_per_class", {}).get(name, "n/a")
+            total = summary.rows_per_class.get(name, "n/a")
             kept = [
-                summary.get("ratios", {}).get(f"{r:g}", {}).get("kept_per_class", {}).get(name, "n/a") for r in ratios
+                summary.ratios[f"{r:g}"].kept_per_class.get(name, "n/a") if f"{r:g}" in summary.ratios else "n/a"
+                for r in ratios
             ]
         classes.append({"name": _cell(name), "total": total, "kept": kept})
 
@@ -305,7 +305,7 @@ def render_dataset_card(
         tags=["hf-clipsel", "data-selection", "clip"],
         configs=card_configs(output_dir),
     )
-    command = summary.get("command") or config.get("command")
+    command = config.get("command")
     if isinstance(command, list):
         command = " ".join(command)
     versions = config.get("versions") or {}
@@ -319,19 +319,19 @@ def render_dataset_card(
             "link": _link(source_name, "dataset"),
             "config": config.get("dataset_config_name"),
             "split": config.get("dataset_split", "train"),
-            "revision": _revision(source_name, summary.get("dataset_revision") or config.get("dataset_revision")),
+            "revision": _revision(source_name, summary.dataset_revision or config.get("dataset_revision")),
         },
         model={
             "name": model_name,
             "link": _link(model_name),
-            "revision": _revision(model_name, summary.get("model_revision") or config.get("model_revision")),
+            "revision": _revision(model_name, summary.model_revision or config.get("model_revision")),
         },
         adapter={
             "preset": config.get("adapter_preset", "projection"),
             "description": _adapter_description(config, output_dir, model_repo_id),
         },
         method={
-            "selection_method": config.get("selection_method", summary.get("selection_method", "exact")),
+            "selection_method": config.get("selection_method", summary.selection_method or "exact"),
             "alpha": "= selection ratio" if config.get("alpha", 0.1) is None else config.get("alpha", 0.1),
             "beta": config.get("beta", 2.0),
             "knn_k": config.get("knn_k", "K"),
@@ -375,12 +375,12 @@ def render_adapter_card(
     config, summary = read_run(output_dir)
     peft_path = output_dir / ADAPTER_DIR / "adapter_config.json"
     peft = json.loads(peft_path.read_text()) if peft_path.exists() else {}
-    candidates = [config.get("model_name_or_path") or summary.get("model"), peft.get("base_model_name_or_path")]
+    candidates = [config.get("model_name_or_path") or summary.model, peft.get("base_model_name_or_path")]
     base_model = next((c for c in candidates if is_hub_id(c)), None)
     # Never a guess shown as a fact: an unknown checkpoint is written as a placeholder the reader must fill in.
     base_name = base_model or next((c for c in candidates if c), "<the CLIP checkpoint the adapters were trained on>")
-    source_name = config.get("dataset_name") or summary.get("dataset") or "unknown"
-    training = {"base model revision": summary.get("model_revision") or config.get("model_revision") or "not pinned"}
+    source_name = config.get("dataset_name") or summary.dataset or "unknown"
+    training = {"base model revision": summary.model_revision or config.get("model_revision") or "not pinned"}
     if peft:
         training.update(
             {
@@ -404,7 +404,7 @@ def render_adapter_card(
         title=f"CLIP adapters for data selection on {source_name}",
         base_model=base_name,
         base_model_link=_link(base_name) if base_model or any(candidates) else "`an unrecorded CLIP checkpoint`",
-        base_model_revision=summary.get("model_revision") or config.get("model_revision"),
+        base_model_revision=summary.model_revision or config.get("model_revision"),
         source={
             "name": source_name,
             "link": _link(source_name, "dataset"),

@@ -35,11 +35,12 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _print_summary(summary: dict, output_dir: str) -> None:
+def _print_summary(summary, output_dir: str) -> None:
+    """A finished selection (a :class:`~hf_clipsel.summary.RunSummary`) in a few lines."""
     from .noise import describe_kept_noise
 
-    print(f"\nScored {summary['num_rows']} rows ({summary['num_flagged']} flagged, kept out of selection).")
-    check = summary.get("adapter_check")
+    print(f"\nScored {summary.num_rows} rows ({summary.num_flagged} flagged, kept out of selection).")
+    check = summary.adapter_check
     if check:
         verdict = "scored with zero-shot features instead" if check["fell_back"] else "kept"
         print(
@@ -48,28 +49,28 @@ def _print_summary(summary: dict, output_dir: str) -> None:
             + (f", sign test p = {check['sign_test_p_value']:.2g}" if "sign_test_p_value" in check else "")
             + f"): {verdict}."
         )
-    if summary.get("damaged"):
-        found = ", ".join(f"{count} {kind}" for kind, count in summary["damaged"].items())
+    if summary.damaged:
+        found = ", ".join(f"{count} {kind}" for kind, count in summary.damaged.items())
         print(f"Damage check: {found} (ranked after every other row; the scores' `damage` column lists them).")
-    noise = summary.get("injected_noise")
+    noise = summary.injected_noise
     if noise:
         print(f"Injected noise (hf_clipsel.noise columns) in the pool: {describe_kept_noise(noise['pool'])}")
-    for ratio, info in summary["ratios"].items():
-        shortfall = f", {info['shortfall']} short of the budget" if info["shortfall"] else ""
-        dropped = ", ".join(f"{count} {reason}" for reason, count in info.get("dropped_by_reason", {}).items())
+    for ratio, info in summary.ratios.items():
+        shortfall = f", {info.shortfall} short of the budget" if info.shortfall else ""
+        dropped = ", ".join(f"{count} {reason}" for reason, count in info.dropped_by_reason.items())
         print(
-            f"  ratio {ratio}: kept {info['kept']} of {summary['num_rows']} rows{shortfall}"
+            f"  ratio {ratio}: kept {info.kept} of {summary.num_rows} rows{shortfall}"
             + (f"; dropped: {dropped}" if dropped else "")
         )
         if noise:
             kept = noise["ratios"][ratio]
             print(f"    kept {describe_kept_noise(kept['selected'], kept['random'], 'random')}")
-    cache = summary.get("embedding_cache_bytes") or 0
     print(f"Outputs in {output_dir}: scores/, subsets/, adapter/, report/index.html, run_config.yaml, README.md")
-    if cache:
+    if summary.embedding_cache_bytes:
         clean = f"hf-clipsel clean --output_dir {output_dir}"
-        print(f"Embedding caches: {cache / 2**20:.1f} MiB on disk (`{clean}` removes those the run does not use)")
-    print(f'Load a subset: datasets.load_dataset("{output_dir}", "ratio_{next(iter(summary["ratios"]))}")')
+        size = summary.embedding_cache_bytes / 2**20
+        print(f"Embedding caches: {size:.1f} MiB on disk (`{clean}` removes those the run does not use)")
+    print(f'Load a subset: datasets.load_dataset("{output_dir}", "ratio_{next(iter(summary.ratios))}")')
 
 
 def _stage(command: str, args: list[str]) -> None:

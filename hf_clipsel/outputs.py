@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import re
@@ -192,10 +191,6 @@ def write_run_config(output_dir: Path, flat_config: dict, command: list[str] | N
 def read_run_config(output_dir: Path) -> dict | None:
     path = Path(output_dir) / RUN_CONFIG
     return yaml.safe_load(path.read_text()) if path.exists() else None
-
-
-def write_run_summary(output_dir: Path, summary: dict) -> None:
-    write_atomic_text(Path(output_dir) / RUN_SUMMARY, json.dumps(summary, indent=2))
 
 
 def dataset_configs(output_dir: Path, ratios: list[float]) -> list[dict]:

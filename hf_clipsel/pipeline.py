@@ -24,12 +24,12 @@ from .context import RunContext, check_budgets, load_context, make_accelerator
 from .data import load_source, prepare_source, with_row_ids
 from .embedding import cache_keys, embed_stage
 from .hub import push_outputs
-from .outputs import EMBEDDINGS_DIR, write_run_config, write_run_summary, write_scores, write_subsets
+from .outputs import EMBEDDINGS_DIR, write_run_config, write_scores, write_subsets
 from .report import write_report
 from .run_record import RunFolder, held_by_main_process, unused_caches, verify
 from .scores_table import check_scores_belong_to, read_scores, score_stage, select_stage
 from .streaming import write_subsets_from_stream
-from .summary import summarize
+from .summary import RunSummary, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 
-def write_stage(config, dataset_with_ids, scores, masks, command=None, directory=None, settings=None) -> dict:
+def write_stage(config, dataset_with_ids, scores, masks, command=None, directory=None, settings=None) -> RunSummary:
     """Subsets, scores, configuration (``settings``; default: ``config``'s), summary and report of a selection, into
     ``directory`` (a run folder's staging area; default output_dir). Main process only."""
     directory = Path(directory or config.run.output_dir)
@@ -68,7 +68,7 @@ def write_stage(config, dataset_with_ids, scores, masks, command=None, directory
     write_scores(directory, scores)
     write_run_config(directory, settings or config.to_flat(), command)
     summary = summarize(scores, masks, config, dataset_with_ids, directory, settings)
-    write_run_summary(directory, summary)
+    summary.write(directory)
     try:
         write_report(directory)
     except Exception as error:  # the results are written: a report problem must not cost them the run
@@ -164,7 +164,7 @@ def _commit_stage(folder: RunFolder, record, context: RunContext, command, stage
     folder.commit(record, None)
 
 
-def select_from_scores(config, command=None, scores=None, image_features=None) -> dict:
+def select_from_scores(config, command=None, scores=None, image_features=None) -> RunSummary:
     """Select from saved scores (this run's, or ``scores_from``) and the source dataset, without a model.
     ``image_features`` (row order) serve the selectors that need them (``moderate``)."""
     if image_features is None and config.selection.selection_method == "moderate":

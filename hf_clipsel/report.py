@@ -24,7 +24,6 @@ A gallery image that cannot be decoded, or a source that cannot be loaded, gives
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, fields
 from importlib.resources import files
@@ -36,8 +35,9 @@ from PIL import Image as PILImage
 
 from .configs import DataConfig
 from .noise import describe_kept_noise
-from .outputs import RUN_SUMMARY, atomic_directory, read_run_config
+from .outputs import atomic_directory, read_run_config
 from .scores_table import read_scores_in, reward_column, selected_column, selected_ratios
+from .summary import RatioSummary, RunSummary
 
 logger = logging.getLogger(__name__)
 
@@ -243,11 +243,11 @@ ALIGNMENT_TEXT = {
 }
 
 
-def damage_check_text(run_config: dict, summary: dict) -> str:
+def damage_check_text(run_config: dict, summary: RunSummary) -> str:
     """Whether the pixel check ran and what it flagged (run_summary.json's damaged counts)."""
     if not run_config.get("damage_check", False):
         return "off"
-    damaged = summary.get("damaged") or {}
+    damaged = summary.damaged
     found = ", ".join(f"{count} {kind}" for kind, count in damaged.items()) or "none"
     return f"on (threshold {run_config.get('damage_threshold', 'n/a')} robust SD): images flagged: {found}"
 
@@ -264,38 +264,38 @@ def adapter_check_text(check: dict) -> str:
     return text + ")"
 
 
-def summary_rows(summary: dict, run_config: dict, scores: RunScores) -> list[tuple[str, str]]:
+def summary_rows(summary: RunSummary, run_config: dict, scores: RunScores) -> list[tuple[str, str]]:
     """The summary table: (what, value) pairs, from run_summary.json and run_config.yaml."""
     alpha = run_config.get("alpha")
-    dataset = str(summary.get("dataset") or run_config.get("dataset_name"))
+    dataset = str(summary.dataset or run_config.get("dataset_name"))
     split = run_config.get("dataset_split", "train")
     if run_config.get("max_samples"):
         split += f", first {run_config['max_samples']} rows"
     rows = [
         ("dataset", f"{dataset} (split {split})"),
-        ("model", str(summary.get("model") or run_config.get("model_name_or_path"))),
+        ("model", str(summary.model or run_config.get("model_name_or_path"))),
         ("adapters", f"{run_config.get('adapter_preset', 'n/a')}, {run_config.get('adapter_epochs', 'n/a')} epochs"),
-        *([("adapter check", adapter_check_text(summary["adapter_check"]))] if summary.get("adapter_check") else []),
-        ("selection method", str(summary.get("selection_method") or run_config.get("selection_method"))),
+        *([("adapter check", adapter_check_text(summary.adapter_check))] if summary.adapter_check else []),
+        ("selection method", str(summary.selection_method or run_config.get("selection_method"))),
         ("alpha (weight of diversity)", "equal to each ratio" if alpha is None else f"{alpha:g}"),
         ("diversity gate", GATE_TEXT.get(run_config.get("diversity_gate", "none"), "n/a")),
         ("alignment term", ALIGNMENT_TEXT.get(run_config.get("alignment", "sas"), "n/a")),
         ("damage check", damage_check_text(run_config, summary)),
         ("k nearest neighbours (SDS)", str(run_config.get("knn_k", "n/a"))),
-        ("rows scored", str(summary.get("num_rows", len(scores.row_id)))),
-        ("rows flagged (never selected)", str(summary.get("num_flagged", int((~scores.usable).sum())))),
+        ("rows scored", str(len(scores.row_id))),
+        ("rows flagged (never selected)", str(int((~scores.usable).sum()))),
     ]
     for ratio in scores.ratios:
-        info = summary.get("ratios", {}).get(f"{ratio:g}", {})
+        info = summary.ratios.get(f"{ratio:g}", RatioSummary())
         kept = int(scores.selected[ratio].sum())
         text = f"{kept} rows ({kept / max(len(scores.row_id), 1):.1%})"
-        if info.get("shortfall"):
-            text += f", {info['shortfall']} short of the budget of {info['budget']}"
-        dropped = info.get("dropped_by_reason") or {}
+        if info.shortfall:
+            text += f", {info.shortfall} short of the budget of {info.budget}"
+        dropped = info.dropped_by_reason
         if dropped:
             text += "; dropped: " + ", ".join(f"{count:,} {reason}" for reason, count in dropped.items())
         rows.append((f"kept at ratio {ratio:g}", text))
-    noise = summary.get("injected_noise")
+    noise = summary.injected_noise
     if noise:  # the source carries hf_clipsel.noise's record columns: how much of it each subset kept
         rows.append(("injected noise in the pool", describe_kept_noise(noise["pool"])))
         for ratio, kept in noise["ratios"].items():
@@ -364,8 +364,7 @@ def write_report(output_dir: str | Path, gallery_ratio: float | None = None) -> 
     output_dir = Path(output_dir)
     scores = read_scores(output_dir)
     run_config = read_run_config(output_dir) or {}
-    summary_path = output_dir / RUN_SUMMARY
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary = RunSummary.read(output_dir)
     if not scores.ratios:
         raise ValueError(f"{output_dir}: the scores hold no selection; run `hf-clipsel select` first.")
     if gallery_ratio is None:
@@ -382,7 +381,7 @@ def write_report(output_dir: str | Path, gallery_ratio: float | None = None) -> 
         write_figures(scores, directory, exact_alphas(run_config, scores.ratios))
         write_thumbnails(low_alignment + redundant + flagged, source, missing_reason, directory)
         page = render_page(
-            title=f"hf-clipsel report: {summary.get('dataset') or run_config.get('dataset_name') or output_dir.name}",
+            title=f"hf-clipsel report: {summary.dataset or run_config.get('dataset_name') or output_dir.name}",
             summary=summary_rows(summary, run_config, scores),
             figures={
                 name: {"path": name, "height": figure_height_pixels(name, len(scores.ratios))} for name in FIGURES
@@ -400,7 +399,7 @@ def write_report(output_dir: str | Path, gallery_ratio: float | None = None) -> 
             gated=run_config.get("diversity_gate") == "agreement",
             reward_line=exact_alphas(run_config, scores.ratios) is not None,
             zero_shot_scores=run_config.get("adapter_preset") == "none"
-            or bool((summary.get("adapter_check") or {}).get("fell_back")),
+            or bool((summary.adapter_check or {}).get("fell_back")),
         )
         (directory / INDEX).write_text(page, encoding="utf-8")
     return output_dir / REPORT_DIR / INDEX

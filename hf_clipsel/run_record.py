@@ -506,7 +506,7 @@ class FinishedRun:
     location: str
     scores: object  # datasets.Dataset
     subsets: dict = field(default_factory=dict)
-    summary: dict = field(default_factory=dict)
+    summary: object = None  # hf_clipsel.summary.RunSummary
     record: RunRecord | None = None
 
     @property
@@ -520,10 +520,12 @@ def load_run(repo_or_dir: str | Path, revision: str | None = None, token: str | 
     from datasets import load_dataset
     from huggingface_hub import hf_hub_download
 
+    from .summary import RunSummary  # it imports this module: imported here, not at the top
+
     location = str(repo_or_dir)
     if Path(location).is_dir():
         record = verify(location)
-        summary = json.loads((Path(location) / "run_summary.json").read_text())
+        summary = RunSummary.read(location)
         options = {}
     else:
         options = dict(revision=revision, token=token)
@@ -532,7 +534,7 @@ def load_run(repo_or_dir: str | Path, revision: str | None = None, token: str | 
             for name in (RECORD, "run_summary.json")
         }
         record = RunRecord.from_json(Path(fetch[RECORD]).read_text())
-        summary = json.loads(Path(fetch["run_summary.json"]).read_text())
+        summary = RunSummary.from_dict(json.loads(Path(fetch["run_summary.json"]).read_text()))
     scores = load_dataset(location, "scores", split="train", **options)
     subsets = {ratio: load_dataset(location, ratio_name(ratio), split="train", **options) for ratio in record.ratios}
     return FinishedRun(location, scores, subsets, summary, record)

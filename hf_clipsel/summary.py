@@ -1,10 +1,13 @@
 """The run summary (``run_summary.json``): counts of a selection, per ratio and per class, and what the checks
-found. Written by the write stage; the CLI, the report and the card read it."""
+found, as a typed record (:class:`RunSummary`). Written by the write stage; the CLI, the report and the card read it
+through :meth:`RunSummary.read`."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +16,69 @@ from datasets import Dataset, IterableDataset
 from .adaptation import read_adapter_check
 from .configs import ClipselConfig, budget
 from .noise import NOISE_COLUMNS, kept_noise
-from .outputs import ADAPTER_DIR, EMBEDDINGS_DIR
+from .outputs import ADAPTER_DIR, EMBEDDINGS_DIR, RUN_SUMMARY, write_atomic_text
 from .reasons import REASONS
 from .run_record import directory_bytes
 from .scores_table import DAMAGE, damaged_rows, drop_reason_column, selection_inputs
 from .selection import select
+
+
+@dataclass
+class RatioSummary:
+    """One ratio of a selection: its budget k, the rows kept (``shortfall``: rows the budget missed because too few
+    rows are usable), the method's diagnostics, the dropped rows per drop reason and the kept rows per class."""
+
+    budget: int = 0
+    kept: int = 0
+    shortfall: int = 0
+    alpha: float | None = None
+    diagnostics: dict = field(default_factory=dict)
+    dropped_by_reason: dict[str, int] = field(default_factory=dict)
+    kept_per_class: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class RunSummary:
+    """What a selection did. ``ratios`` is keyed by the ratio as written in config names ("0.3", "1");
+    ``adapter_check`` is the held-out check's verdict (None when it did not run); ``damaged`` counts the damage
+    check's flags by kind; ``injected_noise`` is filled for sources carrying hf_clipsel.noise's record columns."""
+
+    num_rows: int = 0
+    num_valid: int = 0
+    num_flagged: int = 0
+    class_names: list[str] = field(default_factory=list)
+    rows_per_class: dict[str, int] = field(default_factory=dict)
+    dataset: str | None = None
+    dataset_revision: str | None = None
+    model: str | None = None
+    model_revision: str | None = None
+    selection_method: str | None = None
+    ratios: dict[str, RatioSummary] = field(default_factory=dict)
+    adapter_check: dict | None = None
+    damaged: dict[str, int] = field(default_factory=dict)
+    injected_noise: dict | None = None
+    embedding_cache_bytes: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RunSummary:
+        """From ``run_summary.json``'s mapping; keys it does not know (or lacks, from older runs) are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {key: value for key, value in (values or {}).items() if key in known}
+        ratio_keys = {f.name for f in dataclasses.fields(RatioSummary)}
+        values["ratios"] = {
+            ratio: RatioSummary(**{k: v for k, v in info.items() if k in ratio_keys})
+            for ratio, info in (values.get("ratios") or {}).items()
+        }
+        return cls(**values)
+
+    @classmethod
+    def read(cls, directory: str | Path) -> RunSummary:
+        """The summary written in ``directory``; an empty one where there is none."""
+        path = Path(directory) / RUN_SUMMARY
+        return cls.from_dict(json.loads(path.read_text())) if path.exists() else cls()
+
+    def write(self, directory: str | Path) -> None:
+        write_atomic_text(Path(directory) / RUN_SUMMARY, json.dumps(dataclasses.asdict(self), indent=2))
 
 
 def injected_noise(dataset, scores: Dataset, masks: dict, config: ClipselConfig) -> dict | None:
@@ -41,7 +102,7 @@ def injected_noise(dataset, scores: Dataset, masks: dict, config: ClipselConfig)
 
 def summarize(
     scores: Dataset, masks: dict, config: ClipselConfig, dataset=None, directory=None, settings: dict | None = None
-) -> dict:
+) -> RunSummary:
     """The summary of a selection. ``directory`` holds the run being written (its adapters' check); ``settings``
     the run's recorded configuration (default: ``config``'s)."""
     settings = settings or config.to_flat()
@@ -55,36 +116,36 @@ def summarize(
         k = budget(ratio, len(labels))
         kept_per_class = Counter(labels[mask].tolist())
         diagnostics = getattr(masks, "diagnostics", {}).get(ratio, {})
-        ratios[f"{ratio:g}"] = {
-            "alpha": config.selection.alpha_for(ratio),
-            "budget": k,
-            "kept": int(mask.sum()),
+        ratios[f"{ratio:g}"] = RatioSummary(
+            alpha=config.selection.alpha_for(ratio),
+            budget=k,
+            kept=int(mask.sum()),
             # rows missing from the budget because too few rows are usable (sgd's own miss is in diagnostics)
-            "shortfall": int(diagnostics.get("shortfall", max(k - mask.sum(), 0))),
-            "diagnostics": {name: _plain(value) for name, value in diagnostics.items()},
-            "dropped_by_reason": {reason: reasons[reason] for reason in REASONS if reason and reasons[reason]},
-            "kept_per_class": {class_names[c]: int(kept_per_class.get(c, 0)) for c in range(len(class_names))},
-        }
+            shortfall=int(diagnostics.get("shortfall", max(k - mask.sum(), 0))),
+            diagnostics={name: _plain(value) for name, value in diagnostics.items()},
+            dropped_by_reason={reason: reasons[reason] for reason in REASONS if reason and reasons[reason]},
+            kept_per_class={class_names[c]: int(kept_per_class.get(c, 0)) for c in range(len(class_names))},
+        )
     damage = Counter(scores[DAMAGE][:])  # select_stage wrote it
     cache_dir = Path(config.run.cache_dir or Path(config.run.output_dir) / EMBEDDINGS_DIR)
-    return {
-        "adapter_check": read_adapter_check(directory / ADAPTER_DIR),
-        "damaged": {kind: count for kind, count in sorted(damage.items()) if kind},
-        "num_rows": len(labels),
-        "num_valid": int(valid.sum()),
-        "num_flagged": int((~valid).sum()),
-        "class_names": class_names,
-        "rows_per_class": {class_names[c]: int((labels == c).sum()) for c in range(len(class_names))},
-        "dataset": settings.get("dataset_name"),
-        "dataset_revision": settings.get("dataset_revision"),
-        "model": settings.get("model_name_or_path"),
-        "model_revision": settings.get("model_revision"),
-        "selection_method": config.selection.selection_method,
-        "ratios": ratios,
-        "injected_noise": None if dataset is None else injected_noise(dataset, scores, masks, config),
+    return RunSummary(
+        adapter_check=read_adapter_check(directory / ADAPTER_DIR),
+        damaged={kind: count for kind, count in sorted(damage.items()) if kind},
+        num_rows=len(labels),
+        num_valid=int(valid.sum()),
+        num_flagged=int((~valid).sum()),
+        class_names=list(class_names),
+        rows_per_class={class_names[c]: int((labels == c).sum()) for c in range(len(class_names))},
+        dataset=settings.get("dataset_name"),
+        dataset_revision=settings.get("dataset_revision"),
+        model=settings.get("model_name_or_path"),
+        model_revision=settings.get("model_revision"),
+        selection_method=config.selection.selection_method,
+        ratios=ratios,
+        injected_noise=None if dataset is None else injected_noise(dataset, scores, masks, config),
         # the embedding caches on disk (all of them: `hf-clipsel clean` removes those no run record names)
-        "embedding_cache_bytes": directory_bytes(cache_dir),
-    }
+        embedding_cache_bytes=directory_bytes(cache_dir),
+    )
 
 
 def _plain(value):

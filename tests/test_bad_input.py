@@ -78,9 +78,9 @@ def test_corrupt_images_and_bad_labels_are_flagged_and_never_selected(tmp_path, 
         selected = np.asarray(scores[f"is_selected_ratio_{ratio:g}"][:])
         assert not selected[flagged].any()
     # ratio 0.5: 20 of 36 usable rows, exactly the budget; ratio 1.0: all 36 usable rows, 4 short, reported
-    assert summary["ratios"]["0.5"]["kept"] == budget(0.5, 40) == 20
-    assert summary["ratios"]["1"]["kept"] == 36 and summary["ratios"]["1"]["shortfall"] == 4
-    assert summary["num_flagged"] == 4
+    assert summary.ratios["0.5"].kept == budget(0.5, 40) == 20
+    assert summary.ratios["1"].kept == 36 and summary.ratios["1"].shortfall == 4
+    assert summary.num_flagged == 4
     subset = load_dataset(str(tmp_path / "out"), "ratio_1", split="train")
     assert sorted(subset["row_id"][:]) == [i for i in range(40) if i not in flagged]
 
@@ -111,7 +111,7 @@ def test_a_save_to_disk_source_is_never_written_into(tmp_path, tiny_clip_path):
             embedding_chunk_size=8,
         )
     )
-    assert summary["ratios"]["0.5"]["kept"] == 12
+    assert summary.ratios["0.5"].kept == 12
     assert {p.name: p.read_bytes() for p in source.iterdir()} == before  # no cache-*.arrow appeared in it
 
 
@@ -136,7 +136,7 @@ def test_a_csv_of_image_paths_works_when_image_column_names_it(tmp_path, tiny_cl
         embedding_chunk_size=8,
     )
     summary = run(config)
-    assert summary["num_flagged"] == 0 and summary["ratios"]["0.5"]["kept"] == 12
+    assert summary.num_flagged == 0 and summary.ratios["0.5"].kept == 12
     subset = load_dataset(str(tmp_path / "out"), "ratio_0.5", split="train")
     assert isinstance(subset.features["file"], Image)  # the subset carries the images themselves, not paths
     run_config_file = yaml.safe_load((tmp_path / "out" / "run_config.yaml").read_text())

@@ -113,4 +113,4 @@ def test_a_run_over_every_kind_finishes_and_flags_the_broken_rows(tmp_path, tiny
     scores = load_dataset(str(tmp_path / "out"), "scores", split="train")
     flagged = {kinds[i] for i, reason in enumerate(scores["flag_reason"][:]) if reason}
     assert flagged == set(FLAGGED)
-    assert summary["num_flagged"] == len(FLAGGED) and summary["ratios"]["0.5"]["kept"] == len(kinds) // 2
+    assert summary.num_flagged == len(FLAGGED) and summary.ratios["0.5"].kept == len(kinds) // 2

@@ -42,9 +42,9 @@ def test_singleton_empty_and_duplicated_classes(tmp_path, tiny_clip_path):
     assert diversity[29] == 0.0, "a class of one row has no neighbours: its diversity is 0"
     assert diversity[0] == diversity[1] == 0.0, "duplicates are each other's nearest neighbour at distance 0"
     assert (diversity[2:29] > 0).all()
-    kept = summary["ratios"]["0.5"]["kept_per_class"]
+    kept = summary.ratios["0.5"].kept_per_class
     assert kept["empty"] == 0 and sum(kept.values()) == 15
-    assert summary["rows_per_class"] == {"cat": 15, "dog": 14, "ship": 1, "empty": 0}
+    assert summary.rows_per_class == {"cat": 15, "dog": 14, "ship": 1, "empty": 0}
 
 
 def test_a_single_class_dataset_is_warned_about(tmp_path, tiny_clip_path, caplog):

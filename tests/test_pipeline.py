@@ -45,7 +45,7 @@ def test_every_output_is_written(finished_run):
     saved = yaml.safe_load((output_dir / "run_config.yaml").read_text())
     assert saved["selection_ratios"] == [0.3, 0.57]
     assert {"torch", "transformers", "datasets", "peft", "accelerate"} <= set(saved["versions"])
-    assert summary["num_rows"] == 240 and summary["num_flagged"] == 0
+    assert summary.num_rows == 240 and summary.num_flagged == 0
 
 
 def test_scores_are_keyed_by_row_id_with_every_column(finished_run):
@@ -111,7 +111,7 @@ def test_select_again_from_saved_scores_without_a_model(finished_run, tmp_path):
     summary = select_from_scores(config, scores=scores)
     again = load_dataset(str(tmp_path), "scores", split="train")
     assert again["is_selected_ratio_0.3"][:] == scores["is_selected_ratio_0.3"][:]
-    assert summary["ratios"]["0.3"]["kept"] == budget(0.3, 240)
+    assert summary.ratios["0.3"].kept == budget(0.3, 240)
 
 
 def test_load_dataset_reads_a_rerun_not_the_cached_first_run(finished_run, tmp_path):
@@ -153,10 +153,10 @@ def test_other_selectors_run_from_saved_scores(finished_run, tmp_path, method):
     config.selection.sgd_exact_trim = True
     summary = select_from_scores(config, scores=load_dataset(str(output_dir), "scores", split="train"))
     for ratio, k in (("0.3", 72), ("0.57", 136)):
-        assert summary["ratios"][ratio]["kept"] == k
-        assert summary["ratios"][ratio]["diagnostics"]["budget"] == k
+        assert summary.ratios[ratio].kept == k
+        assert summary.ratios[ratio].diagnostics["budget"] == k
     if method == "sgd":
-        assert summary["ratios"]["0.3"]["diagnostics"]["iterations"] > 0
+        assert summary.ratios["0.3"].diagnostics["iterations"] > 0
     # the reward is written only by the methods that rank by it: a baseline's column would claim an order it ignored
     columns = load_dataset(str(tmp_path), "scores", split="train").column_names
     assert ("reward_ratio_0.3" in columns) == (method == "sgd"), columns

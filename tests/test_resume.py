@@ -128,4 +128,4 @@ def test_a_kill_while_writing_leaves_no_readable_partial_output(cifar_slice, tin
 
     summary = run(run_config(cifar_slice, tiny_clip_path, output_dir, overwrite_output_dir=True))
     assert not list(output_dir.glob(".staging-*")), "the next run clears what the killed one left"
-    assert len(load_dataset(str(output_dir), "ratio_0.3", split="train")) == summary["ratios"]["0.3"]["kept"] == 72
+    assert len(load_dataset(str(output_dir), "ratio_0.3", split="train")) == summary.ratios["0.3"].kept == 72

@@ -155,7 +155,7 @@ def test_adapters_that_learn_the_label_noise_fall_back_to_zero_shot(cifar_slice,
             adapter_learning_rate=1e-2,
         )
     )
-    check = summary["adapter_check"]
+    check = summary.adapter_check
     assert check["held_out_rows"] == len(check_rows) == 24
     assert check["zero_shot_agreement"] == 1.0 and check["adapted_agreement"] < 1.0 and check["fell_back"]
     assert check["adapters_changed"]

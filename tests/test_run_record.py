@@ -156,7 +156,7 @@ def test_a_run_killed_while_writing_is_refused_by_push_and_by_load_dataset(
     # the lock the killed run left is taken over, and a rerun finishes the run
     summary = run(run_config(cifar_slice, tiny_clip_path, output_dir))
     verify(output_dir, deep=True)
-    assert len(load_dataset(str(output_dir), "ratio_0.3", split="train")) == summary["ratios"]["0.3"]["kept"]
+    assert len(load_dataset(str(output_dir), "ratio_0.3", split="train")) == summary.ratios["0.3"].kept
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from tests.conftest import run_config
 def test_streaming_gives_the_same_outputs_as_loading_whole(cifar_slice, tiny_clip_path, tmp_path):
     whole = run(run_config(cifar_slice, tiny_clip_path, tmp_path / "whole"))
     streamed = run(run_config(cifar_slice, tiny_clip_path, tmp_path / "streamed", streaming=True))
-    assert streamed["ratios"] == whole["ratios"]
+    assert streamed.ratios == whole.ratios
     pd.testing.assert_frame_equal(
         pd.read_parquet(tmp_path / "whole" / "scores"),
         pd.read_parquet(tmp_path / "streamed" / "scores"),

@@ -95,7 +95,7 @@ def selection_dir(cifar_slice, tiny_clip_path, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("selection")
     summary = run_pipeline(run_config(cifar_slice, tiny_clip_path, root, selection_ratios=[0.5], max_samples=128))
-    assert summary["ratios"]["0.5"]["kept"] == 64
+    assert summary.ratios["0.5"].kept == 64
     return root
 
 
