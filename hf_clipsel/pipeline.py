@@ -26,35 +26,16 @@ from .embedding import cache_keys, embed_stage
 from .hub import push_outputs
 from .outputs import EMBEDDINGS_DIR, write_run_config, write_scores, write_subsets
 from .report import write_report
-from .run_record import RunFolder, held_by_main_process, unused_caches, verify
+from .run_record import STAGES, RunFolder, held_by_main_process, unused_caches, verify
 from .scores_table import check_scores_belong_to, read_scores, score_stage, select_stage
 from .streaming import write_subsets_from_stream
 from .summary import RunSummary, summarize
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "RunContext",
-    "make_accelerator",
-    "load_context",
-    "embed_stage",
-    "adapt_stage",
-    "trained_model",
-    "scoring_embeddings",
-    "score_stage",
-    "select_stage",
-    "write_stage",
-    "push_stage",
-    "read_scores",
-    "run",
-    "embed",
-    "adapt",
-    "score",
-    "select_from_scores",
-    "push",
-    "report",
-    "clean",
-]
+STAGE_FUNCTIONS = ["load_context", "embed_stage", "adapt_stage", "score_stage", "select_stage", "write_stage"]
+COMMANDS = ["run", "embed", "adapt", "score", "select_from_scores", "push", "report", "clean"]
+__all__ = [*STAGE_FUNCTIONS, *COMMANDS, "push_stage", "trained_model", "scoring_embeddings", "read_scores"]
 
 
 def write_stage(config, dataset_with_ids, scores, masks, command=None, directory=None, settings=None) -> RunSummary:
@@ -94,10 +75,7 @@ def run(config: ClipselConfig, accelerator: Accelerator | None = None, command: 
         if folder:
             scores, features = score_stage(context, model, scoring)
             masks, scores = select_stage(scores, config, features)
-            for stage in ("embed", "adapt", "score", "select"):
-                record = record.with_stage(
-                    stage, config, caches=cache_keys(embeddings, scoring) if stage == "embed" else None
-                )
+            record = record.done(config, *STAGES, caches=cache_keys(embeddings, scoring))
             record = record.described(context.source, command)
             summary = write_stage(
                 config, context.dataset, scores, masks, command, staging, record.configuration(config)
@@ -116,7 +94,7 @@ def embed(config: ClipselConfig, accelerator: Accelerator | None = None, command
         context = load_context(config, accelerator)
         embeddings = embed_stage(context)
         if folder:
-            _commit_stage(folder, record.with_stage("embed", config, caches=cache_keys(embeddings)), context, command)
+            _commit_stage(folder, record.done(config, "embed", caches=cache_keys(embeddings)), context, command)
         accelerator.wait_for_everyone()
     return embeddings
 
@@ -130,7 +108,7 @@ def adapt(config: ClipselConfig, accelerator: Accelerator | None = None, command
         staging = folder.stage(keep=record.artefacts_of_stages()) if folder else None
         model = adapt_stage(context, embeddings, staging)
         if folder:
-            record = record.with_stage("embed", config, caches=cache_keys(embeddings)).with_stage("adapt", config)
+            record = record.done(config, "embed", "adapt", caches=cache_keys(embeddings))
             _commit_stage(folder, record, context, command, staged=True)
         accelerator.wait_for_everyone()
     return model
@@ -149,8 +127,8 @@ def score(config: ClipselConfig, accelerator: Accelerator | None = None, command
             scores, _ = score_stage(context, model, scoring)
             staging = folder.stage(keep=record.artefacts_of_stages())
             write_scores(staging, scores)
-            record = record.with_stage("embed", config, caches=cache_keys(embeddings, scoring))
-            _commit_stage(folder, record.with_stage("score", config), context, command, staged=True)
+            record = record.done(config, "embed", "score", caches=cache_keys(embeddings, scoring))
+            _commit_stage(folder, record, context, command, staged=True)
         accelerator.wait_for_everyone()
     return scores
 
@@ -180,7 +158,7 @@ def select_from_scores(config, command=None, scores=None, image_features=None) -
         check_budgets(config, len(scores))
         masks, scores = select_stage(scores, config, image_features)
         staging = folder.stage(keep=record.artefacts_of_stages())
-        record = record.with_stage("select", config, scores_from=config.run.scores_from)
+        record = record.done(config, "select", scores_from=config.run.scores_from)
         record = record.described(source if not record.source else None, command)
         dataset = source.dataset if config.data.streaming else with_row_ids(source.dataset)
         summary = write_stage(config, dataset, scores, masks, command, staging, record.configuration(config))

@@ -173,11 +173,16 @@ class RunRecord:
     def cache_keys(self) -> list[str]:
         return list(self.stages.get("embed", {}).get("caches", []))
 
-    def with_stage(self, stage: str, config: ClipselConfig, **extra) -> RunRecord:
-        """This record with ``stage`` done under ``config`` (``extra``: what else the stage records)."""
-        stages = dict(self.stages)
-        stages[stage] = {"settings": stage_settings(config, stage), **{k: v for k, v in extra.items() if v}}
-        return dataclasses.replace(self, stages=stages)
+    def done(self, config: ClipselConfig, *stages: str, caches=None, scores_from=None) -> RunRecord:
+        """This record with ``stages`` done under ``config``; the embed stage names the ``caches`` it used, a
+        selection from saved scores names where they came from (``scores_from``)."""
+        recorded = dict(self.stages)
+        for stage in stages:
+            extra = {"caches": caches} if stage == "embed" and caches else {}
+            if stage == "select" and scores_from:
+                extra["scores_from"] = scores_from
+            recorded[stage] = {"settings": stage_settings(config, stage), **extra}
+        return dataclasses.replace(self, stages=recorded)
 
     def described(self, source, command: list[str] | None) -> RunRecord:
         """This record with the source's identity (a :class:`~hf_clipsel.data.Source`, or None to keep the one
