@@ -41,24 +41,86 @@ def embedding_features(hidden_size: int) -> Features:
     )
 
 
-def embed_batch(batch: dict, image_column: str, model, image_processor, hidden_size: int) -> dict:
-    """One `datasets.map` batch: decode to RGB, run the vision tower, measure the pixels, flag what cannot be
-    decoded."""
-    decoded = [decode_rgb(cell) for cell in batch[image_column]]
+def prepare_batch(cells: list, image_processor) -> dict:
+    """The CPU half of a batch: decode to RGB, measure the pixels, preprocess; what cannot be decoded (or
+    preprocessed) is flagged with its reason. Runs in a DataLoader worker when ``preprocessing_num_workers`` > 0."""
+    decoded = [decode_rgb(cell) for cell in cells]
     errors = [error for _, error in decoded]
     statistics = [pixel_statistics(image) if image is not None else UNMEASURED for image, _ in decoded]
-    pooled = np.zeros((len(decoded), hidden_size), dtype=np.float32)
     rows, pixel_values = _preprocess([image for image, _ in decoded], image_processor, errors)
-    if rows:
+    return {"rows": rows, "pixel_values": pixel_values, "errors": errors, "statistics": statistics}
+
+
+def embed_prepared(batch: dict, prepared, model, hidden_size: int) -> dict:
+    """One `datasets.map` batch: the next prepared batch (from ``prepared``, an iterator over the same rows in the
+    same order) through the vision tower."""
+    ready = next(prepared)
+    if len(ready["errors"]) != len(batch[ROW_ID]):
+        raise RuntimeError("the prepared batches went out of step with the rows being embedded.")
+    pooled = np.zeros((len(ready["errors"]), hidden_size), dtype=np.float32)
+    if ready["rows"]:
         with torch.inference_mode():
-            pooled[rows] = vision_tower_outputs(model, pixel_values).cpu().numpy()
+            pooled[ready["rows"]] = vision_tower_outputs(model, ready["pixel_values"]).cpu().numpy()
     return {
         ROW_ID: batch[ROW_ID],
         VISION_POOLED: pooled,
-        "decode_ok": [not error for error in errors],
-        "decode_error": errors,
-        **{name: [row[i] for row in statistics] for i, name in enumerate(QUALITY_COLUMNS)},
+        "decode_ok": [not error for error in ready["errors"]],
+        "decode_error": ready["errors"],
+        **{name: [row[i] for row in ready["statistics"]] for i, name in enumerate(QUALITY_COLUMNS)},
     }
+
+
+class _PreparedBatches(torch.utils.data.Dataset):
+    """The batches of one chunk, prepared (:func:`prepare_batch`) by index, for a DataLoader's workers."""
+
+    def __init__(self, chunk: Dataset, image_column: str, image_processor, batch_size: int):
+        self.chunk, self.image_column = chunk, image_column
+        self.processor, self.batch_size = image_processor, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.chunk) // self.batch_size)
+
+    def __getitem__(self, index: int) -> dict:
+        rows = self.chunk[index * self.batch_size : (index + 1) * self.batch_size]
+        return prepare_batch(rows[self.image_column], self.processor)
+
+
+def embed_chunk(
+    chunk: Dataset,
+    image_column: str,
+    model,
+    image_processor,
+    path: Path,
+    fingerprint: str,
+    batch_size: int,
+    num_workers: int = 0,
+    desc: str = "Embedding images",
+) -> None:
+    """Embed one chunk (``row_id`` and an undecoded image column) into the `datasets.map` cache file ``path``,
+    written whole or not at all. With ``num_workers`` > 0, DataLoader workers decode and preprocess the next batches
+    while the tower runs this one (two batches ahead per worker); the numbers are those of the serial path."""
+    if path.exists():
+        return
+    hidden_size = clip_of(model).config.vision_config.hidden_size
+    loader = torch.utils.data.DataLoader(
+        _PreparedBatches(chunk, image_column, image_processor, batch_size),
+        batch_size=None,  # the dataset yields whole batches
+        num_workers=num_workers,
+        prefetch_factor=2 if num_workers else None,
+    )
+    chunk.map(
+        embed_prepared,
+        batched=True,
+        batch_size=batch_size,
+        fn_kwargs=dict(prepared=iter(loader), model=model, hidden_size=hidden_size),
+        remove_columns=chunk.column_names,
+        features=embedding_features(hidden_size),
+        cache_file_name=str(path),
+        load_from_cache_file=True,
+        # Named explicitly so that datasets never hashes the model or the loader passed in fn_kwargs.
+        new_fingerprint=fingerprint,
+        desc=desc,
+    )
 
 
 def _preprocess(images: list, image_processor, errors: list[str]):
@@ -105,6 +167,7 @@ def embed_images(
     accelerator: Accelerator,
     batch_size: int = 64,
     chunk_size: int = 4096,
+    num_workers: int = 0,
 ) -> Dataset:
     """Pooled vision-tower outputs for every row of ``dataset`` (which must carry ``row_id``), in row order.
 
@@ -123,8 +186,6 @@ def embed_images(
     accelerator.wait_for_everyone()
     num_chunks = -(-len(source) // chunk_size)
     paths = [directory / f"chunk-{i:05d}-of-{num_chunks:05d}.arrow" for i in range(num_chunks)]
-    hidden_size = clip_of(model).config.vision_config.hidden_size
-    features = embedding_features(hidden_size)
 
     with accelerator.split_between_processes(list(range(num_chunks))) as my_chunks:
         done = [i for i in my_chunks if paths[i].exists()]
@@ -138,19 +199,15 @@ def embed_images(
         )
         for i in my_chunks:
             rows = range(i * chunk_size, min((i + 1) * chunk_size, len(source)))
-            source.select(rows).map(
-                embed_batch,
-                batched=True,
-                batch_size=batch_size,
-                fn_kwargs=dict(
-                    image_column=image_column, model=model, image_processor=image_processor, hidden_size=hidden_size
-                ),
-                remove_columns=source.column_names,
-                features=features,
-                cache_file_name=str(paths[i]),
-                load_from_cache_file=True,
-                # Named explicitly so that datasets never hashes the model passed in fn_kwargs.
-                new_fingerprint=f"{key}-{i}",
+            embed_chunk(
+                source.select(rows),
+                image_column,
+                model,
+                image_processor,
+                paths[i],
+                f"{key}-{i}",
+                batch_size,
+                num_workers,
                 desc=f"Embedding images [chunk {i + 1}/{num_chunks}, process {accelerator.process_index}]",
             )
     accelerator.wait_for_everyone()
@@ -191,6 +248,7 @@ def embed_stage(context, model=None, fingerprint: str | None = None) -> Dataset:
             context.accelerator,
             batch_size=run.batch_size,
             chunk_size=run.embedding_chunk_size,
+            num_workers=run.preprocessing_num_workers,
         )
     return embed_images(
         context.dataset,
@@ -202,6 +260,7 @@ def embed_stage(context, model=None, fingerprint: str | None = None) -> Dataset:
         context.accelerator,
         batch_size=run.batch_size,
         chunk_size=run.embedding_chunk_size,
+        num_workers=run.preprocessing_num_workers,
     )
 
 

@@ -295,6 +295,9 @@ def summary_rows(summary: RunSummary, run_config: dict, scores: RunScores) -> li
         if dropped:
             text += "; dropped: " + ", ".join(f"{count:,} {reason}" for reason, count in dropped.items())
         rows.append((f"kept at ratio {ratio:g}", text))
+    for pair, share in summary.ratio_overlap.items():
+        small, large = pair.split("->")
+        rows.append((f"stability: kept at {small}, kept at {large} too", f"{share:.1%}"))
     noise = summary.injected_noise
     if noise:  # the source carries hf_clipsel.noise's record columns: how much of it each subset kept
         rows.append(("injected noise in the pool", describe_kept_noise(noise["pool"])))

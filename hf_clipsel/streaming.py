@@ -18,8 +18,7 @@ from accelerate import Accelerator
 from datasets import Dataset, Features, Image, IterableDataset, Value, concatenate_datasets
 
 from .data import ROW_ID
-from .embedding import CACHE_FORMAT_VERSION, embed_batch, embedding_features
-from .modeling import clip_of
+from .embedding import CACHE_FORMAT_VERSION, embed_chunk
 from .outputs import SUBSETS_DIR, ShardWriter, atomic_directory, ratio_name, remove_stale_subsets
 
 logger = logging.getLogger(__name__)
@@ -52,6 +51,7 @@ def embed_stream(
     accelerator: Accelerator,
     batch_size: int = 64,
     chunk_size: int = 4096,
+    num_workers: int = 0,
 ) -> Dataset:
     """Pooled vision-tower outputs of every row of ``stream``, as :func:`hf_clipsel.embedding.embed_images` gives
     them; only one chunk of images is held in memory at a time."""
@@ -59,7 +59,6 @@ def embed_stream(
     directory.mkdir(parents=True, exist_ok=True)
     num_chunks = -(-num_rows // chunk_size)
     paths = [directory / f"chunk-{i:05d}-of-{num_chunks:05d}.arrow" for i in range(num_chunks)]
-    hidden_size = clip_of(model).config.vision_config.hidden_size
     images = stream.select_columns([image_column]).cast_column(image_column, Image(decode=False))
     with accelerator.split_between_processes(list(range(num_chunks))) as my_chunks:
         todo = [i for i in my_chunks if not paths[i].exists()]
@@ -80,20 +79,15 @@ def embed_stream(
             rows.append({ROW_ID: row_id, image_column: row[image_column]})
             if len(rows) == chunk_size or row_id == num_rows - 1:
                 features = Features({ROW_ID: Value("int64"), image_column: Image(decode=False)})
-                Dataset.from_list(rows, features=features).map(
-                    embed_batch,
-                    batched=True,
-                    batch_size=batch_size,
-                    fn_kwargs=dict(
-                        image_column=image_column,
-                        model=model,
-                        image_processor=image_processor,
-                        hidden_size=hidden_size,
-                    ),
-                    remove_columns=[ROW_ID, image_column],
-                    features=embedding_features(hidden_size),
-                    cache_file_name=str(paths[chunk]),
-                    new_fingerprint=f"{cache_key}-{CACHE_FORMAT_VERSION}-{chunk}",
+                embed_chunk(
+                    Dataset.from_list(rows, features=features),
+                    image_column,
+                    model,
+                    image_processor,
+                    paths[chunk],
+                    f"{cache_key}-{CACHE_FORMAT_VERSION}-{chunk}",
+                    batch_size,
+                    num_workers,
                     desc=f"Embedding streamed images [chunk {chunk + 1}/{num_chunks}]",
                 )
                 rows = []

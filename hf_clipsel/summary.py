@@ -58,6 +58,8 @@ class RunSummary:
     damaged: dict[str, int] = field(default_factory=dict)
     injected_noise: dict | None = None
     embedding_cache_bytes: int = 0
+    # for each pair of neighbouring ratios "a->b": the share of a's subset that b's keeps too (1: nested subsets)
+    ratio_overlap: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, values: dict) -> RunSummary:
@@ -145,7 +147,18 @@ def summarize(
         injected_noise=None if dataset is None else injected_noise(dataset, scores, masks, config),
         # the embedding caches on disk (all of them: `hf-clipsel clean` removes those no run record names)
         embedding_cache_bytes=directory_bytes(cache_dir),
+        ratio_overlap=ratio_overlap(masks),
     )
+
+
+def ratio_overlap(masks: dict) -> dict[str, float]:
+    """Selection stability across neighbouring ratios: for each ratio and the next larger one, the share of the
+    smaller subset that the larger one keeps too, in [0, 1] (1 when the subsets are nested, as exact's are)."""
+    ratios = sorted(masks)
+    return {
+        f"{small:g}->{large:g}": float((masks[small] & masks[large]).sum() / max(int(masks[small].sum()), 1))
+        for small, large in zip(ratios, ratios[1:])
+    }
 
 
 def _plain(value):

@@ -69,3 +69,37 @@ def test_bfloat16_runs_the_image_tower_only_in_bfloat16(tiny_clip_path):
     assert model.vision_model.embeddings.patch_embedding.weight.dtype == torch.bfloat16
     for part in (model.text_model, model.visual_projection, model.text_projection):
         assert {p.dtype for p in part.parameters()} == {torch.float32}
+
+
+def test_workers_that_prepare_the_next_batches_give_the_serial_numbers(cifar_slice, tiny_clip_path, tmp_path):
+    """preprocessing_num_workers decodes and preprocesses ahead of the tower: same rows, same order, same bytes,
+    the same flags for an image that does not decode."""
+    from datasets import Image
+
+    source = load_dataset("parquet", data_files=str(cifar_slice), split="train").select(range(90))
+    source = source.cast_column("img", Image(decode=False))
+    broken = source[7]["img"] | {"bytes": b"not an image"}
+    source = source.map(lambda row, i: {"img": broken if i == 7 else row["img"]}, with_indices=True)
+    dataset = with_row_ids(source.cast_column("img", Image()))
+    config = ModelConfig(model_name_or_path=str(tiny_clip_path))
+    model, processor = load_clip(config)
+    results = {}
+    for workers in (0, 2):
+        results[workers] = embed_images(
+            dataset,
+            "img",
+            model,
+            processor.image_processor,
+            model_fingerprint(config, model),
+            tmp_path / f"workers_{workers}",
+            Accelerator(),
+            batch_size=16,
+            chunk_size=48,
+            num_workers=workers,
+        )
+    serial, parallel = results[0], results[2]
+    assert parallel["row_id"][:] == list(range(90))
+    torch.testing.assert_close(pooled_matrix(parallel), pooled_matrix(serial), rtol=0, atol=0)
+    for column in ("decode_ok", "decode_error", "noise_level", "contrast", "sharpness"):
+        assert parallel[column][:] == serial[column][:], column
+    assert not serial["decode_ok"][7] and serial["decode_error"][7].startswith("image failed to decode")

@@ -172,3 +172,14 @@ def test_moderate_from_saved_scores_is_refused_before_any_work(finished_run, tmp
     with pytest.raises(ValueError, match="image features, which saved scores do not hold"):
         select_from_scores(config)
     assert not (tmp_path / "moderate").exists()
+
+
+def test_the_summary_and_report_show_how_stable_the_selection_is_across_ratios(finished_run, tmp_path):
+    config, output_dir, summary = finished_run
+    from hf_clipsel.summary import RunSummary
+
+    scores = load_dataset(str(output_dir), "scores", split="train")
+    small, large = np.asarray(scores["is_selected_ratio_0.3"]), np.asarray(scores["is_selected_ratio_0.57"])
+    expected = (small & large).sum() / small.sum()
+    assert RunSummary.read(output_dir).ratio_overlap == {"0.3->0.57": pytest.approx(expected)}
+    assert "stability: kept at 0.3, kept at 0.57 too" in (output_dir / "report" / "index.html").read_text()

@@ -17,6 +17,13 @@ carry no meaning, and their spread may differ from a trained CLIP's: read the co
 bf16's effect only if the spread is comparable (the script prints it).
 
 Default runtime on a 2-core CPU: about 5 minutes (N = 256). Scale up: --num-images 4096 --batch-size 256 on a GPU.
+
+`--case decode` measures the decode-bound case instead: ImageNet-like JPEGs (the CIFAR-10 images resized to 500x375,
+quality 90) and a tiny CLIP tower at 224 px (hf_clipsel.tiny, a forward of thousands of images/s), so that decoding
+and preprocessing are the limit, as on a GPU. In one run, interleaved: decode + preprocess alone in one process
+(hf_clipsel.embedding.prepare_batch), the same through a DataLoader with 2 workers and no forward (the decode-only
+bound), the forward alone on prepared pixels (the forward-only bound), and embed_images end to end with
+preprocessing_num_workers 0, 1 and 2. About 2 minutes for N = 1024.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from scipy.stats import spearmanr
 
 from hf_clipsel.configs import ModelConfig
 from hf_clipsel.data import class_prompts, decode_rgb
-from hf_clipsel.embedding import embed_class_prompts, embed_images, pooled_matrix
+from hf_clipsel.embedding import _PreparedBatches, embed_class_prompts, embed_images, pooled_matrix, prepare_batch
 from hf_clipsel.modeling import class_text_features, image_features, load_clip, model_fingerprint, vision_tower_outputs
 from hf_clipsel.scoring import sample_diversity, semantic_alignment
 
@@ -105,8 +112,91 @@ def _store(results: dict, key: str, fn, *args) -> None:
     results[key] = fn(*args)
 
 
+def imagenet_like(dataset, side=(500, 375), quality: int = 90):
+    """The dataset's images as JPEGs of ImageNet's typical size (decode-bound case), with row_id."""
+    import io
+
+    from datasets import Dataset, Features, Value
+    from PIL import Image as PILImage
+
+    from hf_clipsel.data import with_row_ids
+
+    def encode(image) -> bytes:
+        buffer = io.BytesIO()
+        image.convert("RGB").resize(side, PILImage.BICUBIC).save(buffer, "JPEG", quality=quality)
+        return buffer.getvalue()
+
+    cells = [{"bytes": encode(image), "path": None} for image in dataset["img"]]
+    features = Features({"img": Image(), "label": Value("int64")})
+    return with_row_ids(Dataset.from_dict({"img": cells, "label": dataset["label"][:]}, features=features))
+
+
+def decode_case(args) -> None:
+    """The decode-bound case (see the module docstring): throughputs and their ratios, in one run."""
+    from hf_clipsel.tiny import build_tiny_clip
+
+    dataset = imagenet_like(cifar10_rows(args.num_images, args.data_dir).select_columns(["img", "label"]))
+    with tempfile.TemporaryDirectory(prefix="bench_decode_") as workdir:
+        model_config = ModelConfig(model_name_or_path=str(build_tiny_clip(f"{workdir}/clip", image_size=224)))
+        model, processor = load_clip(model_config)
+        fingerprint, image_processor = model_fingerprint(model_config, model), processor.image_processor
+        chunk = dataset.select_columns(["row_id", "img"]).cast_column("img", Image(decode=False))
+        cells, size = chunk["img"], args.batch_size
+        prepared = [
+            prepare_batch(cells[i : i + size], image_processor)["pixel_values"] for i in range(0, len(cells), size)
+        ]
+
+        def decode_serial():
+            for start in range(0, len(cells), size):
+                prepare_batch(cells[start : start + size], image_processor)
+
+        def decode_workers(workers: int):
+            batches = _PreparedBatches(chunk, "img", image_processor, size)
+            for _ in torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers, prefetch_factor=2):
+                pass
+
+        def end_to_end(workers: int):
+            with tempfile.TemporaryDirectory(dir=workdir) as cache_dir:
+                embed_images(
+                    dataset,
+                    "img",
+                    model,
+                    image_processor,
+                    fingerprint,
+                    cache_dir,
+                    Accelerator(cpu=True),
+                    batch_size=size,
+                    chunk_size=size * 8,
+                    num_workers=workers,
+                )
+
+        variants = {
+            "decode + preprocess, 1 process": decode_serial,
+            "decode-only bound, 2 workers": partial(decode_workers, 2),
+            "forward-only bound": partial(bare_forward, model, prepared),
+            **{f"embed_images, {w} workers": partial(end_to_end, w) for w in (0, 1, 2)},
+        }
+        times = interleaved(variants, args.repeats)
+    rate = {name: len(dataset) / median(seconds) for name, seconds in times.items()}
+    serial, bound = rate["decode + preprocess, 1 process"], rate["decode-only bound, 2 workers"]
+    table(
+        [
+            {"path": name, "img/s": value, "x decode 1 process": value / serial, "x decode-only bound": value / bound}
+            for name, value in rate.items()
+        ]
+    )
+    print(
+        f"(N = {len(dataset)} JPEGs 500x375, batch {size}, median of {args.repeats} interleaved runs, "
+        f"{torch.get_num_threads()} torch threads in the main process; targets for 2 workers: >= 1.5x decode 1 "
+        "process and >= 0.85x the decode-only bound)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--case", choices=["model", "decode"], default="model", help="model-bound (ViT-B/32) or decode-bound"
+    )
     parser.add_argument("--num-images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward (RunConfig default: 64)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median reported)")
@@ -118,6 +208,11 @@ def main() -> None:
     args = parser.parse_args()
     setup(args.threads)
     started = time.perf_counter()
+    if args.case == "decode":
+        header("bench_embedding --case decode: ImageNet-like JPEGs, a tiny tower; preprocessing_num_workers 0/1/2")
+        decode_case(args)
+        footer(started)
+        return
     header("bench_embedding: embed_images vs bare forward, ViT-B/32 (random weights)")
     model_dir = build_vit_b32(args.model_dir)
     dataset = cifar10_rows(args.num_images, args.data_dir)
