@@ -230,9 +230,11 @@ def embed_stage(context, model=None, fingerprint: str | None = None) -> Dataset:
 
     model = model or context.model
     fingerprint = fingerprint or context.model_fingerprint
-    run = context.config.run
+    run, processor = context.config.run, context.processor.image_processor
+    sizes = dict(
+        batch_size=run.batch_size, chunk_size=run.embedding_chunk_size, num_workers=run.preprocessing_num_workers
+    )
     if isinstance(context.dataset, IterableDataset):
-        processor = context.processor.image_processor
         key = hashlib.sha256(
             f"{stream_identity(context.config.data)}-{fingerprint}-{processor.to_json_string()}-"
             f"{run.batch_size}-{run.embedding_chunk_size}".encode()
@@ -246,21 +248,17 @@ def embed_stage(context, model=None, fingerprint: str | None = None) -> Dataset:
             key,
             context.cache_dir,
             context.accelerator,
-            batch_size=run.batch_size,
-            chunk_size=run.embedding_chunk_size,
-            num_workers=run.preprocessing_num_workers,
+            **sizes,
         )
     return embed_images(
         context.dataset,
         context.source.image_column,
         model,
-        context.processor.image_processor,
+        processor,
         fingerprint,
         context.cache_dir,
         context.accelerator,
-        batch_size=run.batch_size,
-        chunk_size=run.embedding_chunk_size,
-        num_workers=run.preprocessing_num_workers,
+        **sizes,
     )
 
 

@@ -1,11 +1,13 @@
 """Push a run's outputs to the Hub, and read its scores back.
 
-``push_outputs`` turns ``output_dir`` (laid out as a dataset repo, see :mod:`hf_clipsel.outputs`) into two repos:
+``push_outputs`` turns ``output_dir`` (laid out as a dataset repo, see :mod:`hf_clipsel.outputs`) into two repos,
+after checking, before any request, that the folder holds exactly the finished run its record lists, byte for byte
+(:func:`hf_clipsel.run_record.verify`; an incomplete or mixed folder is refused):
 
 - the dataset repo: the card (``README.md``, its ``configs:`` naming every subset and ``scores``, rendered again
-  with the repo ids so its snippets name the repo), ``subsets/``, ``scores/``, ``run_config.yaml``,
-  ``run_summary.json`` and ``report/``. Nothing else: not ``embeddings/`` (a cache), not ``adapter/``, not any
-  other file a user or the demo left in ``output_dir``;
+  with the repo ids so its snippets name the repo) and the files the record lists: ``subsets/``, ``scores/``,
+  ``run_config.yaml``, ``run_summary.json``, ``report/``, and ``run_record.json`` itself. Nothing else: not
+  ``embeddings/`` (a cache), not ``adapter/``, not any other file a user left in ``output_dir``;
 - the model repo (optional): the adapters of ``adapter/`` at its root, so ``PeftModel.from_pretrained(clip,
   repo_id)`` loads them, and their card.
 

@@ -1,16 +1,11 @@
-"""Write a run's outputs. The output directory is laid out as a Hub dataset repo, so `load_dataset(output_dir,
-"ratio_0.3")` reads a subset locally and the same folder can be uploaded as it is:
+"""Write a run's outputs, laid out as a Hub dataset repo, so that `load_dataset(output_dir, "ratio_0.3")` reads a
+subset locally and the same folder can be uploaded as it is (the layout: README.md, "Outputs"):
 
-    output_dir/
-      README.md                    dataset card; its YAML `configs:` names every subset and `scores`
-      run_config.yaml              the resolved configuration and library versions
-      run_summary.json             counts: rows, flagged rows, kept rows per ratio and per class
-      scores/*.parquet             one row per source row, keyed by row_id
-      subsets/ratio_<r>/*.parquet  the selected rows, every original column plus row_id
-      adapter/                     PEFT adapters (save_pretrained)
-      embeddings/                  the embedding cache (not part of the dataset repo)
+    README.md, run_record.json, run_config.yaml, run_summary.json, scores/, subsets/ratio_<r>/, adapter/, report/,
+    embeddings/ (the cache, not part of the dataset repo)
 
-Every directory is written beside its final place and renamed into it, so it appears whole or not at all.
+The writers here write into a folder that the run record's RunFolder stages beside the run and swaps in whole
+(hf_clipsel.run_record); each directory is also written beside its place and renamed into it.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .configs import AdapterConfig, ClipselConfig, DataConfig, ModelConfig, ScoringConfig, SelectionConfig, ratio_name
+from .outputs import library_versions, write_atomic_text
 
 logger = logging.getLogger(__name__)
 
@@ -187,8 +188,6 @@ class RunRecord:
     def described(self, source, command: list[str] | None) -> RunRecord:
         """This record with the source's identity (a :class:`~hf_clipsel.data.Source`, or None to keep the one
         recorded), the library versions and the command line."""
-        from .outputs import library_versions
-
         identity = self.source
         if source is not None:
             labels = np.ascontiguousarray(source.labels, dtype=np.int64)
@@ -417,7 +416,7 @@ class RunFolder:
             shutil.rmtree(stale, ignore_errors=True)  # left by a killed run; nobody else writes here now
         card = self.output_dir / CARD
         if not card.exists():
-            _write_atomic(card, INCOMPLETE_CARD)
+            write_atomic_text(card, INCOMPLETE_CARD)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -454,13 +453,13 @@ class RunFolder:
         staging = self.staging
         record.artefacts = {name: file_digest(staging / name) for name in artefact_sizes(staging)}
         record.written = _now()
-        _write_atomic(staging / RECORD, record.to_json())
+        write_atomic_text(staging / RECORD, record.to_json())
         if card_text is not None:
-            _write_atomic(staging / CARD, card_text)
+            write_atomic_text(staging / CARD, card_text)
         trash = self.output_dir / f"{TRASH_PREFIX}{uuid.uuid4().hex[:8]}"
         trash.mkdir()
         # From here until the new card is in, the folder is not loadable and not a run: never a mix of two.
-        _write_atomic(self.output_dir / CARD, INCOMPLETE_CARD)
+        write_atomic_text(self.output_dir / CARD, INCOMPLETE_CARD)
         (self.output_dir / RECORD).unlink(missing_ok=True)
         for entry in ARTEFACTS:
             if (self.output_dir / entry).exists():
@@ -481,12 +480,6 @@ def _link_or_copy(source, destination) -> None:
         os.link(source, destination)
     except OSError:  # a file system without hard links
         shutil.copy2(source, destination)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def directory_bytes(path: Path) -> int:

@@ -40,10 +40,10 @@ def stall():
     time.sleep(600)
 
 if point == "embedding":
-    embed_batch = embedding.embed_batch
-    def slow_embed_batch(*args, **kwargs):
+    embed_prepared = embedding.embed_prepared
+    def slow_embed_prepared(*args, **kwargs):
         stall()
-    embedding.embed_batch = slow_embed_batch
+    embedding.embed_prepared = slow_embed_prepared
 elif point == "writing":
     write_parquet_shards = outputs.write_parquet_shards
     def stall_after_a_shard(dataset, directory, split="train"):
@@ -58,12 +58,12 @@ elif point == "swap":
         return replace(source, destination)
     os.replace = stalling_replace
 elif point == "slow":  # embeds slowly, to hold the folder for a while
-    embed_batch = embedding.embed_batch
-    def slow_embed_batch(*args, **kwargs):
+    embed_prepared = embedding.embed_prepared
+    def slow_embed_prepared(*args, **kwargs):
         marker.write_text(point)
         time.sleep(0.3)
-        return embed_batch(*args, **kwargs)
-    embedding.embed_batch = slow_embed_batch
+        return embed_prepared(*args, **kwargs)
+    embedding.embed_prepared = slow_embed_prepared
 run(run_config(data, model, output_dir, **json.loads(overrides)))
 """
 POINTS = ["embedding", "writing", "swap"]
