@@ -355,18 +355,6 @@ def render_dataset_card(
     return DatasetCard(redact(content))
 
 
-def write_dataset_card(
-    output_dir: str | Path, dataset_repo_id: str | None = None, model_repo_id: str | None = None
-) -> Path:
-    """Render the dataset card and write it to ``output_dir/README.md``; returns the path."""
-    path = Path(output_dir) / "README.md"
-    card = render_dataset_card(output_dir, dataset_repo_id, model_repo_id)
-    temporary = path.with_name(".README.md.tmp")
-    temporary.write_text(str(card), encoding="utf-8")
-    os.replace(temporary, path)
-    return path
-
-
 def render_adapter_card(
     output_dir: str | Path, model_repo_id: str | None = None, dataset_repo_id: str | None = None
 ) -> ModelCard:

@@ -26,7 +26,7 @@ from huggingface_hub import DatasetCard
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from PIL import Image as PILImage
 
-from hf_clipsel.cards import render_adapter_card, render_dataset_card, write_dataset_card
+from hf_clipsel.cards import render_adapter_card, render_dataset_card
 from hf_clipsel.hub import _matches, is_transient, push_outputs
 from hf_clipsel.outputs import ratio_name
 from hf_clipsel.run_record import RECORD, RunRecord, artefact_sizes, file_digest
@@ -179,7 +179,7 @@ def build_output_dir(path: Path, adapter: Path, seed: int = 0) -> Path:
     (path / "embeddings" / "chunk-00000.parquet").write_bytes(b"cache that must never be pushed")
     (path / "report").mkdir()
     (path / "report" / "score_distributions.png").write_bytes(_png(rng))
-    write_dataset_card(path)
+    (path / "README.md").write_text(str(render_dataset_card(path)))
     return record_by_hand(path)
 
 
