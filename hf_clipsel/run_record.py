@@ -240,6 +240,13 @@ def verify(output_dir: str | Path, deep: bool = False, need_selection: bool = Tr
     output_dir = Path(output_dir)
     record = read_record(output_dir)
     if record is None:
+        card = output_dir / CARD
+        if card.is_file() and card.read_text(encoding="utf-8") != INCOMPLETE_CARD and (output_dir / "scores").is_dir():
+            raise IncompleteRunError(
+                f"{output_dir} was written by an hf_clipsel from before run records (it has no {RECORD}), so nothing "
+                "vouches that its files belong to one run; run `hf-clipsel run` again with its settings (`--config "
+                f"{output_dir}/run_config.yaml`; the embedding cache is reused) to make it a recorded run."
+            )
         raise IncompleteRunError(incomplete_message(output_dir, f"no readable {RECORD}"))
     if need_selection and not record.selected:
         raise IncompleteRunError(

@@ -18,7 +18,7 @@ from hub_stand_in import ChildWorker, HubStandIn, child_env  # tests/ is on sys.
 
 from hf_clipsel.cli import main
 from hf_clipsel.pipeline import run, select_from_scores
-from hf_clipsel.run_record import RECORD, RunLockedError, verify
+from hf_clipsel.run_record import RECORD, IncompleteRunError, RunLockedError, verify
 from tests.conftest import REPO, run_config
 
 # A run in a child process that stops at `point` (writes `reached` beside the folder, then sleeps until killed):
@@ -243,3 +243,12 @@ def test_clean_removes_only_the_caches_no_record_names(finished, cifar_slice, ti
     verify(output_dir, deep=True)
     labels = np.asarray(load_dataset(str(output_dir), "scores", split="train")["label"])
     assert len(labels) == 240
+
+
+def test_a_run_written_before_run_records_is_told_how_to_become_one(finished, tmp_path):
+    output_dir = tmp_path / "old"
+    shutil.copytree(finished, output_dir)
+    (output_dir / RECORD).unlink()  # what an hf_clipsel from before this change left
+    with pytest.raises(IncompleteRunError, match="from before run records") as refused:
+        verify(output_dir)
+    assert "run_config.yaml" in str(refused.value)
