@@ -75,7 +75,9 @@ def run(config: ClipselConfig, accelerator: Accelerator | None = None, command: 
         if folder:
             scores, features = score_stage(context, model, scoring)
             masks, scores = select_stage(scores, config, features)
-            record = record.done(config, *STAGES, caches=cache_keys(embeddings, scoring))
+            record = record.done(
+                config, *STAGES, caches=cache_keys(embeddings, scoring), checkpoint=context.model_fingerprint
+            )
             record = record.described(context.source, command)
             summary = write_stage(
                 config, context.dataset, scores, masks, command, staging, record.configuration(config)
@@ -94,7 +96,12 @@ def embed(config: ClipselConfig, accelerator: Accelerator | None = None, command
         context = load_context(config, accelerator)
         embeddings = embed_stage(context)
         if folder:
-            _commit_stage(folder, record.done(config, "embed", caches=cache_keys(embeddings)), context, command)
+            _commit_stage(
+                folder,
+                record.done(config, "embed", caches=cache_keys(embeddings), checkpoint=context.model_fingerprint),
+                context,
+                command,
+            )
         accelerator.wait_for_everyone()
     return embeddings
 
@@ -108,7 +115,9 @@ def adapt(config: ClipselConfig, accelerator: Accelerator | None = None, command
         staging = folder.stage(keep=record.artefacts_of_stages()) if folder else None
         model = adapt_stage(context, embeddings, staging)
         if folder:
-            record = record.done(config, "embed", "adapt", caches=cache_keys(embeddings))
+            record = record.done(
+                config, "embed", "adapt", caches=cache_keys(embeddings), checkpoint=context.model_fingerprint
+            )
             _commit_stage(folder, record, context, command, staged=True)
         accelerator.wait_for_everyone()
     return model
@@ -127,7 +136,9 @@ def score(config: ClipselConfig, accelerator: Accelerator | None = None, command
             scores, _ = score_stage(context, model, scoring)
             staging = folder.stage(keep=record.artefacts_of_stages())
             write_scores(staging, scores)
-            record = record.done(config, "embed", "score", caches=cache_keys(embeddings, scoring))
+            record = record.done(
+                config, "embed", "score", caches=cache_keys(embeddings, scoring), checkpoint=context.model_fingerprint
+            )
             _commit_stage(folder, record, context, command, staged=True)
         accelerator.wait_for_everyone()
     return scores

@@ -181,6 +181,8 @@ def test_a_killed_replacement_leaves_the_old_run_or_nothing(point, finished, cif
 def test_a_stage_command_into_another_runs_folder_is_refused_and_changes_nothing(finished, tmp_path, capsys):
     output_dir = tmp_path / "run"
     shutil.copytree(finished, output_dir)
+    embed = verify(output_dir).stages["embed"]
+    assert len(embed["checkpoint"]) == 16 and embed["caches"]  # the checkpoint's identity and its cache
     before = _files(output_dir)
     common = ["--dataset_name", str(verify(output_dir).stages["embed"]["settings"]["dataset_name"])]
     common += ["--output_dir", str(output_dir)]
