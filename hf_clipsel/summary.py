@@ -19,7 +19,7 @@ from .noise import NOISE_COLUMNS, kept_noise
 from .outputs import ADAPTER_DIR, EMBEDDINGS_DIR, RUN_SUMMARY, write_atomic_text
 from .reasons import REASONS
 from .run_record import directory_bytes
-from .scores_table import DAMAGE, damaged_rows, drop_reason_column, selection_inputs
+from .scores_table import DAMAGE, drop_reason_column, selection_inputs
 from .selection import select
 
 
@@ -89,10 +89,11 @@ def injected_noise(dataset, scores: Dataset, masks: dict, config: ClipselConfig)
     if isinstance(dataset, IterableDataset) or "is_noisy" not in dataset.column_names:
         return None
     present = [name for name in NOISE_COLUMNS if name in dataset.column_names]
-    columns = {**dataset.select_columns(present).with_format("numpy")[:], "label": np.asarray(scores["label"][:])}
     table = scores.with_format("numpy")[:]
+    columns = {**dataset.select_columns(present).with_format("numpy")[:], "label": table["label"]}
     random_config = dataclasses.replace(config.selection, selection_method="random", class_balanced=False)
-    random_masks = select(selection_inputs(table, random_config, damaged_rows(table, random_config)), random_config)
+    # the damage select_stage found and wrote (DAMAGE), not found again: the random draw sees the same valid rows
+    random_masks = select(selection_inputs(table, random_config, table[DAMAGE].astype(object)), random_config)
     return {
         "pool": kept_noise(columns),
         "ratios": {
