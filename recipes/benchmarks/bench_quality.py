@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from _common import DATA_DIR_HELP, load_cifar10
-from proxy_clip import ProxySpec, decode_uint8, train_proxy, zero_shot_accuracy
+from proxy_clip import VIEWS, ProxySpec, decode_uint8, train_proxy, zero_shot_accuracy
 from quality_train import TrainSpec, train_minimal, train_recipe
 
 from hf_clipsel import pipeline
@@ -56,13 +56,14 @@ from hf_clipsel.run_record import IncompleteRunError, verify
 from hf_clipsel.scores_table import SCORE_COLUMNS, read_scores, selected_column
 
 REPO = Path(__file__).resolve().parents[2]
-METHOD, ZERO_SHOT, PAPER, UNGATED, BALANCED, ALPHA_RATIO = (
+METHOD, ZERO_SHOT, PAPER, UNGATED, BALANCED, ALPHA_RATIO, FORCED = (
     "exact",
     "sas_zero_shot",
     "exact_paper",
     "exact_ungated",
     "exact_balanced",
     "exact_alpha_ratio",
+    "exact_forced",
 )
 # Selected by select_from_scores on the method's saved scores: no model needed.
 FROM_SAVED_SCORES = ("random", "clip_score", "ccs", UNGATED, BALANCED, ALPHA_RATIO)
@@ -72,6 +73,7 @@ VARIANTS = (
     UNGATED,
     BALANCED,
     ALPHA_RATIO,
+    FORCED,
 )  # the method with other settings: selection only (noise kept) unless also in --selectors
 LABELS = {
     METHOD: "method (exact, package defaults)",
@@ -79,12 +81,13 @@ LABELS = {
     UNGATED: "method with diversity_gate none",
     BALANCED: "method with class_balanced quotas",
     ALPHA_RATIO: "method with alpha = ratio",
+    FORCED: "method, adapters forced on (adapter_holdout_fraction 0)",
     "random": "random",
     "clip_score": "clip_score (adapted SAS)",
     "moderate": "moderate (Moderate-DS)",
     "ccs": "ccs (CCS on adapted SAS)",
     ZERO_SHOT: "SAS zero-shot (no adapter)",
-    "full": "full noisy pool",
+    "full": "full pool",
     "clean": "clean rows only (oracle)",
 }
 
@@ -97,6 +100,13 @@ def parse_args(argv=None):
     p.add_argument("--model_name_or_path", default=None, help="A CLIP checkpoint; default: train the proxy.")
     p.add_argument("--proxy_epochs", type=int, default=ProxySpec.epochs)
     p.add_argument("--proxy_rows", type=int, default=8000, help="Test rows 0..N-1 train the proxy.")
+    p.add_argument(
+        "--proxy_view",
+        choices=VIEWS,
+        default="colour",
+        help="The view of its training rows the proxy is pre-trained on; the pools stay in colour, so greyscale "
+        "makes the domain-shift case (weak zero-shot alignment, something for the adapters to learn).",
+    )
     p.add_argument("--eval_start", type=int, default=8000, help="Test rows from here on: downstream evaluation.")
     p.add_argument("--pool_size", type=int, default=10000, help="Rows drawn from the training split (seeded).")
     p.add_argument("--pool_seed", type=int, default=0)
@@ -124,6 +134,14 @@ def parse_args(argv=None):
     budget_group.add_argument("--train_steps", type=int, default=None, help="Fixed steps per run (default 200).")
     budget_group.add_argument("--epochs", type=int, default=None, help="Fixed epochs per run instead of steps.")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--stability_seeds",
+        type=int,
+        nargs="*",
+        default=[],
+        help="Select again with these seeds (the adapters' training seed and held-out split) for the method and, "
+        "when selected, the forced adapters, and report the overlap of the kept sets with seed 0's.",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared; 0: torch's own).")
     args = p.parse_args(argv)
     if args.train_steps is None and args.epochs is None:
@@ -169,7 +187,8 @@ def timed_piece(work_dir: Path, name: str, fn):
 
 
 def proxy_dir(args) -> Path:
-    return Path(args.work_dir) / f"proxy-rows{args.proxy_rows}-epochs{args.proxy_epochs}"
+    view = "" if args.proxy_view == "colour" else f"-{args.proxy_view}"
+    return Path(args.work_dir) / f"proxy-rows{args.proxy_rows}-epochs{args.proxy_epochs}{view}"
 
 
 def model_key(args) -> str:
@@ -208,8 +227,9 @@ def ensure_heldout(args, test) -> Path:
     return folder
 
 
-def ensure_model(args, test, class_names) -> tuple[str, float]:
-    """The CLIP to select with (given, or the proxy, trained once) and its zero-shot top-1 on the evaluation rows."""
+def ensure_model(args, test, class_names) -> tuple[str, dict[str, float]]:
+    """The CLIP to select with (given, or the proxy, trained once on --proxy_view) and its zero-shot top-1 on the
+    evaluation rows in each view ({view: top-1})."""
     work_dir = Path(args.work_dir)
     path = args.model_name_or_path
     if path is None:
@@ -220,16 +240,23 @@ def ensure_model(args, test, class_names) -> tuple[str, float]:
 
             def build():
                 return train_proxy(
-                    path, decode_uint8(rows), torch.tensor(rows["label"]), class_names, spec, path + ".state.pt"
+                    path,
+                    decode_uint8(rows, view=args.proxy_view),
+                    torch.tensor(rows["label"]),
+                    class_names,
+                    spec,
+                    path + ".state.pt",
                 )
 
             timed_piece(work_dir, "proxy_training", build)
     cached = read_json(work_dir / "zero_shot.json") or {}
-    if path not in cached:
-        heldout = test.select(range(args.eval_start, len(test)))
-        cached[path] = zero_shot_accuracy(path, heldout, class_names)
-        write_json(work_dir / "zero_shot.json", cached)
-    return path, cached[path]
+    heldout = test.select(range(args.eval_start, len(test)))
+    for view in VIEWS:
+        key = path if view == "colour" else f"{path}@{view}"
+        if key not in cached:
+            cached[key] = zero_shot_accuracy(path, heldout, class_names, view=view)
+            write_json(work_dir / "zero_shot.json", cached)
+    return path, {view: cached[path if view == "colour" else f"{path}@{view}"] for view in VIEWS}
 
 
 # ---------------------------------------------------------------- noise cases and pools
@@ -251,6 +278,8 @@ def noise_cases(args) -> list[dict]:
 
 def case_title(case: dict, args) -> str:
     percent = f"{case['fraction'] * 100:g}%"
+    if case["fraction"] == 0:
+        return "clean labels (nothing injected)"
     if case["kind"] == "symmetric":
         return f"{percent} symmetric label noise"
     if case["kind"] == "asymmetric":
@@ -298,16 +327,17 @@ def pool_columns(pool_file: Path) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- selection through the package
 
 
-def selection_config(args, case: dict, pool_file: Path, model: str, selector: str) -> ClipselConfig:
+def selection_config(args, case: dict, pool_file: Path, model: str, selector: str, seed: int = 0) -> ClipselConfig:
     run_dir = Path(args.work_dir) / "runs" / model_key(args) / pool_key(args, case) / ratios_key(args)
     values = {
+        "seed": seed,
         "dataset_name": str(pool_file),
         "image_column": "img",
         "label_column": "label",
         "model_name_or_path": model,
         "selection_ratios": list(args.ratios),
         "selection_method": "clip_score" if selector == ZERO_SHOT else METHOD if selector in VARIANTS else selector,
-        "output_dir": str(run_dir / selector),
+        "output_dir": str(run_dir / (selector if seed == 0 else f"{selector}-seed{seed}")),
         "cache_dir": str(run_dir / "embeddings"),  # one embedding pass per case, shared by both runs
         "batch_size": args.embed_batch_size,
         "overwrite_output_dir": True,  # only reached when finished() found other settings there
@@ -322,6 +352,8 @@ def selection_config(args, case: dict, pool_file: Path, model: str, selector: st
         values["class_balanced"] = True
     elif selector == ALPHA_RATIO:  # the paper's alpha with the default's gate, posterior term and damage check
         values["alpha"] = None
+    elif selector == FORCED:  # the default with the held-out check off: adapters trained on every row, kept
+        values["adapter_holdout_fraction"] = 0.0
     return ClipselConfig.from_flat(values)
 
 
@@ -359,7 +391,19 @@ def ensure_selections(args, case: dict, pool_file: Path, model: str) -> dict[str
         else:  # zero-shot alignment alone, or the paper preset: a run of its own, on the same embedding cache
             work = lambda c=config: pipeline.run(c, command=command)  # noqa: E731
         timed_piece(work_dir, name, work)
+    for selector, seed in stability_runs(args):
+        config = selection_config(args, case, pool_file, model, selector, seed)
+        configs[f"{selector}-seed{seed}"] = config
+        if not finished(config):
+            run = lambda c=config: pipeline.run(c, command=command)  # noqa: E731
+            timed_piece(work_dir, f"{case['name']}/{selector}-seed{seed}", run)
     return configs
+
+
+def stability_runs(args) -> list[tuple[str, int]]:
+    """(selector, seed) of the extra selections that measure stability across adapter-training seeds."""
+    selectors = [METHOD] + ([FORCED] if FORCED in all_selectors(args) else [])
+    return [(selector, seed) for selector in selectors for seed in args.stability_seeds if seed != 0]
 
 
 def all_selectors(args) -> list[str]:
@@ -420,31 +464,55 @@ def auroc(score: np.ndarray, positive: np.ndarray) -> float:
     return float(roc_auc_score(positive, score))
 
 
-def score_diagnostics(configs, columns) -> dict:
-    """How well each score separates the injected rows (AUROC, 0.5 = chance; for SAS and the reward, low = noisy, so
-    1 - AUROC of the raw score is reported), and how much of the noise the adapters learned."""
+# The selections whose scores come from a model of their own (the others reuse the method's scores).
+SCORED = (ZERO_SHOT, METHOD, FORCED, PAPER)
+
+
+def score_diagnostics(args, configs, columns) -> dict:
+    """Per selection with scores of its own: how well its features classify the pool (top-1 against the clean
+    labels), how often they predict the injected (wrong) label on the injected rows (1 = the adapters learned the
+    noise), how well its SAS and reward separate the injected rows (AUROC, 0.5 = chance; for SAS and the reward low
+    = injected, so 1 - AUROC of the raw score); the method's held-out check; and the overlap of kept sets across
+    adapter-training seeds."""
     noisy = columns["is_noisy"].astype(bool)
-    adapted = read_scores(configs[METHOD].run.output_dir).to_dict()
-    summary = json.loads((Path(configs[METHOD].run.output_dir) / "run_summary.json").read_text())
-    check = summary.get("adapter_check") or {}
-    out = {
-        "adapter_check_zero_shot_agreement": check.get("zero_shot_agreement", float("nan")),
-        "adapter_check_adapted_agreement": check.get("adapted_agreement", float("nan")),
-        "adapter_check_fell_back": float(check.get("fell_back", float("nan"))),
-        "adapter_moved_from_zero_shot": float(adapter_moved(Path(configs[METHOD].run.output_dir) / "adapter")),
-        "auroc_adapted_sas_low": 1 - auroc(np.asarray(adapted["semantic_alignment"]), noisy),
-        "auroc_sds_high": auroc(np.asarray(adapted["sample_diversity"]), noisy),
-        "auroc_reward_low": 1 - auroc(np.asarray(adapted[_reward_column(adapted)]), noisy),
-        "adapted_predicts_given_label_on_noisy_rows": _share(adapted["predicted_label"], columns["label"], noisy),
-        "adapted_predicts_clean_label": _share(adapted["predicted_label"], columns["clean_label"], None),
+    out = {}
+    for selector in SCORED:
+        output_dir = Path(configs[selector].run.output_dir)
+        if not (output_dir / "run_record.json").exists():
+            continue
+        table = read_scores(output_dir).to_dict()
+        reward = next((c for c in table if c.startswith("reward_")), None)
+        out[selector] = {
+            "pool_top1_clean_labels": _share(table["predicted_label"], columns["clean_label"], None),
+            "predicts_injected_label_on_injected_rows": _share(table["predicted_label"], columns["label"], noisy),
+            "auroc_sas_low": 1 - auroc(np.asarray(table["semantic_alignment"]), noisy),
+            "auroc_reward_low": 1 - auroc(np.asarray(table[reward]), noisy) if reward else float("nan"),
+            "auroc_sds_high": auroc(np.asarray(table["sample_diversity"]), noisy),
+        }
+        if (output_dir / "adapter").exists():
+            out[selector]["adapters_moved"] = float(adapter_moved(output_dir / "adapter"))
+        check = json.loads((output_dir / "run_summary.json").read_text()).get("adapter_check") or {}
+        if check:
+            out[selector].update(
+                check_adapted_agreement=check.get("adapted_agreement", float("nan")),
+                check_zero_shot_agreement=check.get("zero_shot_agreement", float("nan")),
+                check_fell_back=float(check.get("fell_back", float("nan"))),
+            )
+        out[selector] = {key: round(value, 4) for key, value in out[selector].items()}
+    out["seed_overlap"] = {
+        f"{selector}-seed{seed}": {
+            f"{ratio:g}": round(float((base[ratio] & other[ratio]).sum() / base[ratio].sum()), 4)
+            for ratio in args.ratios
+        }
+        for selector, seed in stability_runs(args)
+        for base, other in [(selected_masks(args, configs[selector]), selected_masks(args, configs[f"{selector}-seed{seed}"]))]
     }
-    zero_dir = configs[ZERO_SHOT].run.output_dir
-    if (Path(zero_dir) / "run_record.json").exists():
-        zero = read_scores(zero_dir).to_dict()
-        out["auroc_zero_shot_sas_low"] = 1 - auroc(np.asarray(zero["semantic_alignment"]), noisy)
-        out["zero_shot_predicts_given_label_on_noisy_rows"] = _share(zero["predicted_label"], columns["label"], noisy)
-        out["zero_shot_predicts_clean_label"] = _share(zero["predicted_label"], columns["clean_label"], None)
-    return {key: round(value, 4) for key, value in out.items()}
+    return out
+
+
+def selected_masks(args, config: ClipselConfig) -> dict[float, np.ndarray]:
+    table = read_scores(config.run.output_dir).select_columns([selected_column(r) for r in args.ratios]).to_dict()
+    return {ratio: np.asarray(table[selected_column(ratio)], dtype=bool) for ratio in args.ratios}
 
 
 def adapter_moved(adapter_dir: Path) -> bool:
@@ -453,11 +521,6 @@ def adapter_moved(adapter_dir: Path) -> bool:
 
     weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
     return any(bool(t.abs().sum() > 0) for name, t in weights.items() if "lora_B" in name)
-
-
-def _reward_column(table) -> str:
-    """The reward column of the first ratio (with the package's fixed alpha the reward is the same for every ratio)."""
-    return next(c for c in table if c.startswith("reward_"))
 
 
 def _share(predicted, reference, rows) -> float:
@@ -473,7 +536,8 @@ def training_subsets(args, masks, columns) -> dict[str, np.ndarray]:
     """{subset name: bool[N]}: every selector x ratio, the full pool, the clean rows."""
     subsets = {f"{s}@{r:g}": masks[s][r] for s in args.selectors for r in args.ratios}
     subsets["full@1"] = np.ones(len(columns["label"]), dtype=bool)
-    subsets["clean"] = ~columns["is_noisy"].astype(bool)
+    if columns["is_noisy"].any():  # with no injected rows the clean rows are the full pool
+        subsets["clean"] = ~columns["is_noisy"].astype(bool)
     return subsets
 
 
@@ -550,35 +614,51 @@ def markdown(args, cases, per_case, rows, model_line) -> str:
             cells = [_cell(by_key[(selector, ratio)]) for ratio in args.ratios]
             lines.append(f"| {LABELS[selector]} | " + " | ".join(cells) + " |")
         for name in ("full", "clean"):
-            row = next(r for r in rows if r["case"] == case["name"] and r["selector"] == name)
+            row = next((r for r in rows if r["case"] == case["name"] and r["selector"] == name), None)
+            if row is None:  # no injected rows: the clean rows are the full pool
+                continue
             lines.append(
                 f"| {LABELS[name]} (ratio {row['ratio']:g}, {row['kept']:,} rows) | "
                 + " | ".join([_cell(row)] + [""] * (len(args.ratios) - 1))
                 + " |"
             )
-        diagnostics = info["diagnostics"]
-        lines += [
-            "",
-            "Adapter check (package default, held-out rows): label agreement adapted {:.3f} vs zero-shot {:.3f}, fell "
-            "back to zero-shot: {}; adapters changed by training (early stopping may keep the zero-shot start): {}. "
-            "Scores against the injected rows (AUROC, 0.5 = chance): SAS of the method's "
-            "model {:.3f}, zero-shot SAS {:.3f}, reward c (alpha 0.1) {:.3f}, SDS (high = injected) {:.3f}. The "
-            "method's model predicts the injected (wrong) label on {:.1%} of the injected rows (zero-shot: "
-            "{:.1%}).".format(
-                diagnostics["adapter_check_adapted_agreement"],
-                diagnostics["adapter_check_zero_shot_agreement"],
-                {1.0: "yes", 0.0: "no"}.get(diagnostics["adapter_check_fell_back"], "n/a"),
-                {1.0: "yes", 0.0: "no"}.get(diagnostics["adapter_moved_from_zero_shot"], "n/a"),
-                diagnostics["auroc_adapted_sas_low"],
-                diagnostics.get("auroc_zero_shot_sas_low", float("nan")),
-                diagnostics["auroc_reward_low"],
-                diagnostics["auroc_sds_high"],
-                diagnostics["adapted_predicts_given_label_on_noisy_rows"],
-                diagnostics.get("zero_shot_predicts_given_label_on_noisy_rows", float("nan")),
-            ),
-            "",
-        ]
+        lines += ["", *diagnostics_table(info["diagnostics"]), ""]
     return "\n".join(lines)
+
+
+def diagnostics_table(diagnostics: dict) -> list[str]:
+    """The score diagnostics of score_diagnostics as markdown lines."""
+
+    def number(value, percent=False):
+        if value is None or value != value:
+            return "n/a"
+        return f"{value:.1%}" if percent else f"{value:.3f}"
+
+    lines = [
+        "| scores from | pool top-1 against the clean labels | predicts the injected label on injected rows | "
+        "AUROC, SAS | AUROC, reward | adapters trained / moved | held-out check: adapted vs zero-shot, fell back |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for selector in SCORED:
+        if selector not in diagnostics:
+            continue
+        d = diagnostics[selector]
+        moved = {1.0: "yes / yes", 0.0: "yes / no (early stopping kept the start)"}.get(d.get("adapters_moved"), "no")
+        check = "n/a"
+        if "check_fell_back" in d:
+            fell = {1.0: "yes", 0.0: "no"}.get(d["check_fell_back"], "n/a")
+            check = f"{number(d['check_adapted_agreement'])} vs {number(d['check_zero_shot_agreement'])}, {fell}"
+        lines.append(
+            f"| {LABELS[selector]} | {number(d['pool_top1_clean_labels'], True)} | "
+            f"{number(d['predicts_injected_label_on_injected_rows'], True)} | {number(d['auroc_sas_low'])} | "
+            f"{number(d['auroc_reward_low'])} | {moved} | {check} |"
+        )
+    for name, overlaps in diagnostics["seed_overlap"].items():
+        selector, _, seed = name.rpartition("-seed")
+        cells = ", ".join(f"{ratio}: {share:.3f}" for ratio, share in overlaps.items())
+        lines.append("")
+        lines.append(f"Kept-set overlap of {LABELS[selector]} with adapter-training seed {seed} against seed 0: {cells}.")
+    return lines
 
 
 def _cell(row) -> str:
@@ -595,7 +675,7 @@ def plot(args, cases, per_case, rows, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, len(cases), figsize=(5.2 * len(cases), 8), squeeze=False, sharex=True)
-    markers = dict(zip(SELECTORS + VARIANTS, "osD^vxPX*h"))
+    markers = dict(zip(SELECTORS + VARIANTS, "osD^vxPX*hd"))
     for column, case in enumerate(cases):
         top, bottom = axes[0][column], axes[1][column]
         case_rows = [r for r in rows if r["case"] == case["name"]]
@@ -613,8 +693,8 @@ def plot(args, cases, per_case, rows, path: Path, title: str) -> None:
                 stds = [100 * (r["top1_std"] or 0) for r in mine]
                 top.errorbar(ratios, means, yerr=stds, capsize=3, **style)
         for name, color, linestyle in (("full", "tab:red", "--"), ("clean", "tab:green", ":")):
-            row = next(r for r in case_rows if r["selector"] == name)
-            if row["top1_mean"] is not None:
+            row = next((r for r in case_rows if r["selector"] == name), None)
+            if row is not None and row["top1_mean"] is not None:
                 top.axhline(100 * row["top1_mean"], color=color, linestyle=linestyle, label=LABELS[name])
         pool_rate = 100 * per_case[case["name"]]["noisy"].mean()
         bottom.axhline(pool_rate, color="tab:red", linestyle="--", label="full noisy pool")
@@ -651,11 +731,12 @@ def main(argv=None):
     class_names = cifar["train"].features["label"].names
     heldout_dir = ensure_heldout(args, cifar["test"])
     model, zero_shot = ensure_model(args, cifar["test"], class_names)
-    model_name = model if args.model_name_or_path else f"proxy CLIP trained here on test rows 0..{args.proxy_rows - 1}"
-    heldout_rows = len(cifar["test"]) - args.eval_start
-    model_line = (
-        f"Selection model: {model_name}, zero-shot top-1 {zero_shot:.1%} on the {heldout_rows:,} held-out test rows."
+    model_name = model if args.model_name_or_path else (
+        f"proxy CLIP trained here on test rows 0..{args.proxy_rows - 1} in {args.proxy_view}"
     )
+    heldout_rows = len(cifar["test"]) - args.eval_start
+    views = ", ".join(f"{top1:.1%} in {view}" for view, top1 in zero_shot.items())
+    model_line = f"Selection model: {model_name}, zero-shot top-1 on the {heldout_rows:,} held-out test rows: {views}."
     print(model_line, flush=True)
 
     cases = noise_cases(args)
@@ -683,7 +764,7 @@ def main(argv=None):
             "noisy": columns["is_noisy"].astype(bool),
             "masks": masks,
             "subsets": training_subsets(args, masks, columns),
-            "diagnostics": score_diagnostics(configs, columns),
+            "diagnostics": score_diagnostics(args, configs, columns),
             "tensors": tensors,
             "results": {},
         }

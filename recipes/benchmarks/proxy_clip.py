@@ -31,6 +31,18 @@ from hf_clipsel.modeling import class_text_features, image_features, load_clip, 
 from hf_clipsel.tiny import BOS, EOS, tiny_tokenizer
 
 TEMPLATE = "a photo of a {}."
+# Views of an image the proxy can be pre-trained on. "greyscale" (PIL's luminance, copied to the three channels)
+# gives a proxy whose zero-shot alignment is weak on ordinary colour pools: the domain-shift case of bench_quality.
+VIEWS = ("colour", "greyscale")
+
+
+def in_view(image, view: str = "colour"):
+    """``image`` (PIL) as RGB in ``view``."""
+    if view == "greyscale":
+        return image.convert("L").convert("RGB")
+    if view != "colour":
+        raise ValueError(f"unknown view {view!r}; choose one of {VIEWS}.")
+    return image.convert("RGB")
 
 
 @dataclass
@@ -55,9 +67,10 @@ class ProxySpec:
     seed: int = 0
 
 
-def decode_uint8(dataset, image_column: str = "img") -> torch.Tensor:
-    """Every image of ``dataset`` as one uint8 tensor [N, 3, H, W] (RGB; all images must share one size)."""
-    images = [np.asarray(image.convert("RGB")) for image in dataset[image_column]]
+def decode_uint8(dataset, image_column: str = "img", view: str = "colour") -> torch.Tensor:
+    """Every image of ``dataset`` as one uint8 tensor [N, 3, H, W] (RGB in ``view``; all images must share one
+    size)."""
+    images = [np.asarray(in_view(image, view)) for image in dataset[image_column]]
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -208,9 +221,11 @@ def train_proxy(
     return {"history": history, "train_seconds": round(time.perf_counter() - started, 1)}
 
 
-def zero_shot_accuracy(model_path: str | Path, dataset, class_names: list[str], image_column: str = "img") -> float:
-    """Top-1 zero-shot accuracy of the checkpoint at ``model_path`` on ``dataset``, through hf_clipsel's own loading
-    (load_clip: from_pretrained + AutoProcessor), prompt embedding, and accuracy metric module."""
+def zero_shot_accuracy(
+    model_path: str | Path, dataset, class_names: list[str], image_column: str = "img", view: str = "colour"
+) -> float:
+    """Top-1 zero-shot accuracy of the checkpoint at ``model_path`` on ``dataset`` in ``view``, through hf_clipsel's
+    own loading (load_clip: from_pretrained + AutoProcessor), prompt embedding, and accuracy metric module."""
     model, processor = load_clip(ModelConfig(model_name_or_path=str(model_path)))
     with torch.no_grad():
         text_pooled = embed_class_prompts(model, processor.tokenizer, [[TEMPLATE.format(c) for c in class_names]])
@@ -219,7 +234,7 @@ def zero_shot_accuracy(model_path: str | Path, dataset, class_names: list[str], 
         for start in range(0, len(dataset), 256):
             rows = dataset[start : start + 256]
             pixels = processor.image_processor(
-                images=[image.convert("RGB") for image in rows[image_column]], return_tensors="pt"
+                images=[in_view(image, view) for image in rows[image_column]], return_tensors="pt"
             ).pixel_values
             features = F.normalize(image_features(model, vision_tower_outputs(model, pixels)), dim=-1)
             logits.append(features @ class_features.T)
