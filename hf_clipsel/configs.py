@@ -14,7 +14,7 @@ from fractions import Fraction
 
 ADAPTER_PRESETS = ("projection", "encoder_lora", "none")
 OBJECTIVES = ("class_ce", "infonce")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 DIVERSITY_GATES = ("none", "agreement")
 ALIGNMENTS = ("sas", "sas+posterior")
 # `preset: paper` reproduces the published method: alpha = ratio (the paper's text), adapters trained on every
@@ -146,10 +146,11 @@ class ModelConfig:
     )
     model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the checkpoint."})
     dtype: str = field(
-        default="float32",
+        default="auto",
         metadata={
-            "help": "Weights and activations of the frozen CLIP's image tower: float32 or bfloat16 (about 2x "
-            "faster on CPU). The text tower and the projections stay float32; scores are always float32."
+            "help": "Weights and activations of the frozen CLIP's image tower: float32, bfloat16 (about 2x faster "
+            "on CPU; its scores rank within 0.001 of float32's, recipes/benchmarks/README.md), or auto: bfloat16 on "
+            "a GPU, float32 on a CPU. The text tower and the projections stay float32; scores are always float32."
         },
     )
     trust_remote_code: bool = field(
@@ -364,11 +365,13 @@ class SelectionConfig:
 class RunConfig:
     output_dir: str = field(default="outputs/clipsel", metadata={"help": "Where every output of the run is written."})
     batch_size: int = field(default=64, metadata={"help": "Images per forward pass when embedding."})
-    preprocessing_num_workers: int = field(
-        default=0,
+    preprocessing_num_workers: int | None = field(
+        default=None,
         metadata={
             "help": "DataLoader worker processes that decode and preprocess the next batches while the vision tower "
-            "runs this one (per process under accelerate). 0: decode in the main process. Scores are the same."
+            "runs this one (per process under accelerate). 0: decode in the main process. Default: on a GPU, the "
+            "CPU cores of this process's share of the machine less one (at most 8); on a CPU, 0, since there the "
+            "tower is the limit (recipes/benchmarks/README.md, 'Decode-bound embedding'). Scores are the same."
         },
     )
     embedding_chunk_size: int = field(
@@ -397,7 +400,8 @@ class RunConfig:
         if self.push_to_hub and not self.hub_dataset_id:
             raise ValueError("push_to_hub is on but hub_dataset_id is not set; pass --hub_dataset_id org/name.")
         _check_positive("batch_size", self.batch_size)
-        _check_positive("preprocessing_num_workers", self.preprocessing_num_workers, allow_zero=True)
+        if self.preprocessing_num_workers is not None:
+            _check_positive("preprocessing_num_workers", self.preprocessing_num_workers, allow_zero=True)
         _check_positive("embedding_chunk_size", self.embedding_chunk_size)
         if self.embedding_chunk_size % self.batch_size:
             # Chunks made of whole batches keep batch boundaries, and so the numbers, identical across

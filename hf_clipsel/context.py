@@ -54,7 +54,7 @@ def load_context(config: ClipselConfig, accelerator: Accelerator | None = None) 
         )
     source = prepare_source(load_source(config.data), config.data, warn=accelerator.is_main_process)
     check_budgets(config, source.num_rows)
-    model, processor = load_clip(config.model)
+    model, processor = load_clip(config.model, accelerator.device)
     model.to(accelerator.device)
     return RunContext(
         config,

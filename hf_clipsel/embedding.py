@@ -1,9 +1,19 @@
 """Embed every image once with the frozen vision tower: batched `datasets.map`, split across processes by
 Accelerate, cached on disk in chunks so that a rerun (or a run killed half way) reuses what is done.
 
-The cache holds the pooled vision-tower outputs, before the projection: the projection preset's adapters act
-after it, so training and scoring run on this cache without touching an image again. It also holds three pixel
-statistics per image (hf_clipsel.image_quality), measured here because this is the one pass that decodes the images.
+One engine for both sources: a map-style `Dataset` is cut into chunks by `select`, a streamed `IterableDataset` is read
+once and cut into the same chunks as it comes; either way each chunk is one `datasets.map` cache file under one
+cache-key scheme. The cache holds the pooled vision-tower outputs, before the projection: the projection preset's
+adapters act after it, so training and scoring run on this cache without touching an image again.
+
+The same decode pass measures the damage check's pixel statistics (hf_clipsel.image_quality), stored in a cache of
+their own that names neither the model nor the processor: a change to the check recomputes them with a decode-only
+pass and never invalidates the (expensive) embeddings, and another model reuses them.
+
+Decoding and preprocessing run ahead of the tower in DataLoader workers (``preprocessing_num_workers``). With a
+torchvision-backed image processor (transformers' default) the workers stop before the processor's fused
+rescale-and-normalise and ship uint8 crops, a quarter of float32's bytes; that last step runs where the tower runs
+(on the GPU, from pinned memory) with the processor's own arithmetic, so the pixel values are bit-identical.
 """
 
 from __future__ import annotations
@@ -11,22 +21,27 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from datasets import Dataset, Features, Image, IterableDataset, List, Value, concatenate_datasets
+from datasets.arrow_writer import ArrowWriter
 
 from .data import ROW_ID, decode_rgb
-from .image_quality import QUALITY_COLUMNS, UNMEASURED, pixel_statistics
+from .image_quality import QUALITY_COLUMNS, STATISTICS_VERSION, UNMEASURED, pixel_statistics
 from .modeling import clip_of, text_tower_outputs, vision_tower_outputs
+from .streaming import stream_identity
 
 logger = logging.getLogger(__name__)
 
 VISION_POOLED = "vision_pooled"
-# Bump when the cached numbers would change for the same model and data.
-CACHE_FORMAT_VERSION = 4  # 2: pixel statistics; 3: sharpness; 4: measured on a 256-pixel centre crop
+# Bump when the cached embeddings would change for the same model and data.
+CACHE_FORMAT_VERSION = 5  # 2-4: pixel statistics inside; 5: statistics in a cache of their own
+STATISTICS_DIR_PREFIX = "pixel-statistics-"
 
 
 def embedding_features(hidden_size: int) -> Features:
@@ -36,129 +51,218 @@ def embedding_features(hidden_size: int) -> Features:
             VISION_POOLED: List(Value("float32"), length=hidden_size),
             "decode_ok": Value("bool"),
             "decode_error": Value("string"),
-            **{name: Value("float32") for name in QUALITY_COLUMNS},
         }
     )
 
 
-def prepare_batch(cells: list, image_processor) -> dict:
-    """The CPU half of a batch: decode to RGB, measure the pixels, preprocess; what cannot be decoded (or
-    preprocessed) is flagged with its reason. Runs in a DataLoader worker when ``preprocessing_num_workers`` > 0."""
+def statistics_features() -> Features:
+    return Features({ROW_ID: Value("int64"), **{name: Value("float32") for name in QUALITY_COLUMNS}})
+
+
+class Preprocessing:
+    """An image processor, split where the tower runs. For a torchvision-backed processor that rescales and
+    normalises (transformers' default), :meth:`prepare` stops before that fused last step and returns uint8 crops,
+    and :meth:`finish` does it on the tower's device with the processor's own constants and operation, so the pixel
+    values are bit-identical to the processor's. Any other processor runs whole in :meth:`prepare`."""
+
+    def __init__(self, image_processor):
+        self.processor = image_processor
+        self.deferred = (
+            getattr(image_processor, "backend", None) == "torchvision"
+            and bool(getattr(image_processor, "do_rescale", False))
+            and bool(getattr(image_processor, "do_normalize", False))
+        )
+        if self.deferred:  # what TorchvisionBackend.rescale_and_normalize computes (mean and std / rescale factor)
+            self.mean = torch.tensor(image_processor.image_mean) * (1.0 / image_processor.rescale_factor)
+            self.std = torch.tensor(image_processor.image_std) * (1.0 / image_processor.rescale_factor)
+        self._buffer: torch.Tensor | None = None
+
+    def prepare(self, images: list) -> torch.Tensor:
+        stop_early = dict(do_rescale=False, do_normalize=False) if self.deferred else {}
+        return self.processor(images=images, return_tensors="pt", **stop_early).pixel_values
+
+    def finish(self, pixel_values: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The model's input on ``device``. With a deferred normalisation the result lives in one reused buffer,
+        valid until the next call: a fresh float32 batch (38.5 MB for 64 x 3 x 224 x 224) costs five times the
+        arithmetic in page faults on a CPU."""
+        if not self.deferred:
+            return pixel_values.to(device, non_blocking=True)
+        from torchvision.transforms.v2 import functional as tvF
+
+        buffer = self._buffer
+        if buffer is None or buffer.shape != pixel_values.shape or buffer.device != device:
+            buffer = self._buffer = torch.empty(pixel_values.shape, dtype=torch.float32, device=device)
+        buffer.copy_(pixel_values, non_blocking=True)  # uint8 to float32 on the way, on the device
+        return tvF.normalize(buffer, self.mean.to(device), self.std.to(device), inplace=True)
+
+
+def prepare_batch(cells: list, preprocessing: Preprocessing, measure: bool = True) -> dict:
+    """The CPU half of a batch: decode to RGB, measure the pixels (``measure``), preprocess; what cannot be decoded
+    (or preprocessed) is flagged with its reason. Runs in a DataLoader worker when ``preprocessing_num_workers`` is
+    above 0."""
     decoded = [decode_rgb(cell) for cell in cells]
     errors = [error for _, error in decoded]
-    statistics = [pixel_statistics(image) if image is not None else UNMEASURED for image, _ in decoded]
-    rows, pixel_values = _preprocess([image for image, _ in decoded], image_processor, errors)
+    statistics = (
+        [pixel_statistics(image) if image is not None else UNMEASURED for image, _ in decoded] if measure else []
+    )
+    rows, pixel_values = _preprocess([image for image, _ in decoded], preprocessing, errors)
     return {"rows": rows, "pixel_values": pixel_values, "errors": errors, "statistics": statistics}
 
 
-def embed_prepared(batch: dict, prepared, model, hidden_size: int) -> dict:
-    """One `datasets.map` batch: the next prepared batch (from ``prepared``, an iterator over the same rows in the
-    same order) through the vision tower."""
+def embed_prepared(row_ids: list[int], prepared, model, hidden_size: int, preprocessing: Preprocessing) -> dict:
+    """One `datasets.map` batch (its ``row_id`` column only: the main process never reads the image bytes): the next
+    prepared batch (from ``prepared``, an iterator over the same rows in the same order) through the vision tower."""
     ready = next(prepared)
-    if len(ready["errors"]) != len(batch[ROW_ID]):
+    if len(ready["errors"]) != len(row_ids):
         raise RuntimeError("the prepared batches went out of step with the rows being embedded.")
     pooled = np.zeros((len(ready["errors"]), hidden_size), dtype=np.float32)
     if ready["rows"]:
         with torch.inference_mode():
-            pooled[ready["rows"]] = vision_tower_outputs(model, ready["pixel_values"]).cpu().numpy()
+            pixel_values = preprocessing.finish(ready["pixel_values"], clip_of(model).device)
+            pooled[ready["rows"]] = vision_tower_outputs(model, pixel_values).cpu().numpy()
     return {
-        ROW_ID: batch[ROW_ID],
+        ROW_ID: row_ids,
         VISION_POOLED: pooled,
         "decode_ok": [not error for error in ready["errors"]],
         "decode_error": ready["errors"],
-        **{name: [row[i] for row in ready["statistics"]] for i, name in enumerate(QUALITY_COLUMNS)},
     }
 
 
 class _PreparedBatches(torch.utils.data.Dataset):
     """The batches of one chunk, prepared (:func:`prepare_batch`) by index, for a DataLoader's workers."""
 
-    def __init__(self, chunk: Dataset, image_column: str, image_processor, batch_size: int):
-        self.chunk, self.image_column = chunk, image_column
-        self.processor, self.batch_size = image_processor, batch_size
+    def __init__(self, chunk: Dataset, image_column: str, preprocessing, batch_size: int, measure: bool = True):
+        self.chunk, self.image_column, self.measure = chunk, image_column, measure
+        self.preprocessing, self.batch_size = preprocessing, batch_size
 
     def __len__(self) -> int:
         return -(-len(self.chunk) // self.batch_size)
 
     def __getitem__(self, index: int) -> dict:
         rows = self.chunk[index * self.batch_size : (index + 1) * self.batch_size]
-        return prepare_batch(rows[self.image_column], self.processor)
+        return prepare_batch(rows[self.image_column], self.preprocessing, self.measure)
 
 
 def embed_chunk(
     chunk: Dataset,
     image_column: str,
     model,
-    image_processor,
-    path: Path,
+    preprocessing: Preprocessing,
+    paths: tuple[Path, Path],
     fingerprint: str,
     batch_size: int,
     num_workers: int = 0,
     desc: str = "Embedding images",
 ) -> None:
-    """Embed one chunk (``row_id`` and an undecoded image column) into the `datasets.map` cache file ``path``,
-    written whole or not at all. With ``num_workers`` > 0, DataLoader workers decode and preprocess the next batches
-    while the tower runs this one (two batches ahead per worker); the numbers are those of the serial path."""
-    if path.exists():
+    """Embed one chunk (``row_id`` and an undecoded image column) into ``paths``: its `datasets.map` cache file of
+    embeddings and its file of pixel statistics, each written whole or not at all; what exists is not redone (with
+    the embeddings done, the statistics take a decode-only pass). With ``num_workers`` > 0, DataLoader workers decode
+    and preprocess the next batches while the tower runs this one (two batches ahead per worker); the numbers are
+    those of the serial path."""
+    embeddings_path, statistics_path = paths
+    if embeddings_path.exists() and statistics_path.exists():
         return
-    hidden_size = clip_of(model).config.vision_config.hidden_size
+    device = clip_of(model).device
     loader = torch.utils.data.DataLoader(
-        _PreparedBatches(chunk, image_column, image_processor, batch_size),
+        _PreparedBatches(chunk, image_column, preprocessing, batch_size, measure=not statistics_path.exists()),
         batch_size=None,  # the dataset yields whole batches
         num_workers=num_workers,
         prefetch_factor=2 if num_workers else None,
+        pin_memory=device.type == "cuda",  # so that the copy to the device overlaps the forward
     )
-    chunk.map(
-        embed_prepared,
-        batched=True,
-        batch_size=batch_size,
-        fn_kwargs=dict(prepared=iter(loader), model=model, hidden_size=hidden_size),
-        remove_columns=chunk.column_names,
-        features=embedding_features(hidden_size),
-        cache_file_name=str(path),
-        load_from_cache_file=True,
-        # Named explicitly so that datasets never hashes the model or the loader passed in fn_kwargs.
-        new_fingerprint=fingerprint,
-        desc=desc,
-    )
+    statistics: list = []
+    prepared = _collecting(iter(loader), statistics)
+    if not embeddings_path.exists():
+        hidden_size = clip_of(model).config.vision_config.hidden_size
+        chunk.map(
+            embed_prepared,
+            batched=True,
+            batch_size=batch_size,
+            input_columns=[ROW_ID],
+            fn_kwargs=dict(prepared=prepared, model=model, hidden_size=hidden_size, preprocessing=preprocessing),
+            remove_columns=chunk.column_names,
+            features=embedding_features(hidden_size),
+            cache_file_name=str(embeddings_path),
+            load_from_cache_file=True,
+            # Named explicitly so that datasets never hashes the model or the loader passed in fn_kwargs.
+            new_fingerprint=fingerprint,
+            desc=desc,
+        )
+    else:
+        for _ in prepared:  # the statistics alone are missing: decode, measure, no forward
+            pass
+    if not statistics_path.exists():
+        _write_statistics(statistics_path, chunk[ROW_ID], statistics)
 
 
-def _preprocess(images: list, image_processor, errors: list[str]):
+def _collecting(batches: Iterator[dict], statistics: list) -> Iterator[dict]:
+    """The prepared batches, their pixel statistics appended to ``statistics`` on the way."""
+    for batch in batches:
+        statistics.extend(batch["statistics"])
+        yield batch
+
+
+def _write_statistics(path: Path, row_ids: list[int], statistics: list) -> None:
+    """One chunk's pixel statistics as an Arrow file, written beside and renamed in (whole or absent)."""
+    if len(statistics) != len(row_ids):
+        raise RuntimeError("the pixel statistics went out of step with the rows being embedded.")
+    columns = {name: [row[i] for row in statistics] for i, name in enumerate(QUALITY_COLUMNS)}
+    partial = path.with_name(f"tmp-{path.name}")  # `tmp*`: swept up with datasets' own leftovers
+    with ArrowWriter(features=statistics_features(), path=str(partial)) as writer:
+        writer.write_batch({ROW_ID: list(row_ids), **columns})
+        writer.finalize()
+    os.replace(partial, path)
+
+
+def _preprocess(images: list, preprocessing: Preprocessing, errors: list[str]):
     """Pixel values of the decoded images; an image the processor rejects is flagged in ``errors`` in place."""
     rows = [row for row, image in enumerate(images) if image is not None]
     if not rows:
         return [], None
     try:
-        return rows, image_processor(images=[images[row] for row in rows], return_tensors="pt").pixel_values
+        return rows, preprocessing.prepare([images[row] for row in rows])
     except Exception:  # find the culprit(s) one by one, keep the rest of the batch
         kept, tensors = [], []
         for row in rows:
             try:
-                tensors.append(image_processor(images=[images[row]], return_tensors="pt").pixel_values)
+                tensors.append(preprocessing.prepare([images[row]]))
                 kept.append(row)
             except Exception as error:
                 errors[row] = f"image could not be preprocessed: {type(error).__name__}: {error}"
         return kept, (torch.cat(tensors) if tensors else None)
 
 
-def cache_key(
-    dataset: Dataset, image_column: str, model_fingerprint: str, image_processor, batch_size: int, chunk_size: int
-) -> str:
-    """Names a cache from what determines its numbers; the weights enter through their fingerprint only."""
-    identity = {
-        "version": CACHE_FORMAT_VERSION,
-        "data": dataset._fingerprint,
-        "image_column": image_column,
-        "model": model_fingerprint,
-        "processor": image_processor.to_json_string(),
-        "batch_size": batch_size,
-        "chunk_size": chunk_size,
-    }
+def _key(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def cache_key(
+    source_identity: str, image_column: str, model_fingerprint: str, image_processor, batch_size: int, chunk_size: int
+) -> str:
+    """Names an embedding cache from what determines its numbers; the weights enter through their fingerprint only.
+    ``source_identity``: a map-style dataset's fingerprint, or a stream's
+    :func:`~hf_clipsel.streaming.stream_identity`."""
+    return _key(
+        {
+            "version": CACHE_FORMAT_VERSION,
+            "data": source_identity,
+            "image_column": image_column,
+            "model": model_fingerprint,
+            "processor": image_processor.to_json_string(),
+            "batch_size": batch_size,
+            "chunk_size": chunk_size,
+        }
+    )
+
+
+def statistics_key(source_identity: str, image_column: str, chunk_size: int) -> str:
+    """Names a pixel-statistics cache: the source and the check's version only (no model, no processor)."""
+    identity = {"version": STATISTICS_VERSION, "data": source_identity, "image_column": image_column}
+    return _key({**identity, "chunk_size": chunk_size})
+
+
 def embed_images(
-    dataset: Dataset,
+    dataset: Dataset | IterableDataset,
     image_column: str,
     model,
     image_processor,
@@ -168,50 +272,66 @@ def embed_images(
     batch_size: int = 64,
     chunk_size: int = 4096,
     num_workers: int = 0,
+    num_rows: int | None = None,
+    source_identity: str | None = None,
 ) -> Dataset:
-    """Pooled vision-tower outputs for every row of ``dataset`` (which must carry ``row_id``), in row order.
+    """Pooled vision-tower outputs and pixel statistics of every row of ``dataset``, in row order.
 
-    Chunks of ``chunk_size`` rows are shared out between processes; each chunk is one `datasets.map` cache file,
-    written whole or not at all, so a rerun skips finished chunks. Every process returns the full result.
+    A map-style ``dataset`` must carry ``row_id``; a streamed one needs ``num_rows`` and ``source_identity`` (what
+    names its cache, :func:`~hf_clipsel.streaming.stream_identity`), and its row ids are positions in the stream.
+    Chunks of ``chunk_size`` rows are shared out between processes; each chunk is one `datasets.map` cache file (and
+    one file of statistics), written whole or not at all, so a rerun skips finished chunks. Every process returns the
+    full result.
     """
     if chunk_size % batch_size:
         raise ValueError(f"chunk_size ({chunk_size}) must be a multiple of batch_size ({batch_size}).")
-    source = dataset.select_columns([ROW_ID, image_column]).cast_column(image_column, Image(decode=False))
-    key = cache_key(source, image_column, model_fingerprint, image_processor, batch_size, chunk_size)
-    directory = Path(cache_dir) / key
-    directory.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:  # a killed run leaves the temporary file of the chunk it was writing
-        for stale in directory.glob("tmp*"):
-            stale.unlink(missing_ok=True)
+    streamed = isinstance(dataset, IterableDataset)
+    if streamed:
+        source = dataset.select_columns([image_column]).cast_column(image_column, Image(decode=False))
+    else:
+        source = dataset.select_columns([ROW_ID, image_column]).cast_column(image_column, Image(decode=False))
+        num_rows, source_identity = len(source), source._fingerprint
+    directories = (
+        Path(cache_dir) / cache_key(source_identity, image_column, model_fingerprint, image_processor, batch_size,
+                                    chunk_size),
+        Path(cache_dir) / (STATISTICS_DIR_PREFIX + statistics_key(source_identity, image_column, chunk_size)),
+    )  # fmt: skip
+    for directory in directories:
+        directory.mkdir(parents=True, exist_ok=True)
+        if accelerator.is_main_process:  # a killed run leaves the temporary file of the chunk it was writing
+            for stale in directory.glob("tmp*"):
+                stale.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
-    num_chunks = -(-len(source) // chunk_size)
-    paths = [directory / f"chunk-{i:05d}-of-{num_chunks:05d}.arrow" for i in range(num_chunks)]
+    num_chunks = -(-num_rows // chunk_size)
+    names = [f"chunk-{i:05d}-of-{num_chunks:05d}.arrow" for i in range(num_chunks)]
+    paths = [(directories[0] / name, directories[1] / name) for name in names]
+    preprocessing = Preprocessing(image_processor)
 
     with accelerator.split_between_processes(list(range(num_chunks))) as my_chunks:
-        done = [i for i in my_chunks if paths[i].exists()]
+        todo = [i for i in my_chunks if not all(path.exists() for path in paths[i])]
         logger.info(
             "process %d of %d: chunks %s of %d (%d cached)",
             accelerator.process_index,
             accelerator.num_processes,
             _ranges(my_chunks),
             num_chunks,
-            len(done),
+            len(my_chunks) - len(todo),
         )
-        for i in my_chunks:
-            rows = range(i * chunk_size, min((i + 1) * chunk_size, len(source)))
+        for i, chunk in _chunks(source, image_column, todo, chunk_size, num_rows):
             embed_chunk(
-                source.select(rows),
+                chunk,
                 image_column,
                 model,
-                image_processor,
+                preprocessing,
                 paths[i],
-                f"{key}-{i}",
+                f"{directories[0].name}-{i}",
                 batch_size,
                 num_workers,
                 desc=f"Embedding images [chunk {i + 1}/{num_chunks}, process {accelerator.process_index}]",
             )
     accelerator.wait_for_everyone()
-    embeddings = concatenate_datasets([Dataset.from_file(str(path)) for path in paths])
+    embeddings = concatenate_datasets([Dataset.from_file(str(path)) for path, _ in paths])
+    statistics = concatenate_datasets([Dataset.from_file(str(path)) for _, path in paths]).remove_columns(ROW_ID)
     flagged = len(embeddings) - sum(embeddings["decode_ok"])
     if flagged and accelerator.is_main_process:  # every process holds all of them: one says so
         logger.warning(
@@ -219,46 +339,66 @@ def embed_images(
             flagged,
             len(embeddings),
         )
-    return embeddings
+    return concatenate_datasets([embeddings, statistics], axis=1)
+
+
+def _chunks(
+    source: Dataset | IterableDataset, image_column: str, wanted: list[int], chunk_size: int, num_rows: int
+) -> Iterator[tuple[int, Dataset]]:
+    """``(index, chunk)`` for each chunk index in ``wanted`` (ascending): a `Dataset` of ``row_id`` and the undecoded
+    image column. A map-style source is cut by `select`; a stream is read once, up to the last wanted chunk, holding
+    one chunk in memory at a time."""
+    if isinstance(source, Dataset):
+        for i in wanted:
+            yield i, source.select(range(i * chunk_size, min((i + 1) * chunk_size, num_rows)))
+        return
+    features = Features({ROW_ID: Value("int64"), image_column: Image(decode=False)})
+    rows: list[dict] = []
+    for row_id, row in enumerate(source):
+        chunk = row_id // chunk_size
+        if not wanted or chunk > wanted[-1]:
+            break
+        if chunk not in wanted:
+            continue
+        rows.append({ROW_ID: row_id, image_column: row[image_column]})
+        if len(rows) == chunk_size or row_id == num_rows - 1:
+            yield chunk, Dataset.from_list(rows, features=features)
+            rows = []
+
+
+def preprocessing_workers(configured: int | None, accelerator: Accelerator) -> int:
+    """``preprocessing_num_workers``, or its default: on a GPU the cores of this process's share of the machine less
+    one for the process itself (at most 8), since there decoding is the limit (bench_embedding.py --case decode: 2
+    workers embed 1.8x as fast as one process on 2 cores); on a CPU none, since there the tower is (ViT-B/32 embeds
+    13-30 images/s on 2 cores against 240 decoded, and workers would take its cores)."""
+    if configured is not None:
+        return configured
+    if accelerator.device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    return max(1, min(8, cores // processes_here - 1))
 
 
 def embed_stage(context, model=None, fingerprint: str | None = None) -> Dataset:
     """The embed stage: pooled vision-tower outputs of every row of the run's source (cached), with decode flags
     and pixel statistics. ``model`` (default: the frozen CLIP) and ``fingerprint`` (default: its checkpoint's) name
     another tower, e.g. one with encoder adapters."""
-    from .streaming import embed_stream, stream_identity  # the streamed source's engine (it imports this module)
-
-    model = model or context.model
-    fingerprint = fingerprint or context.model_fingerprint
-    run, processor = context.config.run, context.processor.image_processor
-    sizes = dict(
-        batch_size=run.batch_size, chunk_size=run.embedding_chunk_size, num_workers=run.preprocessing_num_workers
-    )
-    if isinstance(context.dataset, IterableDataset):
-        key = hashlib.sha256(
-            f"{stream_identity(context.config.data)}-{fingerprint}-{processor.to_json_string()}-"
-            f"{run.batch_size}-{run.embedding_chunk_size}".encode()
-        ).hexdigest()[:16]
-        return embed_stream(
-            context.dataset,
-            context.source.num_rows,
-            context.source.image_column,
-            model,
-            processor,
-            key,
-            context.cache_dir,
-            context.accelerator,
-            **sizes,
-        )
+    run = context.config.run
+    streamed = isinstance(context.dataset, IterableDataset)
     return embed_images(
         context.dataset,
         context.source.image_column,
-        model,
-        processor,
-        fingerprint,
+        model or context.model,
+        context.processor.image_processor,
+        fingerprint or context.model_fingerprint,
         context.cache_dir,
         context.accelerator,
-        **sizes,
+        batch_size=run.batch_size,
+        chunk_size=run.embedding_chunk_size,
+        num_workers=preprocessing_workers(run.preprocessing_num_workers, context.accelerator),
+        num_rows=context.source.num_rows if streamed else None,
+        source_identity=stream_identity(context.config.data) if streamed else None,
     )
 
 

@@ -31,6 +31,9 @@ NOISY, LOW_CONTRAST, BLURRY = "noisy", "low contrast", "blurry"
 # would average the noise away) and bounds the cost per image to 1-3 ms on one core of the development machine
 # (bench_damage_check.py times it; 512 a side took 10 ms; CLIP ViT-B/32 takes about 77 ms there).
 MAX_SIDE = 256
+# Bump when pixel_statistics would give other numbers for the same image: the statistics' cache (hf_clipsel.embedding)
+# is named by it, and the CLIP embeddings beside it are not.
+STATISTICS_VERSION = 1
 # Floor of the noise level and of the gradients: 1e-4 is 0.03 grey levels, so a flat image's ratios stay finite.
 _FLOOR = 1e-4
 # The statistics of an image too small to measure (or not decoded): nothing in them is flagged.

@@ -1,7 +1,7 @@
 """The streaming input path (`streaming: true`), for datasets that do not fit on disk.
 
 The source is read as a `datasets.IterableDataset`, never downloaded whole: one pass reads the labels, one pass
-embeds the images (chunk by chunk into the same on-disk cache as the map-style path, so a killed run resumes),
+embeds the images (hf_clipsel.embedding cuts it into the chunks of the map-style path, so a killed run resumes),
 and one pass after selection writes the selected rows. Row ids are positions in the stream's order, which is
 fixed for a given dataset revision and file list.
 """
@@ -14,11 +14,9 @@ import json
 import logging
 from pathlib import Path
 
-from accelerate import Accelerator
-from datasets import Dataset, Features, Image, IterableDataset, Value, concatenate_datasets
+from datasets import Dataset, Features, Image, IterableDataset, Value
 
 from .data import ROW_ID
-from .embedding import CACHE_FORMAT_VERSION, embed_chunk
 from .outputs import SUBSETS_DIR, ShardWriter, atomic_directory, ratio_name, remove_stale_subsets
 
 logger = logging.getLogger(__name__)
@@ -38,61 +36,6 @@ def stream_identity(config) -> str:
         files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
         identity["files"] = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def embed_stream(
-    stream: IterableDataset,
-    num_rows: int,
-    image_column: str,
-    model,
-    image_processor,
-    cache_key: str,
-    cache_dir: str | Path,
-    accelerator: Accelerator,
-    batch_size: int = 64,
-    chunk_size: int = 4096,
-    num_workers: int = 0,
-) -> Dataset:
-    """Pooled vision-tower outputs of every row of ``stream``, as :func:`hf_clipsel.embedding.embed_images` gives
-    them; only one chunk of images is held in memory at a time."""
-    directory = Path(cache_dir) / f"stream-{cache_key}-v{CACHE_FORMAT_VERSION}"
-    directory.mkdir(parents=True, exist_ok=True)
-    num_chunks = -(-num_rows // chunk_size)
-    paths = [directory / f"chunk-{i:05d}-of-{num_chunks:05d}.arrow" for i in range(num_chunks)]
-    images = stream.select_columns([image_column]).cast_column(image_column, Image(decode=False))
-    with accelerator.split_between_processes(list(range(num_chunks))) as my_chunks:
-        todo = [i for i in my_chunks if not paths[i].exists()]
-        logger.info(
-            "process %d of %d: %d of %d chunks to embed",
-            accelerator.process_index,
-            accelerator.num_processes,
-            len(todo),
-            num_chunks,
-        )
-        rows: list[dict] = []
-        for row_id, row in enumerate(images):
-            chunk = row_id // chunk_size
-            if todo and chunk > todo[-1]:
-                break
-            if chunk not in todo:
-                continue
-            rows.append({ROW_ID: row_id, image_column: row[image_column]})
-            if len(rows) == chunk_size or row_id == num_rows - 1:
-                features = Features({ROW_ID: Value("int64"), image_column: Image(decode=False)})
-                embed_chunk(
-                    Dataset.from_list(rows, features=features),
-                    image_column,
-                    model,
-                    image_processor,
-                    paths[chunk],
-                    f"{cache_key}-{CACHE_FORMAT_VERSION}-{chunk}",
-                    batch_size,
-                    num_workers,
-                    desc=f"Embedding streamed images [chunk {chunk + 1}/{num_chunks}]",
-                )
-                rows = []
-    accelerator.wait_for_everyone()
-    return concatenate_datasets([Dataset.from_file(str(path)) for path in paths])
 
 
 def write_subsets_from_stream(

@@ -39,6 +39,14 @@ def cifar_slice(tmp_path_factory) -> Path:
     return path
 
 
+def embedding_chunks(cache_dir: Path) -> list[Path]:
+    """The chunk files of the embedding caches under ``cache_dir`` (not those of the pixel statistics beside them)."""
+    from hf_clipsel.embedding import STATISTICS_DIR_PREFIX
+
+    chunks = Path(cache_dir).glob("*/chunk-*.arrow")
+    return sorted(path for path in chunks if not path.parent.name.startswith(STATISTICS_DIR_PREFIX))
+
+
 def fast_settings(dataset: Path, model: Path, **overrides) -> dict:
     """Settings for a fast run with the tiny CLIP: few epochs, small batches and chunks (YAML keys)."""
     values = dict(

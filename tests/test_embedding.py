@@ -4,10 +4,12 @@ import torch
 from accelerate import Accelerator
 from datasets import load_dataset
 
+from hf_clipsel import embedding
 from hf_clipsel.configs import ModelConfig
 from hf_clipsel.data import with_row_ids
-from hf_clipsel.embedding import embed_images, pooled_matrix
+from hf_clipsel.embedding import STATISTICS_DIR_PREFIX, embed_images, pooled_matrix
 from hf_clipsel.modeling import load_clip, model_fingerprint, vision_tower_outputs
+from tests.conftest import embedding_chunks
 
 
 def _count_forwards(model):
@@ -16,21 +18,28 @@ def _count_forwards(model):
     return calls
 
 
-def test_rerun_reuses_the_cache_and_matches_a_direct_forward(cifar_slice, tiny_clip_path, tmp_path):
-    dataset = with_row_ids(load_dataset("parquet", data_files=str(cifar_slice), split="train").select(range(100)))
+def _setup(cifar_slice, tiny_clip_path, tmp_path, rows: int, chunk_size: int):
+    """``rows`` rows of the fixture, the tiny CLIP with a forward counter, and embed_images' keyword arguments."""
+    dataset = with_row_ids(load_dataset("parquet", data_files=str(cifar_slice), split="train").select(range(rows)))
     config = ModelConfig(model_name_or_path=str(tiny_clip_path))
     model, processor = load_clip(config)
-    calls = _count_forwards(model)
     kwargs = dict(
         model_fingerprint=model_fingerprint(config, model),
         cache_dir=tmp_path,
         accelerator=Accelerator(),
         batch_size=20,
-        chunk_size=40,
+        chunk_size=chunk_size,
     )
+    return dataset, model, processor, _count_forwards(model), kwargs
+
+
+def test_rerun_reuses_the_cache_and_matches_a_direct_forward(cifar_slice, tiny_clip_path, tmp_path):
+    dataset, model, processor, calls, kwargs = _setup(cifar_slice, tiny_clip_path, tmp_path, 100, 40)
     first = embed_images(dataset, "img", model, processor.image_processor, **kwargs)
     assert len(calls) == 5  # 100 rows in batches of 20
-    assert len(list(tmp_path.glob("*/chunk-*-of-00003.arrow"))) == 3
+    embedding_files = embedding_chunks(tmp_path)
+    assert len(embedding_files) == 3
+    assert len(list(tmp_path.glob(STATISTICS_DIR_PREFIX + "*/chunk-*-of-00003.arrow"))) == 3
 
     second = embed_images(dataset, "img", model, processor.image_processor, **kwargs)
     assert len(calls) == 5, "a rerun must not embed again"
@@ -61,7 +70,23 @@ def test_a_different_model_gets_its_own_cache(cifar_slice, tiny_clip_path, tmp_p
             batch_size=20,
             chunk_size=20,
         )
-    assert len(list(tmp_path.iterdir())) == 2
+    folders = sorted(path.name for path in tmp_path.iterdir())
+    assert len(folders) == 3, "one embedding cache per model, one set of pixel statistics for both"
+    assert sum(name.startswith(STATISTICS_DIR_PREFIX) for name in folders) == 1
+
+
+def test_a_changed_damage_check_recomputes_the_statistics_and_keeps_the_embeddings(
+    cifar_slice, tiny_clip_path, tmp_path, monkeypatch
+):
+    dataset, model, processor, calls, kwargs = _setup(cifar_slice, tiny_clip_path, tmp_path, 40, 20)
+    first = embed_images(dataset, "img", model, processor.image_processor, **kwargs)
+    embedding_files = {path: path.stat().st_mtime_ns for path in embedding_chunks(tmp_path)}
+    monkeypatch.setattr(embedding, "STATISTICS_VERSION", embedding.STATISTICS_VERSION + 1)
+    second = embed_images(dataset, "img", model, processor.image_processor, **kwargs)
+    assert len(calls) == 2, "the embeddings are reused: no forward for the new statistics"
+    assert {path: path.stat().st_mtime_ns for path in embedding_chunks(tmp_path)} == embedding_files
+    assert len(list(tmp_path.glob(STATISTICS_DIR_PREFIX + "*"))) == 2, "the new version has a cache of its own"
+    assert second.to_dict() == first.to_dict()
 
 
 def test_bfloat16_runs_the_image_tower_only_in_bfloat16(tiny_clip_path):

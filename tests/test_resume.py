@@ -17,7 +17,7 @@ from hf_clipsel.data import with_row_ids
 from hf_clipsel.embedding import embed_images, pooled_matrix
 from hf_clipsel.modeling import load_clip, model_fingerprint
 from hf_clipsel.pipeline import run
-from tests.conftest import run_config
+from tests.conftest import embedding_chunks, run_config
 
 # A child that embeds slowly (a sleep after each forward), so that the test can kill it between chunks.
 SLOW_EMBEDDING = """
@@ -90,10 +90,10 @@ def test_killed_embedding_resumes_without_recomputing_finished_chunks(cifar_slic
         stderr=subprocess.PIPE,
         text=True,
     )
-    _wait_for(lambda: len(list(cache.glob("*/chunk-*.arrow"))) >= 3, child)
+    _wait_for(lambda: len(embedding_chunks(cache)) >= 3, child)
     child.send_signal(signal.SIGKILL)
     child.wait()
-    finished = len(list(cache.glob("*/chunk-*.arrow")))
+    finished = len(embedding_chunks(cache))
     assert 3 <= finished < 8, "the kill must land between the first and the last of the 8 chunks"
 
     resumed, forwards = _embed(cifar_slice, tiny_clip_path, cache)

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from hf_clipsel.pipeline import run
-from tests.conftest import run_config
+from tests.conftest import embedding_chunks, run_config
 
 
 @pytest.mark.slow
@@ -28,15 +28,14 @@ def test_streaming_gives_the_same_outputs_as_loading_whole(cifar_slice, tiny_cli
 def test_streaming_resumes_from_its_chunk_cache(cifar_slice, tiny_clip_path, tmp_path):
     config = run_config(cifar_slice, tiny_clip_path, tmp_path / "out", streaming=True, max_samples=100)
     run(config)
-    chunks = sorted((tmp_path / "out" / "embeddings").glob("stream-*/chunk-*.arrow"))
+    chunks = embedding_chunks(tmp_path / "out" / "embeddings")
     assert len(chunks) == 2  # 100 rows in chunks of 64
     chunks[1].unlink()  # as if the run had been killed before the last chunk
     config.run.overwrite_output_dir = True
     run(config)
-    assert (
-        chunks[0].stat().st_mtime_ns
-        == sorted((tmp_path / "out" / "embeddings").glob("stream-*/chunk-*.arrow"))[0].stat().st_mtime_ns
-    ), "the finished chunk is reused, not recomputed"
+    assert chunks[0].stat().st_mtime_ns == embedding_chunks(tmp_path / "out" / "embeddings")[0].stat().st_mtime_ns, (
+        "the finished chunk is reused, not recomputed"
+    )
     assert chunks[1].exists()
 
 

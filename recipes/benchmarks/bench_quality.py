@@ -499,14 +499,12 @@ def score_diagnostics(args, configs, columns) -> dict:
                 check_fell_back=float(check.get("fell_back", float("nan"))),
             )
         out[selector] = {key: round(value, 4) for key, value in out[selector].items()}
-    out["seed_overlap"] = {
-        f"{selector}-seed{seed}": {
-            f"{ratio:g}": round(float((base[ratio] & other[ratio]).sum() / base[ratio].sum()), 4)
-            for ratio in args.ratios
-        }
-        for selector, seed in stability_runs(args)
-        for base, other in [(selected_masks(args, configs[selector]), selected_masks(args, configs[f"{selector}-seed{seed}"]))]
-    }
+    out["seed_overlap"] = {}
+    for selector, seed in stability_runs(args):
+        base = selected_masks(args, configs[selector])
+        other = selected_masks(args, configs[f"{selector}-seed{seed}"])
+        shares = {ratio: (base[ratio] & other[ratio]).sum() / base[ratio].sum() for ratio in args.ratios}
+        out["seed_overlap"][f"{selector}-seed{seed}"] = {f"{r:g}": round(float(v), 4) for r, v in shares.items()}
     return out
 
 
@@ -656,8 +654,7 @@ def diagnostics_table(diagnostics: dict) -> list[str]:
     for name, overlaps in diagnostics["seed_overlap"].items():
         selector, _, seed = name.rpartition("-seed")
         cells = ", ".join(f"{ratio}: {share:.3f}" for ratio, share in overlaps.items())
-        lines.append("")
-        lines.append(f"Kept-set overlap of {LABELS[selector]} with adapter-training seed {seed} against seed 0: {cells}.")
+        lines += ["", f"Kept-set overlap of {LABELS[selector]}, adapter-training seed {seed} against seed 0: {cells}."]
     return lines
 
 
@@ -731,8 +728,10 @@ def main(argv=None):
     class_names = cifar["train"].features["label"].names
     heldout_dir = ensure_heldout(args, cifar["test"])
     model, zero_shot = ensure_model(args, cifar["test"], class_names)
-    model_name = model if args.model_name_or_path else (
-        f"proxy CLIP trained here on test rows 0..{args.proxy_rows - 1} in {args.proxy_view}"
+    model_name = (
+        model
+        if args.model_name_or_path
+        else (f"proxy CLIP trained here on test rows 0..{args.proxy_rows - 1} in {args.proxy_view}")
     )
     heldout_rows = len(cifar["test"]) - args.eval_start
     views = ", ".join(f"{top1:.1%} in {view}" for view, top1 in zero_shot.items())
