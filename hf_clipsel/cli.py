@@ -68,6 +68,9 @@ def _print_summary(summary, output_dir: str) -> None:
     if summary.ratio_overlap:
         shares = ", ".join(f"{pair} {share:.0%}" for pair, share in summary.ratio_overlap.items())
         print(f"Stability: the share of a subset that the next larger ratio keeps too: {shares}")
+    if summary.seed_overlap:
+        shares = ", ".join(f"{ratio} {share:.0%}" for ratio, share in summary.seed_overlap.items())
+        print(f"Stability: the share of a subset that selections with adapters trained on other seeds keep: {shares}")
     print(f"Outputs in {output_dir}: scores/, subsets/, adapter/, report/index.html, run_config.yaml, README.md")
     if summary.embedding_cache_bytes:
         clean = f"hf-clipsel clean --output_dir {output_dir}"

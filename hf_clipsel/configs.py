@@ -213,6 +213,16 @@ class AdapterConfig:
             "it. 0 keeps them unless they agree less."
         },
     )
+    stability_seeds: int = field(
+        default=0,
+        metadata={
+            "help": "Train the adapters again with this many other seeds (seed + 1, ...), select again with each, "
+            "and report in the run summary and the report the share of each ratio's kept rows that those "
+            "selections keep too (selection stability across adapter-training seeds). Each seed costs an adapter "
+            "training, a scoring and a selection on the embedding cache. Projection preset only; measured by "
+            "`hf-clipsel run`. 0: off."
+        },
+    )
     prompt_templates: list[str] = field(
         default_factory=lambda: list(DEFAULT_TEMPLATES),
         metadata={
@@ -235,6 +245,12 @@ class AdapterConfig:
             )
         if not 0 <= self.adapter_holdout_fraction < 1:
             raise ValueError(f"adapter_holdout_fraction must be in [0, 1), got {self.adapter_holdout_fraction}.")
+        _check_positive("stability_seeds", self.stability_seeds, allow_zero=True)
+        if self.stability_seeds and (self.adapter_preset != "projection" or self.adapter_path):
+            raise ValueError(
+                "stability_seeds retrains the projection adapters on the embedding cache; it needs adapter_preset "
+                "projection and no adapter_path (set stability_seeds 0 otherwise)."
+            )
         if not self.prompt_templates:
             raise ValueError("prompt_templates is empty; give at least one template such as 'a photo of a {}.'.")
         for template in self.prompt_templates:

@@ -28,6 +28,7 @@ from .outputs import EMBEDDINGS_DIR, write_run_config, write_scores, write_subse
 from .report import write_report
 from .run_record import STAGES, RunFolder, held_by_main_process, unused_caches, verify
 from .scores_table import check_scores_belong_to, read_scores, score_stage, select_stage
+from .stability import seed_overlap
 from .streaming import write_subsets_from_stream
 from .summary import RunSummary, summarize
 
@@ -38,9 +39,12 @@ COMMANDS = ["run", "embed", "adapt", "score", "select_from_scores", "push", "rep
 __all__ = [*STAGE_FUNCTIONS, *COMMANDS, "push_stage", "trained_model", "scoring_embeddings", "read_scores"]
 
 
-def write_stage(config, dataset_with_ids, scores, masks, command=None, directory=None, settings=None) -> RunSummary:
-    """Subsets, scores, configuration (``settings``; default: ``config``'s), summary and report of a selection, into
-    ``directory`` (a run folder's staging area; default output_dir). Main process only."""
+def write_stage(
+    config, dataset_with_ids, scores, masks, command=None, directory=None, settings=None, stability=None
+) -> RunSummary:
+    """Subsets, scores, configuration (``settings``; default: ``config``'s), summary (with ``stability``, the
+    overlap across adapter-training seeds) and report of a selection, into ``directory`` (a run folder's staging
+    area; default output_dir). Main process only."""
     directory = Path(directory or config.run.output_dir)
     if isinstance(dataset_with_ids, IterableDataset):
         write_subsets_from_stream(directory, dataset_with_ids, masks)
@@ -48,7 +52,7 @@ def write_stage(config, dataset_with_ids, scores, masks, command=None, directory
         write_subsets(directory, dataset_with_ids, masks)
     write_scores(directory, scores)
     write_run_config(directory, settings or config.to_flat(), command)
-    summary = summarize(scores, masks, config, dataset_with_ids, directory, settings)
+    summary = summarize(scores, masks, config, dataset_with_ids, directory, settings, stability)
     summary.write(directory)
     try:
         write_report(directory)
@@ -72,16 +76,18 @@ def run(config: ClipselConfig, accelerator: Accelerator | None = None, command: 
         staging = folder.stage(keep=()) if folder else None
         model = adapt_stage(context, embeddings, staging)
         scoring = scoring_embeddings(context, model, embeddings)
+        masks = {}
         if folder:
             scores, features = score_stage(context, model, scoring)
             masks, scores = select_stage(scores, config, features)
+        stability = seed_overlap(context, embeddings, masks)  # every process: adapter training waits for all
+        if folder:
             record = record.done(
                 config, *STAGES, caches=cache_keys(embeddings, scoring), checkpoint=context.model_fingerprint
             )
             record = record.described(context.source, command)
-            summary = write_stage(
-                config, context.dataset, scores, masks, command, staging, record.configuration(config)
-            )
+            settings = record.configuration(config)
+            summary = write_stage(config, context.dataset, scores, masks, command, staging, settings, stability)
             folder.commit(record, str(render_dataset_card(staging)))
         accelerator.wait_for_everyone()
     if summary is not None:

@@ -298,6 +298,8 @@ def summary_rows(summary: RunSummary, run_config: dict, scores: RunScores) -> li
     for pair, share in summary.ratio_overlap.items():
         small, large = pair.split("->")
         rows.append((f"stability: kept at {small}, kept at {large} too", f"{share:.1%}"))
+    for ratio, share in summary.seed_overlap.items():
+        rows.append((f"stability: kept at {ratio} with adapters trained on other seeds", f"{share:.1%}"))
     noise = summary.injected_noise
     if noise:  # the source carries hf_clipsel.noise's record columns: how much of it each subset kept
         rows.append(("injected noise in the pool", describe_kept_noise(noise["pool"])))

@@ -60,6 +60,9 @@ class RunSummary:
     embedding_cache_bytes: int = 0
     # for each pair of neighbouring ratios "a->b": the share of a's subset that b's keeps too (1: nested subsets)
     ratio_overlap: dict[str, float] = field(default_factory=dict)
+    # for each ratio: the mean share of its subset that selections with adapters trained on other seeds keep too
+    # (hf_clipsel.stability; empty unless stability_seeds was set)
+    seed_overlap: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, values: dict) -> RunSummary:
@@ -104,10 +107,16 @@ def injected_noise(dataset, scores: Dataset, masks: dict, config: ClipselConfig)
 
 
 def summarize(
-    scores: Dataset, masks: dict, config: ClipselConfig, dataset=None, directory=None, settings: dict | None = None
+    scores: Dataset,
+    masks: dict,
+    config: ClipselConfig,
+    dataset=None,
+    directory=None,
+    settings: dict | None = None,
+    seed_overlap: dict | None = None,
 ) -> RunSummary:
     """The summary of a selection. ``directory`` holds the run being written (its adapters' check); ``settings``
-    the run's recorded configuration (default: ``config``'s)."""
+    the run's recorded configuration (default: ``config``'s); ``seed_overlap`` hf_clipsel.stability's measure."""
     settings = settings or config.to_flat()
     directory = Path(directory or config.run.output_dir)
     labels = np.asarray(scores["label"][:])
@@ -149,6 +158,7 @@ def summarize(
         # the embedding caches on disk (all of them: `hf-clipsel clean` removes those no run record names)
         embedding_cache_bytes=directory_bytes(cache_dir),
         ratio_overlap=ratio_overlap(masks),
+        seed_overlap=seed_overlap or {},
     )
 
 

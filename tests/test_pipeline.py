@@ -183,3 +183,37 @@ def test_the_summary_and_report_show_how_stable_the_selection_is_across_ratios(f
     expected = (small & large).sum() / small.sum()
     assert RunSummary.read(output_dir).ratio_overlap == {"0.3->0.57": pytest.approx(expected)}
     assert "stability: kept at 0.3, kept at 0.57 too" in (output_dir / "report" / "index.html").read_text()
+
+
+def test_stability_across_adapter_seeds_is_the_overlap_with_runs_trained_on_those_seeds(
+    cifar_slice, tiny_clip_path, tmp_path
+):
+    """stability_seeds 2 retrains the adapters with seeds 1 and 2; the summary's share is the mean overlap of the
+    run's kept sets with those of separate runs made with seeds 1 and 2."""
+    from hf_clipsel.summary import RunSummary
+
+    # adapters always kept, and trained hard enough that the seed moves the ranking
+    forced = dict(adapter_holdout_fraction=0.0, adapter_epochs=5, adapter_learning_rate=0.01)
+    run(run_config(cifar_slice, tiny_clip_path, tmp_path / "main", stability_seeds=2, **forced))
+    kept = {}
+    for seed in (1, 2):
+        run(run_config(cifar_slice, tiny_clip_path, tmp_path / f"seed{seed}", seed=seed, **forced))
+        kept[seed] = load_dataset(str(tmp_path / f"seed{seed}"), "scores", split="train")
+    main = load_dataset(str(tmp_path / "main"), "scores", split="train")
+    expected = {}
+    for ratio in ("0.3", "0.5"):
+        mine = np.asarray(main[f"is_selected_ratio_{ratio}"])
+        shares = [(mine & np.asarray(kept[s][f"is_selected_ratio_{ratio}"])).sum() / mine.sum() for s in (1, 2)]
+        expected[ratio] = pytest.approx(float(np.mean(shares)))
+    summary = RunSummary.read(tmp_path / "main")
+    assert summary.seed_overlap == expected
+    assert min(summary.seed_overlap.values()) < 1, "with adapters forced on, another seed keeps other rows"
+    report = (tmp_path / "main" / "report" / "index.html").read_text()
+    assert "stability: kept at 0.3 with adapters trained on other seeds" in report
+
+
+def test_stability_seeds_need_projection_adapters_trained_here():
+    from hf_clipsel.configs import AdapterConfig
+
+    with pytest.raises(ValueError, match="stability_seeds retrains the projection adapters"):
+        AdapterConfig(adapter_preset="none", stability_seeds=2)
