@@ -97,16 +97,18 @@ class Preprocessing:
         return tvF.normalize(buffer, self.mean.to(device), self.std.to(device), inplace=True)
 
 
-def prepare_batch(cells: list, preprocessing: Preprocessing, measure: bool = True) -> dict:
-    """The CPU half of a batch: decode to RGB, measure the pixels (``measure``), preprocess; what cannot be decoded
-    (or preprocessed) is flagged with its reason. Runs in a DataLoader worker when ``preprocessing_num_workers`` is
-    above 0."""
+def prepare_batch(cells: list, preprocessing: Preprocessing | None, measure: bool = True) -> dict:
+    """The CPU half of a batch: decode to RGB, measure the pixels (``measure``), preprocess (unless ``preprocessing``
+    is None: a pass for the statistics alone); what cannot be decoded (or preprocessed) is flagged with its reason.
+    Runs in a DataLoader worker when ``preprocessing_num_workers`` is above 0."""
     decoded = [decode_rgb(cell) for cell in cells]
     errors = [error for _, error in decoded]
     statistics = (
         [pixel_statistics(image) if image is not None else UNMEASURED for image, _ in decoded] if measure else []
     )
-    rows, pixel_values = _preprocess([image for image, _ in decoded], preprocessing, errors)
+    rows, pixel_values = [], None
+    if preprocessing is not None:
+        rows, pixel_values = _preprocess([image for image, _ in decoded], preprocessing, errors)
     return {"rows": rows, "pixel_values": pixel_values, "errors": errors, "statistics": statistics}
 
 
@@ -164,8 +166,9 @@ def embed_chunk(
     if embeddings_path.exists() and statistics_path.exists():
         return
     device = clip_of(model).device
+    needed = preprocessing if not embeddings_path.exists() else None  # statistics alone: no preprocessing
     loader = torch.utils.data.DataLoader(
-        _PreparedBatches(chunk, image_column, preprocessing, batch_size, measure=not statistics_path.exists()),
+        _PreparedBatches(chunk, image_column, needed, batch_size, measure=not statistics_path.exists()),
         batch_size=None,  # the dataset yields whole batches
         num_workers=num_workers,
         prefetch_factor=2 if num_workers else None,
@@ -370,7 +373,7 @@ def _chunks(
 def preprocessing_workers(configured: int | None, accelerator: Accelerator) -> int:
     """``preprocessing_num_workers``, or its default: on a GPU the cores of this process's share of the machine less
     one for the process itself (at most 8), since there decoding is the limit (bench_embedding.py --case decode: 2
-    workers embed 1.8x as fast as one process on 2 cores); on a CPU none, since there the tower is (ViT-B/32 embeds
+    workers embed 1.6-1.8x as fast as one process on 2 cores); on a CPU none, since there the tower is (ViT-B/32 embeds
     13-30 images/s on 2 cores against 240 decoded, and workers would take its cores)."""
     if configured is not None:
         return configured

@@ -430,19 +430,13 @@ def select_moderate(method: ClipselConfig, config: ClipselConfig, method_scores,
 
 
 def kept_masks(args, configs: dict[str, ClipselConfig], num_rows: int) -> dict[str, dict[float, np.ndarray]]:
-    """{selector: {ratio: bool[N]}}, read back from each selection's written scores (is_selected_ratio_<r>)."""
+    """{selector: {ratio: bool[N]}}, read back from each selection's written scores, each of exactly its budget."""
     masks = {}
     for selector in all_selectors(args):
-        table = read_scores(configs[selector].run.output_dir).to_dict()
-        row_id = np.asarray(table["row_id"])
-        if not np.array_equal(row_id, np.arange(num_rows)):
-            raise RuntimeError(f"{selector}: scores are not in pool row order.")
-        masks[selector] = {}
-        for ratio in args.ratios:
-            mask = np.asarray(table[selected_column(ratio)], dtype=bool)
+        masks[selector] = selected_masks(args, configs[selector], num_rows)
+        for ratio, mask in masks[selector].items():
             if mask.sum() != budget(ratio, num_rows):
                 raise RuntimeError(f"{selector} kept {mask.sum()} rows at {ratio}, not {budget(ratio, num_rows)}.")
-            masks[selector][ratio] = mask
     return masks
 
 
@@ -501,15 +495,19 @@ def score_diagnostics(args, configs, columns) -> dict:
         out[selector] = {key: round(value, 4) for key, value in out[selector].items()}
     out["seed_overlap"] = {}
     for selector, seed in stability_runs(args):
-        base = selected_masks(args, configs[selector])
-        other = selected_masks(args, configs[f"{selector}-seed{seed}"])
+        base = selected_masks(args, configs[selector], len(noisy))
+        other = selected_masks(args, configs[f"{selector}-seed{seed}"], len(noisy))
         shares = {ratio: (base[ratio] & other[ratio]).sum() / base[ratio].sum() for ratio in args.ratios}
         out["seed_overlap"][f"{selector}-seed{seed}"] = {f"{r:g}": round(float(v), 4) for r, v in shares.items()}
     return out
 
 
-def selected_masks(args, config: ClipselConfig) -> dict[float, np.ndarray]:
-    table = read_scores(config.run.output_dir).select_columns([selected_column(r) for r in args.ratios]).to_dict()
+def selected_masks(args, config: ClipselConfig, num_rows: int) -> dict[float, np.ndarray]:
+    """{ratio: bool[N]} from a selection's written scores (is_selected_ratio_<r>), checked to be in pool row order."""
+    columns = ["row_id", *(selected_column(r) for r in args.ratios)]
+    table = read_scores(config.run.output_dir).select_columns(columns).to_dict()
+    if not np.array_equal(np.asarray(table["row_id"]), np.arange(num_rows)):
+        raise RuntimeError(f"{config.run.output_dir}: scores are not in pool row order.")
     return {ratio: np.asarray(table[selected_column(ratio)], dtype=bool) for ratio in args.ratios}
 
 
