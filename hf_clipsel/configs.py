@@ -390,6 +390,15 @@ class RunConfig:
             "tower is the limit (recipes/benchmarks/README.md, 'Decode-bound embedding'). Scores are the same."
         },
     )
+    jpeg_draft: bool = field(
+        default=False,
+        metadata={
+            "help": "Decode a JPEG at least twice the image processor's resize target at a reduced scale (1/2, 1/4 "
+            "or 1/8) that keeps both sides at least that long: faster decoding of large photos, slightly different "
+            "pixels (and pixel statistics for the damage check). Measured in recipes/benchmarks/README.md, 'JPEG "
+            "draft decoding'."
+        },
+    )
     embedding_chunk_size: int = field(
         default=4096,
         metadata={"help": "Rows per embedding cache file. A killed run resumes at the first unfinished chunk."},

@@ -215,11 +215,13 @@ def with_row_ids(dataset: Dataset) -> Dataset:
     return dataset.add_column(ROW_ID, np.arange(len(dataset), dtype=np.int64), feature=Value("int64"))
 
 
-def decode_rgb(image: dict | None) -> tuple[PILImage.Image | None, str]:
+def decode_rgb(image: dict | None, draft_size: tuple[int, int] | None = None) -> tuple[PILImage.Image | None, str]:
     """Decode one undecoded ``Image`` cell ({"bytes", "path"}) to RGB; return (image, "") or (None, reason).
 
     Greyscale, palette, CMYK, 16-bit and transparent images are converted (transparency onto white); a file that
     is empty, truncated, not an image, or a decompression bomb (PIL's limit) is flagged with the reason.
+    ``draft_size`` (width, height): a JPEG at least twice that size is decoded at the smallest of the decoder's
+    reduced scales (1/2, 1/4, 1/8) that keeps both sides at least that long (``jpeg_draft``).
     """
     if image is None:
         return None, "image missing"
@@ -228,10 +230,10 @@ def decode_rgb(image: dict | None) -> tuple[PILImage.Image | None, str]:
     try:
         source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
         with PILImage.open(source) as opened:
-            if opened.format == "JPEG" and max(opened.size) > HUGE_SIDE:
-                # Let the JPEG decoder scale down by a power of two: a 100-megapixel photo costs a fraction
-                # of the time and memory, and CLIP sees 224 pixels of it anyway.
-                opened.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))
+            if opened.format == "JPEG" and (draft_size or max(opened.size) > HUGE_SIDE):
+                # Let the JPEG decoder scale down by a power of two (it skips the finest DCT frequencies): a
+                # 100-megapixel photo costs a fraction of the time and memory, and CLIP sees 224 pixels of it anyway.
+                opened.draft("RGB", draft_size or (DRAFT_SIDE, DRAFT_SIDE))
             opened.load()
             return _reduced_rgb(opened), ""
     except Exception as error:  # any decoder failure flags the row; the run goes on

@@ -63,10 +63,14 @@ class Preprocessing:
     """An image processor, split where the tower runs. For a torchvision-backed processor that rescales and
     normalises (transformers' default), :meth:`prepare` stops before that fused last step and returns uint8 crops,
     and :meth:`finish` does it on the tower's device with the processor's own constants and operation, so the pixel
-    values are bit-identical to the processor's. Any other processor runs whole in :meth:`prepare`."""
+    values are bit-identical to the processor's. Any other processor runs whole in :meth:`prepare`.
 
-    def __init__(self, image_processor):
+    ``jpeg_draft``: JPEGs at least twice the processor's resize target are decoded at a reduced scale that keeps
+    both sides at least that long (``draft_size``; see :func:`hf_clipsel.data.decode_rgb`)."""
+
+    def __init__(self, image_processor, jpeg_draft: bool = False):
         self.processor = image_processor
+        self.draft_size = resize_target(image_processor) if jpeg_draft else None
         self.deferred = (
             getattr(image_processor, "backend", None) == "torchvision"
             and bool(getattr(image_processor, "do_rescale", False))
@@ -97,17 +101,30 @@ class Preprocessing:
         return tvF.normalize(buffer, self.mean.to(device), self.std.to(device), inplace=True)
 
 
-def prepare_batch(cells: list, preprocessing: Preprocessing | None, measure: bool = True) -> dict:
-    """The CPU half of a batch: decode to RGB, measure the pixels (``measure``), preprocess (unless ``preprocessing``
-    is None: a pass for the statistics alone); what cannot be decoded (or preprocessed) is flagged with its reason.
-    Runs in a DataLoader worker when ``preprocessing_num_workers`` is above 0."""
-    decoded = [decode_rgb(cell) for cell in cells]
+def resize_target(image_processor) -> tuple[int, int] | None:
+    """The (width, height) both sides of an image keep at least after the processor's resize, or None where that is
+    not known (no resize, or a rule other than a shortest edge or a fixed size)."""
+    size = image_processor.size if getattr(image_processor, "do_resize", False) else None
+    if size is None:
+        return None
+    if size.get("shortest_edge"):
+        return (size["shortest_edge"],) * 2
+    if size.get("height") and size.get("width"):
+        return size["width"], size["height"]
+    return None
+
+
+def prepare_batch(cells: list, preprocessing: Preprocessing, preprocess: bool = True, measure: bool = True) -> dict:
+    """The CPU half of a batch: decode to RGB, measure the pixels (``measure``), preprocess (``preprocess``; off: a
+    pass for the statistics alone); what cannot be decoded (or preprocessed) is flagged with its reason. Runs in a
+    DataLoader worker when ``preprocessing_num_workers`` is above 0."""
+    decoded = [decode_rgb(cell, preprocessing.draft_size) for cell in cells]
     errors = [error for _, error in decoded]
     statistics = (
         [pixel_statistics(image) if image is not None else UNMEASURED for image, _ in decoded] if measure else []
     )
     rows, pixel_values = [], None
-    if preprocessing is not None:
+    if preprocess:
         rows, pixel_values = _preprocess([image for image, _ in decoded], preprocessing, errors)
     return {"rows": rows, "pixel_values": pixel_values, "errors": errors, "statistics": statistics}
 
@@ -134,8 +151,10 @@ def embed_prepared(row_ids: list[int], prepared, model, hidden_size: int, prepro
 class _PreparedBatches(torch.utils.data.Dataset):
     """The batches of one chunk, prepared (:func:`prepare_batch`) by index, for a DataLoader's workers."""
 
-    def __init__(self, chunk: Dataset, image_column: str, preprocessing, batch_size: int, measure: bool = True):
-        self.chunk, self.image_column, self.measure = chunk, image_column, measure
+    def __init__(
+        self, chunk: Dataset, image_column: str, preprocessing, batch_size: int, preprocess=True, measure=True
+    ):
+        self.chunk, self.image_column, self.preprocess, self.measure = chunk, image_column, preprocess, measure
         self.preprocessing, self.batch_size = preprocessing, batch_size
 
     def __len__(self) -> int:
@@ -143,7 +162,7 @@ class _PreparedBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         rows = self.chunk[index * self.batch_size : (index + 1) * self.batch_size]
-        return prepare_batch(rows[self.image_column], self.preprocessing, self.measure)
+        return prepare_batch(rows[self.image_column], self.preprocessing, self.preprocess, self.measure)
 
 
 def embed_chunk(
@@ -166,9 +185,9 @@ def embed_chunk(
     if embeddings_path.exists() and statistics_path.exists():
         return
     device = clip_of(model).device
-    needed = preprocessing if not embeddings_path.exists() else None  # statistics alone: no preprocessing
+    preprocess, measure = not embeddings_path.exists(), not statistics_path.exists()
     loader = torch.utils.data.DataLoader(
-        _PreparedBatches(chunk, image_column, needed, batch_size, measure=not statistics_path.exists()),
+        _PreparedBatches(chunk, image_column, preprocessing, batch_size, preprocess, measure),
         batch_size=None,  # the dataset yields whole batches
         num_workers=num_workers,
         prefetch_factor=2 if num_workers else None,
@@ -176,7 +195,7 @@ def embed_chunk(
     )
     statistics: list = []
     prepared = _collecting(iter(loader), statistics)
-    if not embeddings_path.exists():
+    if preprocess:
         hidden_size = clip_of(model).config.vision_config.hidden_size
         chunk.map(
             embed_prepared,
@@ -241,7 +260,13 @@ def _key(identity: dict) -> str:
 
 
 def cache_key(
-    source_identity: str, image_column: str, model_fingerprint: str, image_processor, batch_size: int, chunk_size: int
+    source_identity: str,
+    image_column: str,
+    model_fingerprint: str,
+    image_processor,
+    batch_size: int,
+    chunk_size: int,
+    draft_size: tuple[int, int] | None = None,
 ) -> str:
     """Names an embedding cache from what determines its numbers; the weights enter through their fingerprint only.
     ``source_identity``: a map-style dataset's fingerprint, or a stream's
@@ -255,14 +280,23 @@ def cache_key(
             "processor": image_processor.to_json_string(),
             "batch_size": batch_size,
             "chunk_size": chunk_size,
+            **_decoding(draft_size),
         }
     )
 
 
-def statistics_key(source_identity: str, image_column: str, chunk_size: int) -> str:
-    """Names a pixel-statistics cache: the source and the check's version only (no model, no processor)."""
+def statistics_key(
+    source_identity: str, image_column: str, chunk_size: int, draft_size: tuple[int, int] | None = None
+) -> str:
+    """Names a pixel-statistics cache: the source, the check's version and the decoding scale (no model)."""
     identity = {"version": STATISTICS_VERSION, "data": source_identity, "image_column": image_column}
-    return _key({**identity, "chunk_size": chunk_size})
+    return _key({**identity, "chunk_size": chunk_size, **_decoding(draft_size)})
+
+
+def _decoding(draft_size: tuple[int, int] | None) -> dict:
+    # Named only when JPEGs are drafted, so that the caches of full-scale decoding keep the names they had before
+    # jpeg_draft existed.
+    return {"jpeg_draft": list(draft_size)} if draft_size else {}
 
 
 def embed_images(
@@ -278,6 +312,7 @@ def embed_images(
     num_workers: int = 0,
     num_rows: int | None = None,
     source_identity: str | None = None,
+    jpeg_draft: bool = False,
 ) -> Dataset:
     """Pooled vision-tower outputs and pixel statistics of every row of ``dataset``, in row order.
 
@@ -285,7 +320,7 @@ def embed_images(
     names its cache, :func:`~hf_clipsel.streaming.stream_identity`), and its row ids are positions in the stream.
     Chunks of ``chunk_size`` rows are shared out between processes; each chunk is one `datasets.map` cache file (and
     one file of statistics), written whole or not at all, so a rerun skips finished chunks. Every process returns the
-    full result.
+    full result. ``jpeg_draft``: see :class:`Preprocessing`.
     """
     if chunk_size % batch_size:
         raise ValueError(f"chunk_size ({chunk_size}) must be a multiple of batch_size ({batch_size}).")
@@ -295,10 +330,13 @@ def embed_images(
     else:
         source = dataset.select_columns([ROW_ID, image_column]).cast_column(image_column, Image(decode=False))
         num_rows, source_identity = len(source), source._fingerprint
+    preprocessing = Preprocessing(image_processor, jpeg_draft)
+    draft_size = preprocessing.draft_size
     directories = (
         Path(cache_dir) / cache_key(source_identity, image_column, model_fingerprint, image_processor, batch_size,
-                                    chunk_size),
-        Path(cache_dir) / (STATISTICS_DIR_PREFIX + statistics_key(source_identity, image_column, chunk_size)),
+                                    chunk_size, draft_size),
+        Path(cache_dir) / (STATISTICS_DIR_PREFIX + statistics_key(source_identity, image_column, chunk_size,
+                                                                  draft_size)),
     )  # fmt: skip
     for directory in directories:
         directory.mkdir(parents=True, exist_ok=True)
@@ -309,7 +347,6 @@ def embed_images(
     num_chunks = -(-num_rows // chunk_size)
     names = [f"chunk-{i:05d}-of-{num_chunks:05d}.arrow" for i in range(num_chunks)]
     paths = [(directories[0] / name, directories[1] / name) for name in names]
-    preprocessing = Preprocessing(image_processor)
 
     with accelerator.split_between_processes(list(range(num_chunks))) as my_chunks:
         todo = [i for i in my_chunks if not all(path.exists() for path in paths[i])]
@@ -403,6 +440,7 @@ def embed_stage(context, model=None, fingerprint: str | None = None) -> Dataset:
         num_workers=preprocessing_workers(run.preprocessing_num_workers, context.accelerator),
         num_rows=context.source.num_rows if streamed else None,
         source_identity=stream_identity(context.config.data) if streamed else None,
+        jpeg_draft=run.jpeg_draft,
     )
 
 

@@ -54,6 +54,7 @@ STAGE_SETTINGS = {
         *(f.name for f in dataclasses.fields(DataConfig) if f.name != "streaming"),
         *(f.name for f in dataclasses.fields(ModelConfig)),
         "batch_size",
+        "jpeg_draft",
         "embedding_chunk_size",
     ),
     "adapt": (*(f.name for f in dataclasses.fields(AdapterConfig)), "seed"),

@@ -128,3 +128,43 @@ def test_workers_that_prepare_the_next_batches_give_the_serial_numbers(cifar_sli
     for column in ("decode_ok", "decode_error", "noise_level", "contrast", "sharpness"):
         assert parallel[column][:] == serial[column][:], column
     assert not serial["decode_ok"][7] and serial["decode_error"][7].startswith("image failed to decode")
+
+
+def test_jpeg_draft_embeds_the_drafted_pixels_in_caches_of_their_own(cifar_slice, tiny_clip_path, tmp_path):
+    """jpeg_draft: the tower sees what the processor makes of the JPEG decoded at reduced scale (the tiny CLIP
+    resizes to 32 px, so 128x96 JPEGs decode at 64x48), and the embeddings and pixel statistics of drafted decoding
+    are cached apart from those of full decoding, which keep their names."""
+    import io
+
+    from datasets import Dataset, Features, Image
+    from PIL import Image as PILImage
+
+    from hf_clipsel.data import decode_rgb
+
+    def jpeg(image) -> dict:
+        buffer = io.BytesIO()
+        image.convert("RGB").resize((128, 96), PILImage.BICUBIC).save(buffer, "JPEG", quality=90)
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    fixture = load_dataset("parquet", data_files=str(cifar_slice), split="train").select(range(20))
+    cells = [jpeg(image) for image in fixture["img"]]
+    dataset = with_row_ids(Dataset.from_dict({"img": cells}, features=Features({"img": Image()})))
+    config = ModelConfig(model_name_or_path=str(tiny_clip_path))
+    model, processor = load_clip(config)
+    kwargs = dict(cache_dir=tmp_path, accelerator=Accelerator(), batch_size=10, chunk_size=20)
+    fingerprint = model_fingerprint(config, model)
+    full = embed_images(dataset, "img", model, processor.image_processor, fingerprint, **kwargs)
+    folders = {path.name for path in tmp_path.iterdir()}
+    drafted = embed_images(dataset, "img", model, processor.image_processor, fingerprint, **kwargs, jpeg_draft=True)
+    assert len({path.name for path in tmp_path.iterdir()} - folders) == 2, "drafted embeddings and statistics apart"
+    again = embed_images(dataset, "img", model, processor.image_processor, fingerprint, **kwargs)
+    assert again.to_dict() == full.to_dict(), "full decoding still reads its own caches"
+
+    images = [decode_rgb(cell, draft_size=(32, 32))[0] for cell in cells]
+    assert {image.size for image in images} == {(64, 48)}
+    pixel_values = processor.image_processor(images=images, return_tensors="pt").pixel_values
+    with torch.no_grad():
+        direct = vision_tower_outputs(model, pixel_values)
+    torch.testing.assert_close(pooled_matrix(drafted), direct, rtol=0, atol=0)
+    assert not torch.equal(pooled_matrix(drafted), pooled_matrix(full))
+    assert drafted["noise_level"][:] != full["noise_level"][:], "the statistics are measured on the drafted pixels"
