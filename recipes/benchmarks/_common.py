@@ -144,6 +144,18 @@ def build_vit_b32(path) -> str:
     return str(path)
 
 
+def clip_features(model, processor, pooled: torch.Tensor, class_names) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected image features [N, d] of the pooled vision-tower outputs and class prompt features [C, d] ("a photo
+    of a {}."), as the score stage computes them."""
+    from hf_clipsel.data import class_prompts
+    from hf_clipsel.embedding import embed_class_prompts
+    from hf_clipsel.modeling import class_text_features, image_features
+
+    with torch.no_grad():
+        text_pooled = embed_class_prompts(model, processor.tokenizer, class_prompts(class_names, ["a photo of a {}."]))
+        return image_features(model, pooled), class_text_features(model, text_pooled)
+
+
 def load_cifar10(data_dir: str | None = None, split: str | None = None):
     """CIFAR-10 (columns img, label): ``uoft-cs/cifar10`` from the Hub, or the parquet copy in ``data_dir``."""
     from datasets import load_dataset

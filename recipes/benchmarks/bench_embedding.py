@@ -49,6 +49,7 @@ from _common import (
     MODEL_DIR,
     build_vit_b32,
     cifar10_rows,
+    clip_features,
     footer,
     header,
     interleaved,
@@ -64,16 +65,15 @@ from datasets import Image
 from scipy.stats import spearmanr
 
 from hf_clipsel.configs import ModelConfig
-from hf_clipsel.data import class_prompts, decode_rgb
+from hf_clipsel.data import decode_rgb
 from hf_clipsel.embedding import (
     Preprocessing,
     _PreparedBatches,
-    embed_class_prompts,
     embed_images,
     pooled_matrix,
     prepare_batch,
 )
-from hf_clipsel.modeling import class_text_features, image_features, load_clip, model_fingerprint, vision_tower_outputs
+from hf_clipsel.modeling import load_clip, model_fingerprint, vision_tower_outputs
 from hf_clipsel.scoring import sample_diversity, semantic_alignment
 
 
@@ -110,13 +110,6 @@ def library_embed(
             num_workers=num_workers,
         )
         return pooled_matrix(embeddings)
-
-
-def features(model, processor, pooled: torch.Tensor, class_names) -> tuple[torch.Tensor, torch.Tensor]:
-    """Projected image features [N, d] and class prompt features [C, d], as the score stage computes them."""
-    with torch.no_grad():
-        text_pooled = embed_class_prompts(model, processor.tokenizer, class_prompts(class_names, ["a photo of a {}."]))
-        return image_features(model, pooled), class_text_features(model, text_pooled)
 
 
 def compare(name: str, reference: np.ndarray, other: np.ndarray) -> dict:
@@ -338,7 +331,7 @@ def main() -> None:
                 "load (1 min)": load_1min(),
             }
         )
-        all_features[dtype] = features(model, processor, results["library"], class_names)
+        all_features[dtype] = clip_features(model, processor, results["library"], class_names)
         print(load_average(), "|", dtype, "done")
     table(rows)
     print(
