@@ -14,6 +14,8 @@ Decoding and preprocessing run ahead of the tower in DataLoader workers (``prepr
 torchvision-backed image processor (transformers' default) the workers stop before the processor's fused
 rescale-and-normalise and ship uint8 crops, a quarter of float32's bytes; that last step runs where the tower runs
 (on the GPU, from pinned memory) with the processor's own arithmetic, so the pixel values are bit-identical.
+With ``jpeg_draft`` a JPEG at least twice the processor's resize target is decoded at a reduced DCT scale: faster for
+large photos, not bit-identical (off by default; recipes/benchmarks/README.md, "JPEG draft decoding").
 """
 
 from __future__ import annotations
@@ -332,6 +334,12 @@ def embed_images(
         num_rows, source_identity = len(source), source._fingerprint
     preprocessing = Preprocessing(image_processor, jpeg_draft)
     draft_size = preprocessing.draft_size
+    if jpeg_draft and draft_size is None and accelerator.is_main_process:
+        logger.warning(
+            "jpeg_draft is on, but the image processor's resize (%s) keeps no known smallest size; JPEGs are decoded "
+            "at full scale.",
+            getattr(image_processor, "size", None) if getattr(image_processor, "do_resize", False) else "none",
+        )
     directories = (
         Path(cache_dir) / cache_key(source_identity, image_column, model_fingerprint, image_processor, batch_size,
                                     chunk_size, draft_size),

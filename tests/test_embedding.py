@@ -168,3 +168,13 @@ def test_jpeg_draft_embeds_the_drafted_pixels_in_caches_of_their_own(cifar_slice
     torch.testing.assert_close(pooled_matrix(drafted), direct, rtol=0, atol=0)
     assert not torch.equal(pooled_matrix(drafted), pooled_matrix(full))
     assert drafted["noise_level"][:] != full["noise_level"][:], "the statistics are measured on the drafted pixels"
+
+
+def test_the_draft_target_is_what_the_processor_resizes_to():
+    from transformers import CLIPImageProcessor
+
+    from hf_clipsel.embedding import resize_target
+
+    assert resize_target(CLIPImageProcessor()) == (224, 224)  # shortest edge 224
+    assert resize_target(CLIPImageProcessor(size={"height": 96, "width": 128})) == (128, 96)
+    assert resize_target(CLIPImageProcessor(do_resize=False)) is None  # nothing known: JPEGs decode at full scale
