@@ -14,7 +14,7 @@ from datasets import Dataset, Image
 
 from .context import RunContext, prompts_of, valid_rows
 from .data import ROW_ID, decode_rgb
-from .embedding import embed_class_prompts, embed_stage, pooled_matrix
+from .embedding import embed_class_prompts, embed_stage, pooled_matrix, resize_target
 from .modeling import attach_adapters, load_adapters
 from .outputs import ADAPTER_DIR, write_atomic_text
 from .training import agrees_with_labels, train_end_to_end, train_on_cache
@@ -182,9 +182,11 @@ def image_loader(context: RunContext, rows: np.ndarray):
     subset = subset.cast_column(image_column, Image(decode=False))
     processor = context.processor.image_processor
     labels = context.source.labels
+    # Decoded as the embed stage decodes them, so that the adapters train on the pixels they are scored on.
+    draft_size = resize_target(processor) if context.config.run.jpeg_draft else None
 
     def collate(batch):
-        images = [decode_rgb(row[image_column])[0] for row in batch]
+        images = [decode_rgb(row[image_column], draft_size)[0] for row in batch]
         return {
             "pixel_values": processor(images=images, return_tensors="pt").pixel_values,
             "labels": torch.tensor([labels[row[ROW_ID]] for row in batch]),

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from datasets import ClassLabel, Dataset, Image, IterableDataset, Value, load_dataset, load_from_disk
 from PIL import Image as PILImage
+from PIL.JpegImagePlugin import JpegImageFile
 
 from .configs import DataConfig
 
@@ -230,10 +231,14 @@ def decode_rgb(image: dict | None, draft_size: tuple[int, int] | None = None) ->
     try:
         source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
         with PILImage.open(source) as opened:
-            if opened.format == "JPEG" and (draft_size or max(opened.size) > HUGE_SIDE):
+            # JpegImageFile includes MPO, the multi-picture JPEG many cameras and phones write.
+            if isinstance(opened, JpegImageFile):
+                huge = max(opened.size) > HUGE_SIDE
                 # Let the JPEG decoder scale down by a power of two (it skips the finest DCT frequencies): a
                 # 100-megapixel photo costs a fraction of the time and memory, and CLIP sees 224 pixels of it anyway.
-                opened.draft("RGB", draft_size or (DRAFT_SIDE, DRAFT_SIDE))
+                target = draft_size or ((DRAFT_SIDE, DRAFT_SIDE) if huge else None)
+                if target:
+                    opened.draft("RGB", target)
             opened.load()
             return _reduced_rgb(opened), ""
     except Exception as error:  # any decoder failure flags the row; the run goes on

@@ -336,9 +336,8 @@ def embed_images(
     draft_size = preprocessing.draft_size
     if jpeg_draft and draft_size is None and accelerator.is_main_process:
         logger.warning(
-            "jpeg_draft is on, but the image processor's resize (%s) keeps no known smallest size; JPEGs are decoded "
-            "at full scale.",
-            getattr(image_processor, "size", None) if getattr(image_processor, "do_resize", False) else "none",
+            "jpeg_draft is on, but the image processor does not resize to a shortest edge or a fixed size; JPEGs are "
+            "decoded at full scale."
         )
     directories = (
         Path(cache_dir) / cache_key(source_identity, image_column, model_fingerprint, image_processor, batch_size,

@@ -1,5 +1,7 @@
 """Embedding: batched datasets.map, chunked on-disk cache reused by reruns, undecodable images flagged."""
 
+import shutil
+
 import torch
 from accelerate import Accelerator
 from datasets import load_dataset
@@ -168,6 +170,40 @@ def test_jpeg_draft_embeds_the_drafted_pixels_in_caches_of_their_own(cifar_slice
     torch.testing.assert_close(pooled_matrix(drafted), direct, rtol=0, atol=0)
     assert not torch.equal(pooled_matrix(drafted), pooled_matrix(full))
     assert drafted["noise_level"][:] != full["noise_level"][:], "the statistics are measured on the drafted pixels"
+
+    # DataLoader workers, and a statistics-only pass (embeddings cached, statistics gone), decode drafted too.
+    parallel = embed_images(
+        dataset, "img", model, processor.image_processor, fingerprint, **{**kwargs, "cache_dir": tmp_path / "workers"},
+        num_workers=2, jpeg_draft=True,
+    )  # fmt: skip
+    assert parallel.to_dict() == drafted.to_dict()
+    for folder in (tmp_path / "workers").glob(STATISTICS_DIR_PREFIX + "*"):
+        shutil.rmtree(folder)
+    measured_again = embed_images(
+        dataset, "img", model, processor.image_processor, fingerprint, **{**kwargs, "cache_dir": tmp_path / "workers"},
+        jpeg_draft=True,
+    )  # fmt: skip
+    assert measured_again.to_dict() == drafted.to_dict()
+
+
+def test_full_decoding_caches_keep_the_names_they_had_before_jpeg_draft():
+    """Users' existing caches (often hours of embedding) must not be invalidated by the option's existence: with
+    jpeg_draft off, the keys are those of the identities without a decoding field."""
+
+    class Processor:
+        def to_json_string(self):
+            return "{}"
+
+    identity = {"data": "fingerprint", "image_column": "img", "chunk_size": 4096}
+    assert embedding.statistics_key("fingerprint", "img", 4096) == embedding._key(
+        {"version": embedding.STATISTICS_VERSION, **identity}
+    )
+    assert embedding.cache_key("fingerprint", "img", "model", Processor(), 64, 4096) == embedding._key(
+        {"version": embedding.CACHE_FORMAT_VERSION, **identity, "model": "model", "processor": "{}", "batch_size": 64}
+    )
+    assert embedding.statistics_key("fingerprint", "img", 4096, (224, 224)) != embedding.statistics_key(
+        "fingerprint", "img", 4096
+    )
 
 
 def test_the_draft_target_is_what_the_processor_resizes_to():

@@ -119,13 +119,15 @@ def test_a_run_over_every_kind_finishes_and_flags_the_broken_rows(tmp_path, tiny
 @pytest.mark.parametrize(
     "size, format, expected",
     [((1000, 750), "JPEG", (500, 375)), ((2000, 1500), "JPEG", (500, 375)), ((4032, 3024), "JPEG", (504, 378)),
-     ((447, 600), "JPEG", (447, 600)), ((1000, 750), "PNG", (1000, 750))],
+     ((447, 600), "JPEG", (447, 600)), ((1000, 750), "MPO", (500, 375)), ((1000, 750), "PNG", (1000, 750))],
 )  # fmt: skip
 def test_jpeg_draft_decodes_at_the_smallest_scale_that_keeps_the_target(size, format, expected):
-    """draft_size (jpeg_draft): a JPEG at least twice the target on both sides decodes at 1/2, 1/4 or 1/8 scale,
-    never below the target; a smaller JPEG, or another format, decodes at full size."""
+    """draft_size (jpeg_draft): a JPEG (or MPO, the multi-picture JPEG of cameras and phones) at least twice the
+    target on both sides decodes at 1/2, 1/4 or 1/8 scale, never below the target; a smaller JPEG, or another
+    format, decodes at full size."""
     picture = PILImage.fromarray(np.dstack([np.tile(np.linspace(0, 255, size[0]), (size[1], 1)).astype(np.uint8)] * 3))
-    image, reason = decode_rgb({"bytes": _encode(picture, format), "path": None}, draft_size=(224, 224))
+    extra = dict(save_all=True, append_images=[picture]) if format == "MPO" else {}
+    image, reason = decode_rgb({"bytes": _encode(picture, format, **extra), "path": None}, draft_size=(224, 224))
     assert reason == "" and image.size == expected
     assert min(image.size) >= 224
     pixels = np.asarray(image.convert("L"), dtype=np.float64)  # the same picture: dark left, bright right
