@@ -41,7 +41,7 @@ from PIL import ImageFilter
 from scipy.stats import spearmanr
 
 from hf_clipsel.configs import ModelConfig, SelectionConfig
-from hf_clipsel.data import with_row_ids
+from hf_clipsel.data import decode_rgb, with_row_ids
 from hf_clipsel.embedding import Preprocessing, embed_images, pooled_matrix, prepare_batch, resize_target
 from hf_clipsel.image_quality import BLURRY, NOISY, damage_flags
 from hf_clipsel.modeling import load_clip, model_fingerprint
@@ -175,15 +175,14 @@ def main() -> None:
     speed_rows, rank_rows, damage_rows = [], [], []
     for factor in args.side_factors:
         cells = make_jpegs(images, CLIP_TARGET, factor, args.grain)
-        decoded = PILImage.open(io.BytesIO(cells[0]["bytes"]))
-        full_size = decoded.size
-        decoded.draft("RGB", resize_target(clip_processor))
+        full_size = decode_rgb(cells[0])[0].size
+        drafted_size = decode_rgb(cells[0], resize_target(clip_processor))[0].size
         rate = speed(cells, clip_processor, args.batch_size, args.repeats)
         speed_rows.append(
             {
                 "side factor": factor,
                 "JPEG": f"{full_size[0]}x{full_size[1]}",
-                "drafted to": f"{decoded.size[0]}x{decoded.size[1]}",
+                "drafted to": f"{drafted_size[0]}x{drafted_size[1]}",
                 "full img/s": rate["full"],
                 "drafted img/s": rate["drafted"],
                 "speed-up": rate["drafted"] / rate["full"],
