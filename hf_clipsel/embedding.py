@@ -99,8 +99,9 @@ class Preprocessing:
         buffer = self._buffer
         if buffer is None or buffer.shape != pixel_values.shape or buffer.device != device:
             buffer = self._buffer = torch.empty(pixel_values.shape, dtype=torch.float32, device=device)
+            self.mean, self.std = self.mean.to(device), self.std.to(device)  # moved once, with the buffer
         buffer.copy_(pixel_values)  # uint8 to float32 on the device, after the copy across
-        return tvF.normalize(buffer, self.mean.to(device), self.std.to(device), inplace=True)
+        return tvF.normalize(buffer, self.mean, self.std, inplace=True)
 
 
 def resize_target(image_processor) -> tuple[int, int] | None:
