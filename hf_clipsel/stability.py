@@ -16,6 +16,7 @@ from .adaptation import adapt_stage
 from .context import RunContext
 from .modeling import load_clip
 from .scores_table import score_stage, select_stage
+from .selection.registry import kept_share
 
 logger = logging.getLogger(__name__)
 
@@ -39,5 +40,5 @@ def seed_overlap(context: RunContext, embeddings: Dataset, masks: dict) -> dict[
             scores, features = score_stage(other, trained, embeddings)
             again, _ = select_stage(scores, config, features)
             for ratio, mask in masks.items():
-                shares[ratio].append(float((mask & again[ratio]).sum() / max(int(mask.sum()), 1)))
+                shares[ratio].append(kept_share(mask, again[ratio]))
     return {f"{ratio:g}": float(np.mean(values)) for ratio, values in shares.items() if values}

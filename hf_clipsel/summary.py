@@ -21,6 +21,7 @@ from .reasons import REASONS
 from .run_record import directory_bytes
 from .scores_table import DAMAGE, drop_reason_column, selection_inputs
 from .selection import select
+from .selection.registry import kept_share
 
 
 @dataclass
@@ -167,8 +168,7 @@ def ratio_overlap(masks: dict) -> dict[str, float]:
     smaller subset that the larger one keeps too, in [0, 1] (1 when the subsets are nested, as exact's are)."""
     ratios = sorted(masks)
     return {
-        f"{small:g}->{large:g}": float((masks[small] & masks[large]).sum() / max(int(masks[small].sum()), 1))
-        for small, large in zip(ratios, ratios[1:])
+        f"{small:g}->{large:g}": kept_share(masks[small], masks[large]) for small, large in zip(ratios, ratios[1:])
     }
 
 

@@ -240,3 +240,8 @@ def top_k(key: np.ndarray, inputs: SelectionInputs, k: int, class_balanced: bool
 def ratio_budgets(inputs: SelectionInputs, ratios: list[float]) -> dict[float, int]:
     """``k`` per ratio: floor(ratio * N) over all N rows (valid or not), via :func:`hf_clipsel.configs.budget`."""
     return {ratio: budget(ratio, inputs.num_rows) for ratio in ratios}
+
+
+def kept_share(subset: np.ndarray, other: np.ndarray) -> float:
+    """The share of ``subset``'s rows (a boolean mask) that ``other`` keeps too, in [0, 1]; 0 for an empty subset."""
+    return float((subset & other).sum() / max(int(subset.sum()), 1))

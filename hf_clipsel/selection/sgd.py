@@ -27,6 +27,7 @@ from hf_clipsel.scoring import scale_by_mean
 from hf_clipsel.selection.registry import (
     SelectionInputs,
     SelectionResult,
+    kept_share,
     ranking,
     ratio_budgets,
     register_selector,
@@ -157,7 +158,7 @@ def select_sgd(inputs: SelectionInputs, ratios: list[float], config: SelectionCo
         count = int(mask.sum())
         diagnostics["count_before_trim"] = count
         diagnostics["count_error"] = abs(count - k)
-        diagnostics["overlap_with_exact"] = float((mask & exact).sum() / max(int(exact.sum()), 1))
+        diagnostics["overlap_with_exact"] = kept_share(exact, mask)
         if config.sgd_exact_trim:
             mask = trim_to_budget(mask, ranking(reward, inputs.row_id), valid, k)
         result.add(ratio, mask, k, num_valid, alpha=alpha, **diagnostics)
