@@ -54,6 +54,7 @@ from hf_clipsel.configs import ClipselConfig, budget, ratio_name
 from hf_clipsel.noise import CORRUPTIONS, asymmetric_label_noise, corrupt_images, symmetric_label_noise
 from hf_clipsel.run_record import IncompleteRunError, verify
 from hf_clipsel.scores_table import SCORE_COLUMNS, read_scores, selected_column
+from hf_clipsel.selection.registry import kept_share
 
 REPO = Path(__file__).resolve().parents[2]
 METHOD, ZERO_SHOT, PAPER, UNGATED, BALANCED, ALPHA_RATIO, FORCED = (
@@ -497,7 +498,7 @@ def score_diagnostics(args, configs, columns) -> dict:
     for selector, seed in stability_runs(args):
         base = selected_masks(args, configs[selector], len(noisy))
         other = selected_masks(args, configs[f"{selector}-seed{seed}"], len(noisy))
-        shares = {ratio: (base[ratio] & other[ratio]).sum() / base[ratio].sum() for ratio in args.ratios}
+        shares = {ratio: kept_share(base[ratio], other[ratio]) for ratio in args.ratios}
         out["seed_overlap"][f"{selector}-seed{seed}"] = {f"{r:g}": round(float(v), 4) for r, v in shares.items()}
     return out
 
