@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData, constants
 
-from .configs import CONFIG_CLASSES, budget
+from .configs import budget, flag_classes
 from .outputs import (
     ADAPTER_DIR,
     REPORT_DIR,
@@ -164,14 +164,15 @@ def _cell(value) -> str:
 
 def _parameter_groups(config: dict) -> list[dict]:
     groups, seen = [], {"versions", "command"}
-    for klass in CONFIG_CLASSES:
+    for klass in flag_classes():
         rows = []
         for f in fields(klass):
             if f.name in config and "token" not in f.name:
                 rows.append({"key": f.name, "value": _cell(config[f.name]), "help": _cell(f.metadata.get("help", ""))})
                 seen.add(f.name)
         if rows:
-            groups.append({"name": klass.__name__.removesuffix("Config") or klass.__name__, "rows": rows})
+            name = klass.__name__.removesuffix("Config").removesuffix("Options") or klass.__name__
+            groups.append({"name": name, "rows": rows})
     other = [
         {"key": k, "value": _cell(v), "help": ""} for k, v in config.items() if k not in seen and "token" not in k
     ]

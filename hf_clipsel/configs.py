@@ -7,16 +7,17 @@ fails at parse time with a message that says how to fix it, not deep inside torc
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import typing
 from dataclasses import dataclass, field, fields
-from fractions import Fraction
+
+from .core.checks import check_choice, check_positive
+from .core.names import budget, ratio_name  # noqa: F401  (part of this module's public names)
+from .selection import SELECTORS, SelectionConfig
 
 ADAPTER_PRESETS = ("projection", "encoder_lora", "none")
 OBJECTIVES = ("class_ce", "infonce")
 DTYPES = ("auto", "float32", "bfloat16")
-DIVERSITY_GATES = ("none", "agreement")
-ALIGNMENTS = ("sas", "sas+posterior")
 # `preset: paper` reproduces the published method: alpha = ratio (the paper's text), adapters trained on every
 # row for the fixed schedule, no held-out check, no gate, SAS alone as the alignment term, no damage check. Values
 # given explicitly still win.
@@ -34,18 +35,6 @@ PRESETS = {
     },
 }
 DEFAULT_TEMPLATES = ["a photo of a {}."]
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}.")
-
-
-def _check_positive(name: str, value, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}.")
 
 
 _TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
@@ -88,19 +77,6 @@ def _expected(base, optional: bool) -> str:
     return text + (" or null" if optional else "")
 
 
-def ratio_name(selection_ratio: float) -> str:
-    """Name of a ratio's subset config and the suffix of its score columns: 0.3 -> "ratio_0.3", 1.0 -> "ratio_1"."""
-    return f"ratio_{selection_ratio:g}"
-
-
-def budget(selection_ratio: float, num_rows: int) -> int:
-    """Number of rows kept at ``selection_ratio``: floor(ratio * N) without float artefacts.
-
-    ``0.57 * 50000`` is 28499.999... in binary floating point; the decimal reading of the ratio gives 28500.
-    """
-    return math.floor(Fraction(str(selection_ratio)) * num_rows)
-
-
 @dataclass
 class DataConfig:
     dataset_name: str | None = field(
@@ -135,7 +111,7 @@ class DataConfig:
     )
 
     def __post_init__(self):
-        _check_positive("max_samples", self.max_samples)
+        check_positive("max_samples", self.max_samples)
 
 
 @dataclass
@@ -158,7 +134,7 @@ class ModelConfig:
     )
 
     def __post_init__(self):
-        _check_choice("dtype", self.dtype, DTYPES)
+        check_choice("dtype", self.dtype, DTYPES)
 
 
 @dataclass
@@ -232,20 +208,20 @@ class AdapterConfig:
     )
 
     def __post_init__(self):
-        _check_choice("adapter_preset", self.adapter_preset, ADAPTER_PRESETS)
-        _check_choice("objective", self.objective, OBJECTIVES)
-        _check_positive("lora_rank", self.lora_rank, allow_zero=True)
-        _check_positive("adapter_epochs", self.adapter_epochs, allow_zero=True)
-        _check_positive("adapter_learning_rate", self.adapter_learning_rate)
-        _check_positive("adapter_lr_step_epochs", self.adapter_lr_step_epochs)
-        _check_positive("adapter_batch_size", self.adapter_batch_size)
+        check_choice("adapter_preset", self.adapter_preset, ADAPTER_PRESETS)
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_positive("lora_rank", self.lora_rank, allow_zero=True)
+        check_positive("adapter_epochs", self.adapter_epochs, allow_zero=True)
+        check_positive("adapter_learning_rate", self.adapter_learning_rate)
+        check_positive("adapter_lr_step_epochs", self.adapter_lr_step_epochs)
+        check_positive("adapter_batch_size", self.adapter_batch_size)
         if not 0 <= self.adapter_check_confidence < 1:
             raise ValueError(
                 f"adapter_check_confidence must be in [0, 1), got {self.adapter_check_confidence}; e.g. 0.95."
             )
         if not 0 <= self.adapter_holdout_fraction < 1:
             raise ValueError(f"adapter_holdout_fraction must be in [0, 1), got {self.adapter_holdout_fraction}.")
-        _check_positive("stability_seeds", self.stability_seeds, allow_zero=True)
+        check_positive("stability_seeds", self.stability_seeds, allow_zero=True)
         if self.stability_seeds and (self.adapter_preset != "projection" or self.adapter_path):
             raise ValueError(
                 "stability_seeds retrains the projection adapters on the embedding cache; it needs adapter_preset "
@@ -269,112 +245,7 @@ class ScoringConfig:
     )
 
     def __post_init__(self):
-        _check_positive("knn_k", self.knn_k)
-
-
-@dataclass
-class SelectionConfig:
-    selection_ratios: list[float] = field(
-        default_factory=lambda: [0.5], metadata={"help": "Fractions of the dataset to keep, each in (0, 1]."}
-    )
-    selection_method: str = field(
-        default="exact",
-        metadata={
-            "help": "exact: the k largest rewards (exact budget, deterministic). sgd: the released STE "
-            "optimiser. Baselines: random, clip_score, moderate, ccs."
-        },
-    )
-    alpha: float | None = field(
-        default=0.1,
-        metadata={
-            "help": "Weight of the diversity term in the reward. Unset (null) means alpha = selection ratio, "
-            "the paper's text; the released code uses 0.1."
-        },
-    )
-    beta: float = field(default=2.0, metadata={"help": "Weight of the budget term in the sgd objective."})
-    sgd_learning_rate: float = field(default=1e-3, metadata={"help": "sgd: SGD learning rate (released: 1e-3)."})
-    sgd_max_iterations: int = field(default=100_000, metadata={"help": "sgd: iteration cap (released: 100,000)."})
-    sgd_exact_trim: bool = field(
-        default=False, metadata={"help": "sgd: trim or fill the final mask to exactly k rows by reward."}
-    )
-    diversity_gate: str = field(
-        # Measured (recipes/benchmarks/README.md, CIFAR-10, 20% and 40% symmetric noise): the gate kept less
-        # noise than the ungated reward at every ratio tried.
-        default="agreement",
-        metadata={
-            "help": "none: every row can earn the diversity term (released code). agreement: only rows whose "
-            "given label is the class CLIP prefers, so that mislabelled or damaged outliers are not pulled "
-            "back in for being rare."
-        },
-    )
-    alignment: str = field(
-        # Measured (recipes/benchmarks/README.md, "Robust selection"): with the posterior the reward kept less label
-        # noise than SAS alone at every ratio of every label-noise case, over six noise draws.
-        default="sas+posterior",
-        metadata={
-            "help": "The reward's alignment term (exact and sgd). sas: the semantic alignment score alone (paper). "
-            "sas+posterior: min-max(SAS~ + P~), P = CLIP's zero-shot probability of the given label over all "
-            "classes, which also sees how much closer the image is to its label than to the other classes."
-        },
-    )
-    damage_check: bool = field(
-        default=True,
-        metadata={
-            "help": "Rank images whose pixels are damaged (noise far above, or contrast or sharpness far below, "
-            "the dataset's usual level) after every other row in the reward (exact and sgd): they are kept only if "
-            "the budget needs them, and dropped ones get the reason 'damaged'. CLIP can be blind to such damage."
-        },
-    )
-    damage_threshold: float = field(
-        default=3.0,
-        metadata={
-            "help": "How far from the dataset's median, in robust standard deviations (1.4826 x MAD; noise on a "
-            "log scale), a pixel statistic must lie for damage_check to flag the image."
-        },
-    )
-    class_balanced: bool = field(
-        default=False, metadata={"help": "Keep each class's share of the dataset (per-class quotas)."}
-    )
-    seed: int = field(default=0, metadata={"help": "Seed for training, random baselines and tie-free shuffles."})
-
-    def __post_init__(self):
-        if isinstance(self.selection_ratios, (int, float)):
-            self.selection_ratios = [self.selection_ratios]
-        if not self.selection_ratios:
-            raise ValueError("selection_ratios is empty; give at least one ratio in (0, 1], e.g. 0.5.")
-        for ratio in self.selection_ratios:
-            if not 0 < ratio <= 1:
-                raise ValueError(
-                    f"selection ratio {ratio} is outside (0, 1]; a ratio is the fraction of rows to keep, e.g. 0.3."
-                )
-        if len(set(self.selection_ratios)) != len(self.selection_ratios):
-            raise ValueError(f"selection_ratios has duplicates: {self.selection_ratios}.")
-        names = [ratio_name(r) for r in self.selection_ratios]
-        clashes = sorted({name for name in names if names.count(name) > 1})
-        if clashes:  # e.g. 0.5 and 0.5000004: one subset config and one set of score columns for both
-            raise ValueError(
-                f"selection_ratios {self.selection_ratios} name the same subset twice ({', '.join(clashes)}); "
-                "give ratios that differ in their first 6 significant digits."
-            )
-        self.selection_ratios = sorted(float(r) for r in self.selection_ratios)
-        _check_positive("alpha", self.alpha, allow_zero=True)
-        _check_positive("beta", self.beta)
-        _check_choice("diversity_gate", self.diversity_gate, DIVERSITY_GATES)
-        _check_choice("alignment", self.alignment, ALIGNMENTS)
-        _check_positive("damage_threshold", self.damage_threshold)
-        _check_positive("sgd_learning_rate", self.sgd_learning_rate)
-        _check_positive("sgd_max_iterations", self.sgd_max_iterations)
-        from .selection.registry import SELECTORS  # the selectors register themselves; imported late (a cycle)
-
-        _check_choice("selection_method", self.selection_method, sorted(SELECTORS))
-        if self.selection_method == "sgd" and self.class_balanced:
-            raise ValueError(
-                "selection_method=sgd does not support class_balanced (the released objective has one budget, not "
-                "one per class); use selection_method exact with class_balanced."
-            )
-
-    def alpha_for(self, selection_ratio: float) -> float:
-        return selection_ratio if self.alpha is None else self.alpha
+        check_positive("knn_k", self.knn_k)
 
 
 @dataclass
@@ -424,10 +295,10 @@ class RunConfig:
     def __post_init__(self):
         if self.push_to_hub and not self.hub_dataset_id:
             raise ValueError("push_to_hub is on but hub_dataset_id is not set; pass --hub_dataset_id org/name.")
-        _check_positive("batch_size", self.batch_size)
+        check_positive("batch_size", self.batch_size)
         if self.preprocessing_num_workers is not None:
-            _check_positive("preprocessing_num_workers", self.preprocessing_num_workers, allow_zero=True)
-        _check_positive("embedding_chunk_size", self.embedding_chunk_size)
+            check_positive("preprocessing_num_workers", self.preprocessing_num_workers, allow_zero=True)
+        check_positive("embedding_chunk_size", self.embedding_chunk_size)
         if self.embedding_chunk_size % self.batch_size:
             # Chunks made of whole batches keep batch boundaries, and so the numbers, identical across
             # process counts.
@@ -455,26 +326,74 @@ class ClipselConfig:
     def from_flat(cls, values: dict) -> ClipselConfig:
         """Build from one flat mapping of field names (a YAML file's keys); unknown keys are an error.
 
-        ``preset`` (e.g. ``paper``) fills the keys that ``values`` does not give."""
+        ``preset`` (e.g. ``paper``) fills the keys that ``values`` does not give. The keys of a registered selector's
+        options go to that selector's options; given for another selector than the chosen one, they must keep their
+        defaults (a parser fills every flag with its default)."""
         values = dict(values)
         preset = values.pop("preset", None)
         if preset is not None:
-            _check_choice("preset", preset, PRESETS)
+            check_choice("preset", preset, PRESETS)
             values = {**PRESETS[preset], **values}
-        known = {f.name: klass for klass in CONFIG_CLASSES for f in fields(klass)}
+        owners = selector_option_classes()
+        classes = flag_classes()
+        known = {f.name: klass for klass in classes for f in fields(klass) if f.init}
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(
                 f"unknown configuration keys: {', '.join(unknown)}. Run `hf-clipsel run --help` for the valid ones."
             )
-        annotations = {name: hint for klass in CONFIG_CLASSES for name, hint in typing.get_type_hints(klass).items()}
-        groups = {klass: {} for klass in CONFIG_CLASSES}
+        annotations = {name: hint for klass in classes for name, hint in typing.get_type_hints(klass).items()}
+        groups = {klass: {} for klass in classes}
         for key, value in values.items():
             groups[known[key]][key] = _typed(key, value, annotations[key])
-        return cls(*(klass(**groups[klass]) for klass in CONFIG_CLASSES))
+        method = groups[SelectionConfig].get("selection_method", "exact")
+        check_choice("selection_method", method, SELECTORS.names())
+        chosen = SELECTORS[method].options
+        for klass, owner in owners.items():
+            changed = [
+                key for key, value in groups[klass].items() if klass is not chosen and value != _default(klass, key)
+            ]
+            if changed:
+                raise ValueError(
+                    f"{changed[0]} is an option of selection_method {owner}, not of {method}; choose "
+                    f"--selection_method {owner} or leave {changed[0]} out."
+                )
+        options = chosen(**groups[chosen]) if chosen else None
+        stages = [klass(**groups[klass]) for klass in CONFIG_CLASSES if klass is not SelectionConfig]
+        selection = SelectionConfig(**groups[SelectionConfig], options=options)
+        data, model, adapter, scoring, run = stages
+        return cls(data, model, adapter, scoring, selection, run)
 
     def to_flat(self) -> dict:
+        """The flat mapping :meth:`from_flat` reads back: every setting, and the chosen selector's options."""
         flat = {}
-        for group in (self.data, self.model, self.adapter, self.scoring, self.selection, self.run):
-            flat.update({f.name: getattr(group, f.name) for f in fields(group)})
+        groups = (self.data, self.model, self.adapter, self.scoring, self.selection, self.run)
+        for group in (*groups, self.selection.selector_options):
+            if group is not None:
+                flat.update({f.name: getattr(group, f.name) for f in fields(group) if f.init})
         return flat
+
+
+def selector_option_classes() -> dict[type, str]:
+    """Each registered selector's options dataclass, mapped to the selector's name."""
+    return {SELECTORS[name].options: name for name in SELECTORS.names() if SELECTORS[name].options is not None}
+
+
+def flag_classes() -> tuple[type, ...]:
+    """Every dataclass whose fields are flat configuration keys (YAML keys, ``--flags``): the stage groups and the
+    registered selectors' options. ``ValueError`` when a selector's option takes the name of another setting."""
+    classes = (*CONFIG_CLASSES, *selector_option_classes())
+    owner = {}
+    for klass in classes:
+        for f in fields(klass):
+            if f.init and owner.setdefault(f.name, klass) is not klass:
+                raise ValueError(
+                    f"the setting {f.name} is defined by both {owner[f.name].__name__} and {klass.__name__}; a "
+                    "selector's options must have names of their own."
+                )
+    return classes
+
+
+def _default(klass: type, name: str):
+    f = next(f for f in fields(klass) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

@@ -10,12 +10,13 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from .configs import CONFIG_CLASSES, PRESETS, ClipselConfig
+from .configs import PRESETS, ClipselConfig, flag_classes
 from .outputs import RUN_RECORD_KEYS
 
 
 def build_parser(**kwargs) -> HfArgumentParser:
-    parser = HfArgumentParser(CONFIG_CLASSES, **kwargs)
+    # the selectors' own options are flags too (those of plugins as well: the registry loads them on first use)
+    parser = HfArgumentParser(flag_classes(), **kwargs)
     parser.add_argument("--config", type=str, default=None, help="YAML file of field: value pairs; flags override it.")
     parser.add_argument(
         "--preset",

@@ -59,7 +59,8 @@ STAGE_SETTINGS = {
     ),
     "adapt": (*(f.name for f in dataclasses.fields(AdapterConfig)), "seed"),
     "score": tuple(f.name for f in dataclasses.fields(ScoringConfig)),
-    "select": tuple(f.name for f in dataclasses.fields(SelectionConfig)),
+    # and the chosen selector's own options (stage_settings adds them)
+    "select": tuple(f.name for f in dataclasses.fields(SelectionConfig) if f.init),
 }
 # The folder entries each stage writes (run_config.yaml is rewritten by every stage from the record).
 STAGE_ARTEFACTS = {
@@ -94,7 +95,11 @@ class RunLockedError(OSError):
 
 def stage_settings(config: ClipselConfig, stage: str) -> dict:
     flat = config.to_flat()
-    return {key: flat[key] for key in STAGE_SETTINGS[stage]}
+    keys = STAGE_SETTINGS[stage]
+    options = config.selection.selector_options
+    if stage == "select" and options is not None:
+        keys = (*keys, *(f.name for f in dataclasses.fields(options)))
+    return {key: flat[key] for key in keys}
 
 
 def file_digest(path: Path) -> str:

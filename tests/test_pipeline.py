@@ -150,7 +150,7 @@ def test_other_selectors_run_from_saved_scores(finished_run, tmp_path, method):
     config = copy.deepcopy(config)
     config.run.output_dir = str(tmp_path)
     config.selection.selection_method = method
-    config.selection.sgd_exact_trim = True
+    config.selection.selector_options.sgd_exact_trim = True
     summary = select_from_scores(config, scores=load_dataset(str(output_dir), "scores", split="train"))
     for ratio, k in (("0.3", 72), ("0.57", 136)):
         assert summary.ratios[ratio].kept == k

@@ -13,7 +13,7 @@ from hf_clipsel.parser import parse_config
 from hf_clipsel.pipeline import run
 from hf_clipsel.reasons import drop_reasons
 from hf_clipsel.scoring import POSTERIOR_LOGIT_FRACTION, class_posterior
-from hf_clipsel.selection import SelectionInputs, select
+from hf_clipsel.selection import SelectionInputs, SgdOptions, select
 from tests.conftest import run_config
 
 
@@ -35,7 +35,9 @@ def test_the_gate_keeps_rare_but_misaligned_rows_out():
     assert not gated[:4].any() and gated.sum() == 4
     sgd = select(
         SelectionInputs(**inputs, diversity_gate=agrees),
-        SelectionConfig(selection_ratios=[0.4], alpha=1.0, selection_method="sgd", sgd_exact_trim=True),
+        SelectionConfig(
+            selection_ratios=[0.4], alpha=1.0, selection_method="sgd", options=SgdOptions(sgd_exact_trim=True)
+        ),
     )[0.4]
     assert not sgd[:4].any()
 
@@ -82,7 +84,10 @@ def test_demoted_rows_are_taken_last_and_only_when_the_budget_needs_them():
     reward = inputs.reward(0.0)
     assert reward[:3].max() < reward[3:9].min() and reward[0] > reward[1] > reward[2]  # order kept among them
     sgd = select(
-        inputs, SelectionConfig(selection_ratios=[0.5], alpha=0.0, selection_method="sgd", sgd_exact_trim=True)
+        inputs,
+        SelectionConfig(
+            selection_ratios=[0.5], alpha=0.0, selection_method="sgd", options=SgdOptions(sgd_exact_trim=True)
+        ),
     )[0.5]
     assert not sgd[:3].any() and sgd.sum() == 5
 

@@ -16,6 +16,7 @@ from hf_clipsel.configs import SelectionConfig, budget
 from hf_clipsel.selection import (
     SELECTORS,
     SelectionInputs,
+    SgdOptions,
     class_quotas,
     get_selector,
     register_selector,
@@ -208,7 +209,10 @@ def test_sgd_reproduces_the_released_optimiser_at_50k():
     inputs.valid[:20] = False
     print(f"sgd at N=50,000: {diagnostics['iterations']} iterations, {elapsed:.1f}s")  # visible with -s
 
-    trimmed = select(inputs, SelectionConfig(selection_ratios=[ratio], selection_method="sgd", sgd_exact_trim=True))
+    trimmed = select(
+        inputs,
+        SelectionConfig(selection_ratios=[ratio], selection_method="sgd", options=SgdOptions(sgd_exact_trim=True)),
+    )
     assert trimmed[ratio].sum() == k
     assert not trimmed[ratio][~inputs.valid].any()
     assert (trimmed[ratio] & exact).sum() / k >= 0.999

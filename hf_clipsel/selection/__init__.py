@@ -14,27 +14,55 @@ Every selector takes ``(inputs, ratios, config)`` and returns a :class:`Selectio
 
 from __future__ import annotations
 
-from hf_clipsel.configs import SelectionConfig
 from hf_clipsel.selection import ccs, clip_score, exact, moderate, random, sgd  # noqa: F401  (registers them)
+from hf_clipsel.selection.config import SelectionConfig
 from hf_clipsel.selection.registry import (
     SELECTORS,
     SelectionInputs,
     SelectionResult,
+    SelectorSpec,
+    check_result,
     class_quotas,
     get_selector,
     register_selector,
+    selector_spec,
 )
+from hf_clipsel.selection.sgd import SgdOptions
 
 
 def select(inputs: SelectionInputs, config: SelectionConfig) -> SelectionResult:
-    """Run ``config.selection_method`` for every ratio of ``config.selection_ratios``."""
-    return get_selector(config.selection_method)(inputs, list(config.selection_ratios), config)
+    """Run ``config.selection_method`` for every ratio of ``config.selection_ratios``.
+
+    Args:
+        inputs: what the selectors read, one entry per row (:class:`SelectionInputs`).
+        config: the selection settings; ``config.selector_options`` holds the selector's own options.
+
+    Returns:
+        ``{ratio: bool[N]}`` with per-ratio ``diagnostics``, checked against what every selector promises
+        (:func:`~hf_clipsel.selection.registry.check_result`).
+    """
+    spec = selector_spec(config.selection_method)
+    if config.class_balanced and not spec.supports_class_balance:
+        raise ValueError(f"selection_method={spec.name} does not support class_balanced; set class_balanced false.")
+    if spec.needs_image_features and inputs.image_features is None:
+        raise ValueError(
+            f"selection_method {spec.name} needs image features, which saved scores do not hold: select with it in "
+            f"`hf-clipsel run --selection_method {spec.name}` (the features come from the embedding cache)."
+        )
+    ratios = list(config.selection_ratios)
+    result = spec.function(inputs, ratios, config)
+    check_result(spec, result, inputs, ratios)
+    return result
 
 
 __all__ = [
     "SELECTORS",
+    "SelectionConfig",
     "SelectionInputs",
     "SelectionResult",
+    "SelectorSpec",
+    "SgdOptions",
+    "selector_spec",
     "class_quotas",
     "get_selector",
     "register_selector",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hf_clipsel.configs import SelectionConfig
+from hf_clipsel.selection.config import SelectionConfig
 from hf_clipsel.selection.registry import (
     SelectionInputs,
     SelectionResult,
@@ -19,7 +19,7 @@ from hf_clipsel.selection.registry import (
     split_by_label,
 )
 
-# CCS's "hard cutoff" rate (the paper calls it beta; unrelated to SelectionConfig.beta). The authors tune it per
+# CCS's "hard cutoff" rate (the paper calls it beta; unrelated to sgd's beta). The authors tune it per
 # dataset and pruning rate; it is fixed at a moderate 0.1 here because this is a baseline, not a method we tune.
 HARD_CUTOFF = 0.1
 NUM_STRATA = 50

@@ -6,7 +6,7 @@ alignment. The diversity score is not used.
 
 from __future__ import annotations
 
-from hf_clipsel.configs import SelectionConfig
+from hf_clipsel.selection.config import SelectionConfig
 from hf_clipsel.selection.registry import (
     SelectionInputs,
     SelectionResult,

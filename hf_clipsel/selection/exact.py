@@ -6,7 +6,7 @@ are broken by row id (ascending), which makes the result deterministic and indep
 
 from __future__ import annotations
 
-from hf_clipsel.configs import SelectionConfig
+from hf_clipsel.selection.config import SelectionConfig
 from hf_clipsel.selection.registry import (
     SelectionInputs,
     SelectionResult,
@@ -16,7 +16,7 @@ from hf_clipsel.selection.registry import (
 )
 
 
-@register_selector("exact")
+@register_selector("exact", ranks_by_reward=True)
 def select_exact(inputs: SelectionInputs, ratios: list[float], config: SelectionConfig) -> SelectionResult:
     """The ``k = budget(ratio, N)`` valid rows with the largest reward, for each ratio.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hf_clipsel.configs import SelectionConfig
+from hf_clipsel.selection.config import SelectionConfig
 from hf_clipsel.selection.registry import (
     SelectionInputs,
     SelectionResult,
@@ -36,14 +36,13 @@ def distance_to_class_median(image_features: torch.Tensor, labels: np.ndarray, v
     return distance
 
 
-@register_selector("moderate")
+@register_selector("moderate", needs_image_features=True)
 def select_moderate(inputs: SelectionInputs, ratios: list[float], config: SelectionConfig) -> SelectionResult:
     """The k valid rows with the smallest ``|d_i - median(d)|`` (ties by row id); nested across ratios.
 
-    Needs ``inputs.image_features``. With ``class_balanced`` the same ranking is cut per class.
+    Needs ``inputs.image_features`` (registered with ``needs_image_features``: :func:`~hf_clipsel.selection.select`
+    refuses inputs without them). With ``class_balanced`` the same ranking is cut per class.
     """
-    if inputs.image_features is None:
-        raise ValueError("the moderate selector needs image features: pass image_features in SelectionInputs.")
     distance = distance_to_class_median(inputs.image_features, inputs.labels, inputs.valid)
     closeness = np.full(inputs.num_rows, -np.inf)
     if inputs.valid.any():

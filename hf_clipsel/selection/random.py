@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hf_clipsel.configs import SelectionConfig
+from hf_clipsel.selection.config import SelectionConfig
 from hf_clipsel.selection.registry import (
     SelectionInputs,
     SelectionResult,

@@ -1,19 +1,24 @@
 """The selector registry, the inputs every selector reads, and the helpers they share.
 
 A selector is a plain function ``(inputs, ratios, config) -> SelectionResult``. It is registered under a name with
-:func:`register_selector`; a second registration under the same name is an error (as in PEFT), so a typo or an
-import-order accident cannot silently replace a method.
+:func:`register_selector`, which also says what it can do (its traits: whether it needs image features, ranks rows
+by the reward, supports class balance, meets the budget exactly) and which options dataclass of its own the parser
+and YAML accept for it. A second registration under the same name is an error (as in PEFT), so a typo or an
+import-order accident cannot silently replace a method. Other packages register selectors through the entry-point
+group ``hf_clipsel.selectors`` (hf_clipsel.core.registry).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from hf_clipsel.configs import SelectionConfig, budget
+from hf_clipsel.core.names import budget
+from hf_clipsel.core.registry import Registry
 from hf_clipsel.scoring import min_max, reward
 
 
@@ -124,30 +129,102 @@ class SelectionResult(dict):
         }
 
 
-Selector = Callable[[SelectionInputs, "list[float]", SelectionConfig], SelectionResult]
-SELECTORS: dict[str, Selector] = {}
+Selector = Callable[[SelectionInputs, "list[float]", object], SelectionResult]
 
 
-def register_selector(name: str) -> Callable[[Selector], Selector]:
-    """Decorator: register a selector under ``name``. Registering a name twice raises ``ValueError``."""
+@dataclass(frozen=True)
+class SelectorSpec:
+    """A registered selector and what it can do.
+
+    Attributes:
+        name: the ``selection_method`` that chooses it.
+        function: ``(inputs, ratios, config) -> SelectionResult``; ``config`` is the run's
+            :class:`~hf_clipsel.selection.config.SelectionConfig`, whose ``selector_options`` holds this selector's
+            options (an instance of ``options``, or None when it takes none).
+        options: a dataclass of the selector's own settings. Its field names are flat configuration keys (YAML and
+            ``--flags``), so they must not clash with any other setting.
+        needs_image_features: it reads ``inputs.image_features`` (saved scores alone cannot feed it).
+        ranks_by_reward: it ranks rows by the reward, which the scores table then records per ratio.
+        supports_class_balance: it honours ``class_balanced`` (per-class quotas).
+        exact_budget: it selects exactly ``min(k, valid rows)`` rows per ratio (checked after every selection).
+    """
+
+    name: str
+    function: Selector
+    options: type | None = None
+    needs_image_features: bool = False
+    ranks_by_reward: bool = False
+    supports_class_balance: bool = True
+    exact_budget: bool = True
+
+
+SELECTORS = Registry("selector", entry_point_group="hf_clipsel.selectors")
+
+
+def register_selector(
+    name: str,
+    *,
+    options: type | None = None,
+    needs_image_features: bool = False,
+    ranks_by_reward: bool = False,
+    supports_class_balance: bool = True,
+    exact_budget: bool = True,
+) -> Callable[[Selector], Selector]:
+    """Decorator: register a selector under ``name`` with its traits (see :class:`SelectorSpec`).
+
+    Raises ``ValueError`` when ``name`` is taken or not a string, the selector is not callable, or ``options`` is not
+    a dataclass."""
+    if options is not None and not (isinstance(options, type) and dataclasses.is_dataclass(options)):
+        raise ValueError(f"the options of selector {name!r} must be a dataclass, not {options!r}.")
 
     def decorator(selector: Selector) -> Selector:
-        if name in SELECTORS:
-            raise ValueError(f"a selector named {name!r} is already registered ({SELECTORS[name].__module__}).")
-        SELECTORS[name] = selector
+        if not callable(selector):
+            raise ValueError(f"selector {name!r} must be a function (inputs, ratios, config), not {selector!r}.")
+        spec = SelectorSpec(
+            name, selector, options, needs_image_features, ranks_by_reward, supports_class_balance, exact_budget
+        )
+        SELECTORS.register(name, spec)
         return selector
 
     return decorator
 
 
+def selector_spec(name: str) -> SelectorSpec:
+    """The :class:`SelectorSpec` registered under ``name``; ``ValueError`` listing the registered names otherwise."""
+    if name not in SELECTORS:
+        raise ValueError(f"unknown selection method {name!r}; registered methods: {', '.join(SELECTORS.names())}.")
+    return SELECTORS[name]
+
+
 def get_selector(name: str) -> Selector:
-    """The selector registered under ``name``; ``ValueError`` listing the registered names otherwise."""
-    try:
-        return SELECTORS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown selection method {name!r}; registered methods: {', '.join(sorted(SELECTORS))}."
-        ) from None
+    """The selector function registered under ``name``; ``ValueError`` listing the registered names otherwise."""
+    return selector_spec(name).function
+
+
+def check_result(spec: SelectorSpec, result, inputs: SelectionInputs, ratios: list[float]) -> None:
+    """What every selector promises, checked: one boolean mask of N rows per ratio, only valid rows, and (for an
+    ``exact_budget`` selector) exactly ``min(k, valid rows)`` of them. ``ValueError`` naming the selector otherwise."""
+    where = f"selector {spec.name!r}"
+    if not isinstance(result, dict):
+        raise ValueError(f"{where} returned {type(result).__name__}, not a SelectionResult of masks per ratio.")
+    missing = [f"{r:g}" for r in ratios if r not in result]
+    if missing:
+        raise ValueError(f"{where} returned no mask for ratio {', '.join(missing)}.")
+    num_valid = int(inputs.valid.sum())
+    for ratio in ratios:
+        mask = np.asarray(result[ratio])
+        if mask.dtype != bool or mask.shape != (inputs.num_rows,):
+            raise ValueError(
+                f"{where} returned a {mask.dtype} mask of shape {mask.shape} at ratio {ratio:g}; expected bool of "
+                f"shape ({inputs.num_rows},)."
+            )
+        if (mask & ~inputs.valid).any():
+            raise ValueError(f"{where} selected rows that are not selectable (flagged) at ratio {ratio:g}.")
+        wanted = min(budget(ratio, inputs.num_rows), num_valid)
+        if spec.exact_budget and int(mask.sum()) != wanted:
+            raise ValueError(
+                f"{where} selected {int(mask.sum())} rows at ratio {ratio:g}; its budget is exactly {wanted}."
+            )
 
 
 def quota_array(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -238,7 +315,7 @@ def top_k(key: np.ndarray, inputs: SelectionInputs, k: int, class_balanced: bool
 
 
 def ratio_budgets(inputs: SelectionInputs, ratios: list[float]) -> dict[float, int]:
-    """``k`` per ratio: floor(ratio * N) over all N rows (valid or not), via :func:`hf_clipsel.configs.budget`."""
+    """``k`` per ratio: floor(ratio * N) over all N rows (valid or not), via :func:`hf_clipsel.core.names.budget`."""
     return {ratio: budget(ratio, inputs.num_rows) for ratio in ratios}
 
 

@@ -19,11 +19,14 @@ The budget term is checked before each step, so the mask returned is exactly the
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 
-from hf_clipsel.configs import SelectionConfig
+from hf_clipsel.core.checks import check_positive
 from hf_clipsel.scoring import scale_by_mean
+from hf_clipsel.selection.config import SelectionConfig
 from hf_clipsel.selection.registry import (
     SelectionInputs,
     SelectionResult,
@@ -58,7 +61,7 @@ def run_released_sgd(
         diversity_term: ``[n]`` SDS~ / mean(SDS~) of the candidates.
         k: the budget.
         num_rows: N in the budget term (the dataset size, as released).
-        alpha, beta, learning_rate, max_iterations: as in :class:`~hf_clipsel.configs.SelectionConfig`.
+        alpha, beta, learning_rate, max_iterations: as in :class:`SelectionConfig` and :class:`SgdOptions`.
 
     Returns:
         ``bool[n]`` final mask ``x > 0.5``, and diagnostics: ``iterations`` (SGD steps taken), ``converged`` (the
@@ -109,7 +112,26 @@ def trim_to_budget(mask: np.ndarray, order: np.ndarray, valid: np.ndarray, k: in
     return trimmed
 
 
-@register_selector("sgd")
+@dataclass
+class SgdOptions:
+    """The sgd selector's own settings (flat configuration keys, as the other settings)."""
+
+    beta: float = field(default=2.0, metadata={"help": "sgd: weight of the budget term in the objective."})
+    sgd_learning_rate: float = field(default=1e-3, metadata={"help": "sgd: SGD learning rate (released: 1e-3)."})
+    sgd_max_iterations: int = field(default=100_000, metadata={"help": "sgd: iteration cap (released: 100,000)."})
+    sgd_exact_trim: bool = field(
+        default=False, metadata={"help": "sgd: trim or fill the final mask to exactly k rows by reward."}
+    )
+
+    def __post_init__(self):
+        check_positive("beta", self.beta)
+        check_positive("sgd_learning_rate", self.sgd_learning_rate)
+        check_positive("sgd_max_iterations", self.sgd_max_iterations)
+
+
+# The released objective has one global budget term, not one per class: no class balance. Its mask meets the budget
+# only as closely as the optimiser converged, unless trimmed (sgd_exact_trim).
+@register_selector("sgd", options=SgdOptions, ranks_by_reward=True, supports_class_balance=False, exact_budget=False)
 def select_sgd(inputs: SelectionInputs, ratios: list[float], config: SelectionConfig) -> SelectionResult:
     """The released STE optimiser, once per ratio, over the valid rows only (invalid rows stay unselected).
 
@@ -122,14 +144,10 @@ def select_sgd(inputs: SelectionInputs, ratios: list[float], config: SelectionCo
     rows number more than ``k``, so they are selected only when the budget needs them, as with ``exact``.
 
     When ``k`` is at least the number of valid rows, all valid rows are selected without running the optimiser
-    (it could not reach the budget and would run to the iteration cap). ``class_balanced`` is not supported: the
-    released objective has one global budget term.
+    (it could not reach the budget and would run to the iteration cap). Its settings are ``config.selector_options``
+    (:class:`SgdOptions`).
     """
-    if config.class_balanced:
-        raise ValueError(
-            "selection_method=sgd does not support class_balanced (the released objective has one "
-            "global budget term); use selection_method=exact for per-class quotas."
-        )
+    options = config.selector_options
     valid = inputs.valid
     num_valid = int(valid.sum())
     preferred = inputs.preferred()
@@ -149,9 +167,9 @@ def select_sgd(inputs: SelectionInputs, ratios: list[float], config: SelectionCo
                 k,
                 inputs.num_rows,
                 alpha,
-                config.beta,
-                config.sgd_learning_rate,
-                config.sgd_max_iterations,
+                options.beta,
+                options.sgd_learning_rate,
+                options.sgd_max_iterations,
             )
             mask = np.zeros(inputs.num_rows, dtype=bool)
             mask[pool] = pool_mask
@@ -159,7 +177,7 @@ def select_sgd(inputs: SelectionInputs, ratios: list[float], config: SelectionCo
         diagnostics["count_before_trim"] = count
         diagnostics["count_error"] = abs(count - k)
         diagnostics["overlap_with_exact"] = kept_share(exact, mask)
-        if config.sgd_exact_trim:
+        if options.sgd_exact_trim:
             mask = trim_to_budget(mask, ranking(reward, inputs.row_id), valid, k)
         result.add(ratio, mask, k, num_valid, alpha=alpha, **diagnostics)
     return result

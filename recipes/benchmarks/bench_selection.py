@@ -31,7 +31,7 @@ from _common import footer, header, interleaved, load_average, median, setup, ta
 
 from hf_clipsel import scoring
 from hf_clipsel.configs import SelectionConfig, budget
-from hf_clipsel.selection import SelectionInputs, select
+from hf_clipsel.selection import SelectionInputs, SgdOptions, select
 from hf_clipsel.selection.sgd import run_released_sgd
 
 RATIOS = [0.1, 0.3, 0.5, 0.7, 0.9]
@@ -63,7 +63,8 @@ def released_objective(inputs: SelectionInputs, mask: np.ndarray, k: int, alpha:
 
 
 def config(ratios, method, alpha=0.1, cap=RELEASED_CAP) -> SelectionConfig:
-    return SelectionConfig(selection_ratios=list(ratios), selection_method=method, alpha=alpha, sgd_max_iterations=cap)
+    options = SgdOptions(sgd_max_iterations=cap) if method == "sgd" else None
+    return SelectionConfig(selection_ratios=list(ratios), selection_method=method, alpha=alpha, options=options)
 
 
 def part_small(num_rows: int, repeats: int) -> None:
