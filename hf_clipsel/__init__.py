@@ -10,7 +10,9 @@
     finished = hf_clipsel.load_run("outputs/cifar10")   # or a Hub dataset repo it was pushed to
     finished.subsets[0.3], finished.scores
 
-The names below are the public API; they are imported on first use, so `import hf_clipsel` stays fast.
+The names below are the public API (the configurations, the commands, a finished run, and the extension points:
+selectors, scores); they are imported on first use, so `import hf_clipsel` stays fast. The stages one by one are in
+hf_clipsel.pipeline.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-# public name -> the module that owns it
+# public name -> the module that owns it: the configurations, the commands, a finished run, and the extension points
 _EXPORTS = {
     "ClipselConfig": "configs",
     "DataConfig": "configs",
@@ -28,31 +30,26 @@ _EXPORTS = {
     "ScoringConfig": "configs",
     "SelectionConfig": "configs",
     "RunConfig": "configs",
-    "budget": "configs",
     "parse_config": "parser",
     "run": "pipeline",
-    "load_context": "pipeline",
-    "embed_stage": "pipeline",
-    "adapt_stage": "pipeline",
-    "score_stage": "pipeline",
-    "select_stage": "pipeline",
-    "write_stage": "pipeline",
-    "push_stage": "pipeline",
-    "select_from_scores": "pipeline",
-    "select": "selection",
-    "register_selector": "selection",
-    "SelectionInputs": "selection",
-    "SelectionResult": "selection",
-    "load_run": "run_record",
-    "FinishedRun": "run_record",
-    "RunRecord": "run_record",
-    "RunSummary": "summary",
-    "read_scores": "scores_table",
     "embed": "pipeline",
     "adapt": "pipeline",
     "score": "pipeline",
+    "select_from_scores": "pipeline",
     "push": "pipeline",
-    "push_outputs": "hub",
+    "report": "pipeline",
+    "clean": "pipeline",
+    "load_run": "runs.load",
+    "FinishedRun": "runs.load",
+    "RunSummary": "summary",
+    "budget": "core.names",
+    "register_selector": "selection",
+    "SelectionInputs": "selection",
+    "SelectionResult": "selection",
+    "register_score": "scores",
+    "Score": "scores",
+    "Column": "scores",
+    "ScoreInputs": "scores",
 }
 
 __all__ = sorted(_EXPORTS)

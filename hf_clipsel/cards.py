@@ -23,6 +23,7 @@ import yaml
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData, constants
 
 from .configs import budget, flag_classes
+from .core.names import reward_column, selected_column
 from .outputs import (
     ADAPTER_DIR,
     REPORT_DIR,
@@ -32,7 +33,8 @@ from .outputs import (
     dataset_configs,
     ratio_name,
 )
-from .scores_table import reward_column, selected_column
+from .reasons import reason_order
+from .scores import drop_reason_order, score_columns
 from .summary import RunSummary
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -282,8 +284,7 @@ def render_dataset_card(
         classes.append({"name": _cell(name), "total": total, "kept": kept})
 
     quantiles = []
-    score_columns = ["semantic_alignment", "sample_diversity", *[reward_column(r) for r in ratios]]
-    for name in score_columns:
+    for name in [*(c.name for c in score_columns()), *[reward_column(r) for r in ratios]]:
         values = column(name)
         if values is None:
             continue
@@ -347,6 +348,8 @@ def render_dataset_card(
         classes=classes,
         quantile_names=[name for name, _ in QUANTILES] + ["mean"],
         quantiles=quantiles,
+        score_meanings=[{"column": c.name, "meaning": _cell(c.meaning)} for c in score_columns()],
+        drop_reasons=_drop_reason_rows(summary, ratios),
         plots=plots,
         command=redact(command) if command else None,
         parameter_groups=_parameter_groups(config),
@@ -408,3 +411,16 @@ def render_adapter_card(
         citation=CITATION,
     )
     return ModelCard(redact(content))
+
+
+def _drop_reason_rows(summary: RunSummary, ratios: list[float]) -> list[dict]:
+    """Per drop reason (in order of precedence) the rows each ratio dropped for it, from the run summary."""
+    rows = []
+    for reason in reason_order(drop_reason_order()):
+        counts = [
+            summary.ratios[f"{r:g}"].dropped_by_reason.get(reason, 0) if f"{r:g}" in summary.ratios else "n/a"
+            for r in ratios
+        ]
+        if reason and any(count not in (0, "n/a") for count in counts):
+            rows.append({"reason": reason, "counts": counts})
+    return rows

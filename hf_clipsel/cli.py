@@ -37,7 +37,7 @@ def _usage() -> str:
 
 def _print_summary(summary, output_dir: str) -> None:
     """A finished selection (a :class:`~hf_clipsel.summary.RunSummary`) in a few lines."""
-    from .noise import describe_kept_noise
+    from .kept_noise import describe_kept_noise
 
     print(f"\nScored {summary.num_rows} rows ({summary.num_flagged} flagged, kept out of selection).")
     check = summary.adapter_check
@@ -49,12 +49,15 @@ def _print_summary(summary, output_dir: str) -> None:
             + (f", sign test p = {check['sign_test_p_value']:.2g}" if "sign_test_p_value" in check else "")
             + f"): {verdict}."
         )
-    if summary.damaged:
-        found = ", ".join(f"{count} {kind}" for kind, count in summary.damaged.items())
-        print(f"Damage check: {found} (ranked after every other row; the scores' `damage` column lists them).")
+    for column, counts in summary.flags.items():
+        if counts:
+            found = ", ".join(f"{count} {kind}" for kind, count in counts.items())
+            print(
+                f"Flagged ({column}): {found} (ranked after every other row; the scores' `{column}` column has them)."
+            )
     noise = summary.injected_noise
     if noise:
-        print(f"Injected noise (hf_clipsel.noise columns) in the pool: {describe_kept_noise(noise['pool'])}")
+        print(f"Injected noise (recorded in the source's columns) in the pool: {describe_kept_noise(noise['pool'])}")
     for ratio, info in summary.ratios.items():
         shortfall = f", {info.shortfall} short of the budget" if info.shortfall else ""
         dropped = ", ".join(f"{count} {reason}" for reason, count in info.dropped_by_reason.items())

@@ -3,7 +3,7 @@
 It runs on scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes). A tiny CLIP is trained for
 seconds on the first part of them (standing in for a pretrained CLIP, which cannot be downloaded offline); the
 other part becomes the pool to select from, with seeded label noise (20% of the rows get a wrong label) and a few
-damaged images (Gaussian noise) injected by :mod:`hf_clipsel.noise`. Its record columns (`is_noisy`,
+damaged images (Gaussian noise) injected by :mod:`hf_clipsel.benchmarking.noise`. Its record columns (`is_noisy`,
 `clean_label`, `corruption`) stay in the pool, so every subset carries them, and the summary and the report say how
 much of the injected noise each ratio kept, against the pool and against a random subset of the same size.
 
@@ -18,8 +18,8 @@ import numpy as np
 from datasets import ClassLabel, Dataset, Features, Image
 from PIL import Image as PILImage
 
+from .benchmarking.noise import corrupt_images, symmetric_label_noise
 from .configs import ClipselConfig
-from .noise import corrupt_images, symmetric_label_noise
 from .tiny import train_tiny_clip
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

@@ -34,8 +34,8 @@ from datasets import Dataset, Features, Image, IterableDataset, List, Value, con
 from datasets.arrow_writer import ArrowWriter
 
 from .data import ROW_ID, decode_rgb
-from .image_quality import QUALITY_COLUMNS, STATISTICS_VERSION, UNMEASURED, pixel_statistics
 from .modeling import clip_of, text_tower_outputs, vision_tower_outputs
+from .scores import measure_image, measured_columns, measurement_versions
 from .streaming import stream_identity
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def embedding_features(hidden_size: int) -> Features:
 
 
 def statistics_features() -> Features:
-    return Features({ROW_ID: Value("int64"), **{name: Value("float32") for name in QUALITY_COLUMNS}})
+    return Features({ROW_ID: Value("int64"), **{name: Value("float32") for name in measured_columns()}})
 
 
 class Preprocessing:
@@ -123,9 +123,7 @@ def prepare_batch(cells: list, preprocessing: Preprocessing, preprocess: bool = 
     DataLoader worker when ``preprocessing_num_workers`` is above 0."""
     decoded = [decode_rgb(cell, preprocessing.draft_size) for cell in cells]
     errors = [error for _, error in decoded]
-    statistics = (
-        [pixel_statistics(image) if image is not None else UNMEASURED for image, _ in decoded] if measure else []
-    )
+    statistics = [measure_image(image) for image, _ in decoded] if measure else []
     rows, pixel_values = [], None
     if preprocess:
         rows, pixel_values = _preprocess([image for image, _ in decoded], preprocessing, errors)
@@ -232,7 +230,7 @@ def _write_statistics(path: Path, row_ids: list[int], statistics: list) -> None:
     """One chunk's pixel statistics as an Arrow file, written beside and renamed in (whole or absent)."""
     if len(statistics) != len(row_ids):
         raise RuntimeError("the pixel statistics went out of step with the rows being embedded.")
-    columns = {name: [row[i] for row in statistics] for i, name in enumerate(QUALITY_COLUMNS)}
+    columns = {name: [row[i] for row in statistics] for i, name in enumerate(measured_columns())}
     partial = path.with_name(f"tmp-{path.name}")  # `tmp*`: swept up with datasets' own leftovers
     with ArrowWriter(features=statistics_features(), path=str(partial)) as writer:
         writer.write_batch({ROW_ID: list(row_ids), **columns})
@@ -291,8 +289,9 @@ def cache_key(
 def statistics_key(
     source_identity: str, image_column: str, chunk_size: int, draft_size: tuple[int, int] | None = None
 ) -> str:
-    """Names a pixel-statistics cache: the source, the check's version and the decoding scale (no model)."""
-    identity = {"version": STATISTICS_VERSION, "data": source_identity, "image_column": image_column}
+    """Names a pixel-statistics cache: the source, the pixel-measuring scores and their versions, and the decoding
+    scale (no model)."""
+    identity = {"version": measurement_versions(), "data": source_identity, "image_column": image_column}
     return _key({**identity, "chunk_size": chunk_size, **_decoding(draft_size)})
 
 

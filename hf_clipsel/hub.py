@@ -2,7 +2,7 @@
 
 ``push_outputs`` turns ``output_dir`` (laid out as a dataset repo, see :mod:`hf_clipsel.outputs`) into two repos,
 after checking, before any request, that the folder holds exactly the finished run its record lists, byte for byte
-(:func:`hf_clipsel.run_record.verify`; an incomplete or mixed folder is refused):
+(:func:`hf_clipsel.runs.record.verify`; an incomplete or mixed folder is refused):
 
 - the dataset repo: the card (``README.md``, its ``configs:`` naming every subset and ``scores``, rendered again
   with the repo ids so its snippets name the repo) and the files the record lists: ``subsets/``, ``scores/``,
@@ -55,8 +55,10 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.hf_api import RepoFile
 
 from .cards import read_run, redact, render_adapter_card, render_dataset_card
+from .core.names import RECORD
 from .outputs import ADAPTER_DIR, RUN_CONFIG, RUN_SUMMARY, SCORES_DIR, SUBSETS_DIR
-from .run_record import RECORD, RunRecord, verify
+from .runs.load import read_scores
+from .runs.record import RunRecord, verify
 
 logger = logging.getLogger(__name__)
 
@@ -437,7 +439,6 @@ def push_outputs(
 
 def load_scores(repo_or_dir: str | Path, revision: str | None = None, token: str | None = None):
     """The ``scores`` config of a run, from its ``output_dir`` or its dataset repo, as a ``datasets.Dataset``
-    (:func:`hf_clipsel.scores_table.read_scores`). One row per source row, keyed by ``row_id``."""
-    from .scores_table import read_scores
+    (:func:`hf_clipsel.runs.load.read_scores`). One row per source row, keyed by ``row_id``."""
 
     return read_scores(repo_or_dir, revision=revision, token=token)

@@ -5,7 +5,7 @@ subset locally and the same folder can be uploaded as it is (the layout: README.
     embeddings/ (the cache, not part of the dataset repo)
 
 The writers here write into a folder that the run record's RunFolder stages beside the run and swaps in whole
-(hf_clipsel.run_record); each directory is also written beside its place and renamed into it.
+(hf_clipsel.runs.folder); each directory is also written beside its place and renamed into it.
 """
 
 from __future__ import annotations
@@ -207,3 +207,7 @@ def dataset_configs(output_dir: Path, ratios: list[float]) -> list[dict]:
         splits = [{"split": ratio_name(r), "path": patterns[ratio_name(r)]} for r in ratios]
         configs.insert(0, {"config_name": "default", "data_files": splits, "default": True})
     return configs
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else 0

@@ -34,9 +34,11 @@ from jinja2 import Environment, StrictUndefined
 from PIL import Image as PILImage
 
 from .configs import DataConfig
-from .noise import describe_kept_noise
+from .kept_noise import describe_kept_noise
 from .outputs import atomic_directory, read_run_config
-from .scores_table import read_scores_in, reward_column, selected_column, selected_ratios
+from .report_data import RunScores, read_scores
+from .scores import score_columns
+from .scores.damage import DamageCheck
 from .summary import RatioSummary, RunSummary
 
 logger = logging.getLogger(__name__)
@@ -48,31 +50,6 @@ TEMPLATE = "report_template.html.j2"
 GALLERY_SIZE = 24
 MAX_FLAGGED_SHOWN = 200
 THUMBNAIL_SIDE = 128  # pixels; small images (CIFAR's 32) are enlarged without smoothing so they stay sharp
-
-
-@dataclass
-class RunScores:
-    """The score columns the report uses, as numpy arrays (one entry per source row)."""
-
-    row_id: np.ndarray
-    label: np.ndarray  # -1 where the label is unusable
-    predicted_label: np.ndarray  # -1 for a flagged row
-    flag_reason: np.ndarray  # "" for a usable row
-    semantic_alignment: np.ndarray
-    sample_diversity: np.ndarray
-    semantic_alignment_normalized: np.ndarray
-    sample_diversity_normalized: np.ndarray
-    selected: dict[float, np.ndarray]  # ratio -> bool mask, ratios ascending
-    reward: dict[float, np.ndarray]
-    class_names: list[str]
-
-    @property
-    def usable(self) -> np.ndarray:
-        return self.flag_reason == ""
-
-    @property
-    def ratios(self) -> list[float]:
-        return list(self.selected)
 
 
 @dataclass
@@ -92,43 +69,6 @@ class Tile:
     @property
     def mislabelled_suspect(self) -> bool:
         return self.predicted_label not in ("", self.given_label)
-
-
-def read_scores(output_dir: Path) -> RunScores:
-    """The scores of the run written in ``output_dir`` (scores_table's reader) as :class:`RunScores`."""
-    from datasets import ClassLabel
-
-    scores = read_scores_in(output_dir)
-    label_feature = scores.features["label"]
-    if not isinstance(label_feature, ClassLabel):
-        raise ValueError(f"{output_dir}: the scores' `label` column has no class names; was it written by hf-clipsel?")
-    table = scores.data.table
-
-    def column(name: str) -> np.ndarray:
-        return table.column(name).to_numpy(zero_copy_only=False)
-
-    names = table.column_names
-    ratios = selected_ratios(names)
-    num_rows = table.num_rows
-    return RunScores(
-        row_id=column("row_id").astype(np.int64),
-        label=column("label").astype(np.int64),
-        # Runs scored before predicted_label existed have none: -1 shows no CLIP class.
-        predicted_label=(
-            column("predicted_label").astype(np.int64)
-            if "predicted_label" in table.column_names
-            else np.full(num_rows, -1, dtype=np.int64)
-        ),
-        flag_reason=np.asarray([reason or "" for reason in table.column("flag_reason").to_pylist()], dtype=object),
-        semantic_alignment=column("semantic_alignment").astype(np.float64),
-        sample_diversity=column("sample_diversity").astype(np.float64),
-        semantic_alignment_normalized=column("semantic_alignment_normalized").astype(np.float64),
-        sample_diversity_normalized=column("sample_diversity_normalized").astype(np.float64),
-        selected={r: column(selected_column(r)).astype(bool) for r in ratios},
-        # only the methods that rank by the reward write it (exact, sgd)
-        reward={r: column(reward_column(r)).astype(np.float64) for r in ratios if reward_column(r) in names},
-        class_names=list(label_feature.names),
-    )
 
 
 def lowest_alignment_rows(scores: RunScores, count: int = GALLERY_SIZE) -> np.ndarray:
@@ -244,11 +184,10 @@ ALIGNMENT_TEXT = {
 
 
 def damage_check_text(run_config: dict, summary: RunSummary) -> str:
-    """Whether the pixel check ran and what it flagged (run_summary.json's damaged counts)."""
+    """Whether the pixel check ran and what it flagged (run_summary.json's flag counts of its ``damage`` column)."""
     if not run_config.get("damage_check", False):
         return "off"
-    damaged = summary.damaged
-    found = ", ".join(f"{count} {kind}" for kind, count in damaged.items()) or "none"
+    found = ", ".join(f"{count} {kind}" for kind, count in summary.flags.get("damage", {}).items()) or "none"
     return f"on (threshold {run_config.get('damage_threshold', 'n/a')} robust SD): images flagged: {found}"
 
 
@@ -281,6 +220,12 @@ def summary_rows(summary: RunSummary, run_config: dict, scores: RunScores) -> li
         ("diversity gate", GATE_TEXT.get(run_config.get("diversity_gate", "none"), "n/a")),
         ("alignment term", ALIGNMENT_TEXT.get(run_config.get("alignment", "sas"), "n/a")),
         ("damage check", damage_check_text(run_config, summary)),
+        *[
+            (f"flagged ({column})", ", ".join(f"{count} {kind}" for kind, count in counts.items()) or "none")
+            for column, counts in summary.flags.items()
+            if column != DamageCheck.flag_column  # the damage check's line above says it with its settings
+        ],
+        *[(f"score: {column.name}", column.meaning) for column in score_columns()],
         ("k nearest neighbours (SDS)", str(run_config.get("knn_k", "n/a"))),
         ("rows scored", str(len(scores.row_id))),
         ("rows flagged (never selected)", str(int((~scores.usable).sum()))),
@@ -301,7 +246,7 @@ def summary_rows(summary: RunSummary, run_config: dict, scores: RunScores) -> li
     for ratio, share in summary.seed_overlap.items():
         rows.append((f"stability: kept at {ratio} with adapters trained on other seeds", f"{share:.1%}"))
     noise = summary.injected_noise
-    if noise:  # the source carries hf_clipsel.noise's record columns: how much of it each subset kept
+    if noise:  # the source carries hf_clipsel.benchmarking.noise's record columns: how much of it each subset kept
         rows.append(("injected noise in the pool", describe_kept_noise(noise["pool"])))
         for ratio, kept in noise["ratios"].items():
             text = describe_kept_noise(kept["selected"], kept["random"], "random subset of the same size:")

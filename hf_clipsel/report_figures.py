@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .outputs import REPORT_FIGURES as FIGURES  # the names live with the output layout: the card needs them too
-
-if TYPE_CHECKING:
-    from .report import RunScores
+from .core.names import REPORT_FIGURES as FIGURES  # the names live with the output layout: the card needs them too
+from .report_data import RunScores
 
 DPI = 100
 WIDTH_INCHES = 12.0

@@ -1,19 +1,18 @@
-"""The scores table: one row per source row, keyed by ``row_id``. This module owns its column names, Features and
-value ranges, builds it, reads it (the one reader that the pipeline, the Hub loader, the report and the card use),
-and turns it into what the selectors read.
+"""The scores table: one row per source row, keyed by ``row_id``. This module owns its columns and Features,
+builds it (the score stage), adds a selection to it (the select stage), reads it (the one reader that the
+pipeline, the Hub loader, the report and the card use), and turns it into what the selectors read.
 
 Columns (README.md, "Outputs", has the same table for users):
 
 - ``row_id`` int64, the row's position in the source split; ``label`` the given label (ClassLabel; -1 where it is
   missing or out of range); ``given_label`` the label exactly as the source gives it, as text (so an out-of-range
-  value is kept); ``predicted_label`` the class CLIP prefers (-1 for a flagged row); ``decode_ok``;
+  value is kept); ``predicted_label`` the class the model prefers (-1 for a flagged row); ``decode_ok``;
   ``flag_reason`` ("" for a usable row).
-- ``semantic_alignment`` in [-1, 1] (higher: better aligned with its label's prompt); ``sample_diversity`` >= 0
-  (higher: a sparser part of its class); ``class_posterior`` in [0, 1]; each with ``*_normalized`` (min-max over
-  usable rows, in [0, 1]).
-- ``noise_level``, ``contrast``, ``sharpness``: pixel statistics of the damage check.
-- Written by a selection: ``damage`` ("" or what the pixel check found), and per ratio ``reward_ratio_<r>``,
-  ``is_selected_ratio_<r>``, ``drop_reason_ratio_<r>``.
+- The registered scores' columns (hf_clipsel.scores: ``semantic_alignment``, ``sample_diversity``,
+  ``class_posterior``, each with ``*_normalized``; the damage check's ``noise_level``, ``contrast``, ``sharpness``;
+  and those of any score registered by another package), float32, each with its documented range.
+- Written by a selection: each flagging score's flag column (``damage``: "" or what the pixel check found), and per
+  ratio ``reward_ratio_<r>`` (selectors that rank by the reward), ``is_selected_ratio_<r>``, ``drop_reason_ratio_<r>``.
 """
 
 from __future__ import annotations
@@ -25,46 +24,18 @@ import torch
 import torch.nn.functional as F
 from datasets import ClassLabel, Dataset, Features, Value
 
-from . import scoring
-from .configs import ClipselConfig, SelectionConfig, ratio_name
-from .data import ROW_ID
-from .image_quality import QUALITY_COLUMNS, damage_flags
-from .outputs import SCORES_DIR
-from .reasons import drop_reasons
-from .selection import SelectionInputs, select
-
-DAMAGE = "damage"
-SCORE_COLUMNS = (
-    "semantic_alignment",
-    "sample_diversity",
-    "semantic_alignment_normalized",
-    "sample_diversity_normalized",
-    "class_posterior",
-    "class_posterior_normalized",
-    *QUALITY_COLUMNS,
+from .configs import ClipselConfig
+from .core.names import (
+    ROW_ID,
+    SCORES_DIR,
+    SELECTION_PREFIXES,
+    drop_reason_column,
+    reward_column,
+    selected_column,
 )
-SELECTION_PREFIXES = ("reward_", "is_selected_", "drop_reason_")
-# The methods that rank rows by the reward, and so write it (``reward_ratio_<r>``, higher kept first); the baselines
-# (random, clip_score, moderate, ccs) rank by something else and write no reward column.
-RANKED_BY_REWARD = ("exact", "sgd")
-
-
-def selected_column(selection_ratio: float) -> str:
-    return f"is_selected_{ratio_name(selection_ratio)}"
-
-
-def drop_reason_column(selection_ratio: float) -> str:
-    return f"drop_reason_{ratio_name(selection_ratio)}"
-
-
-def reward_column(selection_ratio: float) -> str:
-    return f"reward_{ratio_name(selection_ratio)}"
-
-
-def selected_ratios(column_names: list[str]) -> list[float]:
-    """The ratios a table with these columns holds a selection for, ascending."""
-    prefix = "is_selected_ratio_"  # selected_column(r) is this plus f"{r:g}"
-    return sorted(float(name.removeprefix(prefix)) for name in column_names if name.startswith(prefix))
+from .reasons import drop_reasons
+from .scores import ScoreInputs, flag_columns, measured_columns, registered_scores, score_columns
+from .selection import SelectionConfig, SelectionInputs, select, selector_spec
 
 
 def scores_features(class_names: list[str]) -> Features:
@@ -76,14 +47,14 @@ def scores_features(class_names: list[str]) -> Features:
             "predicted_label": ClassLabel(names=class_names),
             "decode_ok": Value("bool"),
             "flag_reason": Value("string"),
-            **{name: Value("float32") for name in SCORE_COLUMNS},
+            **{column.name: Value("float32") for column in score_columns()},
         }
     )
 
 
 def score_stage(context, model, embeddings: Dataset) -> tuple[Dataset, torch.Tensor]:
-    """The score stage: the scores table of every row, and the image features it was computed from.
-    ``embeddings`` come from the vision tower of ``model`` (adaptation.scoring_embeddings)."""
+    """The score stage: the scores table of every row (every registered score), and the image features it was
+    computed from. ``embeddings`` come from the vision tower of ``model`` (adaptation.scoring_embeddings)."""
     from .context import prompts_of, valid_rows
     from .embedding import embed_class_prompts, pooled_matrix
     from .modeling import class_text_features, image_features, logit_scale
@@ -93,14 +64,20 @@ def score_stage(context, model, embeddings: Dataset) -> tuple[Dataset, torch.Ten
         features = image_features(model, pooled_matrix(embeddings)).cpu()
         text_pooled = embed_class_prompts(model, context.processor.tokenizer, prompts_of(context))
         class_features = class_text_features(model, text_pooled).cpu()
-    labels = torch.from_numpy(context.source.labels)
     valid_t = torch.from_numpy(valid)
-    given = labels.clamp(min=0)
-    sas = torch.where(valid_t, scoring.semantic_alignment(features, class_features, given), 0.0)
-    sds = scoring.sample_diversity(features, labels, context.config.scoring.knn_k, valid=valid_t)
-    posterior = scoring.class_posterior(features, class_features, given, logit_scale(model))
-    posterior = torch.where(valid_t, posterior, 0.0)
-    # The class the (adapted) CLIP prefers: where it differs from the given label, the row is a suspect.
+    inputs = ScoreInputs(
+        image_features=features,
+        class_features=class_features,
+        labels=torch.from_numpy(context.source.labels).clamp(min=0),
+        valid=valid_t,
+        logit_scale=logit_scale(model),
+        knn_k=context.config.scoring.knn_k,
+        statistics={name: np.asarray(embeddings[name][:], dtype=np.float32) for name in measured_columns()},
+    )
+    columns = {}
+    for score in registered_scores():
+        columns.update(score.compute(inputs))
+    # The class the (adapted) model prefers: where it differs from the given label, the row is a suspect.
     predicted = torch.where(valid_t, (F.normalize(features, dim=-1) @ class_features.T).argmax(dim=-1), -1)
     flag_reason = [
         label_problem or (f"{error}" if not ok else "")
@@ -108,24 +85,15 @@ def score_stage(context, model, embeddings: Dataset) -> tuple[Dataset, torch.Ten
             context.source.label_problems, embeddings["decode_ok"][:], embeddings["decode_error"][:]
         )
     ]
-    columns = {
-        "semantic_alignment": sas,
-        "sample_diversity": sds,
-        "semantic_alignment_normalized": scoring.min_max(sas, valid_t),
-        "sample_diversity_normalized": scoring.min_max(sds, valid_t),
-        "class_posterior": posterior,
-        "class_posterior_normalized": scoring.min_max(posterior, valid_t),
-        **{name: embeddings[name][:] for name in QUALITY_COLUMNS},
-    }
     scores = Dataset.from_dict(
         {
-            ROW_ID: np.arange(len(labels), dtype=np.int64),
+            ROW_ID: np.arange(len(valid), dtype=np.int64),
             "label": context.source.labels,
             "given_label": context.source.given_labels,
             "predicted_label": predicted.numpy(),
             "decode_ok": np.asarray(embeddings["decode_ok"][:], dtype=bool),
             "flag_reason": flag_reason,
-            **{name: np.asarray(values, dtype=np.float32) for name, values in columns.items()},
+            **{column.name: np.asarray(columns[column.name], dtype=np.float32) for column in score_columns()},
         },
         features=scores_features(context.source.class_names),
     )
@@ -133,38 +101,54 @@ def score_stage(context, model, embeddings: Dataset) -> tuple[Dataset, torch.Ten
 
 
 def select_stage(scores: Dataset, config: ClipselConfig, image_features: torch.Tensor | None = None):
-    """The select stage: masks per ratio, and the scores with the selection's columns for every ratio."""
-    table = scores.with_format("numpy")[:]  # read once: the inputs, the damage and the reasons all come from it
-    damage = damaged_rows(table, config.selection)
-    inputs = selection_inputs(table, config.selection, damage, image_features)
+    """The select stage: masks per ratio, and the scores with the selection's columns for every ratio: the scores'
+    flags, and per ratio the reward (for selectors that rank by it), the mask and each row's drop reason."""
+    table = scores.with_format("numpy")[:]  # read once: the inputs, the flags and the reasons all come from it
+    flags = score_flags(table, config.selection)
+    inputs = selection_inputs(table, config.selection, flags, image_features)
     masks = select(inputs, config.selection)
-    scores = without_selection(scores).add_column(DAMAGE, damage.tolist(), feature=Value("string"))
+    scores = without_selection(scores)
+    for column, values in flags.items():
+        scores = scores.add_column(column, values.tolist(), feature=Value("string"))
+    explained = explained_drops(table, config.selection)
+    ranks_by_reward = selector_spec(config.selection.selection_method).ranks_by_reward
     rewards = {}  # one reward per distinct alpha: with a fixed alpha every ratio shares it
     for ratio in config.selection.selection_ratios:
         alpha = config.selection.alpha_for(ratio)
-        if alpha not in rewards and config.selection.selection_method in RANKED_BY_REWARD:
-            rewards[alpha] = inputs.reward(alpha)
-            rewards[alpha] = np.where(np.isfinite(rewards[alpha]), rewards[alpha], np.nan).astype(np.float32)
-        reward = rewards.get(alpha)
-        reasons = drop_reasons(
-            masks[ratio],
-            table["decode_ok"],
-            ~inputs.valid,
-            inputs.labels,
-            table.get("predicted_label"),
-            inputs.sample_diversity_normalized,
-            inputs.demoted,
-        )
-        if config.selection.selection_method in RANKED_BY_REWARD:
-            scores = scores.add_column(reward_column(ratio), reward, feature=Value("float32"))
+        if ranks_by_reward:
+            if alpha not in rewards:
+                reward = inputs.reward(alpha)
+                rewards[alpha] = np.where(np.isfinite(reward), reward, np.nan).astype(np.float32)
+            scores = scores.add_column(reward_column(ratio), rewards[alpha], feature=Value("float32"))
+        reasons = drop_reasons(masks[ratio], table["decode_ok"], ~inputs.valid, explained)
         scores = scores.add_column(selected_column(ratio), masks[ratio], feature=Value("bool"))
         scores = scores.add_column(drop_reason_column(ratio), reasons.tolist(), feature=Value("string"))
     return masks, scores
 
 
+def explained_drops(table: dict, selection: SelectionConfig) -> list[tuple[str, np.ndarray]]:
+    """``(drop reason, bool[N] rows it explains)`` of every registered score that explains drops, weakest first (its
+    ``reason_rank``), as :func:`~hf_clipsel.reasons.drop_reasons` takes them."""
+    return [
+        (score.drop_reason, rows)
+        for score in sorted(registered_scores(), key=lambda score: score.reason_rank)
+        if score.drop_reason and (rows := score.explains(table, selection)) is not None
+    ]
+
+
+def score_flags(table: dict, selection: SelectionConfig) -> dict[str, np.ndarray]:
+    """``{flag column: object[N]}``: what each flagging score found ("" or its finding) in the scores ``table``."""
+    found = {}
+    for score in registered_scores():
+        if score.flag_column and (flags := score.flags(table, selection)) is not None:
+            found[score.flag_column] = np.asarray(flags, dtype=object)
+    return found
+
+
 def read_scores_in(directory: str | Path) -> Dataset:
     """The scores table written in ``directory`` (a run folder, or one being built), read in memory with pyarrow:
-    nothing is copied into the datasets cache. :func:`read_scores` checks a finished folder first."""
+    nothing is copied into the datasets cache. :func:`hf_clipsel.runs.load.read_scores` checks a finished
+    folder first."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from datasets.table import InMemoryTable
@@ -176,23 +160,6 @@ def read_scores_in(directory: str | Path) -> Dataset:
             "--scores_from."
         )
     return Dataset(InMemoryTable(pa.concat_tables([pq.read_table(shard) for shard in shards])))
-
-
-def read_scores(location: str | Path, revision: str | None = None, token: str | None = None) -> Dataset:
-    """The scores of a run: from its ``output_dir`` (checked against its record) or from the Hub dataset repo it was
-    pushed to (its ``scores`` config)."""
-    if Path(location).is_dir():
-        from .run_record import verify
-
-        verify(location, need_selection=False)
-        return read_scores_in(location)
-    from datasets import load_dataset
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    try:
-        return load_dataset(str(location), "scores", split="train", revision=revision, token=token)
-    except RepositoryNotFoundError as error:
-        raise FileNotFoundError(f"{location} is neither a local directory nor a dataset repo you can read.") from error
 
 
 def check_scores_belong_to(scores: Dataset, source, location) -> None:
@@ -232,20 +199,11 @@ def required_column(table: dict, column: str, setting: str) -> np.ndarray:
     return table[column]
 
 
-def damaged_rows(table: dict, selection: SelectionConfig) -> np.ndarray:
-    """``""`` or the damage found (``noisy``, ``low contrast``, ``blurry``) per row of the scores ``table`` (numpy
-    columns); all ``""`` when damage_check is off."""
-    if not selection.damage_check:
-        return np.full(len(table[ROW_ID]), "", dtype=object)
-    statistics = [required_column(table, column, "damage_check") for column in QUALITY_COLUMNS]
-    return damage_flags(*statistics, table["flag_reason"] == "", selection.damage_threshold)
-
-
 def selection_inputs(
-    table: dict, selection: SelectionConfig, damage: np.ndarray, image_features: torch.Tensor | None = None
+    table: dict, selection: SelectionConfig, flags: dict[str, np.ndarray], image_features: torch.Tensor | None = None
 ) -> SelectionInputs:
-    """What the selectors read: the scores ``table`` (numpy columns), the selection settings and the damage found
-    (:func:`damaged_rows`)."""
+    """What the selectors read: the scores ``table`` (numpy columns), the selection settings and the scores' flags
+    (:func:`score_flags`: flagged rows are demoted)."""
     gate = posterior = None
     if selection.diversity_gate == "agreement":
         gate = required_column(table, "predicted_label", "diversity_gate agreement") == table["label"]
@@ -260,10 +218,11 @@ def selection_inputs(
         image_features=image_features,
         diversity_gate=gate,
         class_posterior_normalized=posterior,
-        demoted=damage != "",
+        demoted=np.any([values != "" for values in flags.values()], axis=0) if flags else None,
     )
 
 
 def without_selection(scores: Dataset) -> Dataset:
     """The table without any selection's columns (what a new selection replaces)."""
-    return scores.remove_columns([c for c in scores.column_names if c.startswith(SELECTION_PREFIXES) or c == DAMAGE])
+    selection_columns = [c for c in scores.column_names if c.startswith(SELECTION_PREFIXES) or c in flag_columns()]
+    return scores.remove_columns(selection_columns)

@@ -15,11 +15,12 @@ from datasets import Dataset, IterableDataset
 
 from .adaptation import read_adapter_check
 from .configs import ClipselConfig, budget
-from .noise import NOISE_COLUMNS, kept_noise
-from .outputs import ADAPTER_DIR, EMBEDDINGS_DIR, RUN_SUMMARY, write_atomic_text
-from .reasons import REASONS
-from .run_record import directory_bytes
-from .scores_table import DAMAGE, drop_reason_column, selection_inputs
+from .core.names import drop_reason_column
+from .kept_noise import NOISE_COLUMNS, kept_noise
+from .outputs import ADAPTER_DIR, EMBEDDINGS_DIR, RUN_SUMMARY, directory_bytes, write_atomic_text
+from .reasons import reason_order
+from .scores import drop_reason_order, flag_columns
+from .scores_table import selection_inputs
 from .selection import select
 from .selection.registry import kept_share
 
@@ -41,8 +42,9 @@ class RatioSummary:
 @dataclass
 class RunSummary:
     """What a selection did. ``ratios`` is keyed by the ratio as written in config names ("0.3", "1");
-    ``adapter_check`` is the held-out check's verdict (None when it did not run); ``damaged`` counts the damage
-    check's flags by kind; ``injected_noise`` is filled for sources carrying hf_clipsel.noise's record columns."""
+    ``adapter_check`` is the held-out check's verdict (None when it did not run); ``flags`` counts what each
+    flagging score found, by flag column and finding (``{"damage": {"noisy": 3}}``); ``injected_noise`` is filled
+    for sources carrying the record columns of hf_clipsel.benchmarking.noise."""
 
     num_rows: int = 0
     num_valid: int = 0
@@ -56,7 +58,7 @@ class RunSummary:
     selection_method: str | None = None
     ratios: dict[str, RatioSummary] = field(default_factory=dict)
     adapter_check: dict | None = None
-    damaged: dict[str, int] = field(default_factory=dict)
+    flags: dict[str, dict[str, int]] = field(default_factory=dict)
     injected_noise: dict | None = None
     embedding_cache_bytes: int = 0
     # for each pair of neighbouring ratios "a->b": the share of a's subset that b's keeps too (1: nested subsets)
@@ -88,16 +90,18 @@ class RunSummary:
 
 
 def injected_noise(dataset, scores: Dataset, masks: dict, config: ClipselConfig) -> dict | None:
-    """For a source that carries hf_clipsel.noise's record columns (``is_noisy``...): the injected noise in the pool,
-    and per ratio in the subset and in a random subset of the same size (the ``random`` selector, same seed)."""
+    """For a source that carries hf_clipsel.benchmarking.noise's record columns (``is_noisy``...): the injected noise
+    in the pool, and per ratio in the subset and in a random subset of the same size (the ``random`` selector, same
+    seed)."""
     if isinstance(dataset, IterableDataset) or "is_noisy" not in dataset.column_names:
         return None
     present = [name for name in NOISE_COLUMNS if name in dataset.column_names]
     table = scores.with_format("numpy")[:]
     columns = {**dataset.select_columns(present).with_format("numpy")[:], "label": table["label"]}
     random_config = dataclasses.replace(config.selection, selection_method="random", class_balanced=False)
-    # the damage select_stage found and wrote (DAMAGE), not found again: the random draw sees the same valid rows
-    random_masks = select(selection_inputs(table, random_config, table[DAMAGE].astype(object)), random_config)
+    # the flags select_stage found and wrote, not found again: the random draw sees the same valid rows
+    flags = {column: table[column].astype(object) for column in flag_columns() if column in table}
+    random_masks = select(selection_inputs(table, random_config, flags), random_config)
     return {
         "pool": kept_noise(columns),
         "ratios": {
@@ -136,14 +140,16 @@ def summarize(
             # rows missing from the budget because too few rows are usable (sgd's own miss is in diagnostics)
             shortfall=int(diagnostics.get("shortfall", max(k - mask.sum(), 0))),
             diagnostics={name: _plain(value) for name, value in diagnostics.items()},
-            dropped_by_reason={reason: reasons[reason] for reason in REASONS if reason and reasons[reason]},
+            dropped_by_reason={
+                reason: reasons[reason] for reason in reason_order(drop_reason_order()) if reason and reasons[reason]
+            },
             kept_per_class={class_names[c]: int(kept_per_class.get(c, 0)) for c in range(len(class_names))},
         )
-    damage = Counter(scores[DAMAGE][:])  # select_stage wrote it
+    found = {column: Counter(scores[column][:]) for column in flag_columns() if column in scores.column_names}
     cache_dir = Path(config.run.cache_dir or Path(config.run.output_dir) / EMBEDDINGS_DIR)
     return RunSummary(
         adapter_check=read_adapter_check(directory / ADAPTER_DIR),
-        damaged={kind: count for kind, count in sorted(damage.items()) if kind},
+        flags={column: {kind: n for kind, n in sorted(counts.items()) if kind} for column, counts in found.items()},
         num_rows=len(labels),
         num_valid=int(valid.sum()),
         num_flagged=int((~valid).sum()),

@@ -83,7 +83,9 @@ def test_a_changed_damage_check_recomputes_the_statistics_and_keeps_the_embeddin
     dataset, model, processor, calls, kwargs = _setup(cifar_slice, tiny_clip_path, tmp_path, 40, 20)
     first = embed_images(dataset, "img", model, processor.image_processor, **kwargs)
     embedding_files = {path: path.stat().st_mtime_ns for path in embedding_chunks(tmp_path)}
-    monkeypatch.setattr(embedding, "STATISTICS_VERSION", embedding.STATISTICS_VERSION + 1)
+    from hf_clipsel.scores.damage import DamageCheck
+
+    monkeypatch.setattr(DamageCheck, "version", DamageCheck.version + 1)  # what a changed damage check declares
     second = embed_images(dataset, "img", model, processor.image_processor, **kwargs)
     assert len(calls) == 2, "the embeddings are reused: no forward for the new statistics"
     assert {path: path.stat().st_mtime_ns for path in embedding_chunks(tmp_path)} == embedding_files
@@ -196,7 +198,7 @@ def test_full_decoding_caches_keep_the_names_they_had_before_jpeg_draft():
 
     identity = {"data": "fingerprint", "image_column": "img", "chunk_size": 4096}
     assert embedding.statistics_key("fingerprint", "img", 4096) == embedding._key(
-        {"version": embedding.STATISTICS_VERSION, **identity}
+        {"version": embedding.measurement_versions(), **identity}
     )
     assert embedding.cache_key("fingerprint", "img", "model", Processor(), 64, 4096) == embedding._key(
         {"version": embedding.CACHE_FORMAT_VERSION, **identity, "model": "model", "processor": "{}", "batch_size": 64}

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from hf_clipsel.parser import parse_config
+from hf_clipsel.scores import SCORES, Column, Score, register_score
 from hf_clipsel.selection import SELECTORS, SelectionInputs, register_selector, select
 from hf_clipsel.selection.config import SelectionConfig
 from tests.conftest import REPO, cli, run_config
@@ -184,7 +185,7 @@ def test_registering_under_a_non_string_name_is_refused_at_once():
     assert SelectionConfig().selection_method == "exact"  # the registry still works
 
 
-PLUGIN = '''
+PLUGIN = """
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -208,7 +209,7 @@ def last_rows(inputs, ratios, config):
         mask[rows[:k]] = True
         result.add(ratio, mask, k, rows.size)
     return result
-'''
+"""
 
 
 def installed_plugin(root: Path) -> dict:
@@ -256,3 +257,78 @@ def test_the_cli_runs_a_selector_installed_through_an_entry_point(small_run, tmp
     without = cli("run", "--help", env={**os.environ, "PYTHONPATH": str(REPO)})
     assert "--last_rows_skip" not in without.stdout and "--last_rows_skip" in cli("run", "--help", env=env).stdout
     assert sys.modules.get("clipsel_last_rows") is None  # it never leaked into this process
+
+
+class Brightness(Score):
+    """A score in one file: the mean grey level, measured while decoding; very dark images are demoted."""
+
+    name = "brightness"
+    columns = (Column("brightness", "mean grey level in [0, 1]; higher: brighter"),)
+    measures_pixels = True
+    drop_reason = "too dark"
+    reason_rank = 25
+    flag_column = "too_dark"
+
+    def measure(self, image):
+        return (0.0,) if image is None else (float(np.asarray(image.convert("L"), dtype=np.float64).mean() / 255),)
+
+    def flags(self, table, selection):
+        dark = (np.asarray(table["brightness"]) < 0.08) & (np.asarray(table["flag_reason"]) == "")
+        return np.where(dark, "too dark", "").astype(object)
+
+
+@pytest.fixture
+def brightness_score():
+    register_score(Brightness)
+    try:
+        yield
+    finally:
+        del SCORES["brightness"]
+
+
+def test_a_score_added_in_one_file_reaches_the_table_the_reasons_the_summary_the_report_and_the_card(
+    brightness_score, cifar_slice, tiny_clip_path, tmp_path
+):
+    import pandas as pd
+    from datasets import Image, load_dataset
+
+    from hf_clipsel.pipeline import run
+
+    source = load_dataset("parquet", data_files=str(cifar_slice), split="train").select(range(120))
+    dark_rows = list(range(0, 120, 10))
+
+    def darken(row, index):
+        if index in dark_rows:
+            row["img"] = row["img"].point(lambda value: value // 16)
+        return row
+
+    source.map(darken, with_indices=True).cast_column("img", Image()).to_parquet(str(tmp_path / "dark.parquet"))
+    output_dir = tmp_path / "out"
+    summary = run(run_config(tmp_path / "dark.parquet", tiny_clip_path, output_dir, damage_check=False))
+    scores = pd.read_parquet(output_dir / "scores")
+    assert scores.index[scores["brightness"] < 0.08].tolist() == dark_rows  # the table: measured while decoding
+    assert scores.index[scores["too_dark"] == "too dark"].tolist() == dark_rows  # its flags
+    assert (scores.loc[dark_rows, "drop_reason_ratio_0.5"] == "too dark").all()  # the drop reasons
+    assert not scores.loc[dark_rows, "is_selected_ratio_0.5"].any()  # demoted: 60 of 108 others fill the budget
+    assert summary.ratios["0.5"].dropped_by_reason["too dark"] == len(dark_rows)  # the summary
+    assert summary.flags["too_dark"] == {"too dark": len(dark_rows)}
+    report = (output_dir / "report" / "index.html").read_text()
+    assert "too dark" in report and "brightness" in report  # the report
+    card = (output_dir / "README.md").read_text()
+    assert "| too dark |" in card and "`brightness`" in card  # the card
+
+
+def test_the_readme_selector_example_runs(tmp_path):
+    import re
+
+    section = (REPO / "README.md").read_text().split("## Extending hf_clipsel")[1]
+    code = re.search(r"\*\*A selector\*\*.*?```python\n(.*?)```", section, flags=re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
+    try:
+        config = parse_config(
+            ["--selection_method", "cleanest", "--cleanest_margin", "0.5", "--selection_ratios", "0.3"]
+        )
+        inputs = SelectionInputs(np.arange(10), np.zeros(10), np.linspace(0, 1, 10), np.zeros(10))
+        assert np.flatnonzero(select(inputs, config.selection)[0.3]).tolist() == [7, 8, 9]
+    finally:
+        del SELECTORS["cleanest"]

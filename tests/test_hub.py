@@ -27,9 +27,10 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from PIL import Image as PILImage
 
 from hf_clipsel.cards import render_adapter_card, render_dataset_card
+from hf_clipsel.core.names import RECORD
 from hf_clipsel.hub import _matches, is_transient, push_outputs
 from hf_clipsel.outputs import ratio_name
-from hf_clipsel.run_record import RECORD, RunRecord, artefact_sizes, file_digest
+from hf_clipsel.runs.record import RunRecord, artefact_sizes, file_digest
 from hf_clipsel.scores_table import reward_column, selected_column
 
 FAKE_TOKEN = "hf_FakeTokenForTestsOnly0123456789abcdef"

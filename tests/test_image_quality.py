@@ -7,7 +7,7 @@ from datasets import load_dataset
 from PIL import Image, ImageFilter
 from scipy.stats import norm
 
-from hf_clipsel import noise
+from hf_clipsel.benchmarking import noise
 from hf_clipsel.image_quality import (
     BLURRY,
     LOW_CONTRAST,

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, Features, Image, load_dataset
 
-from hf_clipsel import noise
+from hf_clipsel.benchmarking import noise
+from hf_clipsel.kept_noise import kept_noise
 
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -102,15 +103,15 @@ def test_kept_noise_reads_the_record_columns(cifar):
     columns = {name: np.asarray(both[name]) for name in ("label", "clean_label", "is_noisy", "corruption")}
     label_noise = columns["label"] != columns["clean_label"]
     damaged = columns["corruption"] != ""
-    assert noise.kept_noise(columns) == {
+    assert kept_noise(columns) == {
         "noisy": pytest.approx((label_noise | damaged).mean()),
         "label_noise": pytest.approx(label_noise.mean()),
         "damaged": pytest.approx(damaged.mean()),
     }
     first_half = np.arange(len(both)) < len(both) // 2
-    assert noise.kept_noise(columns, first_half)["label_noise"] == pytest.approx(label_noise[first_half].mean())
-    assert noise.kept_noise(columns, np.zeros(len(both), dtype=bool)) == {"noisy": 0, "label_noise": 0, "damaged": 0}
-    assert noise.kept_noise({"label": columns["label"]}) == {}  # a source without the record columns
+    assert kept_noise(columns, first_half)["label_noise"] == pytest.approx(label_noise[first_half].mean())
+    assert kept_noise(columns, np.zeros(len(both), dtype=bool)) == {"noisy": 0, "label_noise": 0, "damaged": 0}
+    assert kept_noise({"label": columns["label"]}) == {}  # a source without the record columns
 
 
 def test_asymmetric_cifar_default_flips(cifar):

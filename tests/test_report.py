@@ -17,7 +17,7 @@ from hf_clipsel.cli import main
 from hf_clipsel.pipeline import run
 from hf_clipsel.report import GALLERY_SIZE, INDEX, REPORT_DIR, exact_alphas, write_report
 from hf_clipsel.report_figures import DPI, FIGURES, WIDTH_INCHES, figure_height_pixels
-from hf_clipsel.run_record import verify
+from hf_clipsel.runs.record import verify
 from tests.conftest import run_config
 
 UNDECODABLE = (3, 10)

@@ -12,6 +12,7 @@ from hf_clipsel.configs import ClipselConfig, SelectionConfig
 from hf_clipsel.parser import parse_config
 from hf_clipsel.pipeline import run
 from hf_clipsel.reasons import drop_reasons
+from hf_clipsel.scores_table import explained_drops
 from hf_clipsel.scoring import POSTERIOR_LOGIT_FRACTION, class_posterior
 from hf_clipsel.selection import SelectionInputs, SgdOptions, select
 from tests.conftest import run_config
@@ -49,7 +50,15 @@ def test_reason_codes():
     labels = np.array([0, 0, 0, 0, 0, 0, 1, 1])
     predicted = np.array([0, 0, 0, 1, 0, 0, 1, 1])
     diversity = np.array([0.5, 0.0, 0.0, 0.9, 0.1, 0.8, 0.2, 0.9])
-    reasons = drop_reasons(selected, decode_ok, flagged, labels, predicted, diversity).tolist()
+    # the registered scores explain the drops (misaligned, redundant), read from the scores table's columns
+    table = {
+        "label": labels,
+        "predicted_label": predicted,
+        "sample_diversity_normalized": diversity,
+        "flag_reason": np.where(flagged, "label missing", ""),
+    }
+    explained = explained_drops(table, SelectionConfig(damage_check=False))
+    reasons = drop_reasons(selected, decode_ok, flagged, explained).tolist()
     assert reasons == [
         "",
         "undecodable",
@@ -62,7 +71,7 @@ def test_reason_codes():
     ]
     # a damaged row is "damaged" whatever else it is, unless kept; an undecodable one stays "undecodable"
     damaged = np.array([True, True, False, True, False, True, False, False])
-    reasons = drop_reasons(selected, decode_ok, flagged, labels, predicted, diversity, damaged).tolist()
+    reasons = drop_reasons(selected, decode_ok, flagged, [*explained, ("damaged", damaged)]).tolist()
     assert reasons == ["", "undecodable", "unusable label", "damaged", "redundant", "damaged", "redundant", ""]
 
 

@@ -17,8 +17,10 @@ from datasets import ClassLabel, load_dataset
 from hub_stand_in import ChildWorker, HubStandIn, child_env  # tests/ is on sys.path under pytest
 
 from hf_clipsel.cli import main
+from hf_clipsel.core.names import RECORD
 from hf_clipsel.pipeline import run, select_from_scores
-from hf_clipsel.run_record import RECORD, IncompleteRunError, RunLockedError, verify
+from hf_clipsel.runs.folder import RunLockedError
+from hf_clipsel.runs.record import IncompleteRunError, verify
 from tests.conftest import REPO, run_config
 
 # A run in a child process that stops at `point` (writes `reached` beside the folder, then sleeps until killed):

@@ -24,8 +24,10 @@ from hf_clipsel.selection.registry import (
     check_result,
     class_quotas,
     get_selector,
+    ranking,
     register_selector,
     selector_spec,
+    top_k,
 )
 from hf_clipsel.selection.sgd import SgdOptions
 
@@ -62,7 +64,9 @@ __all__ = [
     "SelectionResult",
     "SelectorSpec",
     "SgdOptions",
+    "ranking",
     "selector_spec",
+    "top_k",
     "class_quotas",
     "get_selector",
     "register_selector",

@@ -1,8 +1,8 @@
 """What the damage check finds: per corruption and severity, the share of damaged images it flags and the share of
 clean images it flags, on real CIFAR-10 images.
 
-For each of the five corruptions of hf_clipsel.noise (Hendrycks & Dietterich's CIFAR-10-C parameters) at each
-severity, 5% of a pool of CIFAR-10 training images (seeded) are corrupted, the pixel statistics of every image are
+For each of the five corruptions of hf_clipsel.benchmarking.noise (Hendrycks & Dietterich's CIFAR-10-C parameters) at
+each severity, 5% of a pool of CIFAR-10 training images (seeded) are corrupted, the pixel statistics of every image are
 measured (hf_clipsel.image_quality, as the pipeline does while embedding) and flagged against the pool's own
 median and spread with the package's default threshold. No model is involved. Last, the cost of the statistics
 per image at two photo sizes.
@@ -20,9 +20,9 @@ import numpy as np
 from _common import DATA_DIR_HELP, load_cifar10
 from PIL import Image
 
+from hf_clipsel.benchmarking.noise import CORRUPTIONS, corrupt_images
 from hf_clipsel.configs import SelectionConfig
 from hf_clipsel.image_quality import damage_flags, pixel_statistics
-from hf_clipsel.noise import CORRUPTIONS, corrupt_images
 
 # The pool is drawn from the first third of the training split (the recorded figures used exactly these rows).
 FIRST_THIRD = 16_667

@@ -1,7 +1,7 @@
 """Selection quality: the method against baselines on CIFAR-10 with label noise.
 
-For each noise case (default: 20% and 40% symmetric label noise, hf_clipsel.noise, seeded, with its record) on a
-pool drawn from the CIFAR-10 training split, and each selection ratio (0.3, 0.5, 0.8):
+For each noise case (default: 20% and 40% symmetric label noise, hf_clipsel.benchmarking.noise, seeded, with its
+record) on a pool drawn from the CIFAR-10 training split, and each selection ratio (0.3, 0.5, 0.8):
 
 - selectors, all through the package: the method (`exact`, package defaults: projection adapters trained on the
   pool's noisy labels with the held-out check, alpha 0.1, gate, posterior term, damage check) with
@@ -50,10 +50,12 @@ from proxy_clip import VIEWS, ProxySpec, decode_uint8, train_proxy, zero_shot_ac
 from quality_train import TrainSpec, train_minimal, train_recipe
 
 from hf_clipsel import pipeline
+from hf_clipsel.benchmarking.noise import CORRUPTIONS, asymmetric_label_noise, corrupt_images, symmetric_label_noise
 from hf_clipsel.configs import ClipselConfig, budget, ratio_name
-from hf_clipsel.noise import CORRUPTIONS, asymmetric_label_noise, corrupt_images, symmetric_label_noise
-from hf_clipsel.run_record import IncompleteRunError, verify
-from hf_clipsel.scores_table import SCORE_COLUMNS, read_scores, selected_column
+from hf_clipsel.core.names import selected_column
+from hf_clipsel.runs.load import read_scores
+from hf_clipsel.runs.record import IncompleteRunError, verify
+from hf_clipsel.scores import score_columns
 from hf_clipsel.selection.registry import kept_share
 
 REPO = Path(__file__).resolve().parents[2]
@@ -366,7 +368,7 @@ def finished(config: ClipselConfig) -> bool:
     except IncompleteRunError:
         return False
     columns = set(read_scores(config.run.output_dir).column_names)
-    return record.disagreements(config) == [] and set(SCORE_COLUMNS) <= columns
+    return record.disagreements(config) == [] and {column.name for column in score_columns()} <= columns
 
 
 def saved_scores(config: ClipselConfig):

@@ -30,10 +30,10 @@ from datasets import ClassLabel, Dataset, Features
 from sklearn.metrics import roc_auc_score
 
 from hf_clipsel import pipeline, scoring
+from hf_clipsel.benchmarking.noise import asymmetric_label_noise, symmetric_label_noise
 from hf_clipsel.context import load_context, prompts_of
 from hf_clipsel.embedding import embed_class_prompts, pooled_matrix
 from hf_clipsel.modeling import class_text_features, image_features, logit_scale
-from hf_clipsel.noise import asymmetric_label_noise, symmetric_label_noise
 from hf_clipsel.parser import parse_config
 from hf_clipsel.selection import SelectionInputs
 

@@ -12,8 +12,9 @@ flips 40% of the truck, bird, deer, cat and dog images of CIFAR-10). Which rows 
 without replacement from a generator seeded with (seed, injector), so the same seed gives the same rows, and
 label noise and corruptions applied with one seed do not pick correlated rows.
 
-    python -m hf_clipsel.noise --dataset uoft-cs/cifar10 --output_dir noisy --symmetric 0.2
-    python -m hf_clipsel.noise --dataset parquet --data_dir path/to/cifar10 --output_dir noisy --symmetric 0.2
+    python -m hf_clipsel.benchmarking.noise --dataset uoft-cs/cifar10 --output_dir noisy --symmetric 0.2
+    python -m hf_clipsel.benchmarking.noise --dataset parquet --data_dir path/to/cifar10 --output_dir noisy \
+        --symmetric 0.2
 """
 
 from __future__ import annotations
@@ -112,40 +113,6 @@ def _flag_features(dataset: Dataset, label_column: str | None, corruption: bool 
     if corruption:
         features["corruption"] = Value("string")
     return features
-
-
-# The record columns `add_noise_columns` writes into a dataset; a selection's summary reads them (kept_noise).
-NOISE_COLUMNS = ("is_noisy", "clean_label", "corruption")
-NOISE_NAMES = {"label_noise": "label noise", "damaged": "damaged", "noisy": "any injected noise"}
-
-
-def kept_noise(columns: dict[str, np.ndarray], mask: np.ndarray | None = None) -> dict[str, float]:
-    """The share of the rows in ``mask`` (all rows when None) that carry injected noise, read from the columns
-    ``add_noise_columns`` writes: ``noisy`` (`is_noisy`: any injector changed the row), ``label_noise`` (`label`
-    differs from `clean_label`) and ``damaged`` (`corruption` is set), each where its columns are in ``columns``.
-    Values in [0, 1]; an empty selection gives 0."""
-    mask = np.ones(len(next(iter(columns.values()))), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
-    flags = {}
-    if "is_noisy" in columns:
-        flags["noisy"] = np.asarray(columns["is_noisy"], dtype=bool)
-    if "clean_label" in columns and "label" in columns:
-        flags["label_noise"] = np.asarray(columns["label"]) != np.asarray(columns["clean_label"])
-    if "corruption" in columns:
-        flags["damaged"] = np.asarray(columns["corruption"], dtype=object) != ""
-    return {name: float(flag[mask].mean()) if mask.any() else 0.0 for name, flag in flags.items()}
-
-
-def describe_kept_noise(kept: dict[str, float], compared: dict[str, float] | None = None, against: str = "") -> str:
-    """``kept`` (:func:`kept_noise`) in words, e.g. "label noise 2.0% (random 19.0%), damaged 0.0% (random 3.0%)";
-    "any injected noise" only where neither of the finer kinds is known."""
-    names = [n for n in ("label_noise", "damaged") if n in kept] or [n for n in ("noisy",) if n in kept]
-    parts = []
-    for name in names:
-        part = f"{NOISE_NAMES[name]} {kept[name]:.1%}"
-        if compared is not None and name in compared:
-            part += f" ({against} {compared[name]:.1%})".replace("( ", "(")
-        parts.append(part)
-    return ", ".join(parts)
 
 
 def _relabel_batch(batch, indices, label_column, new_labels, noisy, add_noise_columns):
@@ -422,7 +389,8 @@ def main(argv: list[str] | None = None) -> None:
         "---\nconfigs:\n"
         f"- config_name: default\n  data_files:\n  - split: {args.split}\n    path: data/{args.split}-*.parquet\n"
         "- config_name: noise_record\n  data_files:\n  - split: train\n    path: noise_record/*.parquet\n---\n"
-        f"Noisy copy of `{args.dataset}` ({args.split}) by `python -m hf_clipsel.noise`; see noise_summary.json.\n"
+        f"Noisy copy of `{args.dataset}` ({args.split}) by `python -m hf_clipsel.benchmarking.noise`; see "
+        "noise_summary.json.\n"
     )
     summary = {
         "num_rows": len(dataset),

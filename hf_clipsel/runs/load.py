@@ -1,0 +1,69 @@
+"""Reading a finished run: its scores (the one checked reader) and :func:`load_run` (scores, subsets, summary and
+record), from its folder, checked against its record first, or from the Hub dataset repo it was pushed to."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import Dataset
+
+from ..core.names import RECORD, RUN_SUMMARY, ratio_name
+from ..scores_table import read_scores_in
+from ..summary import RunSummary
+from .record import RunRecord, verify
+
+
+def read_scores(location: str | Path, revision: str | None = None, token: str | None = None) -> Dataset:
+    """The scores of a run: from its ``output_dir`` (checked against its record) or from the Hub dataset repo it was
+    pushed to (its ``scores`` config)."""
+    if Path(location).is_dir():
+        verify(location, need_selection=False)
+        return read_scores_in(location)
+    from datasets import load_dataset
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        return load_dataset(str(location), "scores", split="train", revision=revision, token=token)
+    except RepositoryNotFoundError as error:
+        raise FileNotFoundError(f"{location} is neither a local directory nor a dataset repo you can read.") from error
+
+
+@dataclass
+class FinishedRun:
+    """What :func:`load_run` returns. ``subsets`` maps each selection ratio to its subset (every source column, plus
+    ``row_id``); ``scores`` has one row per source row; ``summary`` is the run's ``run_summary.json``."""
+
+    location: str
+    scores: object  # datasets.Dataset
+    subsets: dict = field(default_factory=dict)
+    summary: RunSummary | None = None
+    record: RunRecord | None = None
+
+    @property
+    def ratios(self) -> list[float]:
+        return sorted(self.subsets)
+
+
+def load_run(repo_or_dir: str | Path, revision: str | None = None, token: str | None = None) -> FinishedRun:
+    """The scores, subsets and summary of a finished run: its ``output_dir`` (checked against its record first), or
+    the Hub dataset repo it was pushed to."""
+    from datasets import load_dataset
+    from huggingface_hub import hf_hub_download
+
+    location = str(repo_or_dir)
+    if Path(location).is_dir():
+        record = verify(location)
+        summary = RunSummary.read(location)
+        options = {}
+    else:
+        options = dict(revision=revision, token=token)
+        fetch = {
+            name: hf_hub_download(location, name, repo_type="dataset", **options) for name in (RECORD, RUN_SUMMARY)
+        }
+        record = RunRecord.from_json(Path(fetch[RECORD]).read_text())
+        summary = RunSummary.from_dict(json.loads(Path(fetch[RUN_SUMMARY]).read_text()))
+    scores = load_dataset(location, "scores", split="train", **options)
+    subsets = {ratio: load_dataset(location, ratio_name(ratio), split="train", **options) for ratio in record.ratios}
+    return FinishedRun(location, scores, subsets, summary, record)

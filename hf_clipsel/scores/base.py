@@ -1,0 +1,146 @@
+"""The score registry: what a score is, and the one place that says what each score can do.
+
+A score (cleanlab's issue managers are the model) is a class registered with :func:`register_score`. It declares:
+
+- ``name`` and its ``columns`` in the scores table, each with its meaning and value range;
+- how they are computed: :meth:`Score.compute` from the features of every row (:class:`ScoreInputs`), and for a
+  score measured on the pixels, :meth:`Score.measure` on each decoded image while the images are embedded (cached with
+  the embedding cache, so a rerun measures nothing again);
+- whether it flags rows at selection time (:meth:`Score.flags`: the reward ranks flagged rows after every other row,
+  and a selection records the flags in its ``flag_column``), and which ``drop_reason`` explains a dropped row
+  (:meth:`Score.explains`), with a ``reason_rank`` that says which reason wins when several apply.
+
+The scores table, the drop reasons, the summary, the report and the dataset card iterate :data:`SCORES`; adding a
+score is one file. Other packages register scores through the entry-point group ``hf_clipsel.scores``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ..core.registry import Registry
+
+
+@dataclass(frozen=True)
+class Column:
+    """A float32 column of the scores table. ``meaning``: one line with the value range and which way is better."""
+
+    name: str
+    meaning: str
+
+
+@dataclass
+class ScoreInputs:
+    """What :meth:`Score.compute` reads, one entry per row of the source.
+
+    Attributes:
+        image_features: ``[N, d]`` float32 image features of the (adapted) model, not normalised.
+        class_features: ``[C, d]`` float32 class text features, L2-normalised.
+        labels: ``[N]`` int64 given labels, clamped to ``[0, C)`` (unusable rows are not ``valid``).
+        valid: ``[N]`` bool: usable rows (decoded image, usable label). Scores of other rows are 0.
+        logit_scale: the model's logit scale (its class posterior is a softmax over the classes at a fraction of it).
+        knn_k: neighbours per row for scores that compare a row with its class.
+        statistics: ``{column: float32[N]}`` what the scores' :meth:`Score.measure` found while decoding.
+    """
+
+    image_features: torch.Tensor
+    class_features: torch.Tensor
+    labels: torch.Tensor
+    valid: torch.Tensor
+    logit_scale: float
+    knn_k: int = 100
+    statistics: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class Score:
+    """Base class of a registered score. Subclasses set the class attributes and override what they do."""
+
+    name: ClassVar[str]
+    columns: ClassVar[tuple[Column, ...]] = ()
+    # True: measure() runs on every decoded image while embedding, and its values fill the columns.
+    measures_pixels: ClassVar[bool] = False
+    # Bump when measure() would give other numbers for the same image: it names the statistics' cache.
+    version: ClassVar[int] = 1
+    # The reason a dropped row gets when this score explains it (None: it explains none), and its precedence: of
+    # the reasons that apply to a row, the one with the highest rank is given.
+    drop_reason: ClassVar[str | None] = None
+    reason_rank: ClassVar[int] = 0
+    # The column a selection writes with this score's flags ("" or what was found), when it flags rows.
+    flag_column: ClassVar[str | None] = None
+
+    def measure(self, image) -> tuple[float, ...]:
+        """One value per column for one decoded RGB image (``PIL.Image``), or for ``None`` (an image that did not
+        decode: such a row is never selected, so any value does); only for ``measures_pixels`` scores."""
+        raise NotImplementedError
+
+    def compute(self, inputs: ScoreInputs) -> dict[str, np.ndarray]:
+        """``{column: float32[N]}`` for every column; by default the values :meth:`measure` found."""
+        return {column.name: np.asarray(inputs.statistics[column.name], dtype=np.float32) for column in self.columns}
+
+    def flags(self, table: dict, selection) -> np.ndarray | None:
+        """``object[N]`` of ``""`` or what was found, for the rows this score has the reward rank last, from the
+        scores ``table`` (numpy columns) and the selection settings; None when it flags nothing."""
+        return None
+
+    def explains(self, table: dict, selection) -> np.ndarray | None:
+        """``bool[N]``: rows whose drop :attr:`drop_reason` explains; by default the rows it flags."""
+        flags = self.flags(table, selection)
+        return None if flags is None else flags != ""
+
+
+SCORES = Registry("score", entry_point_group="hf_clipsel.scores")
+
+
+def register_score(score_class: type[Score]) -> type[Score]:
+    """Class decorator: register an instance of ``score_class`` under its ``name``. ``ValueError`` when the name is
+    taken, the class is not a :class:`Score`, or one of its columns is already another score's."""
+    if not (isinstance(score_class, type) and issubclass(score_class, Score)):
+        raise ValueError(f"a score must be a subclass of hf_clipsel.scores.Score, not {score_class!r}.")
+    taken = {column.name: score.name for score in SCORES.values() for column in score.columns}
+    for column in score_class.columns:
+        if column.name in taken:
+            raise ValueError(
+                f"score {score_class.name!r}: column {column.name!r} is already score {taken[column.name]!r}'s."
+            )
+    SCORES.register(getattr(score_class, "name", None), score_class())
+    return score_class
+
+
+def registered_scores() -> list[Score]:
+    """Every registered score, built-ins first, in registration order (the scores table's column order)."""
+    return [SCORES[name] for name in SCORES]
+
+
+def score_columns() -> list[Column]:
+    """Every score column of the scores table, in order."""
+    return [column for score in registered_scores() for column in score.columns]
+
+
+def measured_columns() -> list[str]:
+    """The columns measured on the pixels while embedding, in order."""
+    return [column.name for score in registered_scores() if score.measures_pixels for column in score.columns]
+
+
+def measure_image(image) -> tuple[float, ...]:
+    """Every pixel-measuring score's values for one decoded image, in :func:`measured_columns` order."""
+    return tuple(value for score in registered_scores() if score.measures_pixels for value in score.measure(image))
+
+
+def measurement_versions() -> dict[str, int]:
+    """``{score name: version}`` of the pixel-measuring scores: what names the statistics' cache."""
+    return {score.name: score.version for score in registered_scores() if score.measures_pixels}
+
+
+def flag_columns() -> list[str]:
+    """The columns a selection writes with the scores' flags."""
+    return [score.flag_column for score in registered_scores() if score.flag_column]
+
+
+def drop_reason_order() -> list[str]:
+    """The scores' drop reasons, strongest first."""
+    explaining = sorted((s for s in registered_scores() if s.drop_reason), key=lambda s: -s.reason_rank)
+    return [score.drop_reason for score in explaining]

@@ -1,0 +1,40 @@
+"""The damage check: three pixel statistics measured while decoding, flagged against the dataset's own spread
+(hf_clipsel.image_quality). Flagged rows are ranked after every other row and dropped ones are ``damaged``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..image_quality import STATISTICS_VERSION, UNMEASURED, damage_flags, pixel_statistics
+from .base import Column, Score, register_score
+
+
+@register_score
+class DamageCheck(Score):
+    name = "damage"
+    columns = (
+        Column("noise_level", "estimated std of additive pixel noise, grey levels in [0, 1]; higher: noisier"),
+        Column("contrast", "std of the grey pixels, in [0, 0.5]; near 0: blank or washed out"),
+        Column("sharpness", "fine-scale gradient over half-scale gradient, > 0; lower: blurrier"),
+    )
+    measures_pixels = True
+    version = STATISTICS_VERSION
+    drop_reason = "damaged"
+    reason_rank = 30
+    flag_column = "damage"
+
+    def measure(self, image) -> tuple[float, ...]:
+        return UNMEASURED if image is None else pixel_statistics(image)
+
+    def flags(self, table: dict, selection) -> np.ndarray | None:
+        """``noisy``, ``low contrast`` or ``blurry`` per row when ``selection.damage_check`` is on; all ``""`` off."""
+        if not selection.damage_check:
+            return np.full(len(table["label"]), "", dtype=object)
+        missing = [column.name for column in self.columns if column.name not in table]
+        if missing:
+            raise ValueError(
+                f"damage_check needs the scores' {missing[0]} column, which these scores (from an older hf_clipsel) "
+                "lack; score again with `hf-clipsel score`, or select with the setting off."
+            )
+        statistics = [table[column.name] for column in self.columns]
+        return damage_flags(*statistics, np.asarray(table["flag_reason"]) == "", selection.damage_threshold)

@@ -1,0 +1,42 @@
+"""Sample diversity (the method's SDS): each image's mean distance to its K nearest neighbours of the same class."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import scoring
+from .base import Column, Score, ScoreInputs, register_score
+
+
+def below_class_median(values: np.ndarray, labels: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    """``bool[N]``: usable rows whose value is below the median of their class's usable rows."""
+    below = np.zeros(len(values), dtype=bool)
+    for label in np.unique(labels[usable]):
+        members = usable & (labels == label)
+        below[members] = values[members] < np.median(values[members])
+    return below
+
+
+@register_score
+class SampleDiversity(Score):
+    name = "sample_diversity"
+    columns = (
+        Column(
+            "sample_diversity", "mean distance to the K nearest rows of the same class, >= 0; higher: a sparser part"
+        ),
+        Column("sample_diversity_normalized", "sample_diversity min-max scaled over the usable rows, in [0, 1]"),
+    )
+    # A dropped row in a dense part of its class (diversity below the class median).
+    drop_reason = "redundant"
+    reason_rank = 10
+
+    def compute(self, inputs: ScoreInputs) -> dict[str, np.ndarray]:
+        diversity = scoring.sample_diversity(inputs.image_features, inputs.labels, inputs.knn_k, valid=inputs.valid)
+        return {
+            "sample_diversity": diversity.numpy(),
+            "sample_diversity_normalized": scoring.min_max(diversity, inputs.valid).numpy(),
+        }
+
+    def explains(self, table: dict, selection) -> np.ndarray | None:
+        usable = np.asarray(table["flag_reason"]) == ""
+        return below_class_median(np.asarray(table["sample_diversity_normalized"]), np.asarray(table["label"]), usable)
