@@ -208,11 +208,15 @@ def _peft_summary(output_dir: Path) -> str:
 
 
 def render_dataset_card(
-    output_dir: str | Path, dataset_repo_id: str | None = None, model_repo_id: str | None = None
+    output_dir: str | Path,
+    dataset_repo_id: str | None = None,
+    model_repo_id: str | None = None,
+    location: str | Path | None = None,
 ) -> DatasetCard:
-    """The dataset card of the run in ``output_dir``.
+    """The dataset card of the run written in ``output_dir``.
 
-    ``dataset_repo_id`` is what the ``load_dataset`` snippets name (default: the local ``output_dir``);
+    ``dataset_repo_id`` is what the ``load_dataset`` snippets name; without it, ``location``: the folder the run is
+    read from (a run is rendered in its staging folder, which is gone once committed), else ``output_dir``.
     ``model_repo_id`` is linked as the home of the adapters.
     """
     output_dir = Path(output_dir)
@@ -315,7 +319,7 @@ def render_dataset_card(
         DATASET_CARD_TEMPLATE,
         card_data=card_data.to_yaml(),
         title=f"{source_name}: CLIP-selected subsets",
-        load_target=dataset_repo_id or str(output_dir),
+        load_target=dataset_repo_id or str(location or output_dir),
         source={
             "name": source_name,
             "link": _link(source_name, "dataset"),

@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 COMMANDS = {
     "run": "the whole pipeline: embed, adapt, score, select, write (and push with --push_to_hub true)",
@@ -19,7 +20,7 @@ COMMANDS = {
     "score": "compute the scores with the saved adapters and write output_dir/scores",
     "select": "select subsets from output_dir/scores and write them",
     "push": "push output_dir to the Hub: a dataset repo (subsets + scores) and a model repo (adapters)",
-    "demo": "run the whole pipeline offline on a bundled sample with a tiny random CLIP",
+    "demo": "run the whole pipeline offline on a bundled sample, with a tiny CLIP trained for seconds",
     "report": "plots and an HTML page of a finished run: what was kept, what was dropped and why",
     "clean": "remove the embedding caches in output_dir that its run does not use",
     "env": "print library versions and devices, for bug reports",
@@ -74,7 +75,9 @@ def _print_summary(summary, output_dir: str) -> None:
     if summary.seed_overlap:
         shares = ", ".join(f"{ratio} {share:.0%}" for ratio, share in summary.seed_overlap.items())
         print(f"Stability: the share of a subset that selections with adapters trained on other seeds keep: {shares}")
-    print(f"Outputs in {output_dir}: scores/, subsets/, adapter/, report/index.html, run_config.yaml, README.md")
+    entries = ("scores/", "subsets/", "adapter/", "report/index.html", "run_config.yaml", "README.md")
+    written = [entry for entry in entries if (Path(output_dir) / entry).exists()]
+    print(f"Outputs in {output_dir}: {', '.join(written)}")
     if summary.embedding_cache_bytes:
         clean = f"hf-clipsel clean --output_dir {output_dir}"
         size = summary.embedding_cache_bytes / 2**20
@@ -191,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         # Input problems: one clear line, not a traceback.
         print(f"hf-clipsel {command}: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            f"hf-clipsel {command}: interrupted; the same command resumes where it stopped (finished embedding chunks "
+            "are kept).",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

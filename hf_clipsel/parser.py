@@ -18,6 +18,10 @@ def build_parser(**kwargs) -> HfArgumentParser:
     # the selectors' own options are flags too (those of plugins as well: the registry loads them on first use)
     parser = HfArgumentParser(flag_classes(), **kwargs)
     parser.add_argument("--config", type=str, default=None, help="YAML file of field: value pairs; flags override it.")
+    for action in parser._actions:  # HfArgumentParser gives each `--no_<flag>` the help of `--<flag>`
+        if action.option_strings and action.option_strings[0].startswith("--no_"):
+            name = action.option_strings[0].removeprefix("--no_")
+            action.help = f"Turn {name} off (the same as --{name} false)."
     parser.add_argument(
         "--preset",
         type=str,

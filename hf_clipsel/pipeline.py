@@ -14,6 +14,7 @@ Stages take what they need and return a named result, so a user can also call th
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from .outputs import EMBEDDINGS_DIR
 from .report import write_report
 from .runs.folder import RunFolder, held_by_main_process
 from .runs.load import read_scores
-from .runs.record import unused_caches, verify
+from .runs.record import SELECT_KEYS, STAGES, read_record, unused_caches, verify
 from .runs.stages import drive, write_stage
 from .scores_table import check_scores_belong_to, select_stage
 from .selection import selector_spec
@@ -87,6 +88,7 @@ def select_from_scores(config, command=None, scores=None, image_features=None) -
             f"selection_method {method} measures distances between image features, which saved scores do not hold: "
             f"select with it in `hf-clipsel run --selection_method {method}` (the features come from the cache)."
         )
+    config = _with_added_ratios(config)
     with held_by_main_process(config, Accelerator(cpu=True), "select") as (folder, record):
         location = config.run.scores_from or config.run.output_dir
         scores = scores if scores is not None else read_scores(location)
@@ -99,9 +101,24 @@ def select_from_scores(config, command=None, scores=None, image_features=None) -
         record = record.described(source if not record.source else None, command)
         dataset = source.dataset if config.data.streaming else with_row_ids(source.dataset)
         summary = write_stage(config, dataset, scores, masks, command, staging, record.configuration(config))
-        folder.commit(record, str(render_dataset_card(staging)))
+        folder.commit(record, str(render_dataset_card(staging, location=folder.output_dir)))
     push_stage(config)
     return summary
+
+
+def _with_added_ratios(config: ClipselConfig) -> ClipselConfig:
+    """``select --selection_ratios 0.4`` in a finished run whose other selection settings all agree adds the ratio:
+    the run selects again from its scores at its ratios and the new ones (a ratio's subset depends on the scores and
+    the settings alone, so the earlier ones come out the same). Any other change is refused by the record."""
+    previous = read_record(config.run.output_dir)
+    if config.run.scores_from or config.run.overwrite_output_dir or previous is None or not previous.selected:
+        return config
+    if previous.disagreements(config, STAGES, SELECT_KEYS) != ["selection_ratios"]:
+        return config
+    config = copy.deepcopy(config)
+    config.selection.selection_ratios = sorted({*previous.ratios, *config.selection.selection_ratios})
+    config.run.overwrite_output_dir = True  # the select stage only: the earlier ones agree, so the record keeps them
+    return config
 
 
 def report(output_dir: str | Path, gallery_ratio: float | None = None) -> Path:
@@ -110,7 +127,7 @@ def report(output_dir: str | Path, gallery_ratio: float | None = None) -> Path:
         record = verify(output_dir)
         staging = folder.stage()
         write_report(staging, gallery_ratio)
-        folder.commit(record, str(render_dataset_card(staging)))
+        folder.commit(record, str(render_dataset_card(staging, location=folder.output_dir)))
     return Path(output_dir) / "report" / "index.html"
 
 

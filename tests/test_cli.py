@@ -59,3 +59,32 @@ def test_score_before_adapt_says_what_to_run(cifar_slice, tiny_clip_path, tmp_pa
         str(tmp_path),
     )
     assert result.returncode == 1 and "run `hf-clipsel adapt` first" in result.stderr
+
+
+def test_each_no_flag_says_what_it_turns_off():
+    help_text = " ".join(_cli("run", "--help").stdout.split())
+    assert "--no-damage-check Turn damage_check off (the same as --damage_check false)." in help_text
+
+
+def test_ctrl_c_ends_with_one_line_and_no_traceback(cifar_slice, tiny_clip_path, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = write_config(tmp_path / "run.yaml", cifar_slice, tiny_clip_path)
+    output_dir = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hf_clipsel.cli", "run", "--config", str(config), "--output_dir", str(output_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (output_dir / ".hf_clipsel.lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("hf-clipsel run: interrupted; the same command resumes")

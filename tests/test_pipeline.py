@@ -1,10 +1,12 @@
 """The whole run on a real CIFAR-10 slice with a tiny CLIP: every output, exact budgets, rows equal the source."""
 
 import copy
+import dataclasses
 import hashlib
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from datasets import Image, load_dataset
@@ -13,6 +15,7 @@ from transformers import CLIPModel
 
 from hf_clipsel.configs import budget
 from hf_clipsel.pipeline import run, select_from_scores
+from hf_clipsel.selection import SgdOptions
 from tests.conftest import run_config
 
 
@@ -46,6 +49,18 @@ def test_every_output_is_written(finished_run):
     assert saved["selection_ratios"] == [0.3, 0.57]
     assert {"torch", "transformers", "datasets", "peft", "accelerate"} <= set(saved["versions"])
     assert summary.num_rows == 240 and summary.num_flagged == 0
+
+
+def test_the_cards_snippet_names_the_folder_a_user_loads_from(finished_run):
+    """It was rendered in the staging folder, which is gone once the run is committed: copied, it must work."""
+    _, output_dir, _ = finished_run
+    card = (output_dir / "README.md").read_text()
+    assert f'load_dataset("{output_dir}", "ratio_0.3", split="train")' in card
+    assert ".staging-" not in card
+    snippet = card.split("```python\n")[1].split("```")[0]
+    namespace = {}
+    exec(snippet, namespace)  # the card's own snippet, as a user would paste it
+    assert len(namespace["subset_0_3"]) == 72 and len(namespace["scores"]) == 240
 
 
 def test_scores_are_keyed_by_row_id_with_every_column(finished_run):
@@ -114,6 +129,38 @@ def test_select_again_from_saved_scores_without_a_model(finished_run, tmp_path):
     assert summary.ratios["0.3"].kept == budget(0.3, 240)
 
 
+def test_select_at_a_new_ratio_adds_it_to_the_finished_run(finished_run, tmp_path):
+    config, output_dir, _ = finished_run
+    copy_dir = tmp_path / output_dir.name
+    shutil.copytree(output_dir, copy_dir)
+    config = copy.deepcopy(config)
+    config.run.output_dir = str(copy_dir)
+    config.selection.selection_ratios = [0.4]
+    summary = select_from_scores(config, command=["hf-clipsel", "select", "--selection_ratios", "0.4"])
+    assert sorted(summary.ratios) == ["0.3", "0.4", "0.57"]
+    before = pd.read_parquet(output_dir / "scores")
+    after = pd.read_parquet(copy_dir / "scores")
+    for ratio in ("0.3", "0.57"):  # the earlier subsets are the same rows
+        assert after[f"is_selected_ratio_{ratio}"].equals(before[f"is_selected_ratio_{ratio}"])
+    assert after["is_selected_ratio_0.4"].sum() == budget(0.4, 240)
+    assert yaml.safe_load((copy_dir / "run_config.yaml").read_text())["selection_ratios"] == [0.3, 0.4, 0.57]
+    config.selection.selection_ratios = [0.5]
+    config.selection.alpha = 0.7  # another setting too: refused, and the message says where selecting again works
+    with pytest.raises(FileExistsError, match="other settings \\(alpha, selection_ratios\\).*--scores_from"):
+        select_from_scores(config)
+
+
+def test_select_from_saved_scores_keeps_the_dataset_it_was_given(finished_run, tmp_path):
+    config, output_dir, _ = finished_run
+    config = copy.deepcopy(config)
+    config.run.output_dir = str(tmp_path / "again")
+    config.run.scores_from = str(output_dir)
+    select_from_scores(config)
+    saved = yaml.safe_load((tmp_path / "again" / "run_config.yaml").read_text())
+    assert saved["dataset_name"] == config.data.dataset_name
+    assert "datasets/unknown" not in (tmp_path / "again" / "README.md").read_text()
+
+
 def test_load_dataset_reads_a_rerun_not_the_cached_first_run(finished_run, tmp_path):
     # datasets caches a folder's YAML configs by their patterns: the shard names carry a digest of their bytes
     config, output_dir, _ = finished_run
@@ -149,8 +196,8 @@ def test_other_selectors_run_from_saved_scores(finished_run, tmp_path, method):
     config, output_dir, _ = finished_run
     config = copy.deepcopy(config)
     config.run.output_dir = str(tmp_path)
-    config.selection.selection_method = method
-    config.selection.selector_options.sgd_exact_trim = True
+    options = SgdOptions(sgd_exact_trim=True) if method == "sgd" else None
+    config.selection = dataclasses.replace(config.selection, selection_method=method, options=options)
     summary = select_from_scores(config, scores=load_dataset(str(output_dir), "scores", split="train"))
     for ratio, k in (("0.3", 72), ("0.57", 136)):
         assert summary.ratios[ratio].kept == k

@@ -188,8 +188,9 @@ def test_a_stage_command_into_another_runs_folder_is_refused_and_changes_nothing
     before = _files(output_dir)
     common = ["--dataset_name", str(verify(output_dir).stages["embed"]["settings"]["dataset_name"])]
     common += ["--output_dir", str(output_dir)]
-    assert main(["select", *common, "--selection_ratios", "0.4"]) == 1
-    assert "other settings (selection_ratios)" in capsys.readouterr().err
+    # (a new ratio alone is added to the run: tests/test_pipeline.py; another setting with it is refused)
+    assert main(["select", *common, "--selection_ratios", "0.4", "--alpha", "0.9"]) == 1
+    assert "other settings (alpha, selection_ratios)" in capsys.readouterr().err
     assert main(["score", *common, "--knn_k", "9"]) == 1  # refused before a model is needed
     assert "other settings" in capsys.readouterr().err
     assert _files(output_dir) == before
@@ -256,3 +257,11 @@ def test_a_run_written_before_run_records_is_told_how_to_become_one(finished, tm
     with pytest.raises(IncompleteRunError, match="from before run records") as refused:
         verify(output_dir)
     assert "run_config.yaml" in str(refused.value)
+
+
+def test_a_missing_folder_is_named_not_read_as_a_repo_id(tmp_path):
+    import hf_clipsel
+
+    for missing in (tmp_path / "nonexistent", "./not-here"):
+        with pytest.raises(FileNotFoundError, match="is not a folder: give the output_dir of a finished run"):
+            hf_clipsel.load_run(missing)

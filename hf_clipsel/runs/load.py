@@ -15,10 +15,24 @@ from ..summary import RunSummary
 from .record import RunRecord, verify
 
 
+def is_local(location: str | Path) -> bool:
+    """Whether ``location`` names a folder of this machine (it exists, or reads as a path: absolute, or starting
+    with ``.`` or ``~``) rather than a Hub repo id; a path that does not exist is a one-line error."""
+    text = str(location)
+    if Path(text).expanduser().is_dir():
+        return True
+    if Path(text).is_absolute() or text.startswith((".", "~")) or Path(text).exists():
+        raise FileNotFoundError(
+            f"{text} is not a folder: give the output_dir of a finished run, or the Hub dataset repo id (org/name) "
+            "it was pushed to."
+        )
+    return False
+
+
 def read_scores(location: str | Path, revision: str | None = None, token: str | None = None) -> Dataset:
     """The scores of a run: from its ``output_dir`` (checked against its record) or from the Hub dataset repo it was
     pushed to (its ``scores`` config)."""
-    if Path(location).is_dir():
+    if is_local(location):
         verify(location, need_selection=False)
         return read_scores_in(location)
     from datasets import load_dataset
@@ -53,7 +67,7 @@ def load_run(repo_or_dir: str | Path, revision: str | None = None, token: str | 
     from huggingface_hub import hf_hub_download
 
     location = str(repo_or_dir)
-    if Path(location).is_dir():
+    if is_local(location):
         record = verify(location)
         summary = RunSummary.read(location)
         options = {}

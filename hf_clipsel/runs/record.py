@@ -203,11 +203,11 @@ class RunRecord:
 
     def configuration(self, config: ClipselConfig) -> dict:
         """The flat configuration that produced this run: each recorded stage's own settings (so a later stage
-        command never rewrites what an earlier one used), the settings that change no result from ``config``."""
-        staged = {key for keys in STAGE_SETTINGS.values() for key in keys}
-        flat = {key: value for key, value in config.to_flat().items() if key not in staged}
+        command never rewrites what an earlier one used), and ``config``'s for the rest: the settings that change no
+        result, and those of stages this run took from elsewhere (``select --scores_from`` keeps the dataset it was
+        given)."""
         # `source` says which columns were used (found when not given) and what was scored: rows and labels
-        return {**flat, **self.settings(), "source": self.source}
+        return {**config.to_flat(), **self.settings(), "source": self.source}
 
     def artefacts_of_stages(self) -> tuple[str, ...]:
         """The folder entries the recorded stages wrote (what a stage that extends this record keeps)."""
@@ -288,7 +288,12 @@ def extend_record(previous: RunRecord | None, config: ClipselConfig, stage: str)
         if changed:
             raise FileExistsError(
                 f"{output_dir} holds the results of a run with other settings ({', '.join(changed)}); pass "
-                "--overwrite_output_dir to replace them, or choose another --output_dir."
+                "--overwrite_output_dir to replace them, or choose another --output_dir"
+                + (
+                    f" (`hf-clipsel select --scores_from {output_dir}` selects there from these scores)."
+                    if stage == "select"
+                    else "."
+                )
             )
         if later and stage != "run":
             raise FileExistsError(

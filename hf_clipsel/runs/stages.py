@@ -174,6 +174,7 @@ def drive(
                 if state.scores is not None:
                     write_scores(staging, state.scores)
                 write_run_config(staging, settings, command_line)
-            folder.commit(record, str(render_dataset_card(staging)) if state.masks else None)
+            card = render_dataset_card(staging, location=config.run.output_dir) if state.masks else None
+            folder.commit(record, str(card) if card else None)
         accelerator.wait_for_everyone()
     return state, summary

@@ -14,6 +14,8 @@ Every selector takes ``(inputs, ratios, config)`` and returns a :class:`Selectio
 
 from __future__ import annotations
 
+import dataclasses
+
 from hf_clipsel.selection import ccs, clip_score, exact, moderate, random, sgd  # noqa: F401  (registers them)
 from hf_clipsel.selection.config import SelectionConfig
 from hf_clipsel.selection.registry import (
@@ -44,6 +46,14 @@ def select(inputs: SelectionInputs, config: SelectionConfig) -> SelectionResult:
         (:func:`~hf_clipsel.selection.registry.check_result`).
     """
     spec = selector_spec(config.selection_method)
+    if spec.options is not None and not isinstance(config.selector_options, spec.options):
+        # e.g. selection_method set on an existing config: its options are the new selector's defaults, or a mistake
+        if config.selector_options is not None:
+            raise ValueError(
+                f"selection_method={spec.name} takes options of type {spec.options.__name__}, not "
+                f"{type(config.selector_options).__name__}."
+            )
+        config = dataclasses.replace(config, options=spec.options())
     if config.class_balanced and not spec.supports_class_balance:
         raise ValueError(f"selection_method={spec.name} does not support class_balanced; set class_balanced false.")
     if spec.needs_image_features and inputs.image_features is None:
