@@ -44,8 +44,15 @@ def _check_choice(name: str, value, choices) -> None:
 def _check_positive(name: str, value, allow_zero: bool = False) -> None:
     if value is None:
         return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}.")
+    # not (value > 0): NaN compares false both ways and would pass `value <= 0`; infinity is no setting either.
+    if not math.isfinite(value) or not (value >= 0 if allow_zero else value > 0):
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}.")
+
+
+def _check_fraction(name: str, value) -> None:
+    """``value`` in [0, 1); NaN fails the comparison and is refused with the rest."""
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value}.")
 
 
 _TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
@@ -235,6 +242,8 @@ class AdapterConfig:
         _check_choice("adapter_preset", self.adapter_preset, ADAPTER_PRESETS)
         _check_choice("objective", self.objective, OBJECTIVES)
         _check_positive("lora_rank", self.lora_rank, allow_zero=True)
+        _check_positive("lora_alpha", self.lora_alpha)
+        _check_fraction("lora_dropout", self.lora_dropout)
         _check_positive("adapter_epochs", self.adapter_epochs, allow_zero=True)
         _check_positive("adapter_learning_rate", self.adapter_learning_rate)
         _check_positive("adapter_lr_step_epochs", self.adapter_lr_step_epochs)
@@ -243,8 +252,7 @@ class AdapterConfig:
             raise ValueError(
                 f"adapter_check_confidence must be in [0, 1), got {self.adapter_check_confidence}; e.g. 0.95."
             )
-        if not 0 <= self.adapter_holdout_fraction < 1:
-            raise ValueError(f"adapter_holdout_fraction must be in [0, 1), got {self.adapter_holdout_fraction}.")
+        _check_fraction("adapter_holdout_fraction", self.adapter_holdout_fraction)
         _check_positive("stability_seeds", self.stability_seeds, allow_zero=True)
         if self.stability_seeds and (self.adapter_preset != "projection" or self.adapter_path):
             raise ValueError(
@@ -345,7 +353,7 @@ class SelectionConfig:
         for ratio in self.selection_ratios:
             if not 0 < ratio <= 1:
                 raise ValueError(
-                    f"selection ratio {ratio} is outside (0, 1]; a ratio is the fraction of rows to keep, e.g. 0.3."
+                    f"selection_ratios: {ratio} is outside (0, 1]; a ratio is the fraction of rows to keep, e.g. 0.3."
                 )
         if len(set(self.selection_ratios)) != len(self.selection_ratios):
             raise ValueError(f"selection_ratios has duplicates: {self.selection_ratios}.")
