@@ -11,7 +11,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field, fields
 
-from .core.checks import check_choice, check_positive
+from .core.checks import check_choice, check_fraction, check_positive
 from .core.names import budget, ratio_name  # noqa: F401  (part of this module's public names)
 from .selection import SELECTORS, SelectionConfig
 
@@ -211,6 +211,8 @@ class AdapterConfig:
         check_choice("adapter_preset", self.adapter_preset, ADAPTER_PRESETS)
         check_choice("objective", self.objective, OBJECTIVES)
         check_positive("lora_rank", self.lora_rank, allow_zero=True)
+        check_positive("lora_alpha", self.lora_alpha)
+        check_fraction("lora_dropout", self.lora_dropout)
         check_positive("adapter_epochs", self.adapter_epochs, allow_zero=True)
         check_positive("adapter_learning_rate", self.adapter_learning_rate)
         check_positive("adapter_lr_step_epochs", self.adapter_lr_step_epochs)
@@ -219,8 +221,7 @@ class AdapterConfig:
             raise ValueError(
                 f"adapter_check_confidence must be in [0, 1), got {self.adapter_check_confidence}; e.g. 0.95."
             )
-        if not 0 <= self.adapter_holdout_fraction < 1:
-            raise ValueError(f"adapter_holdout_fraction must be in [0, 1), got {self.adapter_holdout_fraction}.")
+        check_fraction("adapter_holdout_fraction", self.adapter_holdout_fraction)
         check_positive("stability_seeds", self.stability_seeds, allow_zero=True)
         if self.stability_seeds and (self.adapter_preset != "projection" or self.adapter_path):
             raise ValueError(

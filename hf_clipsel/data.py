@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from datasets import ClassLabel, Dataset, Image, IterableDataset, Value, load_dataset, load_from_disk
 from PIL import Image as PILImage
+from PIL import ImageOps
 from PIL.JpegImagePlugin import JpegImageFile
 
 from .configs import DataConfig
@@ -25,6 +26,11 @@ ROW_ID = "row_id"
 LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target")
 HUGE_SIDE = 4096  # pixels; images with a longer side are reduced as they are decoded (JPEG) or right after...
 DRAFT_SIDE = 1024  # ...to a scale that keeps both sides at least this long, so a batch holds small images only
+# Formats PIL renders by running an outside interpreter (Ghostscript): never handed to one, whatever is installed.
+INTERPRETED_FORMATS = ("EPS", "PS", "PDF")
+# Rows of a huge image converted at once where its mode cannot be reduced first (16-bit, palette, bilevel): about this
+# many pixels a band, so that converting never holds more than a band at a wider type (float64 for 16-bit).
+BAND_PIXELS = 1 << 22
 DATA_FILE_TYPES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
 
@@ -219,8 +225,10 @@ def with_row_ids(dataset: Dataset) -> Dataset:
 def decode_rgb(image: dict | None, draft_size: tuple[int, int] | None = None) -> tuple[PILImage.Image | None, str]:
     """Decode one undecoded ``Image`` cell ({"bytes", "path"}) to RGB; return (image, "") or (None, reason).
 
-    Greyscale, palette, CMYK, 16-bit and transparent images are converted (transparency onto white); a file that
-    is empty, truncated, not an image, or a decompression bomb (PIL's limit) is flagged with the reason.
+    Greyscale, palette, CMYK, 16-bit and transparent images are converted (transparency onto white), and turned
+    upright by their EXIF orientation, as ``datasets`` decodes them for training; a file that is empty, truncated,
+    not an image, a decompression bomb (PIL's limit), or in a format that needs an outside interpreter (EPS,
+    PostScript, PDF) is flagged with the reason.
     ``draft_size`` (width, height): a JPEG at least twice that size is decoded at the smallest of the decoder's
     reduced scales (1/2, 1/4, 1/8) that keeps both sides at least that long (``jpeg_draft``).
     """
@@ -231,6 +239,11 @@ def decode_rgb(image: dict | None, draft_size: tuple[int, int] | None = None) ->
     try:
         source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
         with PILImage.open(source) as opened:
+            if opened.format in INTERPRETED_FORMATS:  # before load(): loading is what would run Ghostscript
+                return None, (
+                    f"image is {opened.format}, which needs an outside interpreter (Ghostscript) to render; "
+                    "convert it to PNG or JPEG first"
+                )
             # JpegImageFile includes MPO, the multi-picture JPEG many cameras and phones write.
             if isinstance(opened, JpegImageFile):
                 huge = max(opened.size) > HUGE_SIDE
@@ -240,7 +253,12 @@ def decode_rgb(image: dict | None, draft_size: tuple[int, int] | None = None) ->
                 if target:
                     opened.draft("RGB", target)
             opened.load()
-            return _reduced_rgb(opened), ""
+            orientation = opened.getexif().get(PILImage.ExifTags.Base.Orientation)
+            rgb = _reduced_rgb(opened)
+            if orientation is not None:  # after the reduction: fewer pixels to turn
+                rgb.getexif()[PILImage.ExifTags.Base.Orientation] = orientation
+                rgb = ImageOps.exif_transpose(rgb)
+            return rgb, ""
     except Exception as error:  # any decoder failure flags the row; the run goes on
         # PIL names the in-memory file by its address; drop it so that reruns give identical reasons.
         message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image bytes", str(error))
@@ -248,21 +266,29 @@ def decode_rgb(image: dict | None, draft_size: tuple[int, int] | None = None) ->
 
 
 def _reduced_rgb(image: PILImage.Image) -> PILImage.Image:
-    """RGB, and a huge image (a PNG or TIFF has no reduced-scale decoding) shrunk at once by an integer box filter, so
-    that a batch holds DRAFT_SIDE-scale images only, whatever it is given (CLIP sees 224 pixels anyway)."""
+    """RGB, and a huge image (a PNG or TIFF has no reduced-scale decoding) shrunk by an integer box filter before it
+    is converted, so that a batch holds DRAFT_SIDE-scale images only, whatever it is given (CLIP sees 224 pixels
+    anyway), and converting never copies the full-size pixels."""
     factor = min(image.size) // DRAFT_SIDE
     if max(image.size) <= HUGE_SIDE or factor < 2:
         return _to_rgb(image)
-    try:  # before the conversion, which would copy the full-size pixels again
+    try:
         return _to_rgb(image.reduce(factor))
-    except (ValueError, NotImplementedError):  # modes reduce() does not take (16-bit, palette...)
-        return _to_rgb(image).reduce(factor)
+    except ValueError:  # modes reduce() does not take (16-bit, palette, bilevel): a band of rows at a time
+        width, height = image.size
+        rows = max(BAND_PIXELS // width // factor, 1) * factor  # a multiple of the factor: the same boxes as reduce()
+        reduced = PILImage.new("RGB", (-(-width // factor), -(-height // factor)))
+        for top in range(0, height, rows):
+            band = _to_rgb(image.crop((0, top, width, min(top + rows, height))))
+            reduced.paste(band.reduce(factor), (0, top // factor))
+        return reduced
 
 
 def _to_rgb(image: PILImage.Image) -> PILImage.Image:
     if image.mode.startswith("I;16"):
-        # 16-bit greyscale: map 0..65535 onto 0..255; a plain convert("RGB") would clip most pixels to white.
-        image = PILImage.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8))
+        # 16-bit greyscale: map 0..65535 onto 0..255 (round(v / 257), in integers: 4 bytes a pixel, not float64's 8);
+        # a plain convert("RGB") would clip most pixels to white.
+        image = PILImage.fromarray(((np.asarray(image).astype(np.uint32) + 128) // 257).astype(np.uint8))
     elif image.mode in ("I", "F"):
         # 32-bit integer or float greyscale has no fixed range: stretch what is there to 0..255.
         array = np.asarray(image, dtype=np.float64)

@@ -1,9 +1,11 @@
 import re
+import typing
+from dataclasses import fields
 
 import pytest
 import yaml
 
-from hf_clipsel.configs import ClipselConfig, budget
+from hf_clipsel.configs import CONFIG_CLASSES, ClipselConfig, budget
 from hf_clipsel.parser import parse_config
 
 
@@ -87,3 +89,73 @@ def test_a_saved_run_config_is_a_valid_config(tmp_path):
     write_run_config(tmp_path, config.to_flat(), ["hf-clipsel", "run", "--selection_ratios", "0.4"])
     assert {"versions", "command"} <= set(read_run_config(tmp_path))
     assert parse_config(["--config", str(tmp_path / "run_config.yaml")]) == config
+
+
+FLOAT_KEYS = sorted(
+    name
+    for klass in CONFIG_CLASSES
+    for name, hint in typing.get_type_hints(klass).items()
+    if name in {f.name for f in fields(klass)} and "float" in str(hint)
+)
+
+
+def test_the_float_settings_are_the_ones_checked_below():
+    assert FLOAT_KEYS == [
+        "adapter_check_confidence",
+        "adapter_holdout_fraction",
+        "adapter_learning_rate",
+        "alpha",
+        "beta",
+        "damage_threshold",
+        "lora_alpha",
+        "lora_dropout",
+        "selection_ratios",
+        "sgd_learning_rate",
+    ]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_every_float_setting_refuses_nan_and_infinity_naming_the_key(key, value):
+    """Issue 24: `--alpha nan` made every reward NaN, `--beta nan` kept 0 rows, `--sgd_learning_rate inf` was taken."""
+    with pytest.raises(ValueError, match=re.escape(key)) as raised:
+        ClipselConfig.from_flat({key: [value] if key == "selection_ratios" else value})
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "key, value", [("lora_dropout", 1.0), ("lora_dropout", -0.1), ("lora_alpha", 0.0), ("damage_threshold", 0.0)]
+)
+def test_float_settings_outside_their_documented_range_are_refused(key, value):
+    with pytest.raises(ValueError, match=re.escape(key)):
+        ClipselConfig.from_flat({key: value})
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--alpha", "nan"],
+        ["--beta", "nan"],
+        ["--sgd_learning_rate", "inf"],
+        ["--damage_threshold", "nan"],
+        ["--adapter_learning_rate=-inf"],  # argparse reads a bare -inf as an option
+        ["--lora_dropout", "nan"],
+        ["--selection_ratios", "0.3", "nan"],
+    ],
+)
+def test_nan_and_infinity_on_the_command_line_are_one_line_errors(args):
+    key = args[0].removeprefix("--").split("=")[0]
+    with pytest.raises(ValueError, match=rf"^{key}\b") as raised:
+        parse_config(["--dataset_name", "d", *args])
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "text", ["alpha: .nan", "adapter_learning_rate: .nan", "damage_threshold: .inf", "beta: -.inf", "lora_alpha: .nan"]
+)
+def test_nan_and_infinity_in_yaml_are_one_line_errors(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ValueError, match=rf"^{text.split(':')[0]}\b") as raised:
+        parse_config(["--config", str(path)])
+    assert "\n" not in str(raised.value)

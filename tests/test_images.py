@@ -1,10 +1,14 @@
 """Every kind of image a real dataset holds: converted to RGB and embedded, or flagged with a reason."""
 
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, Features, Image, load_dataset
+from PIL import EpsImagePlugin
 from PIL import Image as PILImage
 
 from hf_clipsel.data import decode_rgb
@@ -51,6 +55,7 @@ FLAGGED = {
     "not an image": (b"%PDF-1.4 definitely not a picture", "image failed to decode: UnidentifiedImageError"),
     "truncated png": (_encode(_noise(size=(64, 64)))[:300], "image failed to decode"),
     "truncated jpeg": (_encode(_noise(size=(64, 64)), format="JPEG")[:400], "image failed to decode"),
+    "eps": (_encode(_noise(), format="EPS"), "image is EPS, which needs an outside interpreter"),
 }
 
 
@@ -85,6 +90,72 @@ def test_huge_images_are_reduced_as_they_are_decoded(mode, format):
     # what it shows is the same picture: dark on the left, bright on the right
     pixels = np.asarray(image.convert("L"), dtype=np.float64)
     assert pixels[:, :10].mean() < 20 and pixels[:, -10:].mean() > 230
+    if mode in ("I;16", "P"):  # reduced a band of rows at a time: the same pixels as converting all, then reducing
+        whole = PILImage.open(io.BytesIO(_encode(huge, format)))
+        if mode == "I;16":
+            whole = PILImage.fromarray((np.asarray(whole) / 257).round().astype(np.uint8))
+        assert np.array_equal(np.asarray(image), np.asarray(whole.convert("RGB").reduce(4)))
+
+
+# Peak memory of one decode in a fresh process: the kernel's high-water mark (VmHWM), reset to the current resident
+# size just before (clear_refs 5). Not ru_maxrss, which a child inherits from the process that started it.
+_PEAK_MEMORY = """
+import sys
+from hf_clipsel.data import decode_rgb
+
+def kib(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+
+data = open(sys.argv[1], "rb").read()
+open("/proc/self/clear_refs", "w").write("5")
+before = kib("VmRSS")
+image, reason = decode_rgb({"bytes": data, "path": None})
+assert reason == "" and image.size == (1143, 1143), (reason, image.size)
+print(kib("VmHWM") - before)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures peak memory through Linux's /proc")
+def test_a_huge_sixteen_bit_png_decodes_in_bounded_memory(tmp_path):
+    """Issue 24: a 12000x12000 16-bit PNG took 2.69 GB to decode (converted at full size to float64 before it was
+    reduced). An 8000x8000 one, decoded in a fresh process: its peak memory grows by well under the float64 copy
+    (488 MiB); the 16-bit pixels themselves take 122 MiB."""
+    row = np.linspace(0, 65535, 8000).astype(np.uint16)
+    PILImage.fromarray(np.broadcast_to(row, (8000, 8000)).copy()).save(tmp_path / "huge.png", compress_level=1)
+    measured = subprocess.run(
+        [sys.executable, "-c", _PEAK_MEMORY, str(tmp_path / "huge.png")], capture_output=True, text=True, check=True
+    )
+    growth_mib = int(measured.stdout) / 1024
+    assert growth_mib < 0.6 * 8000 * 8000 * 8 / 2**20, growth_mib
+
+
+@pytest.mark.parametrize("format", ["JPEG", "PNG"])
+def test_exif_orientation_turns_the_image_as_datasets_does(format):
+    """Issue 24: the scores saw a photo on its side while training on the subset (datasets applies the EXIF
+    orientation) saw it upright. Orientation 6: the camera was turned; the picture is shown turned 90 degrees."""
+    picture = np.zeros((20, 40, 3), dtype=np.uint8)
+    picture[:, 20:] = 255  # dark on the left, bright on the right, as stored
+    exif = PILImage.Exif()
+    exif[PILImage.ExifTags.Base.Orientation] = 6
+    data = _encode(PILImage.fromarray(picture), format, exif=exif.tobytes())
+    image, reason = decode_rgb({"bytes": data, "path": None})
+    assert reason == "" and image.size == (20, 40)
+    gray = np.asarray(image.convert("L"))
+    assert gray[:15].max() < 30 and gray[-15:].min() > 225  # upright: dark on top, bright below
+    as_datasets_decodes = Image().decode_example({"bytes": data, "path": None}).convert("RGB")
+    assert np.array_equal(np.asarray(image), np.asarray(as_datasets_decodes))
+
+
+def test_eps_is_refused_and_never_handed_to_ghostscript(monkeypatch):
+    """Issue 24: PIL renders EPS (and PostScript) by running Ghostscript where it is installed: an outside
+    interpreter reading untrusted files. The row is flagged with the reason, and Ghostscript is never called."""
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.setattr(EpsImagePlugin, "has_ghostscript", lambda: True)  # as where it is installed
+    image, reason = decode_rgb({"bytes": _encode(_noise(), format="EPS"), "path": None})
+    assert image is None and reason.startswith("image is EPS, which needs an outside interpreter")
+    assert calls == []
 
 
 def test_conversions_keep_what_a_viewer_shows():

@@ -3,6 +3,8 @@ and says what would be valid."""
 
 from __future__ import annotations
 
+import math
+
 
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
@@ -12,5 +14,12 @@ def check_choice(name: str, value, choices) -> None:
 def check_positive(name: str, value, allow_zero: bool = False) -> None:
     if value is None:
         return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}.")
+    # not (value > 0): NaN compares false both ways and would pass `value <= 0`; infinity is no setting either.
+    if not math.isfinite(value) or not (value >= 0 if allow_zero else value > 0):
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}.")
+
+
+def check_fraction(name: str, value) -> None:
+    """``value`` in [0, 1); NaN fails the comparison and is refused with the rest."""
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value}.")

@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
-from ..image_quality import STATISTICS_VERSION, UNMEASURED, damage_flags, pixel_statistics
+from ..image_quality import STATISTICS_VERSION, UNMEASURED, damage_flags, flag_share_warning, pixel_statistics
 from .base import Column, Score, register_score
+
+logger = logging.getLogger(__name__)
 
 
 @register_score
@@ -37,4 +41,9 @@ class DamageCheck(Score):
                 "lack; score again with `hf-clipsel score`, or select with the setting off."
             )
         statistics = [table[column.name] for column in self.columns]
-        return damage_flags(*statistics, np.asarray(table["flag_reason"]) == "", selection.damage_threshold)
+        usable = np.asarray(table["flag_reason"]) == ""
+        flags = damage_flags(*statistics, usable, selection.damage_threshold)
+        warning = flag_share_warning(flags, usable)
+        if warning:  # a check meant for a damaged minority that flags many rows: say so, and how to turn it off
+            logger.warning(warning)
+        return flags

@@ -91,7 +91,7 @@ class SelectionConfig:
         for ratio in self.selection_ratios:
             if not 0 < ratio <= 1:
                 raise ValueError(
-                    f"selection ratio {ratio} is outside (0, 1]; a ratio is the fraction of rows to keep, e.g. 0.3."
+                    f"selection_ratios: {ratio} is outside (0, 1]; a ratio is the fraction of rows to keep, e.g. 0.3."
                 )
         if len(set(self.selection_ratios)) != len(self.selection_ratios):
             raise ValueError(f"selection_ratios has duplicates: {self.selection_ratios}.")
