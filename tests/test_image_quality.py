@@ -175,3 +175,19 @@ def test_the_default_drops_damaged_images_first_and_says_why(cifar_slice, tiny_c
         scores.loc[kept.index[kept], "reward_ratio_0.96"].min()
         > scores.loc[kept.index[~kept], "reward_ratio_0.96"].max()
     )
+
+
+def test_the_selection_warns_when_the_damage_check_flags_many_rows(caplog):
+    """The warning reaches the user from the select stage, where the damage score flags the rows."""
+    from hf_clipsel.scores.damage import DamageCheck
+    from hf_clipsel.selection import SelectionConfig
+
+    rng = np.random.default_rng(0)
+    noise = np.exp(rng.normal(-5, 0.1, 100))
+    noise[:30] *= 50  # 30% far noisier than the rest
+    table = {"label": np.zeros(100), "flag_reason": np.full(100, "", dtype=object)}
+    table.update(noise_level=noise, contrast=np.full(100, 0.2), sharpness=np.full(100, 1.5))
+    with caplog.at_level("WARNING"):
+        flags = DamageCheck().flags(table, SelectionConfig())
+    assert (flags[:30] == NOISY).all()
+    assert "the damage check flagged 30 of 100 usable rows" in caplog.text and "--damage_check false" in caplog.text
