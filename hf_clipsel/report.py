@@ -36,6 +36,7 @@ from PIL import Image as PILImage
 from .configs import DataConfig
 from .noise import describe_kept_noise
 from .outputs import atomic_directory, read_run_config
+from .report_page import source_reader, write_page
 from .scores_table import read_scores_in, reward_column, selected_column, selected_ratios
 from .summary import RatioSummary, RunSummary
 
@@ -347,8 +348,11 @@ def render_page(**context) -> str:
     return template.render(**context)
 
 
-def write_report(output_dir: str | Path, gallery_ratio: float | None = None) -> Path:
+def write_report(output_dir: str | Path, gallery_ratio: float | None = None, thumbnails: str = "sample") -> Path:
     """Write output_dir/report/ (figures, thumbnails, index.html) from a finished run; return index.html's path.
+
+    ``thumbnails``: the explorer's thumbnails, "sample" (every row of a small run, a sample per class and outcome of
+    a large one) or "all" (hf_clipsel.report_page).
 
     ``gallery_ratio`` picks the ratio of the "dropped for redundancy" gallery (default: the smallest). The folder is
     written beside its place and renamed into it, so a report is whole or absent. Needs matplotlib (the `report`
@@ -385,7 +389,9 @@ def write_report(output_dir: str | Path, gallery_ratio: float | None = None) -> 
     with atomic_directory(output_dir / REPORT_DIR) as directory:
         write_figures(scores, directory, exact_alphas(run_config, scores.ratios))
         write_thumbnails(low_alignment + redundant + flagged, source, missing_reason, directory)
+        explorer = write_page(output_dir, directory, source and source_reader(source), thumbnails)
         page = render_page(
+            explorer=explorer,
             title=f"hf-clipsel report: {summary.dataset or run_config.get('dataset_name') or output_dir.name}",
             summary=summary_rows(summary, run_config, scores),
             figures={
