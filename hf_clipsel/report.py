@@ -6,6 +6,7 @@
       alignment_vs_diversity.png    SAS against SDS, one panel per ratio, kept rows coloured
       kept_per_class.png            rows kept per class at each ratio
       thumbnails/row_<row_id>.png   the gallery images (a subfolder, so report/*.png are the figures only)
+      data/, images/                the explorer's paged scores and thumbnails (hf_clipsel.report_page)
 
 It reads only the run's files (scores/*.parquet, run_summary.json, run_config.yaml) and, for the gallery
 images, the source dataset named in run_config.yaml. The galleries:

@@ -3,7 +3,8 @@
     report/data/                   the scores as paged typed columns (report_page_data)
     report/images/<k>/<row>.webp   THUMBNAIL_SIDE-pixel thumbnails, k = row_id // 1000 (lazily loaded by the page)
 
-The page (templates/report_page.html, .js and .css, inlined into report/index.html) is vanilla JavaScript with no
+The page (hf_clipsel/templates/report_page.html, .js and .css, i.e. model_cards/ in the repository; inlined into
+report/index.html) is vanilla JavaScript with no
 CDN and no server: it opens by ``file://`` and from any static host. It shows a grid of thumbnails with filters
 (ratio, class, kept or dropped, drop reason, damage, given label differs from CLIP's, duplicate group when the scores
 have ``duplicate_group``), sorting by each score, counts of kept and dropped rows per class and per reason for the

@@ -220,7 +220,8 @@
     }
     grid.appendChild(fragment);
     $("p-info").textContent = shown.length ? "rows " + (start + 1).toLocaleString("en-US") + "-" + end.toLocaleString("en-US") +
-      " of " + shown.length.toLocaleString("en-US") + " (page " + (state.page + 1) + " of " + pages + ")" : "no row matches";
+      " of " + shown.length.toLocaleString("en-US") + " (page " + (state.page + 1) + " of " + pages + ")" +
+      (scores ? "; under each tile: " + state.sort : "") : "no row matches";
     $("p-prev").disabled = state.page === 0;
     $("p-next").disabled = state.page >= pages - 1;
   }
