@@ -279,3 +279,50 @@ def test_report_command_prints_the_link_and_opens_it(run_dir, tmp_path, monkeypa
     assert opened == [link]
     out = capsys.readouterr().out
     assert f"Report: {link}" in out and f"No web browser to open; open {link} in one." in out
+
+
+def test_the_rest_of_the_page_links_to_the_filters(page, scores, run_dir):
+    names = class_names(run_dir)
+    reset(page)
+    label = int(scores["label"][0])
+    before = status(page)[1]
+    page.execute_script(f"document.querySelector('tr[data-clipsel-class=\"{names[label]}\"]').click()")
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(page, WAIT_S).until(lambda d: is_done(d, before))
+    assert page.find_element("id", "f-class").get_attribute("value") == str(label)
+    assert shown_row_ids(page) == scores["row_id"][scores["label"] == label].tolist()
+    buttons = page.find_elements("css selector", "#clipsel-class-links button")
+    assert [b.text for b in buttons] == names  # the per-class figure's class list
+    apply(page, **{"f-damage": "none"})
+    expected = (scores["label"] == label) & (scores["damage"] == "")
+    assert shown_row_ids(page) == scores["row_id"][expected].tolist()
+    assert not page.find_elements("id", "f-duplicate")  # these scores have no duplicate_group column
+
+
+def test_duplicate_group_filter_appears_with_the_column(browser, run_dir, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from hf_clipsel.report import write_report
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("embeddings", "subsets", "report"))
+    shards = sorted((copy / "scores").glob("*.parquet"))
+    table = pa.concat_tables([pq.read_table(path) for path in shards])
+    groups = np.full(len(table), -1, dtype=np.int64)
+    groups[[2, 5, 9]], groups[[30, 31]] = 0, 1  # two groups of near-duplicates
+    for path in shards:
+        path.unlink()
+    pq.write_table(table.append_column("duplicate_group", pa.array(groups)), copy / "scores" / shards[0].name)
+    browser.get(write_report(copy).resolve().as_uri())
+    WebDriverWait(browser, WAIT_S).until(lambda d: status(d)[0] == "ready")
+    apply(browser, **{"f-duplicate": "grouped"})
+    assert shown_row_ids(browser) == [2, 5, 9, 30, 31]
+    before = status(browser)[1]
+    field = browser.find_element("id", "f-duplicate-id")
+    field.send_keys("1")
+    browser.execute_script("arguments[0].dispatchEvent(new Event('change', {bubbles: true}))", field)
+    WebDriverWait(browser, WAIT_S).until(lambda d: is_done(d, before))
+    assert shown_row_ids(browser) == [30, 31]
+    browser.get((run_dir / REPORT_DIR / INDEX).resolve().as_uri())  # back to the page the other tests share
+    WebDriverWait(browser, WAIT_S).until(lambda d: status(d)[0] == "ready")
