@@ -28,7 +28,7 @@ from jinja2 import Environment, StrictUndefined
 from markupsafe import Markup
 from PIL import Image as PILImage
 
-from .report_page_data import DATA_DIR, DEFAULT_SCORE_COLUMNS, MANIFEST, ScoreColumn, write_data
+from .report_page_data import DATA_DIR, DEFAULT_SCORE_COLUMNS, DUPLICATE_GROUP, MANIFEST, ScoreColumn, write_data
 from .scores_table import drop_reason_column, read_scores_in, selected_column, selected_ratios
 
 logger = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def render_explorer(manifest: dict) -> Markup:
             manifest_path=f"{DATA_DIR}/{MANIFEST}",
             style=Markup(_template_text(STYLE)),
             script=Markup(script),
-            has_duplicates="duplicate_group" in manifest["columns"],
+            has_duplicates=DUPLICATE_GROUP in manifest["columns"],
         )
     )
 
