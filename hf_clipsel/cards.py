@@ -352,7 +352,9 @@ def render_dataset_card(
         classes=classes,
         quantile_names=[name for name, _ in QUANTILES] + ["mean"],
         quantiles=quantiles,
-        score_meanings=[{"column": c.name, "meaning": _cell(c.meaning)} for c in score_columns()],
+        score_meanings=[
+            {"column": c.name, "meaning": _cell(f"{c.meaning}; {c.value_range}")} for c in score_columns()
+        ],
         drop_reasons=_drop_reason_rows(summary, ratios),
         plots=plots,
         command=redact(command) if command else None,

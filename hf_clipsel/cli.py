@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 import warnings
+import webbrowser
 from pathlib import Path
 
 COMMANDS = {
@@ -133,8 +134,19 @@ def _report(args: list[str]) -> None:
         default=None,
         help="Ratio of the 'dropped for redundancy' gallery (default: the smallest ratio of the run).",
     )
+    parser.add_argument(
+        "--thumbnails",
+        choices=("sample", "all"),
+        default="sample",
+        help="Thumbnails of the page: every row of a small run and a sample per class and outcome of a large one "
+        "(sample, the default), or every row (all).",
+    )
+    parser.add_argument("--open", action="store_true", help="Open the page in the web browser.")
     options = parser.parse_args(args)
-    print(f"Report: {report(options.output_dir, options.gallery_ratio)}")
+    link = report(options.output_dir, options.gallery_ratio, options.thumbnails).resolve().as_uri()
+    print(f"Report: {link}")
+    if options.open and not webbrowser.open(link):  # no browser (a server, a container): the link is printed
+        print(f"No web browser to open; open {link} in one.")
 
 
 def _demo(args: list[str]) -> None:

@@ -121,12 +121,12 @@ def _with_added_ratios(config: ClipselConfig) -> ClipselConfig:
     return config
 
 
-def report(output_dir: str | Path, gallery_ratio: float | None = None) -> Path:
+def report(output_dir: str | Path, gallery_ratio: float | None = None, thumbnails: str = "sample") -> Path:
     """Write the report of a finished run again (e.g. at another gallery ratio); returns its index.html."""
     with RunFolder(output_dir) as folder:
         record = verify(output_dir)
         staging = folder.stage()
-        write_report(staging, gallery_ratio)
+        write_report(staging, gallery_ratio, thumbnails)
         folder.commit(record, str(render_dataset_card(staging, location=folder.output_dir)))
     return Path(output_dir) / "report" / "index.html"
 

@@ -6,6 +6,7 @@
       alignment_vs_diversity.png    SAS against SDS, one panel per ratio, kept rows coloured
       kept_per_class.png            rows kept per class at each ratio
       thumbnails/row_<row_id>.png   the gallery images (a subfolder, so report/*.png are the figures only)
+      data/, images/                the explorer's paged scores and thumbnails (hf_clipsel.report_page)
 
 It reads only the run's files (scores/*.parquet, run_summary.json, run_config.yaml) and, for the gallery
 images, the source dataset named in run_config.yaml. The galleries:
@@ -37,6 +38,7 @@ from .configs import DataConfig
 from .kept_noise import describe_kept_noise
 from .outputs import atomic_directory, read_run_config
 from .report_data import RunScores, read_scores
+from .report_page import source_reader, write_page
 from .scores import score_columns
 from .scores.damage import DamageCheck
 from .summary import RatioSummary, RunSummary
@@ -225,7 +227,7 @@ def summary_rows(summary: RunSummary, run_config: dict, scores: RunScores) -> li
             for column, counts in summary.flags.items()
             if column != DamageCheck.flag_column  # the damage check's line above says it with its settings
         ],
-        *[(f"score: {column.name}", column.meaning) for column in score_columns()],
+        *[(f"score: {column.name}", f"{column.meaning}; {column.value_range}") for column in score_columns()],
         ("k nearest neighbours (SDS)", str(run_config.get("knn_k", "n/a"))),
         ("rows scored", str(len(scores.row_id))),
         ("rows flagged (never selected)", str(int((~scores.usable).sum()))),
@@ -292,8 +294,11 @@ def render_page(**context) -> str:
     return template.render(**context)
 
 
-def write_report(output_dir: str | Path, gallery_ratio: float | None = None) -> Path:
+def write_report(output_dir: str | Path, gallery_ratio: float | None = None, thumbnails: str = "sample") -> Path:
     """Write output_dir/report/ (figures, thumbnails, index.html) from a finished run; return index.html's path.
+
+    ``thumbnails``: the explorer's thumbnails, "sample" (every row of a small run, a sample per class and outcome of
+    a large one) or "all" (hf_clipsel.report_page).
 
     ``gallery_ratio`` picks the ratio of the "dropped for redundancy" gallery (default: the smallest). The folder is
     written beside its place and renamed into it, so a report is whole or absent. Needs matplotlib (the `report`
@@ -330,7 +335,9 @@ def write_report(output_dir: str | Path, gallery_ratio: float | None = None) -> 
     with atomic_directory(output_dir / REPORT_DIR) as directory:
         write_figures(scores, directory, exact_alphas(run_config, scores.ratios))
         write_thumbnails(low_alignment + redundant + flagged, source, missing_reason, directory)
+        explorer = write_page(output_dir, directory, source and source_reader(source), thumbnails)
         page = render_page(
+            explorer=explorer,
             title=f"hf-clipsel report: {summary.dataset or run_config.get('dataset_name') or output_dir.name}",
             summary=summary_rows(summary, run_config, scores),
             figures={

@@ -263,7 +263,7 @@ class Brightness(Score):
     """A score in one file: the mean grey level, measured while decoding; very dark images are demoted."""
 
     name = "brightness"
-    columns = (Column("brightness", "mean grey level in [0, 1]; higher: brighter"),)
+    columns = (Column("brightness", "mean grey level of the image", "[0, 1]; higher: brighter"),)
     measures_pixels = True
     drop_reason = "too dark"
     reason_rank = 25

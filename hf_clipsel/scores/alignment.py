@@ -15,9 +15,12 @@ class SemanticAlignment(Score):
     columns = (
         Column(
             "semantic_alignment",
-            "cosine of the image with its given label's prompt, in [-1, 1]; higher: better aligned",
+            "cosine of the image feature and the text feature of its given label's prompt (SAS)",
+            "[-1, 1]; higher: the image matches its label better",
         ),
-        Column("semantic_alignment_normalized", "semantic_alignment min-max scaled over the usable rows, in [0, 1]"),
+        Column(
+            "semantic_alignment_normalized", "SAS min-max scaled over the usable rows, as the reward uses it", "[0, 1]"
+        ),
     )
     # A dropped row whose image the model puts in another class than its label: likely mislabelled or damaged.
     drop_reason = "misaligned"

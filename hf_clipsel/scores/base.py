@@ -27,10 +27,12 @@ from ..core.registry import Registry
 
 @dataclass(frozen=True)
 class Column:
-    """A float32 column of the scores table. ``meaning``: one line with the value range and which way is better."""
+    """A float32 column of the scores table: what it measures (``meaning``, one line) and its range and which way
+    is better (``value_range``, e.g. "[-1, 1]; higher: better aligned")."""
 
     name: str
     meaning: str
+    value_range: str
 
 
 @dataclass

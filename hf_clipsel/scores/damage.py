@@ -17,9 +17,17 @@ logger = logging.getLogger(__name__)
 class DamageCheck(Score):
     name = "damage"
     columns = (
-        Column("noise_level", "estimated std of additive pixel noise, grey levels in [0, 1]; higher: noisier"),
-        Column("contrast", "std of the grey pixels, in [0, 0.5]; near 0: blank or washed out"),
-        Column("sharpness", "fine-scale gradient over half-scale gradient, > 0; lower: blurrier"),
+        Column(
+            "noise_level",
+            "estimated standard deviation of additive pixel noise (damage check)",
+            ">= 0, grey levels in [0, 1]; higher: noisier",
+        ),
+        Column("contrast", "standard deviation of the grey pixels (damage check)", "[0, 0.5]; near 0: blank"),
+        Column(
+            "sharpness",
+            "fine-scale detail relative to half resolution (damage check)",
+            "> 0; lower: blurrier than the dataset's usual",
+        ),
     )
     measures_pixels = True
     version = STATISTICS_VERSION

@@ -22,9 +22,13 @@ class SampleDiversity(Score):
     name = "sample_diversity"
     columns = (
         Column(
-            "sample_diversity", "mean distance to the K nearest rows of the same class, >= 0; higher: a sparser part"
+            "sample_diversity",
+            "mean distance to the row's K nearest neighbours of the same class (SDS)",
+            ">= 0; higher: rarer in its class, lower: redundant",
         ),
-        Column("sample_diversity_normalized", "sample_diversity min-max scaled over the usable rows, in [0, 1]"),
+        Column(
+            "sample_diversity_normalized", "SDS min-max scaled over the usable rows, as the reward uses it", "[0, 1]"
+        ),
     )
     # A dropped row in a dense part of its class (diversity below the class median).
     drop_reason = "redundant"

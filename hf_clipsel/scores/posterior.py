@@ -14,9 +14,9 @@ class ClassPosterior(Score):
     name = "class_posterior"
     columns = (
         Column(
-            "class_posterior", "the model's probability of the given label over all classes, in [0, 1]; higher: surer"
+            "class_posterior", "the model's probability of the given label over all classes", "[0, 1]; higher: surer"
         ),
-        Column("class_posterior_normalized", "class_posterior min-max scaled over the usable rows, in [0, 1]"),
+        Column("class_posterior_normalized", "class posterior min-max scaled over the usable rows", "[0, 1]"),
     )
 
     def compute(self, inputs: ScoreInputs) -> dict[str, np.ndarray]:
