@@ -11,6 +11,7 @@ from ..image_quality import STATISTICS_VERSION, UNMEASURED, damage_flags, flag_s
 from .base import Column, Score, register_score
 
 logger = logging.getLogger(__name__)
+_WARNED: set[str] = set()
 
 
 @register_score
@@ -52,6 +53,9 @@ class DamageCheck(Score):
         usable = np.asarray(table["flag_reason"]) == ""
         flags = damage_flags(*statistics, usable, selection.damage_threshold)
         warning = flag_share_warning(flags, usable)
-        if warning:  # a check meant for a damaged minority that flags many rows: say so, and how to turn it off
+        # A check meant for a damaged minority that flags many rows: say so, and how to turn it off; once (the
+        # stability stage selects again with each seed, from the same statistics).
+        if warning and warning not in _WARNED:
+            _WARNED.add(warning)
             logger.warning(warning)
         return flags
