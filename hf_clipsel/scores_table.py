@@ -86,7 +86,7 @@ def score_stage(context, model, embeddings: Dataset) -> tuple[Dataset, torch.Ten
     ``embeddings`` come from the vision tower of ``model`` (adaptation.scoring_embeddings)."""
     from .context import prompts_of, valid_rows
     from .embedding import embed_class_prompts, pooled_matrix
-    from .modeling import class_text_features, image_features, logit_scale
+    from .modeling import class_text_features, image_features, logit_bias, logit_scale, posterior_link
 
     valid = valid_rows(context, embeddings)
     with torch.no_grad():
@@ -98,7 +98,9 @@ def score_stage(context, model, embeddings: Dataset) -> tuple[Dataset, torch.Ten
     given = labels.clamp(min=0)
     sas = torch.where(valid_t, scoring.semantic_alignment(features, class_features, given), 0.0)
     sds = scoring.sample_diversity(features, labels, context.config.scoring.knn_k, valid=valid_t)
-    posterior = scoring.class_posterior(features, class_features, given, logit_scale(model))
+    posterior = scoring.class_posterior(
+        features, class_features, given, logit_scale(model), logit_bias(model), posterior_link(model)
+    )
     posterior = torch.where(valid_t, posterior, 0.0)
     # The class the (adapted) CLIP prefers: where it differs from the given label, the row is a suspect.
     predicted = torch.where(valid_t, (F.normalize(features, dim=-1) @ class_features.T).argmax(dim=-1), -1)
