@@ -278,6 +278,20 @@ def test_naflex_embeds_images_of_different_aspect_ratios(models, tmp_path):
     embeddings = embed_images(
         data, "img", model, processor.image_processor, "naflex", tmp_path, Accelerator(), batch_size=3, chunk_size=3
     )
+    # DataLoader workers hand the patch sequences, masks and shapes over: the same numbers
+    workers = embed_images(
+        data,
+        "img",
+        model,
+        processor.image_processor,
+        "naflex",
+        tmp_path / "workers",
+        Accelerator(),
+        3,
+        3,
+        num_workers=1,
+    )
+    assert torch.equal(pooled_matrix(workers), pooled_matrix(embeddings))
     shapes = processor.image_processor(images=images, return_tensors="pt")["spatial_shapes"].tolist()
     assert len({tuple(shape) for shape in shapes}) == 3  # three patch grids
     with torch.no_grad():
@@ -289,3 +303,27 @@ def test_naflex_embeds_images_of_different_aspect_ratios(models, tmp_path):
             ]
         )
     torch.testing.assert_close(ours, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_the_workers_hand_over_what_the_image_processor_computes(model_type, models, cifar_slice):
+    """uint8 crops normalised on the device where the family allows it (CLIP's processor; SigLIP's squash with mean
+    and std 0.5), the processor's whole output where not (NaFlex); either way bit-identical to the processor."""
+    from hf_clipsel.data import decode_rgb
+    from hf_clipsel.modeling import normalises_on_device
+    from hf_clipsel.preprocessing import Preprocessing, prepare_batch
+
+    model, processor = load_model(ModelConfig(model_name_or_path=str(models[model_type])))
+    cells = Dataset.from_parquet(str(cifar_slice)).select(range(8)).cast_column("img", Image(decode=False))["img"]
+    preprocessing = Preprocessing(
+        processor.image_processor, jpeg_draft=True, device_normalisation=normalises_on_device(model)
+    )
+    ready = prepare_batch(list(cells), preprocessing)
+    inputs = preprocessing.finish_inputs(ready, torch.device("cpu"))
+    expected = processor.image_processor(images=[decode_rgb(cell)[0] for cell in cells], return_tensors="pt")
+    assert set(inputs) == set(expected)
+    for name in expected:
+        assert torch.equal(inputs[name], expected[name]), name
+    naflex = model_type == "siglip2"
+    assert preprocessing.deferred == (not naflex) and (ready["pixel_values"].dtype == torch.uint8) == (not naflex)
+    assert preprocessing.draft_size == (None if naflex else (32, 32))  # NaFlex has no fixed resize target
