@@ -327,3 +327,19 @@ def test_the_workers_hand_over_what_the_image_processor_computes(model_type, mod
     naflex = model_type == "siglip2"
     assert preprocessing.deferred == (not naflex) and (ready["pixel_values"].dtype == torch.uint8) == (not naflex)
     assert preprocessing.draft_size == (None if naflex else (32, 32))  # NaFlex has no fixed resize target
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_a_bfloat16_tower_gives_the_float32_features_to_bfloat16_precision(model_type, models, cifar_slice):
+    """The image tower in bfloat16 (the default on a GPU), what runs after the cache and the text tower in float32."""
+    from hf_clipsel.modeling import image_features, vision_tower_outputs
+
+    images = list(Dataset.from_parquet(str(cifar_slice)).select(range(8))["img"])
+    features = {}
+    for dtype in ("float32", "bfloat16"):
+        model, processor = load_model(ModelConfig(model_name_or_path=str(models[model_type]), dtype=dtype))
+        inputs = processor.image_processor(images=images, return_tensors="pt")
+        with torch.no_grad():
+            features[dtype] = image_features(model, vision_tower_outputs(model, inputs))
+    assert features["bfloat16"].dtype == torch.float32
+    assert F.cosine_similarity(features["float32"], features["bfloat16"]).min() > 0.99

@@ -10,7 +10,6 @@ model's family (:func:`family_of`).
 from __future__ import annotations
 
 import contextlib
-import logging
 import re
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -20,11 +19,8 @@ import torch.nn.functional as F
 from huggingface_hub import file_exists
 from transformers import AutoProcessor, PretrainedConfig
 
-logger = logging.getLogger(__name__)
-
 ENTRY_POINT_GROUP = "hf_clipsel.families"  # third-party families: `model_type = "package.module:FamilyClass"`
 OPEN_CLIP_CONFIG = "open_clip_config.json"
-ADAPTER_PRESETS_WRAPPING = ("projection", "encoder_lora")
 
 
 class EncoderFamily:
@@ -94,10 +90,6 @@ class EncoderFamily:
         return any(target not in self.projection_targets for target in target_modules)
 
     # The image side ------------------------------------------------------------------------------------------------
-    def image_inputs(self, image_processor, images: list, **overrides) -> dict[str, torch.Tensor]:
-        """The vision tower's inputs for PIL ``images``: the processor's output, every tensor it returns."""
-        return dict(image_processor(images=images, return_tensors="pt", **overrides))
-
     def vision_tower_outputs(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The cached vector, float32 [B, cached_size]. CLIP: the pooled vision output before the projection."""
         return model.vision_model(**self._to_tower(model, inputs)).pooler_output.float()

@@ -43,6 +43,13 @@ class SiglipFamily(EncoderFamily):
     float32_modules = ("vision_model.head.layernorm", "vision_model.head.mlp", "text_model")
     prompt_templates = ("This is a photo of {}.",)
 
+    def load(self, path, dtype, **kwargs):
+        model, processor = super().load(path, dtype, **kwargs)
+        # The head's tail (layernorm, MLP) stays float32 with the adapters on it, after an attention that runs in
+        # the tower's dtype: the tail takes its input in float32, in the model's own forward too.
+        model.vision_model.head.layernorm.register_forward_pre_hook(_in_float32)
+        return model, processor
+
     def default_lora_rank(self, model_config) -> int:
         return model_config.vision_config.hidden_size  # fc2 and the text head both end in it
 
@@ -78,3 +85,7 @@ class SiglipFamily(EncoderFamily):
         # SigLIP's pretraining loss: every (image, prompt) pair an independent binary decision, summed over prompts.
         targets = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
         return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(labels)
+
+
+def _in_float32(module, args):
+    return tuple(arg.float() for arg in args)
