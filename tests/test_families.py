@@ -343,3 +343,44 @@ def test_a_bfloat16_tower_gives_the_float32_features_to_bfloat16_precision(model
             features[dtype] = image_features(model, vision_tower_outputs(model, inputs))
     assert features["bfloat16"].dtype == torch.float32
     assert F.cosine_similarity(features["float32"], features["bfloat16"]).min() > 0.99
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_the_projection_preset_trains_on_the_cache_with_the_familys_loss(model_type, models, cifar_slice):
+    """Adapters after the cache boundary learn the labels from cached vectors alone (CLIP: softmax cross-entropy;
+    SigLIP: its sigmoid loss), and the cached path equals a full forward through the adapted model."""
+    from hf_clipsel.configs import AdapterConfig
+    from hf_clipsel.embedding import embed_class_prompts
+    from hf_clipsel.modeling import attach_adapters, image_features, vision_tower_outputs
+    from hf_clipsel.training import train_on_cache
+
+    model, processor = load_model(ModelConfig(model_name_or_path=str(models[model_type])))
+    source = Dataset.from_parquet(str(cifar_slice)).select(range(64))
+    config = AdapterConfig(adapter_epochs=8, adapter_learning_rate=1e-2, adapter_batch_size=16)
+    peft_model = attach_adapters(model, config)
+    inputs = processor.image_processor(images=list(source["img"]), return_tensors="pt")
+    names = source.features["label"].names
+    with torch.no_grad():
+        cached = vision_tower_outputs(peft_model, inputs)
+        text_pooled = embed_class_prompts(peft_model, processor.tokenizer, class_prompts(names, ["a photo of a {}."]))
+    history = train_on_cache(
+        peft_model, cached, torch.tensor(source["label"]), text_pooled, config, show_progress=False
+    )
+    assert history[-1] < 0.9 * history[0], history
+    with torch.no_grad():
+        full = peft_model.get_image_features(**inputs).pooler_output
+        torch.testing.assert_close(image_features(peft_model, cached), full, atol=1e-5, rtol=1e-5)
+
+
+def test_a_sigmoid_posterior_is_the_given_labels_own_probability():
+    """A family may declare ``posterior = "sigmoid"``: the sigmoid of the given label's logit (scale * cos + bias)."""
+    from hf_clipsel.scoring import class_posterior
+
+    generator = torch.Generator().manual_seed(0)
+    images, text = torch.randn(6, 4, generator=generator), F.normalize(torch.randn(3, 4, generator=generator), dim=-1)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    cosine = (F.normalize(images, dim=-1) @ text.T)[torch.arange(6), labels]
+    posterior = class_posterior(images, text, labels, 10.0, -3.0, link="sigmoid")
+    torch.testing.assert_close(posterior, torch.sigmoid(10.0 * cosine - 3.0))
+    with pytest.raises(ValueError, match="softmax or sigmoid"):
+        class_posterior(images, text, labels, 10.0, link="tanh")
