@@ -14,4 +14,4 @@ from .base import EncoderFamily, register_family
 class ClipFamily(EncoderFamily):
     model_type = "clip"
     model_class = CLIPModel
-    examples = ("openai/clip-vit-base-patch32", "laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "apple/DFN5B-CLIP-ViT-H-14")
+    examples = ("openai/clip-vit-base-patch32", "laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "facebook/metaclip-b32-400m")
