@@ -14,9 +14,10 @@ from datasets import Dataset, Image
 
 from .context import RunContext, prompts_of, valid_rows
 from .data import ROW_ID, decode_rgb
-from .embedding import embed_class_prompts, embed_stage, pooled_matrix, resize_target
-from .modeling import attach_adapters, load_adapters
+from .embedding import embed_class_prompts, embed_stage, pooled_matrix
+from .modeling import attach_adapters, load_adapters, uses_encoder_adapters
 from .outputs import ADAPTER_DIR, write_atomic_text
+from .preprocessing import resize_target
 from .training import agrees_with_labels, train_end_to_end, train_on_cache
 
 logger = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ def read_adapter_check(adapter_dir: Path) -> dict | None:
 
 
 def image_loader(context: RunContext, rows: np.ndarray):
-    """Batches of pixel values and labels for end-to-end training (rows known to decode)."""
+    """Batches of the image processor's outputs and labels for end-to-end training (rows known to decode)."""
     image_column = context.source.image_column
     subset = context.dataset.select(rows.tolist()).select_columns([ROW_ID, image_column])
     subset = subset.cast_column(image_column, Image(decode=False))
@@ -188,7 +189,7 @@ def image_loader(context: RunContext, rows: np.ndarray):
     def collate(batch):
         images = [decode_rgb(row[image_column], draft_size)[0] for row in batch]
         return {
-            "pixel_values": processor(images=images, return_tensors="pt").pixel_values,
+            "image_inputs": dict(processor(images=images, return_tensors="pt")),
             "labels": torch.tensor([labels[row[ROW_ID]] for row in batch]),
         }
 
@@ -207,11 +208,6 @@ def scoring_embeddings(context: RunContext, model, embeddings: Dataset) -> Datas
     if model is not context.model and uses_encoder_adapters(model):
         return embed_stage(context, model, f"{context.model_fingerprint}-{adapter_fingerprint(model)}")
     return embeddings
-
-
-def uses_encoder_adapters(model) -> bool:
-    config = getattr(model, "peft_config", {}).get("default")
-    return config is not None and any(t not in ("visual_projection", "text_projection") for t in config.target_modules)
 
 
 def trained_model(context: RunContext):

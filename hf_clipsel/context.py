@@ -13,7 +13,8 @@ from datasets import Dataset
 
 from .configs import ClipselConfig, budget
 from .data import Source, class_prompts, load_source, prepare_source, with_row_ids
-from .modeling import load_clip, model_fingerprint
+from .modeling import load_model, model_fingerprint
+from .models import family_for
 from .outputs import EMBEDDINGS_DIR
 
 
@@ -46,7 +47,11 @@ def make_accelerator() -> Accelerator:
 
 
 def load_context(config: ClipselConfig, accelerator: Accelerator | None = None) -> RunContext:
+    """The source and the model of ``config``. A checkpoint of no supported family fails first, before any data is
+    read (hf_clipsel.models.family_for reads its config.json only)."""
     accelerator = accelerator or make_accelerator()
+    if config.model.model_name_or_path:
+        family_for(config.model.model_name_or_path, revision=config.model.model_revision)
     if config.data.streaming and config.adapter.adapter_preset == "encoder_lora" and not config.adapter.adapter_path:
         raise ValueError(
             "the encoder_lora preset trains on full forwards over the images, which a stream cannot "
@@ -54,7 +59,7 @@ def load_context(config: ClipselConfig, accelerator: Accelerator | None = None) 
         )
     source = prepare_source(load_source(config.data), config.data, warn=accelerator.is_main_process)
     check_budgets(config, source.num_rows)
-    model, processor = load_clip(config.model, accelerator.device)
+    model, processor = load_model(config.model, accelerator.device)
     model.to(accelerator.device)
     return RunContext(
         config,

@@ -3,19 +3,17 @@ Accelerate, cached on disk in chunks so that a rerun (or a run killed half way) 
 
 One engine for both sources: a map-style `Dataset` is cut into chunks by `select`, a streamed `IterableDataset` is read
 once and cut into the same chunks as it comes; either way each chunk is one `datasets.map` cache file under one
-cache-key scheme. The cache holds the pooled vision-tower outputs, before the projection: the projection preset's
-adapters act after it, so training and scoring run on this cache without touching an image again.
+cache-key scheme. The cache holds one vector per image at the model family's cache boundary (hf_clipsel.models; CLIP:
+the pooled vision-tower output, before the projection): the projection preset's adapters act after it, so training
+and scoring run on this cache without touching an image again.
 
-The same decode pass measures the damage check's pixel statistics (hf_clipsel.image_quality), stored in a cache of
-their own that names neither the model nor the processor: a change to the check recomputes them with a decode-only
-pass and never invalidates the (expensive) embeddings, and another model reuses them.
+The same decode pass measures what the pixel-measuring scores measure (hf_clipsel.scores: the damage check's pixel
+statistics), stored in a cache of their own that names neither the model nor the processor: a change to the check
+recomputes them with a decode-only pass and never invalidates the (expensive) embeddings, and another model reuses
+them.
 
-Decoding and preprocessing run ahead of the tower in DataLoader workers (``preprocessing_num_workers``). With a
-torchvision-backed image processor (transformers' default) the workers stop before the processor's fused
-rescale-and-normalise and ship uint8 crops, a quarter of float32's bytes; that last step runs where the tower runs
-(on the GPU, from pinned memory) with the processor's own arithmetic, so the pixel values are bit-identical.
-With ``jpeg_draft`` a JPEG at least twice the processor's resize target is decoded at a reduced DCT scale: faster for
-large photos, not bit-identical (off by default; recipes/benchmarks/README.md, "JPEG draft decoding").
+Decoding and preprocessing run ahead of the tower in DataLoader workers (``preprocessing_num_workers``), as
+hf_clipsel.preprocessing describes (uint8 hand-over, normalisation on the device, ``jpeg_draft``).
 """
 
 from __future__ import annotations
@@ -33,16 +31,17 @@ from accelerate import Accelerator
 from datasets import Dataset, Features, Image, IterableDataset, List, Value, concatenate_datasets
 from datasets.arrow_writer import ArrowWriter
 
-from .data import ROW_ID, decode_rgb
-from .modeling import clip_of, text_tower_outputs, vision_tower_outputs
-from .scores import measure_image, measured_columns, measurement_versions
+from .data import ROW_ID
+from .modeling import cached_size, clip_of, normalises_on_device, text_tower_outputs, vision_tower_outputs
+from .preprocessing import PreparedBatches, Preprocessing
+from .scores import measured_columns, measurement_versions
 from .streaming import stream_identity
 
 logger = logging.getLogger(__name__)
 
 VISION_POOLED = "vision_pooled"
 # Bump when the cached embeddings would change for the same model and data.
-CACHE_FORMAT_VERSION = 5  # 2-4: pixel statistics inside; 5: statistics in a cache of their own
+CACHE_FORMAT_VERSION = 6  # 2-4: pixel statistics inside; 5: statistics in a cache of their own; 6: EXIF orientation
 STATISTICS_DIR_PREFIX = "pixel-statistics-"
 
 
@@ -61,75 +60,6 @@ def statistics_features() -> Features:
     return Features({ROW_ID: Value("int64"), **{name: Value("float32") for name in measured_columns()}})
 
 
-class Preprocessing:
-    """An image processor, split where the tower runs. For a torchvision-backed processor that rescales and
-    normalises (transformers' default), :meth:`prepare` stops before that fused last step and returns uint8 crops,
-    and :meth:`finish` does it on the tower's device with the processor's own constants and operation, so the pixel
-    values are bit-identical to the processor's. Any other processor runs whole in :meth:`prepare`.
-
-    ``jpeg_draft``: JPEGs at least twice the processor's resize target are decoded at a reduced scale that keeps
-    both sides at least that long (``draft_size``; see :func:`hf_clipsel.data.decode_rgb`)."""
-
-    def __init__(self, image_processor, jpeg_draft: bool = False):
-        self.processor = image_processor
-        self.draft_size = resize_target(image_processor) if jpeg_draft else None
-        self.deferred = (
-            getattr(image_processor, "backend", None) == "torchvision"
-            and bool(getattr(image_processor, "do_rescale", False))
-            and bool(getattr(image_processor, "do_normalize", False))
-        )
-        if self.deferred:  # what TorchvisionBackend.rescale_and_normalize computes (mean and std / rescale factor)
-            self.mean = torch.tensor(image_processor.image_mean) * (1.0 / image_processor.rescale_factor)
-            self.std = torch.tensor(image_processor.image_std) * (1.0 / image_processor.rescale_factor)
-        self._buffer: torch.Tensor | None = None
-
-    def prepare(self, images: list) -> torch.Tensor:
-        stop_early = dict(do_rescale=False, do_normalize=False) if self.deferred else {}
-        return self.processor(images=images, return_tensors="pt", **stop_early).pixel_values
-
-    def finish(self, pixel_values: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """The model's input on ``device``. With a deferred normalisation the result lives in one reused buffer,
-        valid until the next call: a fresh float32 batch (38.5 MB for 64 x 3 x 224 x 224) costs five times the
-        arithmetic in page faults on a CPU."""
-        pixel_values = pixel_values.to(device, non_blocking=True)  # from pinned memory on CUDA; uint8 if deferred
-        if not self.deferred:
-            return pixel_values
-        from torchvision.transforms.v2 import functional as tvF
-
-        buffer = self._buffer
-        if buffer is None or buffer.shape != pixel_values.shape or buffer.device != device:
-            buffer = self._buffer = torch.empty(pixel_values.shape, dtype=torch.float32, device=device)
-            self.mean, self.std = self.mean.to(device), self.std.to(device)  # moved once, with the buffer
-        buffer.copy_(pixel_values)  # uint8 to float32 on the device, after the copy across
-        return tvF.normalize(buffer, self.mean, self.std, inplace=True)
-
-
-def resize_target(image_processor) -> tuple[int, int] | None:
-    """The (width, height) both sides of an image keep at least after the processor's resize, or None where that is
-    not known (no resize, or a rule other than a shortest edge or a fixed size)."""
-    size = image_processor.size if getattr(image_processor, "do_resize", False) else None
-    if size is None:
-        return None
-    if size.get("shortest_edge"):
-        return (size["shortest_edge"],) * 2
-    if size.get("height") and size.get("width"):
-        return size["width"], size["height"]
-    return None
-
-
-def prepare_batch(cells: list, preprocessing: Preprocessing, preprocess: bool = True, measure: bool = True) -> dict:
-    """The CPU half of a batch: decode to RGB, measure the pixels (``measure``), preprocess (``preprocess``; off: a
-    pass for the statistics alone); what cannot be decoded (or preprocessed) is flagged with its reason. Runs in a
-    DataLoader worker when ``preprocessing_num_workers`` is above 0."""
-    decoded = [decode_rgb(cell, preprocessing.draft_size) for cell in cells]
-    errors = [error for _, error in decoded]
-    statistics = [measure_image(image) for image, _ in decoded] if measure else []
-    rows, pixel_values = [], None
-    if preprocess:
-        rows, pixel_values = _preprocess([image for image, _ in decoded], preprocessing, errors)
-    return {"rows": rows, "pixel_values": pixel_values, "errors": errors, "statistics": statistics}
-
-
 def embed_prepared(row_ids: list[int], prepared, model, hidden_size: int, preprocessing: Preprocessing) -> dict:
     """One `datasets.map` batch (its ``row_id`` column only: the main process never reads the image bytes): the next
     prepared batch (from ``prepared``, an iterator over the same rows in the same order) through the vision tower."""
@@ -139,31 +69,14 @@ def embed_prepared(row_ids: list[int], prepared, model, hidden_size: int, prepro
     pooled = np.zeros((len(ready["errors"]), hidden_size), dtype=np.float32)
     if ready["rows"]:
         with torch.inference_mode():
-            pixel_values = preprocessing.finish(ready["pixel_values"], clip_of(model).device)
-            pooled[ready["rows"]] = vision_tower_outputs(model, pixel_values).cpu().numpy()
+            inputs = preprocessing.finish_inputs(ready, clip_of(model).device)
+            pooled[ready["rows"]] = vision_tower_outputs(model, inputs).cpu().numpy()
     return {
         ROW_ID: row_ids,
         VISION_POOLED: pooled,
         "decode_ok": [not error for error in ready["errors"]],
         "decode_error": ready["errors"],
     }
-
-
-class _PreparedBatches(torch.utils.data.Dataset):
-    """The batches of one chunk, prepared (:func:`prepare_batch`) by index, for a DataLoader's workers."""
-
-    def __init__(
-        self, chunk: Dataset, image_column: str, preprocessing, batch_size: int, preprocess=True, measure=True
-    ):
-        self.chunk, self.image_column, self.preprocess, self.measure = chunk, image_column, preprocess, measure
-        self.preprocessing, self.batch_size = preprocessing, batch_size
-
-    def __len__(self) -> int:
-        return -(-len(self.chunk) // self.batch_size)
-
-    def __getitem__(self, index: int) -> dict:
-        rows = self.chunk[index * self.batch_size : (index + 1) * self.batch_size]
-        return prepare_batch(rows[self.image_column], self.preprocessing, self.preprocess, self.measure)
 
 
 def embed_chunk(
@@ -188,7 +101,7 @@ def embed_chunk(
     device = clip_of(model).device
     preprocess, measure = not embeddings_path.exists(), not statistics_path.exists()
     loader = torch.utils.data.DataLoader(
-        _PreparedBatches(chunk, image_column, preprocessing, batch_size, preprocess, measure),
+        PreparedBatches(chunk, image_column, preprocessing, batch_size, preprocess, measure),
         batch_size=None,  # the dataset yields whole batches
         num_workers=num_workers,
         prefetch_factor=2 if num_workers else None,
@@ -197,7 +110,7 @@ def embed_chunk(
     statistics: list = []
     prepared = _collecting(iter(loader), statistics)
     if preprocess:
-        hidden_size = clip_of(model).config.vision_config.hidden_size
+        hidden_size = cached_size(model)
         chunk.map(
             embed_prepared,
             batched=True,
@@ -236,24 +149,6 @@ def _write_statistics(path: Path, row_ids: list[int], statistics: list) -> None:
         writer.write_batch({ROW_ID: list(row_ids), **columns})
         writer.finalize()
     os.replace(partial, path)
-
-
-def _preprocess(images: list, preprocessing: Preprocessing, errors: list[str]):
-    """Pixel values of the decoded images; an image the processor rejects is flagged in ``errors`` in place."""
-    rows = [row for row, image in enumerate(images) if image is not None]
-    if not rows:
-        return [], None
-    try:
-        return rows, preprocessing.prepare([images[row] for row in rows])
-    except Exception:  # find the culprit(s) one by one, keep the rest of the batch
-        kept, tensors = [], []
-        for row in rows:
-            try:
-                tensors.append(preprocessing.prepare([images[row]]))
-                kept.append(row)
-            except Exception as error:
-                errors[row] = f"image could not be preprocessed: {type(error).__name__}: {error}"
-        return kept, (torch.cat(tensors) if tensors else None)
 
 
 def _key(identity: dict) -> str:
@@ -332,7 +227,7 @@ def embed_images(
     else:
         source = dataset.select_columns([ROW_ID, image_column]).cast_column(image_column, Image(decode=False))
         num_rows, source_identity = len(source), source._fingerprint
-    preprocessing = Preprocessing(image_processor, jpeg_draft)
+    preprocessing = Preprocessing(image_processor, jpeg_draft, normalises_on_device(model))
     draft_size = preprocessing.draft_size
     if jpeg_draft and draft_size is None and accelerator.is_main_process:
         logger.warning(

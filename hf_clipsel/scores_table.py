@@ -57,7 +57,7 @@ def score_stage(context, model, embeddings: Dataset) -> tuple[Dataset, torch.Ten
     computed from. ``embeddings`` come from the vision tower of ``model`` (adaptation.scoring_embeddings)."""
     from .context import prompts_of, valid_rows
     from .embedding import embed_class_prompts, pooled_matrix
-    from .modeling import class_text_features, image_features, logit_scale
+    from .modeling import class_text_features, image_features, logit_bias, logit_scale, posterior_link
 
     valid = valid_rows(context, embeddings)
     with torch.no_grad():
@@ -71,6 +71,8 @@ def score_stage(context, model, embeddings: Dataset) -> tuple[Dataset, torch.Ten
         labels=torch.from_numpy(context.source.labels).clamp(min=0),
         valid=valid_t,
         logit_scale=logit_scale(model),
+        logit_bias=logit_bias(model),
+        posterior_link=posterior_link(model),
         knn_k=context.config.scoring.knn_k,
         statistics={name: np.asarray(embeddings[name][:], dtype=np.float32) for name in measured_columns()},
     )

@@ -66,27 +66,44 @@ def semantic_alignment(image_features: Tensor, class_text_features: Tensor, labe
     return alignment.clamp_(-1.0, 1.0)
 
 
-# The class posterior is a softmax over the class prompts at this fraction of CLIP's logit scale. Measured on the
+# The softmax class posterior is taken at this fraction of the model's logit scale. Measured on the
 # quality benchmark's label-noise pools (six noise draws, recipes/benchmarks/README.md): in the reward, 0.25 and 0.5
 # kept less noise than SAS alone at every ratio of every case and draw; 1 did not (asymmetric noise at 0.5).
 POSTERIOR_LOGIT_FRACTION = 0.5
 
 
-def class_posterior(image_features: Tensor, class_text_features: Tensor, labels: Tensor, logit_scale: float) -> Tensor:
-    """CLIP's zero-shot probability of each row's *given* label: softmax over the classes of
-    ``POSTERIOR_LOGIT_FRACTION * logit_scale * cosine``, taken at the label.
+def class_posterior(
+    image_features: Tensor,
+    class_text_features: Tensor,
+    labels: Tensor,
+    logit_scale: float,
+    logit_bias: float = 0.0,
+    link: str = "softmax",
+) -> Tensor:
+    """The model's zero-shot probability of each row's *given* label, from the logits ``logit_scale * cosine +
+    logit_bias`` and the model family's ``link`` (hf_clipsel.models: ``posterior``).
 
-    Where the alignment score asks "how close is the image to its label's prompt", this asks "how much closer than
-    to every other class's": an image that sits near two prompts (a cat labelled dog) gets a lower posterior than
-    its cosine suggests. Same arguments as :func:`semantic_alignment`; returns ``[N]`` float32 in ``[0, 1]``.
+    ``softmax`` (CLIP; SigLIP too, see hf_clipsel.models.siglip): softmax over the classes of
+    ``POSTERIOR_LOGIT_FRACTION * logit_scale * cosine`` (the bias cancels), taken at the label. Where the alignment
+    score asks "how close is the image to its label's prompt", this asks "how much closer than to every other
+    class's": an image that sits near two prompts (a cat labelled dog) gets a lower posterior than its cosine
+    suggests. ``sigmoid``: the sigmoid of the given label's full logit, each class judged alone.
+
+    Same first three arguments as :func:`semantic_alignment`; returns ``[N]`` float32 in ``[0, 1]``.
     """
+    if link not in ("softmax", "sigmoid"):
+        raise ValueError(f"link must be softmax or sigmoid, got {link!r}.")
     labels, text = _checked_labels_and_text(image_features, class_text_features, labels)
     posterior = torch.empty(labels.shape[0], dtype=torch.float32, device=image_features.device)
-    scale = POSTERIOR_LOGIT_FRACTION * float(logit_scale)
+    scale = (POSTERIOR_LOGIT_FRACTION if link == "softmax" else 1.0) * float(logit_scale)
     for start in range(0, labels.shape[0], _ALIGNMENT_BLOCK_ROWS):  # [block, C] logits at a time
         stop = start + _ALIGNMENT_BLOCK_ROWS
         logits = scale * F.normalize(image_features[start:stop].to(torch.float32), dim=-1) @ text.T
-        posterior[start:stop] = torch.softmax(logits, dim=-1).gather(1, labels[start:stop, None]).squeeze(1)
+        if link == "softmax":
+            posterior[start:stop] = torch.softmax(logits, dim=-1).gather(1, labels[start:stop, None]).squeeze(1)
+        else:
+            given = logits.gather(1, labels[start:stop, None]).squeeze(1)
+            posterior[start:stop] = torch.sigmoid(given + float(logit_bias))
     return posterior
 
 

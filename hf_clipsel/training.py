@@ -1,9 +1,10 @@
 """Train the PEFT adapters on the target dataset (README.md, "The method", step 1).
 
-Objective (a documented choice; the released code did not include its training): `class_ce`, the cross-entropy
-of each image against all C class prompts with logits = logit_scale * cos(f_i, g_c), which avoids the false
-negatives that in-batch InfoNCE creates between same-class images; `infonce`, in-batch symmetric InfoNCE, is
-offered as the alternative. Adam, StepLR(x0.1 every `adapter_lr_step_epochs`), paper defaults.
+Objective (a documented choice; the released code did not include its training): `class_ce`, the family's
+pretraining loss (CLIP: softmax cross-entropy; SigLIP: sigmoid) of each image against all C class prompts with
+logits = logit_scale * cos(f_i, g_c) + logit_bias, which avoids the false negatives that in-batch InfoNCE creates
+between same-class images; `infonce`, in-batch symmetric InfoNCE, is offered as the alternative. Adam,
+StepLR(x0.1 every `adapter_lr_step_epochs`), paper defaults.
 """
 
 from __future__ import annotations
@@ -16,18 +17,33 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .configs import AdapterConfig
-from .modeling import class_text_features, image_features, logit_scale, vision_tower_outputs
+from .modeling import (
+    class_text_features,
+    clip_of,
+    image_features,
+    logit_bias,
+    logit_scale,
+    vision_tower_outputs,
+)
+from .models import family_of
 
 logger = logging.getLogger(__name__)
 
 
 def adapter_loss(
-    features: torch.Tensor, class_features: torch.Tensor, labels: torch.Tensor, scale: float, objective: str
+    features: torch.Tensor,
+    class_features: torch.Tensor,
+    labels: torch.Tensor,
+    scale: float,
+    objective: str,
+    bias: float = 0.0,
+    class_loss=F.cross_entropy,
 ) -> torch.Tensor:
-    """``features`` [B, d] image features, ``class_features`` [C, d] normalised class features."""
+    """``features`` [B, d] image features, ``class_features`` [C, d] normalised class features; ``class_loss``
+    (logits, labels) -> loss is the family's (:meth:`~hf_clipsel.models.base.EncoderFamily.class_loss`)."""
     features = F.normalize(features, dim=-1)
     if objective == "class_ce":
-        return F.cross_entropy(scale * features @ class_features.T, labels)
+        return class_loss(scale * features @ class_features.T + bias, labels)
     # In-batch symmetric InfoNCE: each image against the prompts of the batch's labels, and back.
     prompts = class_features[labels]
     logits = scale * features @ prompts.T
@@ -81,7 +97,11 @@ def train_on_cache(
     """
     device = peft_model.get_base_model().device
     optimizer, scheduler = _optimizer(peft_model, config)
-    scale = logit_scale(peft_model)
+    scale, bias, class_loss = (
+        logit_scale(peft_model),
+        logit_bias(peft_model),
+        family_of(clip_of(peft_model)).class_loss,
+    )
     generator = torch.Generator().manual_seed(seed)
     vision_pooled, labels, text_pooled = vision_pooled.to(device), labels.to(device), text_pooled.to(device)
     history = []
@@ -103,6 +123,8 @@ def train_on_cache(
                 labels[batch],
                 scale,
                 config.objective,
+                bias,
+                class_loss,
             )
             optimizer.zero_grad()
             loss.backward()
@@ -134,25 +156,23 @@ class EndToEndObjective(torch.nn.Module):
         super().__init__()
         self.peft_model = peft_model
         self.shape = (len(prompts), len(prompts[0]))
-        self.text_inputs = dict(
-            tokenizer(
-                [p for per_template in prompts for p in per_template],
-                padding=True,
-                truncation=True,
-                return_tensors="pt",
-            )
-        )
-        self.scale = logit_scale(peft_model)
+        base = clip_of(peft_model)
+        self.family = family_of(base)
+        flat = [p for per_template in prompts for p in per_template]
+        self.text_inputs = self.family.tokenize(tokenizer, flat, base.config)
+        self.scale, self.bias = logit_scale(peft_model), logit_bias(peft_model)
         self.objective = objective
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        clip = self.peft_model.get_base_model()
+    def forward(self, image_inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+        """``image_inputs``: the image processor's output for the batch (the pixel values and whatever else the
+        family's vision tower reads)."""
         # The text tower changes too: encode the prompts again at every step.
-        text_inputs = {name: tensor.to(clip.device) for name, tensor in self.text_inputs.items()}
-        text_pooled = clip.text_model(**text_inputs).pooler_output.float().reshape(*self.shape, -1)
-        features = image_features(self.peft_model, vision_tower_outputs(self.peft_model, pixel_values))
+        base = self.peft_model.get_base_model()
+        text_pooled = self.family.text_tower_outputs(base, self.text_inputs).reshape(*self.shape, -1)
+        features = image_features(self.peft_model, vision_tower_outputs(self.peft_model, image_inputs))
+        class_features = class_text_features(self.peft_model, text_pooled)
         return adapter_loss(
-            features, class_text_features(self.peft_model, text_pooled), labels, self.scale, self.objective
+            features, class_features, labels, self.scale, self.objective, self.bias, self.family.class_loss
         )
 
 
@@ -166,7 +186,7 @@ def train_end_to_end(
 ) -> list[float]:
     """Train encoder LoRA adapters with full forwards (no cache is possible when the towers change).
 
-    ``image_batches`` is a DataLoader of {"pixel_values", "labels"}; it and the objective are prepared by
+    ``image_batches`` is a DataLoader of {"image_inputs", "labels"}; it and the objective are prepared by
     Accelerate, so several processes train with data parallelism.
     """
     objective = EndToEndObjective(peft_model, tokenizer, prompts, config.objective)
@@ -180,7 +200,7 @@ def train_end_to_end(
     for _ in bar:
         total, count = 0.0, 0
         for batch in image_batches:
-            loss = objective(batch["pixel_values"], batch["labels"])
+            loss = objective(batch["image_inputs"], batch["labels"])
             optimizer.zero_grad()
             accelerator.backward(loss)
             optimizer.step()

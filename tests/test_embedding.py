@@ -211,7 +211,7 @@ def test_full_decoding_caches_keep_the_names_they_had_before_jpeg_draft():
 def test_the_draft_target_is_what_the_processor_resizes_to():
     from transformers import CLIPImageProcessor
 
-    from hf_clipsel.embedding import resize_target
+    from hf_clipsel.preprocessing import resize_target
 
     assert resize_target(CLIPImageProcessor()) == (224, 224)  # shortest edge 224
     assert resize_target(CLIPImageProcessor(size={"height": 96, "width": 128})) == (128, 96)

@@ -3,15 +3,17 @@
 A :class:`Registry` maps a name to what was registered under it. Like PEFT's registries it refuses a second
 registration under a name already taken, so a typo or an import-order accident cannot silently replace a method.
 Third-party packages register through an entry-point group (``hf_clipsel.selectors``, ``hf_clipsel.scores``,
-``hf_clipsel.families``): each entry point names a module (or an object in it) whose import registers its entries.
-They are loaded on first use of the registry (a name looked up, the names listed), so the CLI, the configuration
-parser and the Python API all see them.
+``hf_clipsel.families``): each entry point names a module (or an object in it) whose import registers its entries
+(a registry built with ``adopt`` also registers the object an entry point names, under the entry point's name, when
+its import did not). They are loaded on first use of the registry (a name looked up, the names listed), so the CLI,
+the configuration parser and the Python API all see them; a name not found looks again for entry points not loaded
+yet (a distribution installed while the process runs).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from importlib.metadata import entry_points
 
 logger = logging.getLogger(__name__)
@@ -25,10 +27,11 @@ class Registry(MutableMapping):
         entry_point_group: the entry-point group third-party packages register under.
     """
 
-    def __init__(self, kind: str, entry_point_group: str):
-        self.kind, self.entry_point_group = kind, entry_point_group
+    def __init__(self, kind: str, entry_point_group: str, adopt: Callable[[object], object] | None = None):
+        self.kind, self.entry_point_group, self.adopt = kind, entry_point_group, adopt
         self._entries: dict = {}
-        self._plugins_loaded = False
+        self._loaded: set[str] = set()  # the entry points loaded (or tried), by value
+        self._scanned = False
 
     def register(self, name: str, entry) -> None:
         """Add ``entry`` under ``name``; ``ValueError`` when ``name`` is not a non-empty string or is taken."""
@@ -39,14 +42,20 @@ class Registry(MutableMapping):
             raise ValueError(f"a {self.kind} named {name!r} is already registered ({where}).")
         self._entries[name] = entry
 
-    def load_plugins(self) -> None:
-        """Import every entry point of the group once; one that fails to load is reported and skipped."""
-        if self._plugins_loaded:
+    def load_plugins(self, again: bool = False) -> None:
+        """Import every entry point of the group not loaded yet (the group is read once, or ``again``); one that
+        fails to load is reported and skipped."""
+        if self._scanned and not again:
             return
-        self._plugins_loaded = True
+        self._scanned = True
         for entry_point in entry_points(group=self.entry_point_group):
+            if entry_point.value in self._loaded:
+                continue
+            self._loaded.add(entry_point.value)
             try:
-                entry_point.load()
+                loaded = entry_point.load()
+                if self.adopt is not None and entry_point.name not in self._entries:
+                    self.adopt(loaded)
             except Exception as error:  # a broken plugin must not take the built-in entries down with it
                 logger.warning(
                     "the %s plugin %r (%s) could not be loaded: %s: %s",
@@ -59,7 +68,7 @@ class Registry(MutableMapping):
 
     def get(self, name: str, default=None):
         if name not in self._entries:
-            self.load_plugins()
+            self.load_plugins(again=True)
         return self._entries.get(name, default)
 
     def lookup(self, name: str):
@@ -76,7 +85,7 @@ class Registry(MutableMapping):
 
     def __getitem__(self, name: str):
         if name not in self._entries:
-            self.load_plugins()
+            self.load_plugins(again=True)
         return self._entries[name]
 
     def __setitem__(self, name: str, entry) -> None:
@@ -95,5 +104,5 @@ class Registry(MutableMapping):
 
     def __contains__(self, name) -> bool:
         if name not in self._entries:
-            self.load_plugins()
+            self.load_plugins(again=True)
         return name in self._entries

@@ -44,7 +44,9 @@ class ScoreInputs:
         class_features: ``[C, d]`` float32 class text features, L2-normalised.
         labels: ``[N]`` int64 given labels, clamped to ``[0, C)`` (unusable rows are not ``valid``).
         valid: ``[N]`` bool: usable rows (decoded image, usable label). Scores of other rows are 0.
-        logit_scale: the model's logit scale (its class posterior is a softmax over the classes at a fraction of it).
+        logit_scale, logit_bias: the model's logits are ``logit_scale * cosine + logit_bias``.
+        posterior_link: how its family turns logits into a class posterior (``softmax`` or ``sigmoid``:
+            scoring.class_posterior).
         knn_k: neighbours per row for scores that compare a row with its class.
         statistics: ``{column: float32[N]}`` what the scores' :meth:`Score.measure` found while decoding.
     """
@@ -54,6 +56,8 @@ class ScoreInputs:
     labels: torch.Tensor
     valid: torch.Tensor
     logit_scale: float
+    logit_bias: float = 0.0
+    posterior_link: str = "softmax"
     knn_k: int = 100
     statistics: dict[str, np.ndarray] = field(default_factory=dict)
 

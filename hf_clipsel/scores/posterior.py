@@ -21,7 +21,12 @@ class ClassPosterior(Score):
 
     def compute(self, inputs: ScoreInputs) -> dict[str, np.ndarray]:
         posterior = scoring.class_posterior(
-            inputs.image_features, inputs.class_features, inputs.labels, inputs.logit_scale
+            inputs.image_features,
+            inputs.class_features,
+            inputs.labels,
+            inputs.logit_scale,
+            inputs.logit_bias,
+            inputs.posterior_link,
         )
         posterior = torch.where(inputs.valid, posterior, 0.0)
         return {

@@ -66,14 +66,9 @@ from scipy.stats import spearmanr
 
 from hf_clipsel.configs import ModelConfig
 from hf_clipsel.data import decode_rgb
-from hf_clipsel.embedding import (
-    Preprocessing,
-    _PreparedBatches,
-    embed_images,
-    pooled_matrix,
-    prepare_batch,
-)
+from hf_clipsel.embedding import embed_images, pooled_matrix
 from hf_clipsel.modeling import load_clip, model_fingerprint, vision_tower_outputs
+from hf_clipsel.preprocessing import PreparedBatches, Preprocessing, prepare_batch
 from hf_clipsel.scoring import sample_diversity, semantic_alignment
 
 
@@ -189,7 +184,7 @@ def decode_case(args) -> None:
         def decode_workers(workers: int, normalise: bool = True):
             """The workers' half (decode, measure, preprocess to uint8) and the main process's copy to the device and
             normalisation, as in embed_images, without the forward; ``normalise=False``: the workers alone."""
-            batches = _PreparedBatches(chunk, "img", preprocessing, size)
+            batches = PreparedBatches(chunk, "img", preprocessing, size)
             loader = torch.utils.data.DataLoader(
                 batches, batch_size=None, num_workers=workers, prefetch_factor=2, pin_memory=device.type == "cuda"
             )

@@ -42,9 +42,10 @@ from scipy.stats import spearmanr
 
 from hf_clipsel.configs import ModelConfig, SelectionConfig
 from hf_clipsel.data import decode_rgb, with_row_ids
-from hf_clipsel.embedding import Preprocessing, embed_images, pooled_matrix, prepare_batch, resize_target
+from hf_clipsel.embedding import embed_images, pooled_matrix
 from hf_clipsel.image_quality import BLURRY, NOISY, damage_flags
 from hf_clipsel.modeling import load_clip, model_fingerprint
+from hf_clipsel.preprocessing import Preprocessing, prepare_batch, resize_target
 from hf_clipsel.scoring import sample_diversity, semantic_alignment
 
 CLIP_TARGET = 224  # CLIPImageProcessor's default shortest edge: the speed and damage parts run at this geometry
