@@ -142,9 +142,10 @@ class AdapterConfig:
     adapter_preset: str = field(
         default="projection",
         metadata={
-            "help": "projection: LoRA on visual_projection/text_projection only (paper-faithful; trained on the "
-            "embedding cache). encoder_lora: LoRA inside both encoders' attention plus the projections (no "
-            "cache possible). none: zero-shot CLIP, no adaptation."
+            "help": "projection: LoRA on what runs after the cached vector (CLIP: visual_projection and "
+            "text_projection, paper-faithful; SigLIP: the heads; README.md, 'Supported encoders'), trained on the "
+            "embedding cache. encoder_lora: LoRA inside both encoders' attention too (no cache possible). none: "
+            "zero-shot, no adaptation."
         },
     )
     adapter_path: str | None = field(

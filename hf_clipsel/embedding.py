@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from datasets import Dataset, Features, Image, IterableDataset, List, Value, concatenate_datasets
 from datasets.arrow_writer import ArrowWriter
 
@@ -37,7 +37,8 @@ from .preprocessing import PreparedBatches, Preprocessing
 from .scores import measured_columns, measurement_versions
 from .streaming import stream_identity
 
-logger = logging.getLogger(__name__)
+# accelerate's logger: warnings come from the main process only; per-process lines say main_process_only=False
+logger = get_logger(__name__)
 
 VISION_POOLED = "vision_pooled"
 # Bump when the cached embeddings would change for the same model and data.
@@ -229,7 +230,7 @@ def embed_images(
         num_rows, source_identity = len(source), source._fingerprint
     preprocessing = Preprocessing(image_processor, jpeg_draft, normalises_on_device(model))
     draft_size = preprocessing.draft_size
-    if jpeg_draft and draft_size is None and accelerator.is_main_process:
+    if jpeg_draft and draft_size is None:
         logger.warning(
             "jpeg_draft is on, but the image processor does not resize to a shortest edge or a fixed size; JPEGs are "
             "decoded at full scale."
@@ -259,6 +260,7 @@ def embed_images(
             _ranges(my_chunks),
             num_chunks,
             len(my_chunks) - len(todo),
+            main_process_only=False,
         )
         for i, chunk in _chunks(source, image_column, todo, chunk_size, num_rows):
             embed_chunk(
@@ -276,7 +278,7 @@ def embed_images(
     embeddings = concatenate_datasets([Dataset.from_file(str(path)) for path, _ in paths])
     statistics = concatenate_datasets([Dataset.from_file(str(path)) for _, path in paths]).remove_columns(ROW_ID)
     flagged = len(embeddings) - sum(embeddings["decode_ok"])
-    if flagged and accelerator.is_main_process:  # every process holds all of them: one says so
+    if flagged:  # every process holds all of them: the main one says so (accelerate's logger)
         logger.warning(
             "%d of %d images could not be decoded; they are flagged and kept out of selection.",
             flagged,

@@ -50,8 +50,17 @@ __all__ = [
 
 
 def run(config: ClipselConfig, accelerator: Accelerator | None = None, command: list[str] | None = None):
-    """The whole pipeline, then the push when ``push_to_hub`` is on. Returns the summary on the main process, None
-    on the others."""
+    """The whole pipeline (load, embed, adapt, score, select, write), then the push when ``push_to_hub`` is on.
+
+    Args:
+        config: the run's settings (:class:`~hf_clipsel.configs.ClipselConfig`; ``config.run.output_dir`` is the
+            run's folder).
+        accelerator: the processes to share the embedding with (default: one made for this machine).
+        command: the command line, recorded in the run record and the card.
+
+    Returns:
+        The :class:`~hf_clipsel.summary.RunSummary` on the main process, None on the others.
+    """
     _, summary = drive(config, "run", accelerator, command)
     if summary is not None:
         push_stage(config)
@@ -59,17 +68,29 @@ def run(config: ClipselConfig, accelerator: Accelerator | None = None, command: 
 
 
 def embed(config: ClipselConfig, accelerator: Accelerator | None = None, command: list[str] | None = None):
-    """Fill the embedding cache and record the embed stage; returns the embeddings."""
+    """Fill the embedding cache and record the embed stage (arguments as :func:`run`).
+
+    Returns:
+        The embeddings (a ``datasets.Dataset``: ``row_id``, the cached vector, decode flags, pixel statistics).
+    """
     return drive(config, "embed", accelerator, command)[0].embeddings
 
 
 def adapt(config: ClipselConfig, accelerator: Accelerator | None = None, command: list[str] | None = None):
-    """Train the adapters and add them to the run; returns the adapted model."""
+    """Train the adapters (on the embedding cache) and add them to the run (arguments as :func:`run`).
+
+    Returns:
+        The adapted model (a ``peft.PeftModel``), or the frozen model for ``adapter_preset none``.
+    """
     return drive(config, "adapt", accelerator, command)[0].model
 
 
 def score(config: ClipselConfig, accelerator: Accelerator | None = None, command: list[str] | None = None):
-    """Score every row with the run's adapters and add the scores to the run; returns them (main process)."""
+    """Score every row with the run's adapters and add the scores to the run (arguments as :func:`run`).
+
+    Returns:
+        The scores table (a ``datasets.Dataset``, one row per source row) on the main process, None on the others.
+    """
     return drive(config, "score", accelerator, command)[0].scores
 
 
