@@ -24,17 +24,18 @@ import yaml
 from datasets import Dataset, Image
 from datasets.table import embed_table_storage
 
-from .configs import ratio_name
+from .core.names import (  # noqa: F401  (the folder's entries, named where every layer can read them)
+    ADAPTER_DIR,
+    EMBEDDINGS_DIR,
+    REPORT_DIR,
+    REPORT_FIGURES,
+    RUN_CONFIG,
+    RUN_SUMMARY,
+    SCORES_DIR,
+    SUBSETS_DIR,
+    ratio_name,
+)
 
-SCORES_DIR = "scores"
-SUBSETS_DIR = "subsets"
-ADAPTER_DIR = "adapter"
-EMBEDDINGS_DIR = "embeddings"
-RUN_CONFIG = "run_config.yaml"
-RUN_SUMMARY = "run_summary.json"
-REPORT_DIR = "report"
-# The report's figures, in the order the report and the dataset card show them.
-REPORT_FIGURES = ("score_distributions.png", "alignment_vs_diversity.png", "kept_per_class.png")
 RUN_RECORD_KEYS = ("versions", "command", "source")  # written beside the settings in run_config.yaml
 MAX_SHARD_BYTES = 500 * 2**20
 DIGEST_LENGTH = 12

@@ -32,13 +32,12 @@ from pathlib import Path
 
 import numpy as np
 from jinja2 import Environment, StrictUndefined
-from PIL import Image as PILImage
 
 from .configs import DataConfig
 from .kept_noise import describe_kept_noise
 from .outputs import atomic_directory, read_run_config
 from .report_data import RunScores, read_scores
-from .report_page import source_reader, write_page
+from .report_page import fit_thumbnail, source_reader, write_page
 from .scores import score_columns
 from .scores.damage import DamageCheck
 from .summary import RatioSummary, RunSummary
@@ -135,18 +134,6 @@ def load_gallery_source(run_config: dict, num_rows: int):
     return (dataset, image_column), ""
 
 
-def thumbnail(image: PILImage.Image) -> PILImage.Image:
-    """Fit into THUMBNAIL_SIDE pixels: enlarge tiny images by whole steps without smoothing, shrink big ones."""
-    scale = THUMBNAIL_SIDE / max(image.size)
-    if scale >= 2:
-        factor = int(scale)
-        return image.resize((image.width * factor, image.height * factor), PILImage.NEAREST)
-    if scale < 1:
-        image = image.copy()
-        image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), PILImage.LANCZOS)
-    return image
-
-
 def write_thumbnails(tiles: list[Tile], source, missing_reason: str, report_dir: Path) -> None:
     """Decode each tile's image from the source and save it under thumbnails/; a failure leaves a placeholder."""
     from datasets import Image
@@ -169,7 +156,7 @@ def write_thumbnails(tiles: list[Tile], source, missing_reason: str, report_dir:
             continue
         relative = f"{THUMBNAILS_DIR}/row_{tile.row_id}.png"
         if not (report_dir / relative).exists():  # a row in two galleries is written once
-            thumbnail(image).save(report_dir / relative)
+            fit_thumbnail(image, THUMBNAIL_SIDE).save(report_dir / relative)
         tile.thumbnail = relative
 
 
