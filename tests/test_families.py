@@ -170,10 +170,10 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["siglip2"])
+@pytest.mark.parametrize("model_type", ["metaclip_2", "siglip", "siglip2"])  # CLIP's: tests/test_distributed.py
 def test_two_processes_give_the_scores_of_one(model_type, models, cifar_slice, tmp_path):
-    """The family most unlike CLIP (NaFlex: patch sequences and masks through the workers' hand-over), zero-shot (the
-    cheapest setting): two CPU processes embed a chunk each and agree exactly with one process."""
+    """Every family (NaFlex: patch sequences and masks through the workers' hand-over), zero-shot (the cheapest
+    setting): two CPU processes embed a chunk each and agree exactly with one process."""
     config = str(write_config(tmp_path / "run.yaml", cifar_slice, models[model_type], adapter_preset="none"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = cli("run", "--config", config, "--max_samples", "128", "--output_dir", str(tmp_path / "one"), env=env)
