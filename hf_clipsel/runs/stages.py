@@ -3,9 +3,9 @@
     load ─► embed ─► adapt ─► embed_adapted ─► score ─► select ─► stability ─► write     (push: after, if asked)
 
 Each :class:`Stage` names the function that does it, the function that takes what an earlier command left of it
-(when the command only reuses it: `hf-clipsel score` loads the adapters `hf-clipsel adapt` trained), the folder
-entries it writes and which processes run it. The settings each stage's results depend on, and so what a record
-compares, are the record's business (hf_clipsel.runs.record.STAGE_SETTINGS). :func:`drive` is every command that
+(when the command only reuses it: `hf-clipsel score` loads the adapters `hf-clipsel adapt` trained) and which
+processes run it; the folder entries it writes and the settings its results depend on (what a record compares) are
+read from the record's tables (hf_clipsel.runs.record). :func:`drive` is every command that
 computes: it holds the run's folder (lock, staging, record: hf_clipsel.runs.folder), runs the stages up to the
 command's last one, doing those the command owns and reusing the others, then records and commits what it did. Under
 `accelerate launch` every process embeds its share of the images and trains the adapters together; the main process
@@ -27,7 +27,6 @@ from ..adaptation import adapt_stage, scoring_embeddings, trained_model
 from ..cards import render_dataset_card
 from ..configs import ClipselConfig
 from ..context import RunContext, load_context, make_accelerator
-from ..core.names import ADAPTER_DIR, REPORT_DIR, RUN_CONFIG, RUN_SUMMARY, SCORES_DIR, SUBSETS_DIR
 from ..embedding import cache_keys, embed_stage
 from ..outputs import write_run_config, write_scores, write_subsets
 from ..report import write_report
@@ -36,6 +35,7 @@ from ..stability import seed_overlap
 from ..streaming import write_subsets_from_stream
 from ..summary import RunSummary, summarize
 from .folder import held_by_main_process
+from .record import STAGE_ARTEFACTS, STAGE_SETTINGS
 
 logger = logging.getLogger(__name__)
 
@@ -86,28 +86,36 @@ def _stability(state: RunState, staging: Path | None) -> None:
 @dataclass(frozen=True)
 class Stage:
     """One stage: ``run`` does it; ``reuse`` takes what an earlier command left of it (None: nothing to take);
-    ``writes`` the entries of the run's folder it writes; ``every_process``: run by every process (else the main
-    one alone); ``recorded``: the run record notes it as done, with its settings."""
+    ``every_process``: run by every process (else the main one alone); ``recorded``: the run record notes it as done.
+    What it writes and the settings its results depend on are the record's to know (a lower layer): see
+    :attr:`writes` and :attr:`settings`."""
 
     name: str
     run: Callable[[RunState, Path | None], None]
     reuse: Callable[[RunState, Path | None], None] | None
-    writes: tuple[str, ...]
     every_process: bool
     recorded: bool = True
 
+    @property
+    def writes(self) -> tuple[str, ...]:
+        """The entries of the run's folder it writes."""
+        return STAGE_ARTEFACTS.get(self.name, ())
+
+    @property
+    def settings(self) -> tuple[str, ...]:
+        """The settings its results depend on (a selection adds its selector's options)."""
+        return STAGE_SETTINGS.get(self.name, ())
+
 
 STAGES = (
-    Stage("embed", _embed, _embed, (), every_process=True),  # the cache makes reusing it the same call
+    Stage("embed", _embed, _embed, every_process=True),  # the cache makes reusing it the same call
     # training (and the stability stage's) waits for every process
-    Stage("adapt", _adapt, _load_adapters, (ADAPTER_DIR,), every_process=True),
+    Stage("adapt", _adapt, _load_adapters, every_process=True),
     # adapters inside the vision tower change its outputs: the images are embedded again through it (cached)
-    Stage("embed_adapted", _embed_adapted, None, (), every_process=True, recorded=False),
-    Stage("score", _score, None, (SCORES_DIR, RUN_CONFIG), every_process=False),
-    Stage(
-        "select", _select, None, (SCORES_DIR, SUBSETS_DIR, REPORT_DIR, RUN_CONFIG, RUN_SUMMARY), every_process=False
-    ),
-    Stage("stability", _stability, None, (RUN_SUMMARY,), every_process=True, recorded=False),
+    Stage("embed_adapted", _embed_adapted, None, every_process=True, recorded=False),
+    Stage("score", _score, None, every_process=False),
+    Stage("select", _select, None, every_process=False),
+    Stage("stability", _stability, None, every_process=True, recorded=False),
 )
 # The stages each computing command does itself (the ones before its last that it does not do, it reuses).
 COMMAND_STAGES = {
