@@ -177,8 +177,6 @@ def held_by_main_process(config: ClipselConfig, accelerator, stage: str):
             check_not_source(output_dir, config.data.dataset_name)
             folder = RunFolder(output_dir, extra_locks=outside, overwrite=config.run.overwrite_output_dir)
             folder.__enter__()
-            for note in folder.notes:
-                logger.warning("%s: %s.", output_dir, note)
             record = extend_record(folder.record, config, stage)
         except (OSError, ValueError) as raised:
             error = raised
@@ -239,6 +237,8 @@ class RunFolder:
         card = self.output_dir / CARD
         if not card.exists():
             write_atomic_text(card, INCOMPLETE_CARD)
+        for note in self.notes:
+            logger.warning("%s: %s.", self.output_dir, note)
         return self
 
     def __exit__(self, *exc) -> None:
