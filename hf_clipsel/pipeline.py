@@ -144,8 +144,8 @@ def _with_added_ratios(config: ClipselConfig) -> ClipselConfig:
 
 def report(output_dir: str | Path, gallery_ratio: float | None = None, thumbnails: str = "sample") -> Path:
     """Write the report of a finished run again (e.g. at another gallery ratio); returns its index.html."""
-    with RunFolder(output_dir) as folder:
-        record = verify(output_dir)
+    with RunFolder(output_dir, need_run=True) as folder:
+        record = verify(output_dir, deep=True)  # the report reads the whole run, and records it again
         staging = folder.stage()
         write_report(staging, gallery_ratio, thumbnails)
         folder.commit(record, str(render_dataset_card(staging, location=folder.output_dir)))
@@ -168,7 +168,7 @@ def clean(config: ClipselConfig) -> list[Path]:
             "need by hand (each folder there is one cache)."
         )
     cache_dir = Path(config.run.output_dir) / EMBEDDINGS_DIR
-    with RunFolder(config.run.output_dir):
+    with RunFolder(config.run.output_dir, need_run=True):
         removed = unused_caches(config.run.output_dir, cache_dir)
         for path in removed:
             shutil.rmtree(path)

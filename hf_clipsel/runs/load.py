@@ -9,10 +9,10 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from ..core.names import RECORD, RUN_SUMMARY, ratio_name
+from ..core.names import RECORD, RUN_SUMMARY, SCORES_DIR, SUBSETS_DIR, ratio_name
 from ..scores_table import read_scores_in
 from ..summary import RunSummary
-from .record import RunRecord, verify
+from .record import IncompleteRunError, RunRecord, file_digest, verify
 
 
 def is_local(location: str | Path) -> bool:
@@ -33,7 +33,7 @@ def read_scores(location: str | Path, revision: str | None = None, token: str | 
     """The scores of a run: from its ``output_dir`` (checked against its record) or from the Hub dataset repo it was
     pushed to (its ``scores`` config)."""
     if is_local(location):
-        verify(location, need_selection=False)
+        verify(location, deep=(SCORES_DIR,), need_selection=False)
         return read_scores_in(location)
     from datasets import load_dataset
     from huggingface_hub.errors import RepositoryNotFoundError
@@ -61,23 +61,45 @@ class FinishedRun:
 
 
 def load_run(repo_or_dir: str | Path, revision: str | None = None, token: str | None = None) -> FinishedRun:
-    """The scores, subsets and summary of a finished run: its ``output_dir`` (checked against its record first), or
-    the Hub dataset repo it was pushed to."""
+    """The scores, subsets and summary of a finished run: its ``output_dir``, or the Hub dataset repo it was pushed
+    to. The files read are checked against the run's record first (their sha256), so a file changed or replaced
+    since the run wrote it is refused, locally or on the Hub."""
     from datasets import load_dataset
     from huggingface_hub import hf_hub_download
 
     location = str(repo_or_dir)
     if is_local(location):
-        record = verify(location)
+        record = verify(location, deep=(SCORES_DIR, SUBSETS_DIR, RUN_SUMMARY))
         summary = RunSummary.read(location)
-        options = {}
+
+        def fetch(name: str) -> str:
+            return str(Path(location) / name)
     else:
-        options = dict(revision=revision, token=token)
-        fetch = {
-            name: hf_hub_download(location, name, repo_type="dataset", **options) for name in (RECORD, RUN_SUMMARY)
-        }
-        record = RunRecord.from_json(Path(fetch[RECORD]).read_text())
-        summary = RunSummary.from_dict(json.loads(Path(fetch[RUN_SUMMARY]).read_text()))
-    scores = load_dataset(location, "scores", split="train", **options)
-    subsets = {ratio: load_dataset(location, ratio_name(ratio), split="train", **options) for ratio in record.ratios}
+
+        def fetch(name: str) -> str:
+            return hf_hub_download(location, name, repo_type="dataset", revision=revision, token=token)
+
+        record = RunRecord.from_json(Path(fetch(RECORD)).read_text())
+        summary = RunSummary.from_dict(json.loads(Path(_checked(fetch, RUN_SUMMARY, record, location)).read_text()))
+
+    def read(entry: str) -> Dataset:
+        names = sorted(name for name in record.artefacts if name.startswith(f"{entry}/") and name.endswith(".parquet"))
+        if not names:
+            raise IncompleteRunError(f"{location} holds no {entry}/ in its {RECORD}: is it a finished run?")
+        files = [fetch(name) if is_local(location) else _checked(fetch, name, record, location) for name in names]
+        return load_dataset("parquet", data_files=files, split="train")
+
+    scores = read(SCORES_DIR)
+    subsets = {ratio: read(f"{SUBSETS_DIR}/{ratio_name(ratio)}") for ratio in record.ratios}
     return FinishedRun(location, scores, subsets, summary, record)
+
+
+def _checked(fetch, name: str, record: RunRecord, location: str) -> str:
+    """The downloaded file ``name``, refused unless it has the sha256 that the pushed record gives it."""
+    path = fetch(name)
+    if record.artefacts.get(name) != file_digest(Path(path)):
+        raise IncompleteRunError(
+            f"{location}: {name} is not the file its {RECORD} lists (its sha256 differs): it was changed after the "
+            "push; push the run again from its output_dir."
+        )
+    return path

@@ -233,9 +233,10 @@ def incomplete_message(output_dir: Path, why: str) -> str:
     )
 
 
-def verify(output_dir: str | Path, deep: bool = False, need_selection: bool = True) -> RunRecord:
-    """The record of the run in ``output_dir``, after checking that the folder holds exactly its files (sizes and
-    presence; with ``deep`` also their sha256). Raises :class:`IncompleteRunError` with what is wrong."""
+def verify(output_dir: str | Path, deep: bool | tuple[str, ...] = False, need_selection: bool = True) -> RunRecord:
+    """The record of the run in ``output_dir``, after checking that the folder holds exactly its files (presence;
+    with ``deep`` also their sha256: True for every file, or a tuple of entries, e.g. ``("scores",)``, for the files
+    under those alone: a reader checks the files it reads). Raises :class:`IncompleteRunError` with what is wrong."""
     output_dir = Path(output_dir)
     record = read_record(output_dir)
     if record is None:
@@ -261,7 +262,10 @@ def verify(output_dir: str | Path, deep: bool = False, need_selection: bool = Tr
         )
         raise IncompleteRunError(incomplete_message(output_dir, what))
     if deep:
-        changed = [name for name, digest in record.artefacts.items() if file_digest(present[name]) != digest]
+        checked = {
+            name: digest for name, digest in record.artefacts.items() if deep is True or name.split("/")[0] in deep
+        }
+        changed = [name for name, digest in checked.items() if file_digest(present[name]) != digest]
         if changed:
             raise IncompleteRunError(
                 incomplete_message(output_dir, f"changed since written: {', '.join(changed[:3])}")

@@ -1,0 +1,207 @@
+"""A run owns exactly what its record lists, a refused command writes nothing, a commit survives a stop at any
+rename, and every reader checks the digests of the files it reads (issue 24, items 1-4)."""
+
+import os
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+
+import hf_clipsel.runs.folder as folder_module
+from hf_clipsel.cli import main
+from hf_clipsel.core.names import RECORD
+from hf_clipsel.pipeline import report, run
+from hf_clipsel.runs.load import load_run
+from hf_clipsel.runs.record import IncompleteRunError, read_record, verify
+from tests.conftest import run_config
+
+
+def _tree(folder: Path) -> dict[str, bytes] | None:
+    """Every file and folder under ``folder`` with its bytes (None when it does not exist)."""
+    if not folder.exists():
+        return None
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else b"/" for p in folder.rglob("*")}
+
+
+def _run_argv(cifar_slice, tiny_clip_path, output_dir, *extra) -> list[str]:
+    return [
+        "run", "--dataset_name", str(cifar_slice), "--model_name_or_path", str(tiny_clip_path),
+        "--output_dir", str(output_dir), "--selection_ratios", "0.3", "0.5", "--knn_k", "5", "--adapter_epochs", "2",
+        "--batch_size", "32", "--embedding_chunk_size", "64", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished(cifar_slice, tiny_clip_path, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("finished") / "run"
+    run(run_config(cifar_slice, tiny_clip_path, output_dir))
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def other(cifar_slice, tiny_clip_path, tmp_path_factory) -> Path:
+    """Another run of the same data (random subsets of the same sizes, other score columns)."""
+    output_dir = tmp_path_factory.mktemp("other") / "run"
+    run(run_config(cifar_slice, tiny_clip_path, output_dir, selection_method="random"))
+    return output_dir
+
+
+def _copy(run_dir: Path, tmp_path: Path, name: str = "run") -> Path:
+    shutil.copytree(run_dir, tmp_path / name)
+    return tmp_path / name
+
+
+# -- item 1: a run owns exactly what its record lists -----------------------------------------------------------------
+def test_a_folder_of_a_users_files_is_refused_and_with_overwrite_only_the_runs_entries_change(
+    cifar_slice, tiny_clip_path, tmp_path, capsys
+):
+    project = tmp_path / "proj"
+    (project / "report").mkdir(parents=True)
+    (project / "report" / "notes.txt").write_text("my notes")
+    (project / "scores").mkdir()
+    (project / "scores" / "grades.csv").write_text("a,b\n1,2\n")
+    (project / "README.md").write_text("# my project\n")
+    (project / "mine.txt").write_text("keep me")
+    before = _tree(project)
+    assert main(_run_argv(cifar_slice, tiny_clip_path, project)) == 1
+    error = capsys.readouterr().err.strip()
+    assert "holds no hf-clipsel run" in error and "--overwrite_output_dir" in error and len(error.splitlines()) == 1
+    assert _tree(project) == before
+    # with --overwrite_output_dir the run's own entries are replaced, the rest stays
+    assert main(_run_argv(cifar_slice, tiny_clip_path, project, "--overwrite_output_dir")) == 0
+    verify(project, deep=True)
+    assert (project / "mine.txt").read_text() == "keep me"
+    assert not (project / "report" / "notes.txt").exists()  # report/ is the run's: replaced, as the README says
+
+
+def test_an_output_dir_that_is_holds_or_lies_inside_the_source_is_refused(
+    cifar_slice, tiny_clip_path, tmp_path, capsys
+):
+    source = tmp_path / "parent" / "srcdir"
+    (source / "data").mkdir(parents=True)
+    shutil.copyfile(cifar_slice, source / "data" / "train-00000-of-00001.parquet")
+    before = _tree(tmp_path / "parent")
+    for output_dir in (source, source / "run", tmp_path / "parent"):
+        argv = _run_argv(cifar_slice, tiny_clip_path, output_dir)
+        argv[argv.index("--dataset_name") + 1] = str(source)
+        assert main([*argv, "--overwrite_output_dir"]) == 1, output_dir
+        error = capsys.readouterr().err.strip()
+        assert "the source dataset" in error and len(error.splitlines()) == 1, error
+        assert _tree(tmp_path / "parent") == before
+    # a source file's own folder may hold runs beside it; a folder holding the file may not be one
+    argv = _run_argv(cifar_slice, tiny_clip_path, cifar_slice.parent)
+    assert main([*argv, "--overwrite_output_dir"]) == 1 and "the source dataset" in capsys.readouterr().err
+
+
+# -- item 3: a refused command writes nothing anywhere ---------------------------------------------------------------
+def test_report_and_clean_on_a_folder_that_is_no_run_write_nothing(tmp_path, capsys):
+    images = tmp_path / "imagefolder"
+    (images / "cat").mkdir(parents=True)
+    (images / "cat" / "a.png").write_bytes(b"\x89PNG not really")
+    before = _tree(images)
+    for command in ("report", "clean"):
+        assert main([command, "--output_dir", str(images)]) == 1
+        error = capsys.readouterr().err.strip()
+        assert "is not an hf-clipsel run" in error and "stopped before" not in error and len(error.splitlines()) == 1
+        assert _tree(images) == before
+        assert main([command, "--output_dir", str(tmp_path / "missing")]) == 1
+        assert "does not exist" in capsys.readouterr().err and not (tmp_path / "missing").exists()
+
+
+def test_a_refused_stage_command_leaves_the_run_byte_identical(finished, tmp_path, capsys):
+    output_dir = _copy(finished, tmp_path)
+    before = _tree(output_dir)
+    dataset = read_record(output_dir).stages["embed"]["settings"]["dataset_name"]
+    assert main(["select", "--dataset_name", dataset, "--output_dir", str(output_dir), "--alpha", "0.9"]) == 1
+    assert "other settings" in capsys.readouterr().err
+    assert _tree(output_dir) == before
+
+
+# -- item 4: a commit survives a stop at any rename ------------------------------------------------------------------
+class Stopped(BaseException):
+    """What a kill does to the commit: nothing after this point runs (not an error a command would handle)."""
+
+
+def _stopping_os(after: int, calls: list):
+    def replace(source, destination):
+        calls.append((source, destination))
+        if len(calls) > after:
+            raise Stopped
+        os.replace(source, destination)
+
+    return types.SimpleNamespace(**{**vars(os), "replace": replace})
+
+
+def test_a_commit_stopped_at_any_rename_is_finished_by_the_next_command(finished, tmp_path, monkeypatch, capsys):
+    counted: list = []
+    monkeypatch.setattr(folder_module, "os", _stopping_os(10**6, counted))
+    report(_copy(finished, tmp_path, "count"))
+    assert len(counted) >= 8  # the intent, the record, every entry out and in, the card
+    kept = {k: v for k, v in verify(finished).artefacts.items() if not k.startswith("report/")}
+    for after in range(len(counted)):
+        output_dir = _copy(finished, tmp_path, f"stopped_{after}")
+        monkeypatch.setattr(folder_module, "os", _stopping_os(after, []))
+        with pytest.raises(Stopped):
+            report(output_dir)
+        monkeypatch.setattr(folder_module, "os", os)
+        if after % 2:  # the next command, even one that is refused, finishes the swap
+            dataset = verify(finished).stages["embed"]["settings"]["dataset_name"]
+            argv = ["select", "--dataset_name", dataset, "--output_dir", str(output_dir), "--alpha", "0.9"]
+            assert main(argv) == 1
+            capsys.readouterr()
+        else:
+            report(output_dir)
+        record = verify(output_dir, deep=True)
+        assert {k: v for k, v in record.artefacts.items() if not k.startswith("report/")} == kept, after
+        left = [p.name for p in output_dir.iterdir() if p.name.startswith((".staging-", ".trash-", ".hf_clipsel-"))]
+        assert not left, after
+        assert len(load_run(output_dir).subsets[0.3]) == 72
+
+
+# -- item 2: every reader checks the digests of the files it reads ---------------------------------------------------
+def _swap_in_shard(output_dir: Path, other: Path, entry: str) -> None:
+    """Another run's shard bytes under this run's shard name."""
+    (mine,) = (output_dir / entry).glob("*.parquet")
+    (theirs,) = (other / entry).glob("*.parquet")
+    assert mine.read_bytes() != theirs.read_bytes()
+    mine.write_bytes(theirs.read_bytes())
+
+
+@pytest.mark.parametrize("entry", ["subsets/ratio_0.3", "scores"])
+def test_another_runs_shard_under_this_runs_name_is_refused_by_every_reader(entry, finished, other, tmp_path, capsys):
+    output_dir = _copy(finished, tmp_path)
+    _swap_in_shard(output_dir, other, entry)
+    record = (output_dir / RECORD).read_bytes()
+    with pytest.raises(IncompleteRunError, match="changed since written"):
+        load_run(output_dir)
+    dataset = read_record(output_dir).stages["embed"]["settings"]["dataset_name"]
+    commands = [
+        ["report", "--output_dir", str(output_dir)],
+        ["push", "--output_dir", str(output_dir), "--hub_dataset_id", "acme/never"],
+    ]
+    if entry == "scores":  # select reads this run's scores
+        commands.append(["select", "--dataset_name", dataset, "--output_dir", str(output_dir), "--selection_ratios",
+                         "0.3", "0.4", "0.5"])  # fmt: skip
+    for argv in commands:
+        assert main(argv) == 1, argv
+        error = capsys.readouterr().err.strip()
+        assert "changed since written" in error and len(error.splitlines()) == 1, (argv, error)
+        assert (output_dir / RECORD).read_bytes() == record, argv  # no digest recorded that the command did not write
+
+
+def test_load_run_from_the_hub_checks_the_files_against_the_pushed_record(finished, other, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    hub = _copy(finished, tmp_path, "hub")  # what the dataset repo holds (push uploads the record's files as-is)
+
+    def download(repo_id, filename, repo_type=None, revision=None, token=None):  # the network edge
+        assert repo_id == "acme/run" and repo_type == "dataset"
+        return str(hub / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.chdir(tmp_path)
+    assert len(load_run("acme/run").subsets[0.3]) == len(load_run(finished).subsets[0.3])
+    _swap_in_shard(hub, other, "subsets/ratio_0.3")
+    with pytest.raises(IncompleteRunError, match="its sha256 differs"):
+        load_run("acme/run")
