@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
+from datasets import Dataset, IterableDataset
 
 from .adaptation import scoring_embeddings, trained_model
 from .cards import render_dataset_card
@@ -49,28 +50,49 @@ __all__ = [
 ]
 
 
-def run(config: ClipselConfig, accelerator: Accelerator | None = None, command: list[str] | None = None):
-    """The whole pipeline, then the push when ``push_to_hub`` is on. Returns the summary on the main process, None
-    on the others."""
-    _, summary = drive(config, "run", accelerator, command)
+def run(
+    config: ClipselConfig,
+    accelerator: Accelerator | None = None,
+    command: list[str] | None = None,
+    dataset: Dataset | IterableDataset | None = None,
+):
+    """The whole pipeline, then the push when ``push_to_hub`` is on. ``dataset``: a `datasets.Dataset` in memory to
+    select from, in place of ``dataset_name`` (which must then be unset); the run names it by its fingerprint. The
+    stage commands take it too. Returns the summary on the main process, None on the others."""
+    _, summary = drive(config, "run", accelerator, command, dataset)
     if summary is not None:
         push_stage(config)
     return summary
 
 
-def embed(config: ClipselConfig, accelerator: Accelerator | None = None, command: list[str] | None = None):
+def embed(
+    config: ClipselConfig,
+    accelerator: Accelerator | None = None,
+    command: list[str] | None = None,
+    dataset: Dataset | IterableDataset | None = None,
+):
     """Fill the embedding cache and record the embed stage; returns the embeddings."""
-    return drive(config, "embed", accelerator, command)[0].embeddings
+    return drive(config, "embed", accelerator, command, dataset)[0].embeddings
 
 
-def adapt(config: ClipselConfig, accelerator: Accelerator | None = None, command: list[str] | None = None):
+def adapt(
+    config: ClipselConfig,
+    accelerator: Accelerator | None = None,
+    command: list[str] | None = None,
+    dataset: Dataset | IterableDataset | None = None,
+):
     """Train the adapters and add them to the run; returns the adapted model."""
-    return drive(config, "adapt", accelerator, command)[0].model
+    return drive(config, "adapt", accelerator, command, dataset)[0].model
 
 
-def score(config: ClipselConfig, accelerator: Accelerator | None = None, command: list[str] | None = None):
+def score(
+    config: ClipselConfig,
+    accelerator: Accelerator | None = None,
+    command: list[str] | None = None,
+    dataset: Dataset | IterableDataset | None = None,
+):
     """Score every row with the run's adapters and add the scores to the run; returns them (main process)."""
-    return drive(config, "score", accelerator, command)[0].scores
+    return drive(config, "score", accelerator, command, dataset)[0].scores
 
 
 def push_stage(config: ClipselConfig):
@@ -78,8 +100,9 @@ def push_stage(config: ClipselConfig):
     return push(config) if config.run.push_to_hub else None
 
 
-def select_from_scores(config, command=None, scores=None, image_features=None) -> RunSummary:
-    """Select from saved scores (this run's, or ``scores_from``) and the source dataset, without a model.
+def select_from_scores(config, command=None, scores=None, image_features=None, dataset=None) -> RunSummary:
+    """Select from saved scores (this run's, or ``scores_from``) and the source dataset (``dataset``: one in memory,
+    in place of ``dataset_name``), without a model.
     ``image_features`` (row order) serve the selectors that need them (registered with ``needs_image_features``,
     e.g. ``moderate``)."""
     method = config.selection.selection_method
@@ -92,7 +115,7 @@ def select_from_scores(config, command=None, scores=None, image_features=None) -
     with held_by_main_process(config, Accelerator(cpu=True), "select") as (folder, record):
         location = config.run.scores_from or config.run.output_dir
         scores = scores if scores is not None else read_scores(location)
-        source = prepare_source(load_source(config.data), config.data)
+        source = prepare_source(load_source(config.data, dataset), config.data)
         check_scores_belong_to(scores, source, location)
         check_budgets(config, len(scores))
         masks, scores = select_stage(scores, config, image_features)
