@@ -56,3 +56,82 @@ def test_an_iterable_dataset_is_refused_in_one_line(tmp_path, tiny_clip_path):
     else:
         raise AssertionError("an IterableDataset ran without an identity")
     assert "\n" not in message and "fingerprint" in message
+
+
+def _image_folder(root, per_class=6, corrupt=1):
+    """An image folder of fixture images (PNG, one folder per class) and ``corrupt`` files that are not images;
+    returns {file path: class name}."""
+    dataset = _cifar_in_memory()
+    names = dataset.features["label"].names
+    written = {}
+    counts = {}
+    for row in dataset:
+        name = names[row["label"]]
+        if counts.get(name, 0) == per_class:
+            continue
+        counts[name] = counts.get(name, 0) + 1
+        path = root / name / f"{name}_{counts[name]}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        row["img"].save(path)
+        written[str(path)] = name
+    for index in range(corrupt):
+        path = root / names[0] / f"broken_{index}.png"
+        path.write_bytes(b"not an image")
+        written[str(path)] = names[0]
+    return written
+
+
+def test_an_image_folder_gives_each_row_its_file_and_export_writes_the_dropped_ones(tmp_path, tiny_clip_path):
+    import csv
+
+    from conftest import cli
+
+    files = _image_folder(tmp_path / "folder")
+    config = run_config(tmp_path / "folder", tiny_clip_path, tmp_path / "run")
+    hf_clipsel.run(config)
+    scores = load_run(tmp_path / "run").scores
+    assert scores.features["path"].dtype == "string"
+    paths = scores["path"][:]
+    assert sorted(paths) == sorted(files)  # every row names its real file, each once
+    names = scores.features["label"].names
+    assert [files[path] for path in paths] == [names[label] for label in scores["label"][:]]
+
+    answer = cli("export", "--output_dir", str(tmp_path / "run"), "--ratio", "0.5", "--dropped", "--to",
+                 str(tmp_path / "dropped.csv"))  # fmt: skip
+    assert answer.returncode == 0, answer.stderr
+    with open(tmp_path / "dropped.csv", newline="") as handle:
+        exported = list(csv.DictReader(handle))
+    dropped = [row for row in range(len(scores)) if not scores["is_selected_ratio_0.5"][row]]
+    assert [int(row["row_id"]) for row in exported] == dropped
+    assert [row["path"] for row in exported] == [paths[row] for row in dropped]
+    assert [row["drop_reason"] for row in exported] == [scores["drop_reason_ratio_0.5"][row] for row in dropped]
+    assert all(row["drop_reason"] for row in exported)
+    broken = [row for row in exported if "broken_0.png" in row["path"]]
+    assert len(broken) == 1 and broken[0]["drop_reason"] == "undecodable"
+    assert {"given_label", "semantic_alignment", "sample_diversity", "noise_level"} <= set(exported[0])
+
+    kept = cli("export", "--output_dir", str(tmp_path / "run"), "--ratio", "0.5", "--kept", "--to",
+               str(tmp_path / "kept.csv"))  # fmt: skip
+    assert kept.returncode == 0, kept.stderr
+    with open(tmp_path / "kept.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) + len(exported) == len(scores)
+
+    missing = cli("export", "--output_dir", str(tmp_path / "run"), "--ratio", "0.4")
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "0.3, 0.5" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_a_column_of_paths_names_its_files_and_bytes_only_cells_none(tmp_path):
+    from datasets import Dataset
+
+    from hf_clipsel.configs import DataConfig
+    from hf_clipsel.data import prepare_source
+    from hf_clipsel.scores_table import image_paths
+
+    files = _image_folder(tmp_path / "folder", per_class=1, corrupt=0)
+    listed = Dataset.from_dict({"file": list(files), "label": list(files.values())})
+    source = prepare_source(listed, DataConfig(dataset_name="files.csv", image_column="file"))
+    assert image_paths(source) == list(files)
+    assert listed.features["file"].dtype == "string"  # the source itself is not cast
+    embedded = prepare_source(_cifar_in_memory(), DataConfig(dataset_name="cifar"))
+    assert image_paths(embedded) == [""] * embedded.num_rows  # bytes only: no file to name
