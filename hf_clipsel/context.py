@@ -13,6 +13,7 @@ from datasets import Dataset, IterableDataset
 
 from .configs import ClipselConfig, budget
 from .data import Source, class_prompts, load_source, prepare_source, with_row_ids
+from .hub_access import check_hub_reachable
 from .modeling import load_model, model_fingerprint
 from .models import family_for
 from .outputs import EMBEDDINGS_DIR
@@ -53,6 +54,7 @@ def load_context(
     ``dataset_name`` (:func:`~hf_clipsel.data.load_source`). A checkpoint of no supported family fails first, before
     any data is read (hf_clipsel.models.family_for reads its config.json only)."""
     accelerator = accelerator or make_accelerator()
+    check_hub_reachable(config.model.model_name_or_path, "load the model")  # seconds, not a minute of retries
     if config.model.model_name_or_path:
         family_for(config.model.model_name_or_path, revision=config.model.model_revision)
     if config.data.streaming and config.adapter.adapter_preset == "encoder_lora" and not config.adapter.adapter_path:

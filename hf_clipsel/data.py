@@ -19,6 +19,7 @@ from PIL import ImageOps
 from PIL.JpegImagePlugin import JpegImageFile
 
 from .configs import DataConfig
+from .hub_access import check_hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ def _load(config: DataConfig) -> Dataset:
         )
     else:
         # A Hub id or a local directory: `load_dataset` infers parquet, arrow and image folders from the files.
+        check_hub_reachable(name, "load the dataset")
         dataset = load_dataset(
             name,
             config.dataset_config_name,

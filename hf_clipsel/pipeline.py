@@ -27,6 +27,7 @@ from .configs import ClipselConfig
 from .context import check_budgets, make_accelerator
 from .data import load_source, prepare_source, with_row_ids
 from .hub import push_outputs
+from .hub_access import check_hub_reachable
 from .outputs import EMBEDDINGS_DIR
 from .report import write_report
 from .runs.folder import RunFolder, held_by_main_process
@@ -157,6 +158,7 @@ def report(output_dir: str | Path, gallery_ratio: float | None = None, thumbnail
 def push(config: ClipselConfig):
     """Push a finished run: refused unless its folder holds exactly the files its record lists."""
     verify(config.run.output_dir, deep=True)
+    check_hub_reachable(config.run.hub_dataset_id, "push to")
     return push_outputs(
         config.run.output_dir, config.run.hub_dataset_id, config.run.hub_model_id, private=config.run.hub_private
     )

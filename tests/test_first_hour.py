@@ -2,6 +2,7 @@
 path in the scores, and `hf-clipsel export` of a ratio's dropped or kept files), and a fast, one-line failure when
 the Hub cannot be reached."""
 
+import pytest
 import yaml
 from conftest import CIFAR10, run_config
 from datasets import load_dataset
@@ -135,3 +136,57 @@ def test_a_column_of_paths_names_its_files_and_bytes_only_cells_none(tmp_path):
     assert listed.features["file"].dtype == "string"  # the source itself is not cast
     embedded = prepare_source(_cifar_in_memory(), DataConfig(dataset_name="cifar"))
     assert image_paths(embedded) == [""] * embedded.num_rows  # bytes only: no file to name
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:  # bound, then closed: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("what", ["model", "dataset"])
+def test_an_unreachable_hub_fails_fast_in_one_line(tmp_path, tiny_clip_path, cifar_slice, what):
+    import os
+    import time
+
+    from conftest import cli
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{_closed_port()}"
+    model, dataset = str(tiny_clip_path), str(cifar_slice)
+    hub_id = "openai/clip-vit-base-patch32" if what == "model" else "uoft-cs/cifar10"
+    if what == "model":
+        model = hub_id
+    else:
+        dataset = hub_id
+    start = time.monotonic()
+    answer = cli("run", "--dataset_name", dataset, "--model_name_or_path", model, "--output_dir",
+                 str(tmp_path / "run"), env=env)  # fmt: skip
+    elapsed = time.monotonic() - start
+    assert answer.returncode == 1, answer.stderr[-2000:]
+    assert elapsed < 20, f"{elapsed:.1f}s"  # retries would take about a minute
+    output = (answer.stdout + answer.stderr).strip().splitlines()
+    assert "Traceback" not in answer.stderr and not [line for line in output if "Retrying" in line]
+    error = [line for line in output if line.startswith("hf-clipsel run: error:")]
+    assert len(error) == 1 and "cannot be reached" in error[0] and hub_id in error[0]
+    assert "HF_HUB_OFFLINE=1" in error[0] and "local path" in error[0]
+
+
+def test_a_push_to_an_unreachable_hub_fails_fast_in_one_line(tmp_path, tiny_clip_path, cifar_slice):
+    import os
+    import time
+
+    from conftest import cli
+
+    hf_clipsel.run(run_config(cifar_slice, tiny_clip_path, tmp_path / "run", max_samples=60))
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{_closed_port()}"
+    env["HF_TOKEN"] = "hf_not_a_real_token"
+    start = time.monotonic()
+    answer = cli("push", "--output_dir", str(tmp_path / "run"), "--hub_dataset_id", "someone/selected", env=env)
+    elapsed = time.monotonic() - start
+    assert answer.returncode == 1 and elapsed < 20, (elapsed, answer.stderr[-2000:])
+    assert "Traceback" not in answer.stderr and "Retrying" not in answer.stderr
+    assert "cannot be reached" in answer.stderr and "someone/selected" in answer.stderr
