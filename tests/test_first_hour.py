@@ -36,6 +36,10 @@ def test_run_takes_a_dataset_in_memory_and_names_it_by_its_fingerprint(tmp_path,
     card = (tmp_path / "run" / "README.md").read_text()
     assert described in card and "Dataset({" not in card
 
+    again = run_config(None, tiny_clip_path, tmp_path / "run", dataset_name=None, selection_ratios=[0.4])
+    hf_clipsel.select_from_scores(again, dataset=dataset)  # a ratio added from the scores, the source in memory
+    assert load_run(tmp_path / "run").ratios == [0.3, 0.4, 0.5]
+
 
 def test_a_dataset_and_a_dataset_name_together_are_refused(tmp_path, tiny_clip_path, cifar_slice):
     config = run_config(cifar_slice, tiny_clip_path, tmp_path / "run")
