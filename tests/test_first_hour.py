@@ -16,13 +16,14 @@ def _cifar_in_memory():
     return load_dataset("parquet", data_files=str(CIFAR10 / "train-00000-of-00001.parquet"), split="train")
 
 
-def test_run_takes_a_dataset_in_memory_and_names_it_by_its_fingerprint(tmp_path, tiny_clip_path):
+def test_run_takes_a_dataset_in_memory_and_names_it_by_its_fingerprint(tmp_path, tiny_clip_path, caplog):
     dataset = _cifar_in_memory()
     before = (dataset._fingerprint, dataset.column_names, len(dataset))
     config = run_config(None, tiny_clip_path, tmp_path / "run", dataset_name=None)
     summary = hf_clipsel.run(config, dataset=dataset)
 
     assert summary.num_rows == len(dataset)
+    assert not [r.message for r in caplog.records if "did not load" in r.message]  # the report knows why
     assert (dataset._fingerprint, dataset.column_names, len(dataset)) == before  # the source is untouched
     finished = load_run(tmp_path / "run")
     assert finished.ratios == [0.3, 0.5]
