@@ -225,7 +225,8 @@ def render_dataset_card(
     table, label_names = _read_scores(output_dir)
     class_names = label_names or summary.class_names
 
-    source_name = config.get("dataset_name") or summary.dataset or "unknown"
+    source_name = config.get("dataset_name") or (config.get("source") or {}).get("description") or summary.dataset
+    source_name = source_name or "unknown"
     model_name = config.get("model_name_or_path") or summary.model or "unknown"
     num_rows = table.num_rows if table is not None else summary.num_rows
     labels = valid = None
@@ -377,7 +378,8 @@ def render_adapter_card(
     base_model = next((c for c in candidates if is_hub_id(c)), None)
     # Never a guess shown as a fact: an unknown checkpoint is written as a placeholder the reader must fill in.
     base_name = base_model or next((c for c in candidates if c), "<the CLIP checkpoint the adapters were trained on>")
-    source_name = config.get("dataset_name") or summary.dataset or "unknown"
+    source_name = config.get("dataset_name") or (config.get("source") or {}).get("description") or summary.dataset
+    source_name = source_name or "unknown"
     training = {"base model revision": summary.model_revision or config.get("model_revision") or "not pinned"}
     if peft:
         training.update(

@@ -23,6 +23,7 @@ COMMANDS = {
     "push": "push output_dir to the Hub: a dataset repo (subsets + scores) and a model repo (adapters)",
     "demo": "run the whole pipeline offline on a bundled sample, with a tiny CLIP trained for seconds",
     "report": "plots and an HTML page of a finished run: what was kept, what was dropped and why",
+    "export": "a CSV of the files a finished run dropped (or kept) at one ratio, with the reasons and scores",
     "clean": "remove the embedding caches in output_dir that its run does not use",
     "env": "print library versions and devices, for bug reports",
 }
@@ -149,6 +150,23 @@ def _report(args: list[str]) -> None:
         print(f"No web browser to open; open {link} in one.")
 
 
+def _export(args: list[str]) -> None:
+    from .export import export_rows
+
+    parser = argparse.ArgumentParser(prog="hf-clipsel export", description=COMMANDS["export"])
+    parser.add_argument("--output_dir", required=True, help="The output_dir of a finished run.")
+    parser.add_argument("--ratio", type=float, required=True, help="One of the run's selection ratios, e.g. 0.5.")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--dropped", action="store_true", help="Export the rows dropped at that ratio (the default).")
+    which.add_argument("--kept", action="store_true", help="Export the rows kept at that ratio.")
+    parser.add_argument(
+        "--to", default=None, help="The CSV file to write (default: dropped_ratio_<r>.csv or kept_ratio_<r>.csv here)."
+    )
+    options = parser.parse_args(args)
+    path = export_rows(options.output_dir, options.ratio, kept=options.kept, to=options.to)
+    print(f"Wrote the {'kept' if options.kept else 'dropped'} rows of ratio {options.ratio:g} to {path}")
+
+
 def _demo(args: list[str]) -> None:
     from .demo import NOTICE, demo_config
     from .pipeline import run
@@ -200,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             _env()
         elif command == "report":
             _report(args)
+        elif command == "export":
+            _export(args)
         else:
             _stage(command, args)
     except (ValueError, OSError) as error:  # OSError covers a refused lock and a push that gave up

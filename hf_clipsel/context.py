@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 
 from .configs import ClipselConfig, budget
 from .data import Source, class_prompts, load_source, prepare_source, with_row_ids
+from .hub_access import check_hub_reachable
 from .modeling import load_model, model_fingerprint
 from .models import family_for
 from .outputs import EMBEDDINGS_DIR
@@ -46,10 +47,14 @@ def make_accelerator() -> Accelerator:
     return Accelerator(cpu=several_processes and not torch.cuda.is_available())
 
 
-def load_context(config: ClipselConfig, accelerator: Accelerator | None = None) -> RunContext:
-    """The source and the model of ``config``. A checkpoint of no supported family fails first, before any data is
-    read (hf_clipsel.models.family_for reads its config.json only)."""
+def load_context(
+    config: ClipselConfig, accelerator: Accelerator | None = None, dataset: Dataset | IterableDataset | None = None
+) -> RunContext:
+    """The source and the model of ``config``; ``dataset``: a `datasets.Dataset` in memory to select from instead of
+    ``dataset_name`` (:func:`~hf_clipsel.data.load_source`). A checkpoint of no supported family fails first, before
+    any data is read (hf_clipsel.models.family_for reads its config.json only)."""
     accelerator = accelerator or make_accelerator()
+    check_hub_reachable(config.model.model_name_or_path, "load the model")  # seconds, not a minute of retries
     if config.model.model_name_or_path:
         family_for(config.model.model_name_or_path, revision=config.model.model_revision)
     if config.data.streaming and config.adapter.adapter_preset == "encoder_lora" and not config.adapter.adapter_path:
@@ -57,7 +62,7 @@ def load_context(config: ClipselConfig, accelerator: Accelerator | None = None) 
             "the encoder_lora preset trains on full forwards over the images, which a stream cannot "
             "replay; use --adapter_preset projection with --streaming, or load the data whole."
         )
-    source = prepare_source(load_source(config.data), config.data, warn=accelerator.is_main_process)
+    source = prepare_source(load_source(config.data, dataset), config.data, warn=accelerator.is_main_process)
     check_budgets(config, source.num_rows)
     model, processor = load_model(config.model, accelerator.device)
     model.to(accelerator.device)

@@ -19,6 +19,7 @@ from PIL import ImageOps
 from PIL.JpegImagePlugin import JpegImageFile
 
 from .configs import DataConfig
+from .hub_access import check_hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +46,24 @@ class Source:
     labels: np.ndarray  # int64[N]; -1 where the label is missing or names no class
     label_problems: list[str]  # "" for a usable label, else why the row cannot be scored
     given_labels: list[str]  # each row's label as the source gives it, as text ("" when missing)
+    in_memory_fingerprint: str | None = None  # the `datasets` fingerprint of a source passed in memory, else None
 
     @property
     def num_rows(self) -> int:
         return len(self.labels)
 
+    @property
+    def description(self) -> str | None:
+        """How the run names a source passed in memory (it has no dataset_name); None for a named one."""
+        return f"in-memory Dataset (fingerprint {self.in_memory_fingerprint})" if self.in_memory_fingerprint else None
 
-def load_source(config: DataConfig) -> Dataset:
-    """Load ``config.dataset_name``: a `save_to_disk` directory, a folder or file of data files, or a Hub id."""
+
+def load_source(config: DataConfig, dataset: Dataset | IterableDataset | None = None) -> Dataset:
+    """Load ``config.dataset_name``: a `save_to_disk` directory, a folder or file of data files, or a Hub id; or take
+    ``dataset``, a `datasets.Dataset` already in memory (then dataset_name must be unset). ``max_samples`` applies to
+    both; the dataset given is never modified (every step returns a new one)."""
+    if dataset is not None:
+        return _in_memory(config, dataset)
     if not config.dataset_name:
         raise ValueError("dataset_name is not set; pass --dataset_name with a Hub id, a local directory or a file.")
     try:
@@ -70,6 +81,28 @@ def load_source(config: DataConfig) -> Dataset:
             dataset = dataset.take(config.max_samples)
         else:
             dataset = dataset.select(range(min(config.max_samples, len(dataset))))
+    return dataset
+
+
+def _in_memory(config: DataConfig, dataset) -> Dataset:
+    """The checks of a source passed in memory; a run names it by its fingerprint, so it must have one."""
+    if config.dataset_name:
+        raise ValueError(
+            f"both a dataset and dataset_name={config.dataset_name!r} were given; pass one of them (dataset_name: "
+            "null to select from the dataset in memory)."
+        )
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            "an IterableDataset has no fingerprint that would identify the run (and name its embedding cache): pass "
+            "a Dataset (e.g. `Dataset.from_generator(lambda: iter(stream), features=stream.features)`), or name the "
+            "stream with dataset_name and streaming: true."
+        )
+    if not isinstance(dataset, Dataset):
+        raise ValueError(f"dataset must be a datasets.Dataset, not {type(dataset).__name__}.")
+    if config.streaming:
+        raise ValueError("the dataset given is in memory already: drop streaming (it is for named sources).")
+    if config.max_samples is not None:
+        dataset = dataset.select(range(min(config.max_samples, len(dataset))))
     return dataset
 
 
@@ -92,6 +125,7 @@ def _load(config: DataConfig) -> Dataset:
         )
     else:
         # A Hub id or a local directory: `load_dataset` infers parquet, arrow and image folders from the files.
+        check_hub_reachable(name, "load the dataset")
         dataset = load_dataset(
             name,
             config.dataset_config_name,
@@ -186,12 +220,15 @@ def resolve_labels(dataset: Dataset, label_column: str, class_names: list[str] |
 
 def prepare_source(dataset: Dataset, config: DataConfig, warn: bool = True) -> Source:
     """Find columns, class names and labels; rows with unusable labels are flagged, not dropped. ``warn``: say what
-    is odd about the data (under several processes, only the main one says it)."""
+    is odd about the data (under several processes, only the main one says it). Without ``config.dataset_name`` the
+    dataset is one passed in memory (:func:`load_source`), named by its fingerprint."""
     if dataset.features is None:
         raise ValueError(
             f"the stream {config.dataset_name!r} does not declare its features; load it without "
             "--streaming, or cast its columns first."
         )
+    fingerprint = None if config.dataset_name else dataset._fingerprint
+    name = repr(config.dataset_name) if config.dataset_name else "given in memory"
     if config.image_column and _is_string_column(dataset, config.image_column):
         # A column of paths or URLs named as the images (a CSV of file names, say): read them as images.
         dataset = dataset.cast_column(config.image_column, Image())
@@ -199,10 +236,10 @@ def prepare_source(dataset: Dataset, config: DataConfig, warn: bool = True) -> S
     label_column = detect_label_column(dataset, config.label_column)
     class_names, labels, problems, given = resolve_labels(dataset, label_column, config.class_names)
     if len(labels) == 0:
-        raise ValueError(f"the dataset {config.dataset_name!r} (split {config.dataset_split!r}) has no rows.")
+        raise ValueError(f"the dataset {name} (split {config.dataset_split!r}) has no rows.")
     flagged = sum(bool(p) for p in problems)
     if flagged == len(problems):
-        raise ValueError(f"no row of {config.dataset_name!r} has a usable label (first problem: {problems[0]}).")
+        raise ValueError(f"no row of {name} has a usable label (first problem: {problems[0]}).")
     if flagged and warn:
         logger.warning("%d of %d rows have an unusable label and are kept out of selection.", flagged, len(labels))
     if len(class_names) == 1 and warn:
@@ -212,7 +249,7 @@ def prepare_source(dataset: Dataset, config: DataConfig, warn: bool = True) -> S
             "semantic alignment, the diversity and the damage check do.",
             class_names[0],
         )
-    return Source(dataset, image_column, label_column, class_names, labels, problems, given)
+    return Source(dataset, image_column, label_column, class_names, labels, problems, given, fingerprint)
 
 
 def with_row_ids(dataset: Dataset) -> Dataset:

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
+from datasets import Dataset, IterableDataset
 
 from .adaptation import scoring_embeddings, trained_model
 from .cards import render_dataset_card
@@ -26,6 +27,7 @@ from .configs import ClipselConfig
 from .context import check_budgets, make_accelerator
 from .data import load_source, prepare_source, with_row_ids
 from .hub import push_outputs
+from .hub_access import check_hub_reachable
 from .outputs import EMBEDDINGS_DIR
 from .report import write_report
 from .runs.folder import RunFolder, held_by_main_process
@@ -49,7 +51,12 @@ __all__ = [
 ]
 
 
-def run(config: ClipselConfig, accelerator: Accelerator | None = None, command: list[str] | None = None):
+def run(
+    config: ClipselConfig,
+    accelerator: Accelerator | None = None,
+    command: list[str] | None = None,
+    dataset: Dataset | IterableDataset | None = None,
+):
     """The whole pipeline (load, embed, adapt, score, select, write), then the push when ``push_to_hub`` is on.
 
     Args:
@@ -57,41 +64,58 @@ def run(config: ClipselConfig, accelerator: Accelerator | None = None, command: 
             run's folder).
         accelerator: the processes to share the embedding with (default: one made for this machine).
         command: the command line, recorded in the run record and the card.
+        dataset: a ``datasets.Dataset`` in memory to select from, in place of ``dataset_name`` (which must then be
+            unset); the run names it by its fingerprint. The stage commands take it too.
 
     Returns:
         The :class:`~hf_clipsel.summary.RunSummary` on the main process, None on the others.
     """
-    _, summary = drive(config, "run", accelerator, command)
+    _, summary = drive(config, "run", accelerator, command, dataset)
     if summary is not None:
         push_stage(config)
     return summary
 
 
-def embed(config: ClipselConfig, accelerator: Accelerator | None = None, command: list[str] | None = None):
+def embed(
+    config: ClipselConfig,
+    accelerator: Accelerator | None = None,
+    command: list[str] | None = None,
+    dataset: Dataset | IterableDataset | None = None,
+):
     """Fill the embedding cache and record the embed stage (arguments as :func:`run`).
 
     Returns:
         The embeddings (a ``datasets.Dataset``: ``row_id``, the cached vector, decode flags, pixel statistics).
     """
-    return drive(config, "embed", accelerator, command)[0].embeddings
+    return drive(config, "embed", accelerator, command, dataset)[0].embeddings
 
 
-def adapt(config: ClipselConfig, accelerator: Accelerator | None = None, command: list[str] | None = None):
+def adapt(
+    config: ClipselConfig,
+    accelerator: Accelerator | None = None,
+    command: list[str] | None = None,
+    dataset: Dataset | IterableDataset | None = None,
+):
     """Train the adapters (on the embedding cache) and add them to the run (arguments as :func:`run`).
 
     Returns:
         The adapted model (a ``peft.PeftModel``), or the frozen model for ``adapter_preset none``.
     """
-    return drive(config, "adapt", accelerator, command)[0].model
+    return drive(config, "adapt", accelerator, command, dataset)[0].model
 
 
-def score(config: ClipselConfig, accelerator: Accelerator | None = None, command: list[str] | None = None):
+def score(
+    config: ClipselConfig,
+    accelerator: Accelerator | None = None,
+    command: list[str] | None = None,
+    dataset: Dataset | IterableDataset | None = None,
+):
     """Score every row with the run's adapters and add the scores to the run (arguments as :func:`run`).
 
     Returns:
         The scores table (a ``datasets.Dataset``, one row per source row) on the main process, None on the others.
     """
-    return drive(config, "score", accelerator, command)[0].scores
+    return drive(config, "score", accelerator, command, dataset)[0].scores
 
 
 def push_stage(config: ClipselConfig):
@@ -99,8 +123,9 @@ def push_stage(config: ClipselConfig):
     return push(config) if config.run.push_to_hub else None
 
 
-def select_from_scores(config, command=None, scores=None, image_features=None) -> RunSummary:
-    """Select from saved scores (this run's, or ``scores_from``) and the source dataset, without a model.
+def select_from_scores(config, command=None, scores=None, image_features=None, dataset=None) -> RunSummary:
+    """Select from saved scores (this run's, or ``scores_from``) and the source dataset (``dataset``: one in memory,
+    in place of ``dataset_name``), without a model.
     ``image_features`` (row order) serve the selectors that need them (registered with ``needs_image_features``,
     e.g. ``moderate``)."""
     method = config.selection.selection_method
@@ -113,7 +138,7 @@ def select_from_scores(config, command=None, scores=None, image_features=None) -
     with held_by_main_process(config, Accelerator(cpu=True), "select") as (folder, record):
         location = config.run.scores_from or config.run.output_dir
         scores = scores if scores is not None else read_scores(location)
-        source = prepare_source(load_source(config.data), config.data)
+        source = prepare_source(load_source(config.data, dataset), config.data)
         check_scores_belong_to(scores, source, location)
         check_budgets(config, len(scores))
         masks, scores = select_stage(scores, config, image_features)
@@ -155,6 +180,7 @@ def report(output_dir: str | Path, gallery_ratio: float | None = None, thumbnail
 def push(config: ClipselConfig):
     """Push a finished run: refused unless its folder holds exactly the files its record lists."""
     verify(config.run.output_dir, deep=True)
+    check_hub_reachable(config.run.hub_dataset_id, "push to")
     return push_outputs(
         config.run.output_dir, config.run.hub_dataset_id, config.run.hub_model_id, private=config.run.hub_private
     )

@@ -122,6 +122,8 @@ def load_gallery_source(run_config: dict, num_rows: int):
     from .data import detect_image_column, load_source
 
     keys = {f.name for f in fields(DataConfig)}
+    if not run_config.get("dataset_name"):  # a source passed in memory: nothing to load it again from
+        return None, "the source was a dataset in memory"
     try:
         data_config = DataConfig(**{key: value for key, value in run_config.items() if key in keys})
         dataset = load_source(data_config)

@@ -6,8 +6,9 @@ Columns (README.md, "Outputs", has the same table for users):
 
 - ``row_id`` int64, the row's position in the source split; ``label`` the given label (ClassLabel; -1 where it is
   missing or out of range); ``given_label`` the label exactly as the source gives it, as text (so an out-of-range
-  value is kept); ``predicted_label`` the class the model prefers (-1 for a flagged row); ``decode_ok``;
-  ``flag_reason`` ("" for a usable row).
+  value is kept); ``path`` the row's image file as the source names it (an image folder, a column of paths, an
+  ``Image`` feature holding paths; "" where it holds bytes only, and for a stream); ``predicted_label`` the class
+  the model prefers (-1 for a flagged row); ``decode_ok``; ``flag_reason`` ("" for a usable row).
 - The registered scores' columns (hf_clipsel.scores: ``semantic_alignment``, ``sample_diversity``,
   ``class_posterior``, each with ``*_normalized``; the damage check's ``noise_level``, ``contrast``, ``sharpness``;
   and those of any score registered by another package), float32, each with its documented range.
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from datasets import ClassLabel, Dataset, Features, Value
+from datasets import ClassLabel, Dataset, Features, Image, IterableDataset, Value
 
 from .configs import ClipselConfig
 from .core.names import (
@@ -44,6 +45,7 @@ def scores_features(class_names: list[str]) -> Features:
             ROW_ID: Value("int64"),
             "label": ClassLabel(names=class_names),
             "given_label": Value("string"),
+            "path": Value("string"),
             "predicted_label": ClassLabel(names=class_names),
             "decode_ok": Value("bool"),
             "flag_reason": Value("string"),
@@ -92,6 +94,7 @@ def score_stage(context, model, embeddings: Dataset) -> tuple[Dataset, torch.Ten
             ROW_ID: np.arange(len(valid), dtype=np.int64),
             "label": context.source.labels,
             "given_label": context.source.given_labels,
+            "path": image_paths(context.source),
             "predicted_label": predicted.numpy(),
             "decode_ok": np.asarray(embeddings["decode_ok"][:], dtype=bool),
             "flag_reason": flag_reason,
@@ -100,6 +103,17 @@ def score_stage(context, model, embeddings: Dataset) -> tuple[Dataset, torch.Ten
         features=scores_features(context.source.class_names),
     )
     return scores, features
+
+
+def image_paths(source) -> list[str]:
+    """Each row's image file as the source (a :class:`~hf_clipsel.data.Source`) names it ("" where a cell holds bytes
+    only or no image): the answer a user acts on. Read from the undecoded Arrow column (no image is decoded, no bytes
+    become Python objects); a stream is not read again for it (all "")."""
+    if isinstance(source.dataset, IterableDataset):
+        return [""] * source.num_rows
+    cells = source.dataset.select_columns([source.image_column]).cast_column(source.image_column, Image(decode=False))
+    column = cells.with_format("arrow")[:].column(source.image_column).combine_chunks()
+    return ["" if path is None else path for path in column.field("path").to_pylist()]
 
 
 def select_stage(scores: Dataset, config: ClipselConfig, image_features: torch.Tensor | None = None):

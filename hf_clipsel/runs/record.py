@@ -197,6 +197,8 @@ class RunRecord:
                 "image_column": source.image_column,
                 "label_column": source.label_column,
             }
+            if source.description:  # a source passed in memory has no dataset_name: its fingerprint names it
+                identity["description"] = source.description
         return dataclasses.replace(
             self, source=identity, versions=library_versions(), command=" ".join(command) if command else None
         )

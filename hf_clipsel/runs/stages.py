@@ -149,18 +149,22 @@ def write_stage(
 
 
 def drive(
-    config: ClipselConfig, command: str, accelerator: Accelerator | None = None, command_line: list[str] | None = None
+    config: ClipselConfig,
+    command: str,
+    accelerator: Accelerator | None = None,
+    command_line: list[str] | None = None,
+    dataset: Dataset | IterableDataset | None = None,
 ) -> tuple[RunState, RunSummary | None]:
     """Run ``command`` (a key of :data:`COMMAND_STAGES`) through the stages up to its last one, and commit what it
-    did to the run's folder. Returns the stages' state and, where the command selected, the summary (main process;
-    None on the others)."""
+    did to the run's folder; ``dataset``: a source in memory instead of ``dataset_name``. Returns the stages' state
+    and, where the command selected, the summary (main process; None on the others)."""
     accelerator = accelerator or make_accelerator()
     owned = COMMAND_STAGES[command]
     stages = STAGES[: max(i for i, stage in enumerate(STAGES) if stage.name in owned) + 1]
     main = accelerator.is_main_process
     summary = None
     with held_by_main_process(config, accelerator, command) as (folder, record):
-        state = RunState(load_context(config, accelerator))
+        state = RunState(load_context(config, accelerator, dataset))
         # `run` builds the run anew; a stage command starts from what the recorded stages wrote
         staging = folder.stage(keep=() if command == "run" else record.artefacts_of_stages()) if main else None
         for stage in stages:
