@@ -183,7 +183,7 @@ def _parameter_groups(config: dict) -> list[dict]:
     return groups
 
 
-def _adapter_description(config: dict, output_dir: Path, model_repo_id: str | None) -> str:
+def _adapter_description(config: dict, output_dir: Path, model_repo_id: str | None, check: dict | None) -> str:
     preset = config.get("adapter_preset", "projection")
     if config.get("adapter_path"):
         return f"given, loaded from {_link(config['adapter_path'])}"
@@ -193,6 +193,11 @@ def _adapter_description(config: dict, output_dir: Path, model_repo_id: str | No
     where = (
         f"; in {_link(model_repo_id)}" if model_repo_id else " (`adapter/` of the run, not part of this repository)"
     )
+    if (check or {}).get("fell_back"):
+        return (
+            f"`{preset}` preset trained, then set aside: on held-out rows the adapters agreed with the labels no "
+            f"better than zero-shot, so the scores are zero-shot ({peft}{where})"
+        )
     return f"`{preset}` preset: {peft}{where}"
 
 
@@ -335,7 +340,10 @@ def render_dataset_card(
         },
         adapter={
             "preset": config.get("adapter_preset", "projection"),
-            "description": _adapter_description(config, output_dir, model_repo_id),
+            # the held-out check can judge the adapters worse than zero-shot: the scores are then zero-shot's
+            "adapted": config.get("adapter_preset", "projection") != "none"
+            and not (summary.adapter_check or {}).get("fell_back"),
+            "description": _adapter_description(config, output_dir, model_repo_id, summary.adapter_check),
         },
         method={
             "selection_method": config.get("selection_method", summary.selection_method or "exact"),

@@ -264,3 +264,21 @@ def test_stability_seeds_need_projection_adapters_trained_here():
 
     with pytest.raises(ValueError, match="stability_seeds retrains the projection adapters"):
         AdapterConfig(adapter_preset="none", stability_seeds=2)
+
+
+def test_the_card_says_zero_shot_when_the_adapters_fell_back(finished_run, tmp_path):
+    """Issue 29: the card claimed an adapted model after the held-out check had set the adapters aside."""
+    import json
+
+    from hf_clipsel.cards import render_dataset_card
+
+    _, output_dir, _ = finished_run
+    copy_dir = tmp_path / "run"
+    shutil.copytree(output_dir, copy_dir)
+    summary = json.loads((copy_dir / "run_summary.json").read_text())
+    for fell_back, expected in ((True, "a zero-shot CLIP-family model"), (False, "an adapted CLIP-family model")):
+        summary["adapter_check"] = {**(summary.get("adapter_check") or {}), "fell_back": fell_back}
+        (copy_dir / "run_summary.json").write_text(json.dumps(summary))
+        card = str(render_dataset_card(copy_dir))
+        assert expected in card
+        assert ("set aside" in card) == fell_back
