@@ -24,6 +24,7 @@ from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardDa
 
 from .configs import budget, flag_classes
 from .core.names import reward_column, selected_column
+from .hub_access import is_hub_repo_id
 from .outputs import (
     ADAPTER_DIR,
     REPORT_DIR,
@@ -82,22 +83,17 @@ def redact(text: str, *secrets: str | None) -> str:
     return TOKEN_PATTERN.sub("<redacted>", text)
 
 
-def is_hub_id(name: str | None) -> bool:
-    """Whether ``name`` reads as a Hub repo id (``org/name`` or a canonical ``name``) rather than a local path."""
-    return bool(name) and re.fullmatch(r"([\w.-]+/)?[\w.-]+", name) is not None and not Path(name).exists()
-
-
 def _link(name: str | None, repo_type: str = "model") -> str:
     if not name:
         return "`unknown`"
-    if not is_hub_id(name):
+    if not is_hub_repo_id(name):
         return f"`{name}` (a local path)"
     prefix = "" if repo_type == "model" else "datasets/"
     return f"[{name}]({constants.ENDPOINT}/{prefix}{name})"
 
 
 def _revision(name: str, revision: str | None) -> str:
-    if not is_hub_id(name):
+    if not is_hub_repo_id(name):
         return "none (local files)"
     return revision or "not pinned (the default branch at run time)"
 
@@ -313,7 +309,7 @@ def render_dataset_card(
         pretty_name=f"{source_name} selected with hf-clipsel",
         task_categories=["image-classification"],
         size_categories=[size_category],
-        source_datasets=[source_name] if is_hub_id(source_name) else None,
+        source_datasets=[source_name] if is_hub_repo_id(source_name) else None,
         tags=["hf-clipsel", "data-selection", "clip"],
         configs=card_configs(output_dir),
     )
@@ -383,7 +379,7 @@ def render_adapter_card(
     peft_path = output_dir / ADAPTER_DIR / "adapter_config.json"
     peft = json.loads(peft_path.read_text()) if peft_path.exists() else {}
     candidates = [config.get("model_name_or_path") or summary.model, peft.get("base_model_name_or_path")]
-    base_model = next((c for c in candidates if is_hub_id(c)), None)
+    base_model = next((c for c in candidates if is_hub_repo_id(c)), None)
     # Never a guess shown as a fact: an unknown checkpoint is written as a placeholder the reader must fill in.
     base_name = base_model or next((c for c in candidates if c), "<the CLIP checkpoint the adapters were trained on>")
     source_name = config.get("dataset_name") or (config.get("source") or {}).get("description") or summary.dataset
@@ -403,7 +399,7 @@ def render_adapter_card(
         base_model=base_model,
         library_name="peft",
         pipeline_tag="zero-shot-image-classification",
-        datasets=[source_name] if is_hub_id(source_name) else None,
+        datasets=[source_name] if is_hub_repo_id(source_name) else None,
         tags=["hf-clipsel", "clip", "lora", "data-selection"],
     )
     content = _render(

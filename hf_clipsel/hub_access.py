@@ -37,9 +37,9 @@ def check_hub_reachable(name: str | None, purpose: str) -> None:
         )
 
 
-def is_hub_repo_id(name: str) -> bool:
+def is_hub_repo_id(name: str | None) -> bool:
     """Whether ``name`` would be read from the Hub: not a path of this machine, and a valid repo id."""
-    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
+    if not name or Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
         return False
     try:
         validate_repo_id(name)

@@ -10,18 +10,19 @@ from pathlib import Path
 from datasets import Dataset
 
 from ..core.names import RECORD, RUN_SUMMARY, SCORES_DIR, SUBSETS_DIR, ratio_name
+from ..hub_access import is_hub_repo_id
 from ..scores_table import read_scores_in
 from ..summary import RunSummary
 from .record import IncompleteRunError, RunRecord, file_digest, verify
 
 
 def is_local(location: str | Path) -> bool:
-    """Whether ``location`` names a folder of this machine (it exists, or reads as a path: absolute, or starting
-    with ``.`` or ``~``) rather than a Hub repo id; a path that does not exist is a one-line error."""
+    """Whether ``location`` names a folder of this machine rather than a Hub repo id; a name that is neither (a path
+    that does not exist, or no valid repo id) is a one-line error."""
     text = str(location)
     if Path(text).expanduser().is_dir():
         return True
-    if Path(text).is_absolute() or text.startswith((".", "~")) or Path(text).exists():
+    if not is_hub_repo_id(text):
         raise FileNotFoundError(
             f"{text} is not a folder: give the output_dir of a finished run, or the Hub dataset repo id (org/name) "
             "it was pushed to."
