@@ -6,13 +6,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .core.names import ROW_ID, drop_reason_column, reward_column, selected_column, selected_ratios
+from .core.names import PATH, ROW_ID, drop_reason_column, reward_column, selected_column, selected_ratios
 from .runs.load import read_scores
 from .scores import flag_columns, score_columns
 
 logger = logging.getLogger(__name__)
 
-PATH_COLUMN = "path"  # the scores table's column of each row's file (hf_clipsel.scores_table)
 DROP_REASON = "drop_reason"  # the exported name of the ratio's drop_reason_ratio_<r> column
 
 
@@ -38,15 +37,15 @@ def export_rows(output_dir: str | Path, ratio: float, kept: bool = False, to: st
             f"the run in {output_dir} has no selection at ratio {ratio:g} (its ratios: {listed}); pass one of them, "
             f"or add it with `hf-clipsel select --output_dir {output_dir} --selection_ratios {ratio:g}`."
         )
-    if PATH_COLUMN not in scores.column_names:  # scores from before the path column
+    if PATH not in scores.column_names:  # scores from before the path column
         logger.warning("the scores of %s name no files (an older hf_clipsel); the path column is empty.", output_dir)
-        scores = scores.add_column(PATH_COLUMN, [""] * len(scores))
+        scores = scores.add_column(PATH, [""] * len(scores))
     selected = scores[selected_column(ratio)][:]
     rows = [row for row, is_kept in enumerate(selected) if is_kept == kept]
     scores = scores.rename_column(drop_reason_column(ratio), DROP_REASON)
     wanted = [
         ROW_ID,
-        PATH_COLUMN,
+        PATH,
         "given_label",
         DROP_REASON,
         "flag_reason",

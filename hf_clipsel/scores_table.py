@@ -27,6 +27,7 @@ from datasets import ClassLabel, Dataset, Features, Image, IterableDataset, Valu
 
 from .configs import ClipselConfig
 from .core.names import (
+    PATH,
     ROW_ID,
     SCORES_DIR,
     SELECTION_PREFIXES,
@@ -45,7 +46,7 @@ def scores_features(class_names: list[str]) -> Features:
             ROW_ID: Value("int64"),
             "label": ClassLabel(names=class_names),
             "given_label": Value("string"),
-            "path": Value("string"),
+            PATH: Value("string"),
             "predicted_label": ClassLabel(names=class_names),
             "decode_ok": Value("bool"),
             "flag_reason": Value("string"),
@@ -94,7 +95,7 @@ def score_stage(context, model, embeddings: Dataset) -> tuple[Dataset, torch.Ten
             ROW_ID: np.arange(len(valid), dtype=np.int64),
             "label": context.source.labels,
             "given_label": context.source.given_labels,
-            "path": image_paths(context.source),
+            PATH: image_paths(context.source),
             "predicted_label": predicted.numpy(),
             "decode_ok": np.asarray(embeddings["decode_ok"][:], dtype=bool),
             "flag_reason": flag_reason,

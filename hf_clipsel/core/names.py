@@ -10,6 +10,8 @@ from fractions import Fraction
 
 # The row's position in the source split, carried through every artefact.
 ROW_ID = "row_id"
+# The scores table's column of each row's image file ("" where the source holds bytes only).
+PATH = "path"
 
 # The entries of a run's folder (output_dir); README.md, "Outputs", shows the layout.
 SCORES_DIR = "scores"
