@@ -13,12 +13,15 @@ images, the source dataset named in run_config.yaml. The galleries:
 
 - **Lowest alignment**: the usable rows with the lowest ``semantic_alignment`` (lowest first, ties by row_id),
   with the given label and the class CLIP prefers (``predicted_label``): likely mislabelled or damaged images.
-- **Dropped for redundancy at ratio r**: usable rows not selected at r whose ``semantic_alignment_normalized``
-  is above the median of the usable rows (well aligned, so alignment is not what dropped them), in a class with
-  at least two usable rows (a lone row has diversity 0 by convention, not because it is redundant); lowest
-  ``sample_diversity`` first (the most crowded part of its class), ties by row_id. r defaults to the smallest
-  ratio of the run, the strictest budget.
+- **Dropped as redundant at ratio r**: the rows whose ``drop_reason_ratio_<r>`` is ``redundant`` (aligned with
+  their label, but in the crowded half of their class), most redundant first: lowest ``sample_diversity``, ties
+  by row_id. r defaults to the smallest ratio of the run, the strictest budget. (The scores keep no neighbour
+  index, so a tile cannot show the kept row it duplicates; its class and diversity say where it sits.)
+- **Damaged**: the rows the damage check flagged (the scores' ``damage`` column: noisy, low contrast, blurry), in
+  row order, with whether a subset still holds them (damaged rows are ranked last, not excluded).
 - **Flagged rows**: rows with a ``flag_reason`` (undecodable image, missing or out-of-range label), in row order.
+
+Each tile and each listed row names its file (the base name of the scores' ``path``) where the source has one.
 
 A gallery image that cannot be decoded, or a source that cannot be loaded, gives a placeholder, never an error.
 """
@@ -28,7 +31,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, fields
 from importlib.resources import files
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 from jinja2 import Environment, StrictUndefined
@@ -40,6 +43,7 @@ from .report_data import RunScores, read_scores
 from .report_page import fit_thumbnail, source_reader, write_page
 from .scores import score_columns
 from .scores.damage import DamageCheck
+from .scores.diversity import SampleDiversity
 from .summary import RatioSummary, RunSummary
 
 logger = logging.getLogger(__name__)
@@ -66,10 +70,17 @@ class Tile:
     thumbnail: str | None = None  # path relative to report/, None when there is no image to show
     missing_image: str = ""  # why there is no thumbnail
     flag_reason: str = ""
+    path: str = ""  # the image file as the source names it ("" where it holds bytes only)
+    damage: str = ""  # what the damage check found ("" where nothing)
 
     @property
     def mislabelled_suspect(self) -> bool:
         return self.predicted_label not in ("", self.given_label)
+
+    @property
+    def file_name(self) -> str:
+        """The base name of the row's file: what a user finds in their folder ("" without a path)."""
+        return PurePath(self.path).name if self.path else ""
 
 
 def lowest_alignment_rows(scores: RunScores, count: int = GALLERY_SIZE) -> np.ndarray:
@@ -80,18 +91,15 @@ def lowest_alignment_rows(scores: RunScores, count: int = GALLERY_SIZE) -> np.nd
 
 
 def redundant_rows(scores: RunScores, selection_ratio: float, count: int = GALLERY_SIZE) -> np.ndarray:
-    """Positions of well-aligned rows dropped at ``selection_ratio``, most crowded first (see the module doc)."""
-    usable = scores.usable
-    if not usable.any():
-        return np.zeros(0, dtype=np.int64)
-    median = np.median(scores.semantic_alignment_normalized[usable])
-    class_sizes = np.bincount(scores.label[usable], minlength=len(scores.class_names))
-    in_shared_class = class_sizes[np.clip(scores.label, 0, None)] >= 2
-    candidates = np.nonzero(
-        usable & ~scores.selected[selection_ratio] & (scores.semantic_alignment_normalized > median) & in_shared_class
-    )[0]
+    """Positions of the rows dropped as redundant at ``selection_ratio``, most redundant (lowest diversity) first."""
+    candidates = np.nonzero(scores.drop_reason[selection_ratio] == SampleDiversity.drop_reason)[0]
     order = np.lexsort((scores.row_id[candidates], scores.sample_diversity[candidates]))
     return candidates[order[:count]]
+
+
+def damaged_rows(scores: RunScores, count: int = GALLERY_SIZE) -> np.ndarray:
+    """Positions of the first ``count`` rows the damage check flagged, in row order."""
+    return np.nonzero(scores.damage != "")[0][:count]
 
 
 def flagged_rows(scores: RunScores, count: int = MAX_FLAGGED_SHOWN) -> np.ndarray:
@@ -112,6 +120,8 @@ def make_tiles(scores: RunScores, positions: np.ndarray) -> list[Tile]:
             sample_diversity=float(scores.sample_diversity[p]),
             kept_at=[f"{r:g}" for r, mask in scores.selected.items() if mask[p]],
             flag_reason=str(scores.flag_reason[p]),
+            path=str(scores.path[p]),
+            damage=str(scores.damage[p]),
         )
         for p in positions
     ]
@@ -289,7 +299,7 @@ def write_report(output_dir: str | Path, gallery_ratio: float | None = None, thu
     ``thumbnails``: the explorer's thumbnails, "sample" (every row of a small run, a sample per class and outcome of
     a large one) or "all" (hf_clipsel.report_page).
 
-    ``gallery_ratio`` picks the ratio of the "dropped for redundancy" gallery (default: the smallest). The folder is
+    ``gallery_ratio`` picks the ratio of the "dropped as redundant" gallery (default: the smallest). The folder is
     written beside its place and renamed into it, so a report is whole or absent. Needs matplotlib (the `report`
     extra).
     """
@@ -319,11 +329,12 @@ def write_report(output_dir: str | Path, gallery_ratio: float | None = None, thu
     many_classes = len(scores.class_names) > MAX_CLASSES_AS_BARS  # the table then follows the figure: by share
     low_alignment = make_tiles(scores, lowest_alignment_rows(scores))
     redundant = make_tiles(scores, redundant_rows(scores, gallery_ratio))
+    damaged = make_tiles(scores, damaged_rows(scores))
     flagged = make_tiles(scores, flagged_rows(scores))
     source, missing_reason = load_gallery_source(run_config, len(scores.row_id))
     with atomic_directory(output_dir / REPORT_DIR) as directory:
         write_figures(scores, directory, exact_alphas(run_config, scores.ratios))
-        write_thumbnails(low_alignment + redundant + flagged, source, missing_reason, directory)
+        write_thumbnails(low_alignment + redundant + damaged + flagged, source, missing_reason, directory)
         explorer = write_page(output_dir, directory, source and source_reader(source), thumbnails)
         page = render_page(
             explorer=explorer,
@@ -337,6 +348,10 @@ def write_report(output_dir: str | Path, gallery_ratio: float | None = None, thu
             gallery_ratio=f"{gallery_ratio:g}",
             low_alignment=low_alignment,
             redundant=redundant,
+            num_redundant=int((scores.drop_reason[gallery_ratio] == SampleDiversity.drop_reason).sum()),
+            damaged=damaged,
+            num_damaged=int((scores.damage != "").sum()),
+            damage_check=bool(run_config.get("damage_check", False)),
             flagged=flagged,
             num_flagged=int((~scores.usable).sum()),
             classes=per_class_rows(scores, least_kept_first=many_classes),

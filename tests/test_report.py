@@ -1,6 +1,8 @@
 """The report of a real (tiny) run: figures that open at their size, a page whose links all resolve, galleries
-that show the rows the scores say they should, flagged rows listed with their reason, no crash on bad images."""
+that show the rows the scores say they should (with their file names), flagged rows listed with their reason and
+file, no crash on bad images."""
 
+import io
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -22,7 +24,21 @@ from tests.conftest import run_config
 
 UNDECODABLE = (3, 10)
 LABEL_MISSING = 20
+NOISY = (40, 41, 42, 43)  # heavy additive noise: the damage check's to find
 RATIOS = [0.3, 0.5]
+
+
+def file_of(row: int) -> str:
+    """The path the fixture gives each row's image (beside its bytes, as an image folder's rows carry one)."""
+    return f"photos/class_{row % 3}/img_{row:03d}.png"
+
+
+def with_noise(png: bytes, seed: int) -> bytes:
+    pixels = np.asarray(PILImage.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64)
+    noisy = pixels + np.random.default_rng(seed).normal(0, 80, pixels.shape)
+    out = io.BytesIO()
+    PILImage.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(out, format="PNG")
+    return out.getvalue()
 
 
 class PageParser(HTMLParser):
@@ -33,8 +49,10 @@ class PageParser(HTMLParser):
         self.links: list[str] = []
         self.rows: dict[str, list[int]] = {}
         self.images_of_row: dict[int, list[str]] = {}
+        self.file_of_row: dict[str, dict[int, str]] = {}  # section -> row -> the file name its tile shows
         self._section = None
         self._row = None
+        self._in_file = False
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -47,17 +65,41 @@ class PageParser(HTMLParser):
             self.images_of_row.setdefault(self._row, [])
         if tag == "img" and self._row is not None and self._section in ("lowest-alignment", "flagged"):
             self.images_of_row[self._row].append(attrs["src"])
+        self._in_file = "file" in (attrs.get("class") or "").split() and self._row is not None
+
+    def handle_data(self, data):
+        if self._in_file:
+            self.file_of_row.setdefault(self._section, {})[self._row] = data.strip()
+
+    def handle_endtag(self, tag):
+        self._in_file = False
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, cifar_slice, tiny_clip_path) -> Path:
-    """A run on the CIFAR-10 slice with two undecodable images and one missing label."""
+def trained_clip(tmp_path_factory, cifar_slice) -> Path:
+    """A tiny CLIP trained on the slice (seconds): it mostly prefers the given label, as a real CLIP does on clean
+    CIFAR-10, so rows are dropped as redundant and not all as misaligned (a random one agrees on 1 in 10)."""
+    from hf_clipsel.tiny import train_tiny_clip
+
+    rows = Dataset.from_parquet(str(cifar_slice))
+    images = [image.convert("RGB") for image in rows["img"]]
+    names = rows.features["label"].names
+    return train_tiny_clip(tmp_path_factory.mktemp("trained_clip"), images, rows["label"], names, epochs=4)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, cifar_slice, trained_clip) -> Path:
+    """A run on the CIFAR-10 slice with two undecodable images, one missing label, four noisy images, and a file
+    path beside each image's bytes."""
     work = tmp_path_factory.mktemp("report")
     source = Dataset.from_parquet(str(cifar_slice)).cast_column("img", Image(decode=False))
 
     def damage(row, index):
+        row["img"] = {"bytes": row["img"]["bytes"], "path": file_of(index)}
         if index in UNDECODABLE:
-            row["img"] = {"bytes": b"not an image at all", "path": None}
+            row["img"] = {"bytes": b"not an image at all", "path": file_of(index)}
+        if index in NOISY:
+            row["img"]["bytes"] = with_noise(row["img"]["bytes"], index)
         if index == LABEL_MISSING:
             row["label"] = -1
         return row
@@ -65,7 +107,7 @@ def run_dir(tmp_path_factory, cifar_slice, tiny_clip_path) -> Path:
     damaged = work / "damaged.parquet"
     source.map(damage, with_indices=True).cast_column("img", Image()).to_parquet(str(damaged))
     output_dir = work / "run"
-    run(run_config(damaged, tiny_clip_path, output_dir, selection_ratios=RATIOS))
+    run(run_config(damaged, trained_clip, output_dir, selection_ratios=RATIOS))
     write_report(output_dir)
     return output_dir
 
@@ -116,26 +158,41 @@ def test_lowest_alignment_gallery_shows_the_lowest_rows(run_dir):
         assert page.images_of_row[row] == [f"thumbnails/row_{row}.png"]
 
 
-def test_redundancy_gallery_shows_well_aligned_dropped_rows_most_crowded_first(run_dir):
+def test_redundancy_gallery_lists_exactly_the_rows_dropped_as_redundant_with_their_files(run_dir):
     scores = scores_table(run_dir)
-    usable = scores["flag_reason"] == ""
-    aligned = scores["semantic_alignment_normalized"]
-    class_sizes = np.bincount(scores["label"][usable])
-    in_shared_class = class_sizes[np.clip(scores["label"], 0, None)] >= 2  # a lone row's diversity is 0 by convention
-    well_aligned = aligned > np.median(aligned[usable])
-    dropped = usable & ~scores[f"is_selected_ratio_{RATIOS[0]:g}"] & well_aligned & in_shared_class
-    candidates = np.nonzero(dropped)[0]
-    order = candidates[np.lexsort((scores["row_id"][candidates], scores["sample_diversity"][candidates]))]
-    shown = parse_page(run_dir / REPORT_DIR / INDEX).rows["dropped-for-redundancy"]
-    assert shown == scores["row_id"][order[:GALLERY_SIZE]].tolist()
-    assert shown, "the slice has well-aligned rows dropped at the smallest ratio"
-    # Each one is really out of the subset and above the median alignment.
-    assert not scores[f"is_selected_ratio_{RATIOS[0]:g}"][shown].any()
+    ratio = f"{RATIOS[0]:g}"
+    redundant = np.nonzero(scores[f"drop_reason_ratio_{ratio}"] == "redundant")[0]
+    assert 0 < len(redundant), "the slice has rows dropped as redundant at the smallest ratio"
+    order = redundant[np.lexsort((scores["row_id"][redundant], scores["sample_diversity"][redundant]))]
+    page = parse_page(run_dir / REPORT_DIR / INDEX)
+    shown = page.rows["dropped-as-redundant"]
+    assert shown == scores["row_id"][order[:GALLERY_SIZE]].tolist()  # the most redundant, lowest diversity first
+    # The defect it names: well-aligned rows dropped for another reason (damaged, misaligned) shown as redundant.
+    assert set(scores[f"drop_reason_ratio_{ratio}"][shown]) == {"redundant"}
+    assert page.file_of_row["dropped-as-redundant"] == {row: f"img_{row:03d}.png" for row in shown}
+    html = (run_dir / REPORT_DIR / INDEX).read_text(encoding="utf-8")
+    assert f"{len(redundant)} rows have this reason" in html
+
+
+def test_damaged_gallery_lists_exactly_the_rows_the_damage_check_flagged_with_their_files(run_dir):
+    scores = scores_table(run_dir)
+    damaged = np.nonzero(scores["damage"] != "")[0]
+    assert set(NOISY) <= set(damaged.tolist()) and len(damaged) <= GALLERY_SIZE
+    page = parse_page(run_dir / REPORT_DIR / INDEX)
+    assert page.rows["damaged"] == scores["row_id"][damaged].tolist()
+    assert page.file_of_row["damaged"] == {row: f"img_{row:03d}.png" for row in damaged}
+    html = (run_dir / REPORT_DIR / INDEX).read_text(encoding="utf-8")
+    assert f"Damaged: flagged by the damage check ({len(damaged)})" in html
+    gallery = html[html.index('id="damaged"') : html.index("<h2>Flagged rows")]
+    for row in NOISY:  # what it found is on the tile, and the full path in its title
+        tile = gallery.split(f'data-row-id="{row}"')[1].split("</figure>")[0]
+        assert f'title="{file_of(row)}"' in tile and '<b class="differs">noisy</b>' in tile
 
 
 def test_flagged_rows_are_listed_with_their_reason_and_bad_images_get_a_placeholder(run_dir):
     page = parse_page(run_dir / REPORT_DIR / INDEX)
     assert page.rows["flagged"] == [*UNDECODABLE, LABEL_MISSING]
+    assert page.file_of_row["flagged"] == {row: f"img_{row:03d}.png" for row in page.rows["flagged"]}
     html = (run_dir / REPORT_DIR / INDEX).read_text(encoding="utf-8")
     assert html.count("image failed to decode: UnidentifiedImageError") == len(UNDECODABLE)
     assert "label missing" in html
@@ -148,7 +205,7 @@ def test_report_command_picks_the_gallery_ratio(run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("embeddings"))
     assert main(["report", "--output_dir", str(copy), "--gallery_ratio", "0.5"]) == 0
-    assert "Dropped for redundancy at ratio 0.5" in (copy / REPORT_DIR / INDEX).read_text(encoding="utf-8")
+    assert "Dropped as redundant at ratio 0.5" in (copy / REPORT_DIR / INDEX).read_text(encoding="utf-8")
     verify(copy, deep=True)  # the new report is part of the run: its record lists it
     with pytest.raises(ValueError, match="not a ratio of this run"):
         write_report(copy, gallery_ratio=0.9)
