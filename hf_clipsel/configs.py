@@ -97,7 +97,15 @@ class DataConfig:
     )
     class_names: list[str] | None = field(
         default=None,
-        metadata={"help": "Class names in label order. Default: the names of the label column's ClassLabel feature."},
+        metadata={
+            "help": "Class names in label order (for a string label column: its values, in the order wanted). "
+            "Default: the names of the label column's ClassLabel feature; WordNet ids (ImageNet's n01440764) are "
+            "said in the prompts by their ImageNet names (timm's), the labels keep the ids."
+        },
+    )
+    class_names_file: str | None = field(
+        default=None,
+        metadata={"help": "A text file of class names, one per line in label order: --class_names from a file."},
     )
     max_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N rows of the split (for trials and tests)."}
@@ -112,6 +120,8 @@ class DataConfig:
 
     def __post_init__(self):
         check_positive("max_samples", self.max_samples)
+        if self.class_names and self.class_names_file:
+            raise ValueError("class_names and class_names_file are both given; give one of them.")
 
 
 @dataclass

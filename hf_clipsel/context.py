@@ -94,4 +94,6 @@ def valid_rows(context: RunContext, embeddings: Dataset) -> np.ndarray:
 
 
 def prompts_of(context: RunContext) -> list[list[str]]:
-    return class_prompts(context.source.class_names, context.config.adapter.prompt_templates)
+    """The prompts of every template and class (``[t][c]``), saying the source's prompt names (readable names for
+    WordNet ids: :attr:`~hf_clipsel.data.Source.prompt_names`)."""
+    return class_prompts(context.source.prompt_names, context.config.adapter.prompt_templates)

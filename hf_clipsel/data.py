@@ -18,6 +18,7 @@ from PIL import Image as PILImage
 from PIL import ImageOps
 from PIL.JpegImagePlugin import JpegImageFile
 
+from .class_names import prompt_names, read_class_names_file
 from .configs import DataConfig
 from .hub_access import check_hub_reachable
 
@@ -47,6 +48,12 @@ class Source:
     label_problems: list[str]  # "" for a usable label, else why the row cannot be scored
     given_labels: list[str]  # each row's label as the source gives it, as text ("" when missing)
     in_memory_fingerprint: str | None = None  # the `datasets` fingerprint of a source passed in memory, else None
+    readable_names: list[str] | None = None  # what the prompts say for WordNet-id classes (class_names.prompt_names)
+
+    @property
+    def prompt_names(self) -> list[str]:
+        """The class names the prompts say: readable names for WordNet ids, else ``class_names`` as they are."""
+        return self.readable_names or self.class_names
 
     @property
     def num_rows(self) -> int:
@@ -234,7 +241,8 @@ def prepare_source(dataset: Dataset, config: DataConfig, warn: bool = True) -> S
         dataset = dataset.cast_column(config.image_column, Image())
     image_column = detect_image_column(dataset, config.image_column)
     label_column = detect_label_column(dataset, config.label_column)
-    class_names, labels, problems, given = resolve_labels(dataset, label_column, config.class_names)
+    named = config.class_names or (read_class_names_file(config.class_names_file) if config.class_names_file else None)
+    class_names, labels, problems, given = resolve_labels(dataset, label_column, named)
     if len(labels) == 0:
         raise ValueError(f"the dataset {name} (split {config.dataset_split!r}) has no rows.")
     flagged = sum(bool(p) for p in problems)
@@ -249,7 +257,8 @@ def prepare_source(dataset: Dataset, config: DataConfig, warn: bool = True) -> S
             "semantic alignment, the diversity and the damage check do.",
             class_names[0],
         )
-    return Source(dataset, image_column, label_column, class_names, labels, problems, given, fingerprint)
+    readable = prompt_names(class_names, warn=warn)
+    return Source(dataset, image_column, label_column, class_names, labels, problems, given, fingerprint, readable)
 
 
 def with_row_ids(dataset: Dataset) -> Dataset:

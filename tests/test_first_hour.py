@@ -195,3 +195,77 @@ def test_a_push_to_an_unreachable_hub_fails_fast_in_one_line(tmp_path, tiny_clip
     assert answer.returncode == 1 and elapsed < 20, (elapsed, answer.stderr[-2000:])
     assert "Traceback" not in answer.stderr and "Retrying" not in answer.stderr
     assert "cannot be reached" in answer.stderr and "someone/selected" in answer.stderr
+
+
+def _wordnet_source(class_names, **data):
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+    from PIL import Image
+
+    from hf_clipsel.configs import DataConfig
+    from hf_clipsel.data import prepare_source
+
+    images = [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(len(class_names))]
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=class_names)})
+    dataset = Dataset.from_dict({"image": images, "label": list(range(len(class_names)))}, features=features)
+    return dataset, prepare_source(dataset, DataConfig(dataset_name="folder", **data))
+
+
+def test_wordnet_id_classes_are_said_by_their_imagenet_names_in_the_prompts(caplog):
+    from types import SimpleNamespace
+
+    from timm.data import ImageNetInfo
+
+    from hf_clipsel.configs import ClipselConfig
+    from hf_clipsel.context import prompts_of
+
+    # Imagenette's ten folders, and the two ImageNet-1k classes whose first name is "crane"
+    ids = ["n01440764", "n02102040", "n02979186", "n03000684", "n03028079", "n03394916", "n03417042", "n03425413",
+           "n03445777", "n03888605", "n02012849", "n03126707"]  # fmt: skip
+    dataset, source = _wordnet_source(ids)
+    assert source.class_names == ids and dataset.features["label"].names == ids  # the labels keep the ids
+    names = source.prompt_names
+    assert names[:3] == ["tench", "English springer", "cassette player"]
+    info = ImageNetInfo()
+    assert names == [info.label_name_to_description(i).split(", ")[0] for i in ids[:10]] + names[10:]
+    assert len(set(names)) == len(ids) and all(name.startswith("crane") for name in names[10:])  # no shared prompt
+    run = SimpleNamespace(source=source, config=ClipselConfig.from_flat({}))  # what prompts_of reads of a run
+    assert prompts_of(run)[0][:2] == ["a photo of a tench.", "a photo of a English springer."]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_unknown_wordnet_ids_warn_once_and_point_to_the_class_names_options(tmp_path, caplog):
+    import logging
+
+    ids = ["n01440764", "n99999999", "n02102040"]
+    with caplog.at_level(logging.WARNING):
+        _, source = _wordnet_source(ids)
+    assert source.prompt_names == ids
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "n99999999" in warnings[0]
+    assert "--class_names" in warnings[0] and "--class_names_file" in warnings[0]
+
+    listed = tmp_path / "names.txt"
+    listed.write_text("tench\n springer spaniel \nmystery fish\n\n")
+    _, named = _wordnet_source(ids, class_names_file=str(listed))
+    assert named.class_names == named.prompt_names == ["tench", "springer spaniel", "mystery fish"]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"), [(None, "cannot be read"), ("a\n\nb\n", "line 2 is empty"), ("\n", "holds no class name")]
+)
+def test_a_bad_class_names_file_is_one_clear_line(tmp_path, text, problem):
+    path = tmp_path / "names.txt"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises((OSError, ValueError)) as raised:  # the two the CLI prints as one line
+        _wordnet_source(["n01440764", "n02102040"], class_names_file=str(path))
+    assert problem in str(raised.value) and "one class name per line" in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_class_names_and_a_class_names_file_together_are_refused():
+    from hf_clipsel.configs import DataConfig
+
+    with pytest.raises(ValueError, match="give one of them"):
+        DataConfig(class_names=["a"], class_names_file="names.txt")
