@@ -199,6 +199,18 @@ def _env() -> None:
     dump_environment_info()
 
 
+def setup_logging() -> None:
+    """One line per message: the root handler prints hf_clipsel's (and other libraries'); huggingface_hub and
+    datasets print theirs with handlers of their own, so they must not propagate to the root's as well (each retry
+    on a flaky network was printed twice)."""
+    from datasets.utils import logging as datasets_logging
+    from huggingface_hub.utils import logging as hub_logging
+
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    hub_logging.disable_propagation()
+    datasets_logging.disable_propagation()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -208,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"hf-clipsel: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging()
     # Raised inside peft's own calls into transformers 5; nothing a user can act on.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     try:

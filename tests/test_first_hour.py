@@ -269,3 +269,22 @@ def test_class_names_and_a_class_names_file_together_are_refused():
 
     with pytest.raises(ValueError, match="give one of them"):
         DataConfig(class_names=["a"], class_names_file="names.txt")
+
+
+def test_each_library_warning_is_printed_once():
+    import subprocess
+    import sys
+
+    # The CLI's logging set up by a real command (one that fails fast), then a warning from each library that
+    # prints its own (huggingface_hub's retries, datasets' loading) and one of hf_clipsel's.
+    code = (
+        "import logging\n"
+        "from hf_clipsel.cli import main\n"
+        "main(['export', '--output_dir', 'no/such/run', '--ratio', '0.5'])\n"
+        "for name in ('huggingface_hub.utils._http', 'datasets.load', 'hf_clipsel.data'):\n"
+        "    logging.getLogger(name).warning('probe from %s', name)\n"
+    )
+    answer = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert answer.returncode == 0, answer.stderr
+    for name in ("huggingface_hub.utils._http", "datasets.load", "hf_clipsel.data"):
+        assert answer.stderr.count(f"probe from {name}") == 1, answer.stderr
