@@ -12,6 +12,7 @@ column when it sorts by it, one page of every column when it shows a row's detai
 
 Text columns (``flag_reason``, ``given_label``, ``damage``, ``drop_reason_ratio_<r>``) are dictionary codes plus
 the dictionary in the manifest; labels are the ClassLabel integers (-1: no usable label) plus the class names.
+``path`` (each row's file, where the source names one) is a "text" column: each chunk a base64 UTF-8 JSON array.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .core.names import drop_reason_column, reward_column, selected_column, selected_ratios
+from .core.names import PATH, drop_reason_column, reward_column, selected_column, selected_ratios
 from .scores import Column
 from .scores import score_columns as score_columns_of_registry
 
@@ -53,6 +54,7 @@ _TYPES = {  # numpy dtype -> the page's typed array
     np.dtype("int32"): "i32",
     np.dtype("uint32"): "u32",
     np.dtype("float32"): "f32",
+    np.dtype("object"): "text",  # strings, one per row (the path), not a dictionary: they are mostly unique
 }
 
 
@@ -113,6 +115,9 @@ def page_columns(
         if name in names:
             codes, dictionary = dictionary_codes(table.column(name).cast(pa.string()))
             columns[name] = PageColumn(codes, core, dictionary)
+    paths = pc.fill_null(table.column(PATH), "") if PATH in names else None
+    if paths is not None and pc.any(pc.not_equal(paths, "")).as_py():  # a source of bytes only names no file
+        columns[PATH] = PageColumn(np.asarray(paths.to_pylist(), dtype=object), core=False)
     if DUPLICATE_GROUP in names:
         columns[DUPLICATE_GROUP] = PageColumn(
             smallest_int(pc.fill_null(table.column(DUPLICATE_GROUP), -1).to_numpy()), core=True
@@ -134,10 +139,12 @@ def page_columns(
 
 def write_chunks(name: str, values: np.ndarray, data_dir: Path) -> int:
     """Write one column as ``<stem>-<page>.js`` files of PAGE_ROWS rows; return the number of pages."""
-    little_endian = values.astype(values.dtype.newbyteorder("<"), copy=False)
+    strings = values.dtype == object
+    little_endian = values if strings else values.astype(values.dtype.newbyteorder("<"), copy=False)
     pages = max(1, -(-len(values) // PAGE_ROWS))
     for page in range(pages):
-        payload = base64.b64encode(little_endian[page * PAGE_ROWS : (page + 1) * PAGE_ROWS].tobytes()).decode()
+        part = little_endian[page * PAGE_ROWS : (page + 1) * PAGE_ROWS]
+        payload = base64.b64encode(json.dumps(part.tolist()).encode() if strings else part.tobytes()).decode()
         text = f'CLIPSEL_CHUNK({json.dumps(name)},{page},"{payload}");\n'
         (data_dir / f"{file_stem(name)}-{page:05d}.js").write_text(text, encoding="ascii")
     return pages

@@ -29,12 +29,14 @@
   function decode(base64, type) {
     var binary = atob(base64), bytes = new Uint8Array(binary.length);
     for (var i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
-    return new TYPES[type](bytes.buffer);
+    return type === "text" ? JSON.parse(new TextDecoder().decode(bytes)) : new TYPES[type](bytes.buffer);
   }
 
   window.CLIPSEL_CHUNK = function (name, page, base64) {
     var column = columns[name];
-    column.data.set(decode(base64, M.columns[name].type), page * M.page_rows);
+    var values = decode(base64, M.columns[name].type), offset = page * M.page_rows;
+    if (Array.isArray(column.data)) values.forEach(function (value, k) { column.data[offset + k] = value; });
+    else column.data.set(values, offset);
     column.loaded[page] = 1;
     var callbacks = column.waiting[page] || [];
     delete column.waiting[page];
@@ -267,6 +269,7 @@
       tr.insertCell().textContent = value;
     };
     field("row_id", "row id", String(col("row_id")[i]));
+    if (col("path")) field("path", "file", col("path")[i] || "(none: the source holds the image's bytes only)");
     var given = col("given_label") ? dictionary("given_label")[col("given_label")[i]] : "";
     field("given_label", "given label", className(label) + (given !== "" && given !== String(label) ? " (as given: " + given + ")" : ""));
     field("predicted_label", "CLIP's class", predicted >= 0 ? className(predicted) : "(none: the row was flagged)");
@@ -422,7 +425,8 @@
     M = manifest;
     state = initialState();
     Object.keys(M.columns).forEach(function (name) {
-      columns[name] = { data: new TYPES[M.columns[name].type](M.num_rows), loaded: new Uint8Array(M.num_pages), waiting: {} };
+      var type = M.columns[name].type, data = type === "text" ? new Array(M.num_rows) : new TYPES[type](M.num_rows);
+      columns[name] = { data: data, loaded: new Uint8Array(M.num_pages), waiting: {} };
     });
     fillControls();
     showState();

@@ -261,3 +261,20 @@ def test_the_line_of_equal_reward_is_drawn_only_for_the_reward_it_describes():
     paper_fixed_alpha = ClipselConfig.from_flat({"preset": "paper", "alpha": 0.1}).to_flat()
     assert exact_alphas(paper_fixed_alpha, [0.3]) == {0.3: 0.1}
     assert exact_alphas({**paper_fixed_alpha, "selection_method": "sgd"}, [0.3]) is None
+
+
+def test_the_explorer_pages_carry_each_rows_file(run_dir):
+    import base64
+    import json
+    import re
+
+    data = run_dir / REPORT_DIR / "data"
+    manifest = json.loads(re.fullmatch(r"CLIPSEL_MANIFEST\((.*)\);\n", (data / "manifest.js").read_text()).group(1))
+    spec = manifest["columns"]["path"]
+    assert spec["type"] == "text" and not spec["core"]  # loaded with a row's details, not when the page opens
+    paths = []
+    for page in range(manifest["num_pages"]):
+        text = (data / f"{spec['file']}-{page:05d}.js").read_text()
+        payload = re.fullmatch(r'CLIPSEL_CHUNK\("path",\d+,"(.*)"\);\n', text).group(1)
+        paths += json.loads(base64.b64decode(payload))
+    assert paths == scores_table(run_dir)["path"].tolist() == [file_of(row) for row in range(len(paths))]

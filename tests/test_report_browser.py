@@ -66,6 +66,7 @@ def run_dir(tmp_path_factory, cifar_slice, tiny_clip_path) -> Path:
     source = Dataset.from_parquet(str(cifar_slice)).cast_column("img", Image(decode=False))
 
     def damage(row, index):
+        row["img"] = {"bytes": row["img"]["bytes"], "path": f"photos/img_{index:03d}.png"}  # as a folder's rows
         if index == UNDECODABLE:
             row["img"] = {"bytes": b"not an image", "path": None}
         if index == LABEL_MISSING:
@@ -242,6 +243,7 @@ def test_detail_view_says_what_the_table_says(page, scores, run_dir):
         for r in detail.find_elements("css selector", "#d-fields tr")
     }
     assert fields["given_label"] == names[scores["label"][row]]
+    assert fields["path"] == f"photos/img_{row:03d}.png" == scores["path"][row]
     assert fields["predicted_label"] == names[scores["predicted_label"][row]]
     assert fields["agrees"].startswith("no")  # misaligned: CLIP prefers another class
     for ratio in RATIOS:
