@@ -133,7 +133,7 @@ def _report(args: list[str]) -> None:
         "--gallery_ratio",
         type=float,
         default=None,
-        help="Ratio of the 'dropped for redundancy' gallery (default: the smallest ratio of the run).",
+        help="Ratio of the 'dropped as redundant' gallery (default: the smallest ratio of the run).",
     )
     parser.add_argument(
         "--thumbnails",
