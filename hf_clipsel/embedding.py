@@ -314,16 +314,19 @@ def _chunks(
         return
     features = Features({ROW_ID: Value("int64"), image_column: Image(decode=False)})
     rows: list[dict] = []
+    if not wanted:
+        return
+    wanted_set = set(wanted)
     for row_id, row in reader.rows():
         chunk = row_id // chunk_size
-        if not wanted or chunk > wanted[-1]:
-            break
-        if chunk not in wanted:
+        if chunk not in wanted_set:
             continue
         rows.append({ROW_ID: row_id, image_column: row[image_column]})
         if len(rows) == chunk_size or row_id == num_rows - 1:
             yield chunk, Dataset.from_list(rows, features=features)
             rows = []
+            if chunk == wanted[-1]:  # stop reading: the rest of the stream is other processes' (or done)
+                return
 
 
 def preprocessing_workers(configured: int | None, accelerator: Accelerator) -> int:
