@@ -13,7 +13,8 @@ recomputes them with a decode-only pass and never invalidates the (expensive) em
 them.
 
 Decoding and preprocessing run ahead of the tower in DataLoader workers (``preprocessing_num_workers``), as
-hf_clipsel.preprocessing describes (uint8 hand-over, normalisation on the device, ``jpeg_draft``).
+hf_clipsel.preprocessing describes (uint8 hand-over, normalisation on the device, ``jpeg_draft``): one loader per
+process serves all of its chunks, so the workers start once and stay ahead across chunk boundaries.
 """
 
 from __future__ import annotations
@@ -260,16 +261,12 @@ def embed_images(
         reader = StreamReader(source, share) if streamed else None
         chunks = _chunks(source, image_column, todo, chunk_size, num_rows, reader)
         work = (ChunkWork(i, rows, i * chunk_size, *(not path.exists() for path in paths[i])) for i, rows in chunks)
+        pin_memory = clip_of(model).device.type == "cuda"
+        loader_source = None if streamed else source  # a stream's batches carry their cells
         prepared = prepared_chunks(
-            work,
-            None if streamed else source,
-            image_column,
-            preprocessing,
-            batch_size,
-            num_workers,
-            pin_memory=clip_of(model).device.type == "cuda",
+            work, loader_source, image_column, preprocessing, batch_size, num_workers, pin_memory
         )
-        for chunk, batches in prepared:
+        for chunk, batches in prepared if todo else ():  # nothing to do: no workers started
             i = chunk.index
             embed_chunk(
                 chunk,

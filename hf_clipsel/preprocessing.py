@@ -1,5 +1,6 @@
 """The CPU half of embedding: decode, measure and preprocess a batch of image cells, in DataLoader workers when
-``preprocessing_num_workers`` is above 0, and the last step where the tower runs.
+``preprocessing_num_workers`` is above 0, and the last step where the tower runs. One DataLoader serves every chunk
+of a process (:func:`prepared_chunks`): its sampler hands out one task a batch, so its workers start once.
 
 With a torchvision-backed image processor (transformers' default) whose output is an image batch [B, 3, H, W] (the
 family says so: ``device_normalisation``), the workers stop before the processor's fused rescale-and-normalise and
