@@ -24,7 +24,9 @@ forward of thousands of images/s), so that decoding and preprocessing are the li
 interleaved: decode + preprocess alone in one process (hf_clipsel.embedding.prepare_batch and Preprocessing.finish),
 the same through a DataLoader with 2 workers and no forward (the decode-only bound; also the workers alone, without
 the main process's normalisation), the forward alone on prepared pixels (the forward-only bound), and embed_images
-end to end with preprocessing_num_workers 0, 1 and 2. About 2.5 minutes for N = 2048.
+end to end with preprocessing_num_workers 0, 1 and 2 at each --chunk-size (several may be given: one loader
+serves all of a process's chunks, so 256-row chunks should run as fast as one big chunk). About 2.5 minutes for
+N = 2048 and one chunk size on a quiet host.
 
 `--case decode --device cuda` is the same on a GPU with the ViT-B/32 architecture (random weights, the package's
 default dtype there: bfloat16) and, end to end, 0 workers and the package's default number; it prints bare-forward,
