@@ -49,6 +49,9 @@ class Source:
     given_labels: list[str]  # each row's label as the source gives it, as text ("" when missing)
     in_memory_fingerprint: str | None = None  # the `datasets` fingerprint of a source passed in memory, else None
     readable_names: list[str] | None = None  # what the prompts say for WordNet-id classes (class_names.prompt_names)
+    # A stream's rows in each of its shards, in order, counted by the label pass (None: not streamed, max_samples
+    # set, or one shard); what lets each process read its own shards (hf_clipsel.streaming.stream_share).
+    shard_rows: list[int] | None = None
 
     @property
     def prompt_names(self) -> list[str]:
@@ -181,13 +184,13 @@ def detect_label_column(dataset: Dataset, label_column: str | None = None) -> st
     )
 
 
-def resolve_labels(dataset: Dataset, label_column: str, class_names: list[str] | None):
+def resolve_labels(dataset: Dataset, label_column: str, class_names: list[str] | None, raw: list | None = None):
     """Return (class_names, int64 labels with -1 for missing or out of range, per-row problem text, each row's label
-    as given, as text)."""
+    as given, as text). ``raw``: the label column's values, when read already (:func:`stream_labels_by_shard`)."""
     feature = dataset.features[label_column]
-    if isinstance(dataset, IterableDataset):  # one pass over the label column only
+    if raw is None and isinstance(dataset, IterableDataset):  # one pass over the label column only
         raw = [row[label_column] for row in dataset.select_columns([label_column])]
-    else:
+    elif raw is None:
         raw = dataset[label_column][:]
     if isinstance(feature, ClassLabel):
         names = list(class_names) if class_names else list(feature.names)
@@ -242,7 +245,10 @@ def prepare_source(dataset: Dataset, config: DataConfig, warn: bool = True) -> S
     image_column = detect_image_column(dataset, config.image_column)
     label_column = detect_label_column(dataset, config.label_column)
     named = config.class_names or (read_class_names_file(config.class_names_file) if config.class_names_file else None)
-    class_names, labels, problems, given = resolve_labels(dataset, label_column, named)
+    raw, shard_rows = None, None
+    if isinstance(dataset, IterableDataset) and config.max_samples is None and dataset.num_shards > 1:
+        raw, shard_rows = stream_labels_by_shard(dataset, label_column)  # `take` (max_samples) would not shard
+    class_names, labels, problems, given = resolve_labels(dataset, label_column, named, raw)
     if len(labels) == 0:
         raise ValueError(f"the dataset {name} (split {config.dataset_split!r}) has no rows.")
     flagged = sum(bool(p) for p in problems)
@@ -258,7 +264,21 @@ def prepare_source(dataset: Dataset, config: DataConfig, warn: bool = True) -> S
             class_names[0],
         )
     readable = prompt_names(class_names, warn=warn)
-    return Source(dataset, image_column, label_column, class_names, labels, problems, given, fingerprint, readable)
+    return Source(
+        dataset, image_column, label_column, class_names, labels, problems, given, fingerprint, readable, shard_rows
+    )
+
+
+def stream_labels_by_shard(stream: IterableDataset, label_column: str) -> tuple[list, list[int]]:
+    """A stream's label column read shard after shard (the stream's own order: its shards are its data files, read in
+    turn), and the rows of each shard: one pass, as reading it whole would be."""
+    labels_only = stream.select_columns([label_column])
+    raw, shard_rows = [], []
+    for index in range(stream.num_shards):
+        shard = [row[label_column] for row in labels_only.shard(stream.num_shards, index, contiguous=True)]
+        raw.extend(shard)
+        shard_rows.append(len(shard))
+    return raw, shard_rows
 
 
 def with_row_ids(dataset: Dataset) -> Dataset:

@@ -13,7 +13,8 @@ recomputes them with a decode-only pass and never invalidates the (expensive) em
 them.
 
 Decoding and preprocessing run ahead of the tower in DataLoader workers (``preprocessing_num_workers``), as
-hf_clipsel.preprocessing describes (uint8 hand-over, normalisation on the device, ``jpeg_draft``).
+hf_clipsel.preprocessing describes (uint8 hand-over, normalisation on the device, ``jpeg_draft``): one loader per
+process serves all of its chunks, so the workers start once and stay ahead across chunk boundaries.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ from datasets.arrow_writer import ArrowWriter
 
 from .data import ROW_ID
 from .modeling import cached_size, clip_of, normalises_on_device, text_tower_outputs, vision_tower_outputs
-from .preprocessing import PreparedBatches, Preprocessing
+from .preprocessing import ChunkWork, Preprocessing, prepared_chunks
 from .scores import measured_columns, measurement_versions
-from .streaming import stream_identity
+from .streaming import StreamReader, stream_identity, stream_share
 
 # accelerate's logger: warnings come from the main process only; per-process lines say main_process_only=False
 logger = get_logger(__name__)
@@ -81,44 +82,30 @@ def embed_prepared(row_ids: list[int], prepared, model, hidden_size: int, prepro
 
 
 def embed_chunk(
-    chunk: Dataset,
-    image_column: str,
+    chunk: ChunkWork,
+    batches: Iterator[dict],
     model,
     preprocessing: Preprocessing,
     paths: tuple[Path, Path],
     fingerprint: str,
     batch_size: int,
-    num_workers: int = 0,
     desc: str = "Embedding images",
 ) -> None:
-    """Embed one chunk (``row_id`` and an undecoded image column) into ``paths``: its `datasets.map` cache file of
-    embeddings and its file of pixel statistics, each written whole or not at all; what exists is not redone (with
-    the embeddings done, the statistics take a decode-only pass). With ``num_workers`` > 0, DataLoader workers decode
-    and preprocess the next batches while the tower runs this one (two batches ahead per worker); the numbers are
-    those of the serial path."""
+    """Embed one chunk into ``paths`` from its prepared batches (:func:`~hf_clipsel.preprocessing.prepared_chunks`):
+    its `datasets.map` cache file of embeddings (when ``chunk.preprocess``) and its file of pixel statistics (when
+    ``chunk.measure``), each written whole or not at all, so that a run killed later keeps this chunk."""
     embeddings_path, statistics_path = paths
-    if embeddings_path.exists() and statistics_path.exists():
-        return
-    device = clip_of(model).device
-    preprocess, measure = not embeddings_path.exists(), not statistics_path.exists()
-    loader = torch.utils.data.DataLoader(
-        PreparedBatches(chunk, image_column, preprocessing, batch_size, preprocess, measure),
-        batch_size=None,  # the dataset yields whole batches
-        num_workers=num_workers,
-        prefetch_factor=2 if num_workers else None,
-        pin_memory=device.type == "cuda",  # so that the copy to the device overlaps the forward
-    )
     statistics: list = []
-    prepared = _collecting(iter(loader), statistics)
-    if preprocess:
+    prepared = _collecting(batches, statistics)
+    if chunk.preprocess:
         hidden_size = cached_size(model)
-        chunk.map(
+        chunk.rows.map(
             embed_prepared,
             batched=True,
             batch_size=batch_size,
             input_columns=[ROW_ID],
             fn_kwargs=dict(prepared=prepared, model=model, hidden_size=hidden_size, preprocessing=preprocessing),
-            remove_columns=chunk.column_names,
+            remove_columns=chunk.rows.column_names,
             features=embedding_features(hidden_size),
             cache_file_name=str(embeddings_path),
             load_from_cache_file=True,
@@ -129,8 +116,8 @@ def embed_chunk(
     else:
         for _ in prepared:  # the statistics alone are missing: decode, measure, no forward
             pass
-    if not statistics_path.exists():
-        _write_statistics(statistics_path, chunk[ROW_ID], statistics)
+    if chunk.measure:
+        _write_statistics(statistics_path, chunk.rows[ROW_ID], statistics)
 
 
 def _collecting(batches: Iterator[dict], statistics: list) -> Iterator[dict]:
@@ -211,6 +198,7 @@ def embed_images(
     num_rows: int | None = None,
     source_identity: str | None = None,
     jpeg_draft: bool = False,
+    shard_rows: list[int] | None = None,
 ) -> Dataset:
     """Pooled vision-tower outputs and pixel statistics of every row of ``dataset``, in row order.
 
@@ -218,7 +206,11 @@ def embed_images(
     names its cache, :func:`~hf_clipsel.streaming.stream_identity`), and its row ids are positions in the stream.
     Chunks of ``chunk_size`` rows are shared out between processes; each chunk is one `datasets.map` cache file (and
     one file of statistics), written whole or not at all, so a rerun skips finished chunks. Every process returns the
-    full result. ``jpeg_draft``: see :class:`Preprocessing`.
+    full result. ``jpeg_draft``: see :class:`Preprocessing`. ``shard_rows``: a stream's rows in each of its shards, in
+    order (:attr:`~hf_clipsel.data.Source.shard_rows`); with at least one shard a process, each process reads its own
+    shards only (:func:`~hf_clipsel.streaming.stream_share`), else every process reads the stream from its start.
+    One DataLoader per process prepares all of its chunks (:func:`~hf_clipsel.preprocessing.prepared_chunks`), so
+    ``num_workers`` workers start once whatever ``chunk_size`` is.
     """
     if chunk_size % batch_size:
         raise ValueError(f"chunk_size ({chunk_size}) must be a multiple of batch_size ({batch_size}).")
@@ -251,29 +243,44 @@ def embed_images(
     names = [f"chunk-{i:05d}-of-{num_chunks:05d}.arrow" for i in range(num_chunks)]
     paths = [(directories[0] / name, directories[1] / name) for name in names]
 
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    share = stream_share(shard_rows, rank, world_size, chunk_size, num_rows) if streamed else None
     with accelerator.split_between_processes(list(range(num_chunks))) as my_chunks:
+        my_chunks = share.chunks if share else my_chunks
         todo = [i for i in my_chunks if not all(path.exists() for path in paths[i])]
         logger.info(
-            "process %d of %d: chunks %s of %d (%d cached)",
-            accelerator.process_index,
-            accelerator.num_processes,
+            "process %d of %d: chunks %s of %d (%d cached)%s",
+            rank,
+            world_size,
             _ranges(my_chunks),
             num_chunks,
             len(my_chunks) - len(todo),
+            f", {share.describe()}" if share else "",
             main_process_only=False,
         )
-        for i, chunk in _chunks(source, image_column, todo, chunk_size, num_rows):
+        reader = StreamReader(source, share) if streamed else None
+        chunks = _chunks(source, image_column, todo, chunk_size, num_rows, reader)
+        work = (ChunkWork(i, rows, i * chunk_size, *(not path.exists() for path in paths[i])) for i, rows in chunks)
+        pin_memory = clip_of(model).device.type == "cuda"
+        loader_source = None if streamed else source  # a stream's batches carry their cells
+        prepared = prepared_chunks(
+            work, loader_source, image_column, preprocessing, batch_size, num_workers, pin_memory
+        )
+        for chunk, batches in prepared if todo else ():  # nothing to do: no workers started
+            i = chunk.index
             embed_chunk(
                 chunk,
-                image_column,
+                batches,
                 model,
                 preprocessing,
                 paths[i],
                 f"{directories[0].name}-{i}",
                 batch_size,
-                num_workers,
-                desc=f"Embedding images [chunk {i + 1}/{num_chunks}, process {accelerator.process_index}]",
+                desc=f"Embedding images [chunk {i + 1}/{num_chunks}, process {rank}]",
             )
+        if reader:
+            logger.info("process %d of %d: read %d rows of the stream", rank, world_size, reader.rows_read,
+                        main_process_only=False)  # fmt: skip
     accelerator.wait_for_everyone()
     embeddings = concatenate_datasets([Dataset.from_file(str(path)) for path, _ in paths])
     statistics = concatenate_datasets([Dataset.from_file(str(path)) for _, path in paths]).remove_columns(ROW_ID)
@@ -288,27 +295,35 @@ def embed_images(
 
 
 def _chunks(
-    source: Dataset | IterableDataset, image_column: str, wanted: list[int], chunk_size: int, num_rows: int
+    source: Dataset | IterableDataset,
+    image_column: str,
+    wanted: list[int],
+    chunk_size: int,
+    num_rows: int,
+    reader: StreamReader | None = None,
 ) -> Iterator[tuple[int, Dataset]]:
     """``(index, chunk)`` for each chunk index in ``wanted`` (ascending): a `Dataset` of ``row_id`` and the undecoded
-    image column. A map-style source is cut by `select`; a stream is read once, up to the last wanted chunk, holding
-    one chunk in memory at a time."""
+    image column. A map-style source is cut by `select`; a stream is read by ``reader`` (this process's share, from
+    where it starts) up to the last wanted chunk, holding one chunk in memory at a time."""
     if isinstance(source, Dataset):
         for i in wanted:
             yield i, source.select(range(i * chunk_size, min((i + 1) * chunk_size, num_rows)))
         return
     features = Features({ROW_ID: Value("int64"), image_column: Image(decode=False)})
     rows: list[dict] = []
-    for row_id, row in enumerate(source):
+    if not wanted:
+        return
+    wanted_set = set(wanted)
+    for row_id, row in reader.rows():
         chunk = row_id // chunk_size
-        if not wanted or chunk > wanted[-1]:
-            break
-        if chunk not in wanted:
+        if chunk not in wanted_set:
             continue
         rows.append({ROW_ID: row_id, image_column: row[image_column]})
         if len(rows) == chunk_size or row_id == num_rows - 1:
             yield chunk, Dataset.from_list(rows, features=features)
             rows = []
+            if chunk == wanted[-1]:  # stop reading: the rest of the stream is other processes' (or done)
+                return
 
 
 def preprocessing_workers(configured: int | None, accelerator: Accelerator) -> int:
@@ -345,6 +360,7 @@ def embed_stage(context, model=None, fingerprint: str | None = None) -> Dataset:
         num_rows=context.source.num_rows if streamed else None,
         source_identity=stream_identity(context.config.data) if streamed else None,
         jpeg_draft=run.jpeg_draft,
+        shard_rows=context.source.shard_rows if streamed else None,
     )
 
 

@@ -1,5 +1,6 @@
 """The CPU half of embedding: decode, measure and preprocess a batch of image cells, in DataLoader workers when
-``preprocessing_num_workers`` is above 0, and the last step where the tower runs.
+``preprocessing_num_workers`` is above 0, and the last step where the tower runs. One DataLoader serves every chunk
+of a process (:func:`prepared_chunks`): its sampler hands out one task a batch, so its workers start once.
 
 With a torchvision-backed image processor (transformers' default) whose output is an image batch [B, 3, H, W] (the
 family says so: ``device_normalisation``), the workers stop before the processor's fused rescale-and-normalise and
@@ -11,6 +12,11 @@ large photos, not bit-identical (off by default; recipes/benchmarks/README.md, "
 """
 
 from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
@@ -105,21 +111,84 @@ def prepare_batch(cells: list, preprocessing: Preprocessing, preprocess: bool = 
     }
 
 
+@dataclass(frozen=True)
+class BatchTask:
+    """One batch for a worker: rows ``start:stop`` of the loader's map-style source, or ``cells`` themselves (a
+    stream's, read by the main process); ``preprocess`` and ``measure`` as in :func:`prepare_batch`."""
+
+    start: int
+    stop: int
+    preprocess: bool
+    measure: bool
+    cells: list | None = None
+
+
 class PreparedBatches(torch.utils.data.Dataset):
-    """The batches of one chunk, prepared (:func:`prepare_batch`) by index, for a DataLoader's workers."""
+    """Prepares (:func:`prepare_batch`) the batch a :class:`BatchTask` names, in a DataLoader worker. The loader's
+    sampler hands out the tasks, so one loader (and its workers) serves every chunk of a process: the workers start
+    once, not once a chunk. ``source``: the map-style rows (``row_id`` and the undecoded image column) that tasks
+    name by position; None for a stream, whose tasks carry their cells."""
 
-    def __init__(
-        self, chunk: Dataset, image_column: str, preprocessing, batch_size: int, preprocess=True, measure=True
-    ):
-        self.chunk, self.image_column, self.preprocess, self.measure = chunk, image_column, preprocess, measure
-        self.preprocessing, self.batch_size = preprocessing, batch_size
+    def __init__(self, source: Dataset | None, image_column: str, preprocessing: Preprocessing):
+        self.source, self.image_column, self.preprocessing = source, image_column, preprocessing
 
-    def __len__(self) -> int:
-        return -(-len(self.chunk) // self.batch_size)
+    def __getitem__(self, task: BatchTask) -> dict:
+        cells = task.cells if task.cells is not None else self.source[task.start : task.stop][self.image_column]
+        return prepare_batch(cells, self.preprocessing, task.preprocess, task.measure)
 
-    def __getitem__(self, index: int) -> dict:
-        rows = self.chunk[index * self.batch_size : (index + 1) * self.batch_size]
-        return prepare_batch(rows[self.image_column], self.preprocessing, self.preprocess, self.measure)
+
+@dataclass(frozen=True)
+class ChunkWork:
+    """One chunk to embed: its index, its rows (``row_id`` and the undecoded image column), the position of its
+    first row in the loader's map-style source (unused for a stream), and what is missing from the cache."""
+
+    index: int
+    rows: Dataset
+    first_row: int
+    preprocess: bool
+    measure: bool
+
+
+def prepared_chunks(
+    work: Iterator[ChunkWork],
+    source: Dataset | None,
+    image_column: str,
+    preprocessing: Preprocessing,
+    batch_size: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> Iterator[tuple[ChunkWork, Iterator[dict]]]:
+    """``(chunk, its prepared batches)`` for each chunk of ``work`` in turn, from one DataLoader over them all: with
+    ``num_workers`` > 0 its workers decode and preprocess two batches ahead each, across chunk boundaries, and live
+    as long as this generator. Each chunk's batches must be consumed before the next chunk is asked for. ``work`` is
+    read lazily, as the workers need tasks (a stream is read as it is embedded). The numbers are those of the serial
+    path: the batches are the same rows, prepared by the same function, in order."""
+    pending: deque[ChunkWork] = deque()  # chunks whose tasks the sampler has handed out, first in first out
+
+    def tasks() -> Iterator[BatchTask]:
+        for chunk in work:
+            pending.append(chunk)
+            for start in range(0, len(chunk.rows), batch_size):
+                stop = min(start + batch_size, len(chunk.rows))
+                if source is None:
+                    cells = chunk.rows[start:stop][image_column]
+                    yield BatchTask(start, stop, chunk.preprocess, chunk.measure, cells)
+                else:
+                    first = chunk.first_row
+                    yield BatchTask(first + start, first + stop, chunk.preprocess, chunk.measure)
+
+    loader = torch.utils.data.DataLoader(
+        PreparedBatches(source, image_column, preprocessing),
+        batch_size=None,  # each task is a whole batch
+        sampler=tasks(),
+        num_workers=num_workers,
+        prefetch_factor=2 if num_workers else None,
+        pin_memory=pin_memory,  # so that the copy to the device overlaps the forward
+    )
+    batches = iter(loader)
+    for first in batches:  # a chunk's first batch: its tasks, and so the chunk, were handed out
+        chunk = pending.popleft()
+        yield chunk, itertools.chain([first], itertools.islice(batches, -(-len(chunk.rows) // batch_size) - 1))
 
 
 def _preprocess(images: list, preprocessing: Preprocessing, errors: list[str]) -> tuple[list[int], dict]:

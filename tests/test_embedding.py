@@ -1,5 +1,6 @@
 """Embedding: batched datasets.map, chunked on-disk cache reused by reruns, undecodable images flagged."""
 
+import os
 import shutil
 
 import torch
@@ -11,6 +12,7 @@ from hf_clipsel.configs import ModelConfig
 from hf_clipsel.data import with_row_ids
 from hf_clipsel.embedding import STATISTICS_DIR_PREFIX, embed_images, pooled_matrix
 from hf_clipsel.modeling import load_clip, model_fingerprint, vision_tower_outputs
+from hf_clipsel.preprocessing import ChunkWork, Preprocessing, prepare_batch, prepared_chunks
 from tests.conftest import embedding_chunks
 
 
@@ -216,3 +218,36 @@ def test_the_draft_target_is_what_the_processor_resizes_to():
     assert resize_target(CLIPImageProcessor()) == (224, 224)  # shortest edge 224
     assert resize_target(CLIPImageProcessor(size={"height": 96, "width": 128})) == (128, 96)
     assert resize_target(CLIPImageProcessor(do_resize=False)) is None  # nothing known: JPEGs decode at full scale
+
+
+class _WorkerStamped(Preprocessing):
+    """The processor's outputs plus the process that prepared them (a tensor, so that it travels with the batch)."""
+
+    def prepare(self, images):
+        return {**super().prepare(images), "prepared_by": torch.tensor([os.getpid()])}
+
+
+def test_one_loader_serves_every_chunk_so_its_workers_start_once(cifar_slice, tiny_clip_path):
+    """6 chunks of 2 batches, 2 workers: every batch of every chunk, of a loaded source and of a stream's cells alike,
+    comes in order from the same two worker processes (a loader per chunk would start 12)."""
+    from datasets import Image
+    from transformers import AutoImageProcessor
+
+    source = load_dataset("parquet", data_files=str(cifar_slice), split="train").select(range(96))
+    source = with_row_ids(source).cast_column("img", Image(decode=False))
+    preprocessing = _WorkerStamped(AutoImageProcessor.from_pretrained(tiny_clip_path))
+    chunks = [source.select(range(start, start + 16)) for start in range(0, 96, 16)]
+    serial = [prepare_batch(source[i : i + 8]["img"], preprocessing) for i in range(0, 96, 8)]
+    for loader_source in (source, None):  # None: a stream's, whose tasks carry their cells
+        work = (ChunkWork(i, rows, 16 * i, preprocess=True, measure=True) for i, rows in enumerate(chunks))
+        workers, batches, order = set(), [], []
+        for chunk, prepared in prepared_chunks(work, loader_source, "img", preprocessing, 8, num_workers=2):
+            order.append(chunk.index)
+            batches.extend(prepared)
+        assert order == list(range(6))
+        assert len(batches) == len(serial) == 12
+        for ready, expected in zip(batches, serial):
+            workers.add(int(ready["other_inputs"].pop("prepared_by")))
+            assert torch.equal(ready["pixel_values"], expected["pixel_values"])
+            assert ready["statistics"] == [list(row) for row in expected["statistics"]]  # the loader makes lists
+        assert len(workers) == 2 and os.getpid() not in workers

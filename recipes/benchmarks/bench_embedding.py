@@ -24,7 +24,9 @@ forward of thousands of images/s), so that decoding and preprocessing are the li
 interleaved: decode + preprocess alone in one process (hf_clipsel.embedding.prepare_batch and Preprocessing.finish),
 the same through a DataLoader with 2 workers and no forward (the decode-only bound; also the workers alone, without
 the main process's normalisation), the forward alone on prepared pixels (the forward-only bound), and embed_images
-end to end with preprocessing_num_workers 0, 1 and 2. About 2.5 minutes for N = 2048.
+end to end with preprocessing_num_workers 0, 1 and 2 at each --chunk-size (several may be given: one loader
+serves all of a process's chunks, so 256-row chunks should run as fast as one big chunk). About 2.5 minutes for
+N = 2048 and one chunk size on a quiet host.
 
 `--case decode --device cuda` is the same on a GPU with the ViT-B/32 architecture (random weights, the package's
 default dtype there: bfloat16) and, end to end, 0 workers and the package's default number; it prints bare-forward,
@@ -68,7 +70,7 @@ from hf_clipsel.configs import ModelConfig
 from hf_clipsel.data import decode_rgb
 from hf_clipsel.embedding import embed_images, pooled_matrix
 from hf_clipsel.modeling import load_clip, model_fingerprint, vision_tower_outputs
-from hf_clipsel.preprocessing import PreparedBatches, Preprocessing, prepare_batch
+from hf_clipsel.preprocessing import ChunkWork, Preprocessing, prepare_batch, prepared_chunks
 from hf_clipsel.scoring import sample_diversity, semantic_alignment
 
 
@@ -184,16 +186,15 @@ def decode_case(args) -> None:
         def decode_workers(workers: int, normalise: bool = True):
             """The workers' half (decode, measure, preprocess to uint8) and the main process's copy to the device and
             normalisation, as in embed_images, without the forward; ``normalise=False``: the workers alone."""
-            batches = PreparedBatches(chunk, "img", preprocessing, size)
-            loader = torch.utils.data.DataLoader(
-                batches, batch_size=None, num_workers=workers, prefetch_factor=2, pin_memory=device.type == "cuda"
-            )
+            work = iter([ChunkWork(0, chunk, 0, preprocess=True, measure=True)])
+            pin = device.type == "cuda"
+            _, loader = next(prepared_chunks(work, chunk, "img", preprocessing, size, workers, pin_memory=pin))
             for ready in loader:
                 if normalise:
                     preprocessing.finish(ready["pixel_values"], device)
             synchronize(device)
 
-        def end_to_end(workers: int):
+        def end_to_end(workers: int, chunk_size: int):
             with tempfile.TemporaryDirectory(dir=workdir) as cache_dir:
                 embed_images(
                     dataset,
@@ -204,7 +205,7 @@ def decode_case(args) -> None:
                     cache_dir,
                     accelerator,
                     batch_size=size,
-                    chunk_size=args.chunk_size,
+                    chunk_size=chunk_size,
                     num_workers=workers,
                 )
 
@@ -216,7 +217,7 @@ def decode_case(args) -> None:
                 decode_workers, bound_workers, normalise=False
             ),
             "forward-only bound": partial(bare_forward, model, prepared),
-            **{f"embed_images, {w} workers": partial(end_to_end, w) for w in workers},
+            **{end_to_end_name(w, c): partial(end_to_end, w, c) for c in args.chunk_size for w in workers},
         }
         times = interleaved(variants, args.repeats)
     rate = {name: len(dataset) / median(seconds) for name, seconds in times.items()}
@@ -227,16 +228,21 @@ def decode_case(args) -> None:
             for name, value in rate.items()
         ]
     )
-    best = rate[f"embed_images, {bound_workers} workers"]
+    best = rate[end_to_end_name(bound_workers, args.chunk_size[0])]
     limit = min(rate["forward-only bound"], bound)
+    per_chunk = ", ".join(f"chunk {c}: {rate[end_to_end_name(bound_workers, c)] / limit:.3f}" for c in args.chunk_size)
     print(
-        f"(N = {len(dataset)} JPEGs 500x375, batch {size}, chunk {args.chunk_size}, median of {args.repeats} "
+        f"(N = {len(dataset)} JPEGs 500x375, batch {size}, chunks {args.chunk_size}, median of {args.repeats} "
         f"interleaved runs, {torch.get_num_threads()} torch threads in the main process, device {device}, tower "
         f"dtype {next(model.vision_model.parameters()).dtype}. Targets for {bound_workers} workers: >= 1.5x decode 1 "
-        "process and >= 0.85x the decode-only bound on a 2-core CPU; on a GPU >= 0.8x min(forward-only, decode-only)"
-        f": here {best / limit:.3f}. ImageNet-1k's 1,281,167 images at {best:.0f} img/s: "
+        "process and >= 0.85x the decode-only bound on a 2-core CPU, whatever the chunk size; on a GPU >= 0.8x "
+        f"min(forward-only, decode-only): here {per_chunk}. ImageNet-1k's 1,281,167 images at {best:.0f} img/s: "
         f"{1_281_167 / best / 60:.1f} minutes (DERIVED from this run's rate, not measured on ImageNet))"
     )
+
+
+def end_to_end_name(workers: int, chunk_size: int) -> str:
+    return f"embed_images, {workers} workers, chunks of {chunk_size}"
 
 
 def synchronize(device: torch.device) -> None:
@@ -252,7 +258,11 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward (RunConfig default: 64)")
     parser.add_argument(
-        "--chunk-size", type=int, default=4096, help="rows per cache chunk, --case decode (RunConfig default: 4096)"
+        "--chunk-size",
+        type=int,
+        nargs="+",
+        default=[4096],
+        help="--case decode: rows per cache chunk, one or more (each runs end to end; RunConfig default: 4096)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median reported)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
