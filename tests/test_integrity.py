@@ -190,7 +190,9 @@ def test_another_runs_shard_under_this_runs_name_is_refused_by_every_reader(entr
         assert (output_dir / RECORD).read_bytes() == record, argv  # no digest recorded that the command did not write
 
 
-def test_load_run_from_the_hub_checks_the_files_against_the_pushed_record(finished, other, tmp_path, monkeypatch):
+def test_load_run_and_select_from_the_hub_check_the_files_against_the_pushed_record(
+    finished, other, tmp_path, monkeypatch, capsys
+):
     import huggingface_hub
 
     hub = _copy(finished, tmp_path, "hub")  # what the dataset repo holds (push uploads the record's files as-is)
@@ -205,6 +207,13 @@ def test_load_run_from_the_hub_checks_the_files_against_the_pushed_record(finish
     _swap_in_shard(hub, other, "subsets/ratio_0.3")
     with pytest.raises(IncompleteRunError, match="its sha256 differs"):
         load_run("acme/run")
+    # select --scores_from a Hub repo checks the scores it downloads against the pushed record too
+    _swap_in_shard(hub, other, "scores")
+    dataset = read_record(finished).stages["embed"]["settings"]["dataset_name"]
+    argv = ["select", "--dataset_name", dataset, "--output_dir", str(tmp_path / "new"), "--scores_from", "acme/run"]
+    assert main(argv) == 1
+    error = capsys.readouterr().err.strip()
+    assert "scores/" in error and "its sha256 differs" in error and len(error.splitlines()) == 1, error
 
 
 # -- item 9: push holds the lock, publishes the dataset before the adapters, and no local path ------------------------
@@ -351,3 +360,16 @@ def test_an_empty_string_label_names_no_class():
 
     names, labels, problems, _ = resolve_labels(Dataset.from_dict({"label": ["cat", "", "dog", "  "]}), "label", None)
     assert names == ["cat", "dog"] and labels.tolist() == [0, -1, 1, -1] and problems[1] == "label missing"
+
+
+def test_a_write_error_names_the_folder_being_written(tmp_path):
+    import errno
+
+    from hf_clipsel.runs.folder import RunFolder
+
+    with pytest.raises(OSError, match="File too large while writing the run into") as raised:
+        with RunFolder(tmp_path / "run") as folder:
+            folder.stage()
+            raise OSError(errno.EFBIG, "File too large")  # what a write past the file size limit raises: no file
+    assert raised.value.filename.startswith(str(tmp_path / "run" / ".staging-"))
+    assert not list((tmp_path / "run").glob(".staging-*"))
