@@ -173,6 +173,12 @@ def detect_label_column(dataset: Dataset, label_column: str | None = None) -> st
     for name in LABEL_COLUMN_NAMES:
         if name in dataset.column_names:
             return name
+    if all(isinstance(feature, Image) for feature in dataset.features.values()):  # an image folder without labels
+        raise ValueError(
+            "the images have no labels: an image folder gets them from the folder each image is in, and only when "
+            "every image lies at the same depth in a folder named after its class (<folder>/<class name>/<image>); "
+            "move the images so, or give a CSV or parquet file with a label column."
+        )
     raise ValueError(
         f"no label column found among {dataset.column_names}: hf_clipsel needs a labelled dataset. Pass "
         "--label_column with the column that holds each image's class."

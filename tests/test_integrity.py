@@ -374,3 +374,17 @@ def test_a_write_error_names_the_folder_being_written(tmp_path):
             raise OSError(errno.EFBIG, "File too large")  # what a write past the file size limit raises: no file
     assert raised.value.filename.startswith(str(tmp_path / "run" / ".staging-"))
     assert not list((tmp_path / "run").glob(".staging-*"))
+
+
+def test_an_image_folder_without_labels_says_how_to_lay_it_out(tmp_path):
+    from PIL import Image as PILImage
+
+    from hf_clipsel.configs import DataConfig
+    from hf_clipsel.data import load_source, prepare_source
+
+    for folder in ("cat", "more/dog"):  # images at two depths: datasets infers no labels
+        (tmp_path / folder).mkdir(parents=True)
+        PILImage.new("RGB", (4, 4)).save(tmp_path / folder / "0.png")
+    config = DataConfig(dataset_name=str(tmp_path))
+    with pytest.raises(ValueError, match="same depth in a folder named after its class"):
+        prepare_source(load_source(config), config)
