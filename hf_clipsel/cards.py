@@ -87,7 +87,8 @@ def _link(name: str | None, repo_type: str = "model") -> str:
     if not name:
         return "`unknown`"
     if not is_hub_repo_id(name):
-        return f"`{name}` (a local path)"
+        # a pushed card names it by its file or folder name only (hf_clipsel.publish), the local card by its path
+        return f"`{name}` (local files, not on the Hub)"
     prefix = "" if repo_type == "model" else "datasets/"
     return f"[{name}]({constants.ENDPOINT}/{prefix}{name})"
 

@@ -7,6 +7,8 @@ from the source exactly as it was loaded.
 from __future__ import annotations
 
 import io
+import itertools
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -120,6 +122,9 @@ def _load(config: DataConfig) -> Dataset:
     name = config.dataset_name
     path = Path(name)
     if path.is_dir() and (path / "dataset_info.json").exists() and (path / "state.json").exists():
+        if not json.loads((path / "state.json").read_text()).get("_data_files", [None]):
+            # datasets' load_from_disk fails with an IndexError on the empty dataset save_to_disk writes
+            raise ValueError(f"the dataset {name!r} has no rows (save_to_disk wrote no data files).")
         dataset = load_from_disk(str(path))
         if not isinstance(dataset, Dataset):
             dataset = dataset[config.dataset_split]
@@ -158,7 +163,7 @@ def detect_image_column(dataset: Dataset, image_column: str | None = None) -> st
         if not isinstance(dataset.features[image_column], Image):
             raise ValueError(
                 f"column {image_column!r} is {dataset.features[image_column]}, neither an Image feature nor a column "
-                "of image paths or URLs; name the column that holds the images with --image_column."
+                "of image file paths; name the column that holds the images with --image_column."
             )
         return image_column
     for name, feature in dataset.features.items():
@@ -178,6 +183,12 @@ def detect_label_column(dataset: Dataset, label_column: str | None = None) -> st
     for name in LABEL_COLUMN_NAMES:
         if name in dataset.column_names:
             return name
+    if all(isinstance(feature, Image) for feature in dataset.features.values()):  # an image folder without labels
+        raise ValueError(
+            "the images have no labels: an image folder gets them from the folder each image is in, and only when "
+            "every image lies at the same depth in a folder named after its class (<folder>/<class name>/<image>); "
+            "move the images so, or give a CSV or parquet file with a label column."
+        )
     raise ValueError(
         f"no label column found among {dataset.column_names}: hf_clipsel needs a labelled dataset. Pass "
         "--label_column with the column that holds each image's class."
@@ -207,6 +218,7 @@ def resolve_labels(dataset: Dataset, label_column: str, class_names: list[str] |
             )
         names, labels = list(class_names), raw
     elif isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
+        raw = [None if v is None or not v.strip() else v for v in raw]  # an empty label names no class: missing
         names = list(class_names) if class_names else sorted({v for v in raw if v is not None})
         index = {name: i for i, name in enumerate(names)}
         labels = [None if v is None else index.get(v, len(names)) for v in raw]
@@ -240,7 +252,8 @@ def prepare_source(dataset: Dataset, config: DataConfig, warn: bool = True) -> S
     fingerprint = None if config.dataset_name else dataset._fingerprint
     name = repr(config.dataset_name) if config.dataset_name else "given in memory"
     if config.image_column and _is_string_column(dataset, config.image_column):
-        # A column of paths or URLs named as the images (a CSV of file names, say): read them as images.
+        # A column of file paths named as the images (a CSV of file names, say): read them as images.
+        _refuse_urls(dataset, config.image_column)
         dataset = dataset.cast_column(config.image_column, Image())
     image_column = detect_image_column(dataset, config.image_column)
     label_column = detect_label_column(dataset, config.label_column)
@@ -279,6 +292,20 @@ def stream_labels_by_shard(stream: IterableDataset, label_column: str) -> tuple[
         raw.extend(shard)
         shard_rows.append(len(shard))
     return raw, shard_rows
+
+
+def _refuse_urls(dataset: Dataset | IterableDataset, column: str, sample: int = 100) -> None:
+    """Refuse a column of image URLs: images are read from files and bytes, never fetched from the web."""
+    if isinstance(dataset, IterableDataset):
+        values = [row[column] for row in itertools.islice(dataset.select_columns([column]), sample)]
+    else:
+        values = dataset.select_columns([column])[:sample][column]
+    url = next((value for value in values if isinstance(value, str) and "://" in value), None)
+    if url is not None:
+        raise ValueError(
+            f"column {column!r} holds URLs ({url}): hf_clipsel reads images from local files or bytes and never "
+            "fetches them; download the images first and give their local paths."
+        )
 
 
 def with_row_ids(dataset: Dataset) -> Dataset:

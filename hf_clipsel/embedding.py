@@ -285,6 +285,11 @@ def embed_images(
     embeddings = concatenate_datasets([Dataset.from_file(str(path)) for path, _ in paths])
     statistics = concatenate_datasets([Dataset.from_file(str(path)) for _, path in paths]).remove_columns(ROW_ID)
     flagged = len(embeddings) - sum(embeddings["decode_ok"])
+    if flagged and flagged == len(embeddings):  # nothing to adapt on, score or select
+        first = next(reason for reason in embeddings["decode_error"] if reason)
+        raise ValueError(
+            f"none of the {flagged} images could be decoded (the first: {first}); check the image column."
+        )
     if flagged:  # every process holds all of them: the main one says so (accelerate's logger)
         logger.warning(
             "%d of %d images could not be decoded; they are flagged and kept out of selection.",

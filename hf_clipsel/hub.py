@@ -1,8 +1,10 @@
 """Push a run's outputs to the Hub, and read its scores back.
 
-``push_outputs`` turns ``output_dir`` (laid out as a dataset repo, see :mod:`hf_clipsel.outputs`) into two repos,
-after checking, before any request, that the folder holds exactly the finished run its record lists, byte for byte
-(:func:`hf_clipsel.runs.record.verify`; an incomplete or mixed folder is refused):
+``push_outputs`` turns ``output_dir`` (laid out as a dataset repo, see :mod:`hf_clipsel.outputs`) into two repos.
+It holds the run's lock (:class:`~hf_clipsel.runs.folder.RunFolder`) throughout and checks, before any request, that
+the folder holds exactly the finished run its record lists, byte for byte (:func:`hf_clipsel.runs.record.verify`);
+what it uploads is the run without this machine's paths (:mod:`hf_clipsel.publish`). The dataset repo is pushed
+before the model repo, so a push that fails never leaves adapters published without their subsets:
 
 - the dataset repo: the card (``README.md``, its ``configs:`` naming every subset and ``scores``, rendered again
   with the repo ids so its snippets name the repo) and the files the record lists: ``subsets/``, ``scores/``,
@@ -10,8 +12,6 @@ after checking, before any request, that the folder holds exactly the finished r
   ``embeddings/`` (a cache), not ``adapter/``, not any other file a user left in ``output_dir``;
 - the model repo (optional): the adapters of ``adapter/`` at its root, so ``PeftModel.from_pretrained(clip,
   repo_id)`` loads them, and their card.
-
-Call it from the main process only (the callers guarantee it): two processes pushing the same files would race.
 
 **The invariant.** A config listed in the Hub README's ``configs:`` has all its files, with their final content, at
 every commit of the repo. ``load_dataset(repo, "ratio_0.3")`` therefore returns the whole subset or fails (unknown
@@ -57,6 +57,8 @@ from huggingface_hub.hf_api import RepoFile
 from .cards import read_run, redact, render_adapter_card, render_dataset_card
 from .core.names import RECORD
 from .outputs import ADAPTER_DIR, RUN_CONFIG, RUN_SUMMARY, SCORES_DIR, SUBSETS_DIR
+from .publish import published_copy
+from .runs.folder import RunFolder
 from .runs.load import read_scores
 from .runs.record import RunRecord, verify
 
@@ -382,7 +384,8 @@ def push_outputs(
     """Push ``output_dir`` to the dataset repo ``dataset_repo_id`` and its adapters to ``model_repo_id``.
 
     Creates the repos if needed (``private`` applies to new repos). Safe to rerun: a rerun commits only what is
-    not on the Hub yet, so it also finishes a push that failed half-way. Main process only.
+    not on the Hub yet, so it also finishes a push that failed half-way. Main process only; refused
+    (:class:`~hf_clipsel.runs.folder.RunLockedError`) while another command holds the run.
 
     Args:
         max_files_per_commit: changed files per commit; a push with more is split so that no config is ever listed
@@ -398,9 +401,6 @@ def push_outputs(
         raise ValueError(f"max_files_per_commit must be at least 1, got {max_files_per_commit}.")
     if not (output_dir / SCORES_DIR).is_dir() and not (output_dir / SUBSETS_DIR).is_dir():
         raise FileNotFoundError(f"{output_dir} holds no scores/ or subsets/: is it the output_dir of a run?")
-    # Before anything is uploaded: the folder holds exactly the finished run its record describes, byte for byte.
-    record = verify(output_dir, deep=True)
-    api = HfApi(token=token)
     options = dict(
         token=token,
         max_files_per_commit=max_files_per_commit,
@@ -408,32 +408,36 @@ def push_outputs(
         retry_wait=retry_wait,
         max_wait=max_wait,
     )
-    result = PushResult(dataset=RepoPush(dataset_repo_id, "dataset"))
-    config, summary = read_run(output_dir)
-    has_run = bool(config or summary)
-
-    adapter_dir = output_dir / ADAPTER_DIR
-    if model_repo_id:
-        if not (adapter_dir / "adapter_config.json").exists():
-            raise FileNotFoundError(f"no adapters in {adapter_dir} to push to {model_repo_id}.")
-        syncer = _Syncer(api, model_repo_id, "model", **options)
-        syncer.create_repo(private)
-        card = render_adapter_card(output_dir, model_repo_id=model_repo_id, dataset_repo_id=dataset_repo_id)
-        syncer.sync(_adapter_files(adapter_dir), redact(str(card), token).encode("utf-8"))
-        result.model = syncer.result
-        logger.info("Adapters of %s are in model repo %s.", output_dir, model_repo_id)
-
-    syncer = _Syncer(api, dataset_repo_id, "dataset", **options)
-    syncer.create_repo(private)
-    if has_run:
-        card_text = str(render_dataset_card(output_dir, dataset_repo_id=dataset_repo_id, model_repo_id=model_repo_id))
-    elif (output_dir / README).exists():
-        card_text = (output_dir / README).read_text(encoding="utf-8")
-    else:
-        raise FileNotFoundError(f"{output_dir} has no {RUN_CONFIG}, {RUN_SUMMARY} or {README} to make a card from.")
-    syncer.sync(_dataset_files(output_dir, record), redact(card_text, token).encode("utf-8"), OWNED_FOLDERS)
-    result.dataset = syncer.result
-    logger.info("Outputs of %s are in dataset repo %s.", output_dir, dataset_repo_id)
+    # Held for the whole push: no command may change the run while its files are read and uploaded.
+    with RunFolder(output_dir, need_run=True) as folder:
+        # Before anything is uploaded: the folder holds exactly the finished run its record describes, byte for byte.
+        record = verify(output_dir, deep=True)
+        published = folder.stage()  # hard links of the run's files, made publishable there
+        record = published_copy(published, record)
+        config, summary = read_run(published)
+        adapter_dir = published / ADAPTER_DIR
+        if model_repo_id and not (adapter_dir / "adapter_config.json").exists():
+            raise FileNotFoundError(f"no adapters in {output_dir / ADAPTER_DIR} to push to {model_repo_id}.")
+        if config or summary:
+            card = render_dataset_card(published, dataset_repo_id=dataset_repo_id, model_repo_id=model_repo_id)
+        elif (published / README).exists():
+            card = (published / README).read_text(encoding="utf-8")
+        else:
+            raise FileNotFoundError(f"{output_dir} has no {RUN_CONFIG}, {RUN_SUMMARY} or {README} to make a card of.")
+        api = HfApi(token=token)
+        dataset = _Syncer(api, dataset_repo_id, "dataset", **options)
+        model = _Syncer(api, model_repo_id, "model", **options) if model_repo_id else None
+        for syncer in (dataset, model) if model else (dataset,):  # a repo we may not create fails before any data
+            syncer.create_repo(private)
+        # The dataset first: a push that fails never leaves adapters published without their subsets.
+        dataset.sync(_dataset_files(published, record), redact(str(card), token).encode("utf-8"), OWNED_FOLDERS)
+        logger.info("Outputs of %s are in dataset repo %s.", output_dir, dataset_repo_id)
+        result = PushResult(dataset=dataset.result)
+        if model:
+            card = render_adapter_card(published, model_repo_id=model_repo_id, dataset_repo_id=dataset_repo_id)
+            model.sync(_adapter_files(adapter_dir), redact(str(card), token).encode("utf-8"))
+            result.model = model.result
+            logger.info("Adapters of %s are in model repo %s.", output_dir, model_repo_id)
     return result
 
 

@@ -190,7 +190,9 @@ def test_another_runs_shard_under_this_runs_name_is_refused_by_every_reader(entr
         assert (output_dir / RECORD).read_bytes() == record, argv  # no digest recorded that the command did not write
 
 
-def test_load_run_from_the_hub_checks_the_files_against_the_pushed_record(finished, other, tmp_path, monkeypatch):
+def test_load_run_and_select_from_the_hub_check_the_files_against_the_pushed_record(
+    finished, other, tmp_path, monkeypatch, capsys
+):
     import huggingface_hub
 
     hub = _copy(finished, tmp_path, "hub")  # what the dataset repo holds (push uploads the record's files as-is)
@@ -205,3 +207,184 @@ def test_load_run_from_the_hub_checks_the_files_against_the_pushed_record(finish
     _swap_in_shard(hub, other, "subsets/ratio_0.3")
     with pytest.raises(IncompleteRunError, match="its sha256 differs"):
         load_run("acme/run")
+    # select --scores_from a Hub repo checks the scores it downloads against the pushed record too
+    _swap_in_shard(hub, other, "scores")
+    dataset = read_record(finished).stages["embed"]["settings"]["dataset_name"]
+    argv = ["select", "--dataset_name", dataset, "--output_dir", str(tmp_path / "new"), "--scores_from", "acme/run"]
+    capsys.readouterr()
+    assert main(argv) == 1
+    error = capsys.readouterr().err.strip()  # the progress bars of loading the first runs' files, then the error
+    assert "scores/" in error.splitlines()[-1] and "its sha256 differs" in error and "Traceback" not in error, error
+
+
+# -- item 9: push holds the lock, publishes the dataset before the adapters, and no local path ------------------------
+class _RecordingHub:
+    """The network edge of a push (huggingface_hub.HfApi): an empty Hub that records each commit and can refuse the
+    commits of one repo type with a 403."""
+
+    def __init__(self, refuse: str | None = None):
+        self.commits: list[tuple[str, str, dict[str, bytes]]] = []
+        self.refuse = refuse
+
+    def __call__(self, token=None):
+        return self
+
+    def create_repo(self, repo_id, repo_type=None, **_):
+        return f"https://hub.test/{repo_type}s/{repo_id}"
+
+    def repo_info(self, repo_id, repo_type=None, **_):
+        return types.SimpleNamespace(sha=f"{len(self.commits):040d}")
+
+    def list_repo_tree(self, *_, **__):
+        return []
+
+    def create_commit(self, repo_id, operations, repo_type=None, **_):
+        import httpx2
+        from huggingface_hub.errors import HfHubHTTPError
+
+        if repo_type == self.refuse:
+            request = httpx2.Request("POST", f"https://hub.test/api/{repo_type}s/{repo_id}/commit/main")
+            raise HfHubHTTPError("403 Forbidden", response=httpx2.Response(403, request=request))
+        files = {}
+        for operation in operations:
+            source = operation.path_or_fileobj
+            files[operation.path_in_repo] = source if isinstance(source, bytes) else Path(source).read_bytes()
+        self.commits.append((repo_type, repo_id, files))
+        return types.SimpleNamespace(oid=f"{len(self.commits):040d}")
+
+
+def _push_argv(output_dir: Path) -> list[str]:
+    return ["push", "--output_dir", str(output_dir), "--hub_dataset_id", "acme/data", "--hub_model_id", "acme/lora"]
+
+
+def test_push_is_refused_while_the_run_is_held_and_pushes_the_dataset_before_the_adapters(
+    finished, tmp_path, monkeypatch, capsys
+):
+    import hf_clipsel.hub as hub_module
+    from hf_clipsel.runs.folder import LOCK, FolderLock
+
+    output_dir = _copy(finished, tmp_path)
+    hub = _RecordingHub()
+    monkeypatch.setattr(hub_module, "HfApi", hub)
+    lock = FolderLock(output_dir / LOCK)
+    lock.acquire()  # another command holds the run
+    try:
+        assert main(_push_argv(output_dir)) == 1
+    finally:
+        lock.release()
+    error = capsys.readouterr().err.strip()
+    assert "is in use by" in error and len(error.splitlines()) == 1 and hub.commits == []
+    # a 403 on the dataset: nothing is published, not the adapters either
+    from huggingface_hub.errors import HfHubHTTPError
+
+    refusing = _RecordingHub(refuse="dataset")
+    monkeypatch.setattr(hub_module, "HfApi", refusing)
+    with pytest.raises(HfHubHTTPError, match="403"):
+        hub_module.push_outputs(output_dir, "acme/data", "acme/lora", max_files_per_commit=10**6)
+    assert refusing.commits == []
+    verify(output_dir, deep=True)  # the refused push left the run as it was
+    monkeypatch.setattr(hub_module, "HfApi", hub)
+    hub_module.push_outputs(output_dir, "acme/data", "acme/lora", max_files_per_commit=10**6)  # one commit each
+    assert [repo_type for repo_type, _, _ in hub.commits] == ["dataset", "model"]
+
+
+def test_a_push_publishes_no_path_of_this_machine(
+    finished, tmp_path, tmp_path_factory, monkeypatch, cifar_slice, tiny_clip_path
+):
+    import json
+
+    import hf_clipsel.hub as hub_module
+    from hf_clipsel.publish import published_path
+    from hf_clipsel.runs.record import RunRecord, file_digest
+
+    output_dir = _copy(finished, tmp_path)
+    before = {k: v for k, v in _tree(output_dir).items() if not k.startswith(".hf_clipsel")}
+    hub = _RecordingHub()
+    monkeypatch.setattr(hub_module, "HfApi", hub)
+    hub_module.push_outputs(output_dir, "acme/data", "acme/lora", max_files_per_commit=10**6)  # one commit each
+    assert {k: v for k, v in _tree(output_dir).items() if not k.startswith(".hf_clipsel")} == before  # run untouched
+    local = [str(tmp_path_factory.getbasetemp()), str(Path.home())]
+    for repo_type, _, files in hub.commits:
+        for name, content in files.items():
+            assert not any(path.encode() in content for path in local), (repo_type, name)
+    (published,) = [files for repo_type, _, files in hub.commits if repo_type == "dataset"]
+    card = published["README.md"].decode()
+    assert f"`{cifar_slice.name}`" in card and f"`{tiny_clip_path.name}`" in card
+    record = RunRecord.from_json(published[RECORD].decode())
+    assert record.stages["embed"]["settings"]["dataset_name"] == cifar_slice.name
+    written = tmp_path / "published"
+    for name, content in published.items():
+        (written / name).parent.mkdir(parents=True, exist_ok=True)
+        (written / name).write_bytes(content)
+    for name in [n for n in record.artefacts if not n.startswith("adapter/")]:  # the record vouches for the upload
+        assert record.artefacts[name] == file_digest(written / name), name
+    assert json.loads(published["run_summary.json"])["dataset"] == cifar_slice.name
+    # the scores' path column: relative to the source's folder, a file name where the image lies outside it
+    source = tmp_path / "images"
+    assert published_path(str(source / "cat" / "1.png"), source) == "cat/1.png"
+    assert published_path("/elsewhere/cache/2.png", source) == "2.png"
+    assert published_path("cat/3.png", source) == "cat/3.png" and published_path(None, source) is None
+
+
+# -- item 6: empty, undecodable and odd inputs end with one line ------------------------------------------------------
+def test_empty_undecodable_url_and_duplicate_key_inputs_end_with_one_line(tmp_path, tiny_clip_path, capsys):
+    from datasets import ClassLabel, Dataset, Features, Image
+
+    labels = Features({"img": Image(), "label": ClassLabel(names=["a", "b"])})
+    garbage = Dataset.from_dict(
+        {"img": [{"bytes": b"not an image %d" % i, "path": None} for i in range(8)], "label": [0, 1] * 4},
+        features=labels,
+    )
+    garbage.select([]).save_to_disk(str(tmp_path / "empty_disk"))
+    garbage.to_parquet(str(tmp_path / "garbage.parquet"))
+    urls = Dataset.from_dict({"url": [f"https://example.com/{i}.png" for i in range(8)], "label": ["a", "b"] * 4})
+    urls.to_parquet(str(tmp_path / "urls.parquet"))
+    (tmp_path / "twice.yaml").write_text(f"dataset_name: {tmp_path / 'garbage.parquet'}\nalpha: 0.5\nalpha: 0.9\n")
+    cases = {
+        "has no rows": ["--dataset_name", str(tmp_path / "empty_disk")],
+        "none of the 8 images could be decoded": ["--dataset_name", str(tmp_path / "garbage.parquet")],
+        "holds URLs": ["--dataset_name", str(tmp_path / "urls.parquet"), "--image_column", "url"],
+        "'alpha' is given twice": ["--config", str(tmp_path / "twice.yaml")],
+    }
+    capsys.readouterr()
+    for expected, args in cases.items():
+        argv = ["run", *args, "--model_name_or_path", str(tiny_clip_path), "--output_dir", str(tmp_path / "out")]
+        assert main([*argv, "--batch_size", "8", "--embedding_chunk_size", "8"]) == 1, expected
+        error = capsys.readouterr().err.strip()  # progress bars, then the error
+        assert expected in error.splitlines()[-1] and "Traceback" not in error, error
+
+
+def test_an_empty_string_label_names_no_class():
+    from datasets import Dataset
+
+    from hf_clipsel.data import resolve_labels
+
+    names, labels, problems, _ = resolve_labels(Dataset.from_dict({"label": ["cat", "", "dog", "  "]}), "label", None)
+    assert names == ["cat", "dog"] and labels.tolist() == [0, -1, 1, -1] and problems[1] == "label missing"
+
+
+def test_a_write_error_names_the_folder_being_written(tmp_path):
+    import errno
+
+    from hf_clipsel.runs.folder import RunFolder
+
+    with pytest.raises(OSError, match="File too large while writing the run into") as raised:
+        with RunFolder(tmp_path / "run") as folder:
+            folder.stage()
+            raise OSError(errno.EFBIG, "File too large")  # what a write past the file size limit raises: no file
+    assert raised.value.filename.startswith(str(tmp_path / "run" / ".staging-"))
+    assert not list((tmp_path / "run").glob(".staging-*"))
+
+
+def test_an_image_folder_without_labels_says_how_to_lay_it_out(tmp_path):
+    from PIL import Image as PILImage
+
+    from hf_clipsel.configs import DataConfig
+    from hf_clipsel.data import load_source, prepare_source
+
+    for folder in ("cat", "more/dog"):  # images at two depths: datasets infers no labels
+        (tmp_path / folder).mkdir(parents=True)
+        PILImage.new("RGB", (4, 4)).save(tmp_path / folder / "0.png")
+    config = DataConfig(dataset_name=str(tmp_path))
+    with pytest.raises(ValueError, match="same depth in a folder named after its class"):
+        prepare_source(load_source(config), config)

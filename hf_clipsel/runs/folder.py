@@ -193,7 +193,7 @@ def held_by_main_process(config: ClipselConfig, accelerator, stage: str):
         yield folder, record
     finally:
         if folder is not None:
-            folder.__exit__(None, None, None)
+            folder.__exit__(*sys.exc_info())  # an error names the folder it was writing
 
 
 class RunFolder:
@@ -241,12 +241,15 @@ class RunFolder:
             logger.warning("%s: %s.", self.output_dir, note)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, error, traceback) -> None:
+        where = self.staging or self.output_dir
         # a swap stopped by an error leaves its intent and staging folder for the next command to finish
         if self.staging is not None and not (self.output_dir / INTENT).exists():
             shutil.rmtree(self.staging, ignore_errors=True)
         self.staging = None
         self.release()
+        if isinstance(error, OSError) and error.errno and not error.filename:  # e.g. "File too large": say where
+            raise OSError(error.errno, f"{error.strerror} while writing the run into", str(where)) from error
 
     def release(self) -> None:
         for lock in reversed(self.locks):

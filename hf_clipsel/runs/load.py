@@ -31,18 +31,48 @@ def is_local(location: str | Path) -> bool:
 
 
 def read_scores(location: str | Path, revision: str | None = None, token: str | None = None) -> Dataset:
-    """The scores of a run: from its ``output_dir`` (checked against its record) or from the Hub dataset repo it was
-    pushed to (its ``scores`` config)."""
+    """The scores of a run: from its ``output_dir``, or from the Hub dataset repo it was pushed to, checked against
+    the run's record (the pushed one on the Hub) first."""
     if is_local(location):
         verify(location, deep=(SCORES_DIR,), need_selection=False)
         return read_scores_in(location)
-    from datasets import load_dataset
-    from huggingface_hub.errors import RepositoryNotFoundError
+    fetch = _hub_fetch(str(location), revision, token)
+    return _read_entry(SCORES_DIR, _pushed_record(fetch, str(location)), str(location), fetch)
+
+
+def _hub_fetch(repo_id: str, revision: str | None, token: str | None):
+    """``fetch(name) -> local path`` of a file of the dataset repo ``repo_id`` (downloaded into the Hub cache)."""
+    from huggingface_hub import hf_hub_download
+
+    def fetch(name: str) -> str:
+        return hf_hub_download(repo_id, name, repo_type="dataset", revision=revision, token=token)
+
+    return fetch
+
+
+def _pushed_record(fetch, repo_id: str) -> RunRecord:
+    from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return load_dataset(str(location), "scores", split="train", revision=revision, token=token)
+        return RunRecord.from_json(Path(fetch(RECORD)).read_text())
     except RepositoryNotFoundError as error:
-        raise FileNotFoundError(f"{location} is neither a local directory nor a dataset repo you can read.") from error
+        raise FileNotFoundError(f"{repo_id} is neither a local directory nor a dataset repo you can read.") from error
+    except RemoteEntryNotFoundError as error:
+        raise IncompleteRunError(
+            f"{repo_id} holds no {RECORD}, which says what the run wrote: push the run again from its output_dir."
+        ) from error
+
+
+def _read_entry(entry: str, record: RunRecord, location: str, fetch, local: bool = False) -> Dataset:
+    """The parquet files of ``entry`` (``scores``, ``subsets/ratio_0.3``) that ``record`` lists, as one dataset; a
+    downloaded file is checked against the record first."""
+    from datasets import load_dataset
+
+    names = sorted(name for name in record.artefacts if name.startswith(f"{entry}/") and name.endswith(".parquet"))
+    if not names:
+        raise IncompleteRunError(f"{location} holds no {entry}/ in its {RECORD}: is it a finished run?")
+    files = [fetch(name) if local else _checked(fetch, name, record, location) for name in names]
+    return load_dataset("parquet", data_files=files, split="train")
 
 
 @dataclass
@@ -65,33 +95,23 @@ def load_run(repo_or_dir: str | Path, revision: str | None = None, token: str | 
     """The scores, subsets and summary of a finished run: its ``output_dir``, or the Hub dataset repo it was pushed
     to. The files read are checked against the run's record first (their sha256), so a file changed or replaced
     since the run wrote it is refused, locally or on the Hub."""
-    from datasets import load_dataset
-    from huggingface_hub import hf_hub_download
-
     location = str(repo_or_dir)
-    if is_local(location):
+    local = is_local(location)
+    if local:
         record = verify(location, deep=(SCORES_DIR, SUBSETS_DIR, RUN_SUMMARY))
         summary = RunSummary.read(location)
 
         def fetch(name: str) -> str:
             return str(Path(location) / name)
     else:
-
-        def fetch(name: str) -> str:
-            return hf_hub_download(location, name, repo_type="dataset", revision=revision, token=token)
-
-        record = RunRecord.from_json(Path(fetch(RECORD)).read_text())
+        fetch = _hub_fetch(location, revision, token)
+        record = _pushed_record(fetch, location)
         summary = RunSummary.from_dict(json.loads(Path(_checked(fetch, RUN_SUMMARY, record, location)).read_text()))
-
-    def read(entry: str) -> Dataset:
-        names = sorted(name for name in record.artefacts if name.startswith(f"{entry}/") and name.endswith(".parquet"))
-        if not names:
-            raise IncompleteRunError(f"{location} holds no {entry}/ in its {RECORD}: is it a finished run?")
-        files = [fetch(name) if is_local(location) else _checked(fetch, name, record, location) for name in names]
-        return load_dataset("parquet", data_files=files, split="train")
-
-    scores = read(SCORES_DIR)
-    subsets = {ratio: read(f"{SUBSETS_DIR}/{ratio_name(ratio)}") for ratio in record.ratios}
+    scores = _read_entry(SCORES_DIR, record, location, fetch, local)
+    subsets = {
+        ratio: _read_entry(f"{SUBSETS_DIR}/{ratio_name(ratio)}", record, location, fetch, local)
+        for ratio in record.ratios
+    }
     return FinishedRun(location, scores, subsets, summary, record)
 
 
