@@ -27,7 +27,9 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from accelerate.utils import broadcast_object_list, gather_object
-from datasets import ClassLabel, Dataset, Features, Image, IterableDataset, Value
+from datasets import ClassLabel, Dataset, DatasetInfo, Features, Image, IterableDataset, Value, concatenate_datasets
+from datasets.fingerprint import generate_random_fingerprint
+from datasets.table import InMemoryTable
 
 from .configs import ClipselConfig
 from .core.names import (
@@ -217,7 +219,7 @@ def scores_table(context, embeddings: Dataset, columns: dict[str, np.ndarray]) -
             context.source.label_problems, embeddings["decode_ok"][:], embeddings["decode_error"][:]
         )
     ]
-    return Dataset.from_dict(
+    return arrow_dataset(
         {
             ROW_ID: np.arange(len(embeddings), dtype=np.int64),
             "label": context.source.labels,
@@ -246,13 +248,14 @@ def image_paths(source) -> list[str]:
 def select_stage(scores: Dataset, config: ClipselConfig, image_features: FeatureStore | torch.Tensor | None = None):
     """The select stage: masks per ratio, and the scores with the selection's columns for every ratio: the scores'
     flags, and per ratio the reward (for selectors that rank by it), the mask and each row's drop reason."""
-    table = scores.with_format("numpy")[:]  # read once: the inputs, the flags and the reasons all come from it
+    # read once (the inputs, the flags and the reasons come from it), less the text no selection reads: at 13M rows
+    # their Python strings would cost gigabytes
+    unread = {PATH, "given_label"}
+    table = scores.select_columns([c for c in scores.column_names if c not in unread]).with_format("numpy")[:]
     flags = score_flags(table, config.selection)
     inputs = selection_inputs(table, config.selection, flags, image_features)
     masks = select(inputs, config.selection)
-    scores = without_selection(scores)
-    for column, values in flags.items():
-        scores = scores.add_column(column, values.tolist(), feature=Value("string"))
+    added = {column: (values, Value("string")) for column, values in flags.items()}
     explained = explained_drops(table, config.selection)
     ranks_by_reward = selector_spec(config.selection.selection_method).ranks_by_reward
     rewards = {}  # one reward per distinct alpha: with a fixed alpha every ratio shares it
@@ -262,11 +265,23 @@ def select_stage(scores: Dataset, config: ClipselConfig, image_features: Feature
             if alpha not in rewards:
                 reward = inputs.reward(alpha)
                 rewards[alpha] = np.where(np.isfinite(reward), reward, np.nan).astype(np.float32)
-            scores = scores.add_column(reward_column(ratio), rewards[alpha], feature=Value("float32"))
+            added[reward_column(ratio)] = (rewards[alpha], Value("float32"))
         reasons = drop_reasons(masks[ratio], table["decode_ok"], ~inputs.valid, explained)
-        scores = scores.add_column(selected_column(ratio), masks[ratio], feature=Value("bool"))
-        scores = scores.add_column(drop_reason_column(ratio), reasons.tolist(), feature=Value("string"))
-    return masks, scores
+        added[selected_column(ratio)] = (masks[ratio], Value("bool"))
+        added[drop_reason_column(ratio)] = (reasons, Value("string"))
+    columns = Features({column: feature for column, (_, feature) in added.items()})
+    selection = arrow_dataset({column: values for column, (values, _) in added.items()}, columns)
+    return masks, concatenate_datasets([without_selection(scores), selection], axis=1)
+
+
+def arrow_dataset(columns: dict, features: Features) -> Dataset:
+    """A `Dataset` of ``columns`` (arrays or lists, N values each) typed by ``features``, built as one Arrow table:
+    ``Dataset.from_dict`` and ``add_column`` encode each ClassLabel value in Python and hash every column, minutes
+    at ImageNet-21k's size."""
+    table = pa.table({name: pa.array(values) for name, values in columns.items()}).cast(features.arrow_schema)
+    return Dataset(
+        InMemoryTable(table), info=DatasetInfo(features=features), fingerprint=generate_random_fingerprint()
+    )
 
 
 def explained_drops(table: dict, selection: SelectionConfig) -> list[tuple[str, np.ndarray]]:

@@ -88,7 +88,7 @@ def build_cache(work: Path, rows: int, dim: int, classes: int, largest: int, see
     return {
         "classes": classes,
         "largest class": int(sizes.max()),
-        "rows per row's class": float(weights @ weights / rows),
+        "mean class size per row": float(weights @ weights / rows),  # the kNN's work per row grows with it
     }
 
 
@@ -100,7 +100,7 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
     from hf_clipsel.features import FeatureStore
     from hf_clipsel.modeling import image_features
     from hf_clipsel.scores import ScoreInputs, measured_columns, score_columns
-    from hf_clipsel.scores_table import feature_store, score_values, scores_features, select_stage
+    from hf_clipsel.scores_table import arrow_dataset, feature_store, score_values, scores_features, select_stage
 
     labels = np.load(work / "labels.npy")
     rows = len(labels)
@@ -128,7 +128,7 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
         columns = score_values(inputs)
     scored = time.perf_counter()
     names = [f"c{i}" for i in range(int(labels.max()) + 1)]
-    scores = Dataset.from_dict(
+    scores = arrow_dataset(  # the columns hf_clipsel.scores_table.scores_table writes, built as it builds them
         {
             "row_id": np.arange(rows, dtype=np.int64),
             "label": labels,
@@ -153,6 +153,28 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
         "table + select s": selected - scored,
         "seconds": selected - started,
     }
+    print(json.dumps(figures))
+
+
+def big_class_child(work: Path, rows: int, dim: int, knn_k: int, block_rows: int) -> None:
+    """One class of ``rows`` rows in a feature store file, scored as the diversity score scores a class larger than
+    ``knn_block_rows`` (queries and keys in blocks); prints one JSON line."""
+    from hf_clipsel import scoring
+    from hf_clipsel.features import BLOCK_ROWS, FeatureStore
+
+    work.mkdir(parents=True, exist_ok=True)
+    store = FeatureStore(np.zeros(rows, dtype=np.int64), dim, work / "big-class.f32")
+    generator = torch.Generator().manual_seed(0)
+    for start in range(0, rows, BLOCK_ROWS):
+        store.write(start, torch.randn(min(BLOCK_ROWS, rows - start), dim, generator=generator).numpy())
+    members = np.arange(rows)
+    _reset_peak()
+    started = time.perf_counter()
+    diversity = scoring.class_diversity(lambda a, b: store.rows(members[a:b]), rows, knn_k, block_rows)
+    seconds = time.perf_counter() - started
+    assert bool(torch.isfinite(diversity).all())
+    figures = {"class rows": rows, "knn_block_rows": block_rows, "peak_rss_gib": _status_gib("VmHWM")}
+    figures.update({"seconds": seconds, "EXTRAPOLATED s for 3M rows (x n^2)": seconds * (3e6 / rows) ** 2})
     print(json.dumps(figures))
 
 
@@ -205,6 +227,11 @@ def part_scale(script: str, args) -> dict:
         result["EXTRAPOLATED text terms at 21,000 classes, s per million rows"] = extra / (args.probe_rows / 1e6)
         shutil.rmtree(probe, ignore_errors=True)
     table([result])
+    if args.big_class:
+        big = _run_child(script, work, ["--big-class", str(args.big_class), "--dim", str(dim), *scoring,
+                                        "--knn-block-rows", str(args.knn_block_rows)])  # fmt: skip
+        table([big])
+        result["one big class"] = big
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     print(load_average())

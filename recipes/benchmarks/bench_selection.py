@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from _common import footer, header, interleaved, load_average, median, setup, table, timed
+from _scale import big_class_child, part_scale
 from _scale import child as scale_child
-from _scale import part_scale
 
 from hf_clipsel import scoring
 from hf_clipsel.configs import SelectionConfig, budget
@@ -287,6 +287,8 @@ def main() -> None:
     )
     parser.add_argument("--work-dir", default="bench_scale_work", help="scale: where the synthetic cache goes")
     parser.add_argument("--keep", action="store_true", help="scale: keep the synthetic cache afterwards")
+    parser.add_argument("--big-class", type=int, default=0, help="scale: also time one class of this many rows")
+    parser.add_argument("--knn-block-rows", type=int, default=8192, help="scale: the big class's kNN block rows")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--scale-child", default=None, help=argparse.SUPPRESS)
@@ -294,6 +296,9 @@ def main() -> None:
     setup(args.threads)
     if args.memory_child:
         memory_child(num_classes=1000, knn_k=50, dim=512)
+        return
+    if args.scale_child and args.big_class:
+        big_class_child(Path(args.scale_child), args.big_class, args.dim, args.knn_k, args.knn_block_rows)
         return
     if args.scale_child:
         scale_child(Path(args.scale_child), args.text_classes, args.knn_k)
