@@ -101,6 +101,7 @@ class FeatureStore:
             self._array = np.zeros((self.num_rows, self.dim), dtype=np.float32)
             return
         self._array = None
+        self._owner = owner
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         os.ftruncate(self._fd, self.num_rows * self._row_bytes)  # the same size from every process: no data lost
         self._finalizer = weakref.finalize(self, _close, self._fd, self.path if owner else None)
@@ -138,6 +139,20 @@ class FeatureStore:
         for run in np.split(np.arange(len(block)), breaks):
             rows = block[by_position[run]]
             _write_all(self._fd, memoryview(rows).cast("B"), int(sorted_positions[run[0]]) * self._row_bytes)
+
+    def flush(self) -> None:
+        """Push this process's writes to the file (``fsync``): before a barrier, so that the others can read them."""
+        if self._array is None:
+            os.fsync(self._fd)
+
+    def reopen(self) -> None:
+        """Open the file again, after the other processes flushed their writes: a filesystem shared by several
+        machines (NFS, close-to-open consistency) shows a file's writes to those who open it afterwards."""
+        if self._array is None:
+            self._finalizer.detach()
+            os.close(self._fd)
+            self._fd = os.open(self.path, os.O_RDWR)
+            self._finalizer = weakref.finalize(self, _close, self._fd, self.path if self._owner else None)
 
     # ----- reading
 

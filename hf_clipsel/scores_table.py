@@ -145,7 +145,10 @@ def feature_store(
     store = FeatureStore(labels, dim, path, owner=owner)
     for start, pooled in pooled_blocks(embeddings, BLOCK_ROWS, share):
         store.write(start, project(pooled).numpy())
-    share.gather([])  # every block is written before anyone reads
+    store.flush()
+    share.gather([])  # a barrier: every block is written and flushed before anyone reads
+    if share.num_processes > 1:
+        store.reopen()  # opened after the others' flushes: their writes are seen, on one machine or several
     return store
 
 
