@@ -255,9 +255,17 @@ class ScoringConfig:
             "CIFAR-10, 50 for CIFAR-100). Classes with fewer than K+1 rows use all their other rows."
         },
     )
+    knn_block_rows: int = field(
+        default=8192,
+        metadata={
+            "help": "Rows of a class the diversity kNN holds at once: a larger class is read in blocks of this many "
+            "rows (queries and keys), so memory is about 4 x knn_block_rows^2 bytes whatever its size (8192: 256 MiB)."
+        },
+    )
 
     def __post_init__(self):
         check_positive("knn_k", self.knn_k)
+        check_positive("knn_block_rows", self.knn_block_rows)
 
 
 @dataclass

@@ -18,12 +18,18 @@ Columns (README.md, "Outputs", has the same table for users):
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from datasets import ClassLabel, Dataset, Features, Image, IterableDataset, Value
+from accelerate.utils import broadcast_object_list, gather_object
+from datasets import ClassLabel, Dataset, DatasetInfo, Features, Image, IterableDataset, Value, concatenate_datasets
+from datasets.fingerprint import generate_random_fingerprint
+from datasets.table import InMemoryTable
 
 from .configs import ClipselConfig
 from .core.names import (
@@ -35,8 +41,11 @@ from .core.names import (
     reward_column,
     selected_column,
 )
+from .embedding import VISION_POOLED
+from .features import BLOCK_ROWS, FEATURES_DIR, FeatureStore, Share
 from .reasons import drop_reasons
 from .scores import ScoreInputs, flag_columns, measured_columns, registered_scores, score_columns
+from .scoring import logit_block_rows
 from .selection import SelectionConfig, SelectionInputs, select, selector_spec
 
 
@@ -55,55 +64,177 @@ def scores_features(class_names: list[str]) -> Features:
     )
 
 
-def score_stage(context, model, embeddings: Dataset) -> tuple[Dataset, torch.Tensor]:
+def score_stage(context, model, embeddings: Dataset, together: bool = False) -> tuple[Dataset | None, FeatureStore]:
     """The score stage: the scores table of every row (every registered score), and the image features it was
-    computed from. ``embeddings`` come from the vision tower of ``model`` (adaptation.scoring_embeddings)."""
+    computed from (a :class:`~hf_clipsel.features.FeatureStore` in the run's cache, deleted with it). ``embeddings``
+    come from the vision tower of ``model`` (adaptation.scoring_embeddings).
+
+    Out of core: the features are projected block by block into the store and every score reads them in blocks, so
+    memory is bounded by a block and the largest class, not by N. ``together``: every process of the run calls it
+    and they share the work (projection, row blocks, classes by size); only the main process builds the table (None
+    on the others). Otherwise this process does it all alone."""
     from .context import prompts_of, valid_rows
-    from .embedding import embed_class_prompts, pooled_matrix
+    from .embedding import embed_class_prompts
     from .modeling import class_text_features, image_features, logit_bias, logit_scale, posterior_link
 
+    accelerator = context.accelerator
+    share = process_share(accelerator) if together else Share()
     valid = valid_rows(context, embeddings)
+    labels = np.clip(np.asarray(context.source.labels, dtype=np.int64), 0, None)
     with torch.no_grad():
-        features = image_features(model, pooled_matrix(embeddings)).cpu()
         text_pooled = embed_class_prompts(model, context.processor.tokenizer, prompts_of(context))
         class_features = class_text_features(model, text_pooled).cpu()
-    valid_t = torch.from_numpy(valid)
-    inputs = ScoreInputs(
-        image_features=features,
-        class_features=class_features,
-        labels=torch.from_numpy(context.source.labels).clamp(min=0),
-        valid=valid_t,
-        logit_scale=logit_scale(model),
-        logit_bias=logit_bias(model),
-        posterior_link=posterior_link(model),
-        knn_k=context.config.scoring.knn_k,
-        statistics={name: np.asarray(embeddings[name][:], dtype=np.float32) for name in measured_columns()},
-    )
+        store = feature_store(
+            embeddings,
+            lambda pooled: image_features(model, torch.from_numpy(pooled)).cpu(),
+            labels,
+            store_path(context.cache_dir, accelerator if together else None),
+            share,
+            owner=share.process_index == 0,
+        )
+        inputs = ScoreInputs(
+            features=store,
+            class_features=class_features,
+            labels=torch.from_numpy(labels),
+            valid=torch.from_numpy(valid),
+            logit_scale=logit_scale(model),
+            logit_bias=logit_bias(model),
+            posterior_link=posterior_link(model),
+            knn_k=context.config.scoring.knn_k,
+            knn_block_rows=context.config.scoring.knn_block_rows,
+            statistics={name: np.asarray(embeddings[name][:], dtype=np.float32) for name in measured_columns()},
+            share=share,
+        )
+        columns = score_values(inputs)
+    if share.process_index != 0:
+        return None, store
+    return scores_table(context, embeddings, columns), store
+
+
+def process_share(accelerator) -> Share:
+    """The part of the scoring work of this Accelerate process, gathered with accelerate's ``gather_object``."""
+    if accelerator.num_processes == 1:
+        return Share()
+    return Share(accelerator.process_index, accelerator.num_processes, gather_object)
+
+
+def store_path(cache_dir: str | Path, accelerator=None) -> Path:
+    """A fresh name for a feature store under ``cache_dir``; with ``accelerator``, the main process's name, the same
+    on every process."""
+    name = [f"tmp-features-{uuid.uuid4().hex}.f32"]
+    if accelerator is not None and accelerator.num_processes > 1:
+        broadcast_object_list(name)
+    directory = Path(cache_dir) / FEATURES_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / name[0]
+
+
+def feature_store(
+    embeddings: Dataset,
+    project: Callable[[np.ndarray], torch.Tensor],
+    labels: np.ndarray,
+    path: Path | None,
+    share: Share | None = None,
+    owner: bool = True,
+) -> FeatureStore:
+    """The image features ``project(cached [b, hidden]) -> [b, d]`` of every row of the embedding cache, written to
+    a :class:`~hf_clipsel.features.FeatureStore` at ``path`` (None: in memory) sorted by ``labels`` (``>= 0``), one
+    block at a time; the processes of ``share`` project their blocks each and wait for one another."""
+    share = share or Share()
+    dim = project(next(pooled_blocks(embeddings, 1))[1]).shape[1]
+    store = FeatureStore(labels, dim, path, owner=owner)
+    for start, pooled in pooled_blocks(embeddings, BLOCK_ROWS, share):
+        store.write(start, project(pooled).numpy())
+    store.flush()
+    share.gather([])  # a barrier: every block is written and flushed before anyone reads
+    if share.num_processes > 1:
+        store.reopen()  # opened after the others' flushes: their writes are seen, on one machine or several
+    return store
+
+
+def pooled_blocks(
+    embeddings: Dataset, block_rows: int, share: Share | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first row, float32 [b, hidden])`` blocks of the cached vectors, in row order (this process's blocks of
+    ``share``). The cache's Arrow files are read with plain reads, not through their memory maps: pages of a mapped
+    file would count in this process's resident memory while they stay cached."""
+    share = share or Share()
+    files = _pooled_files(embeddings)
+    if files is None:  # not a plain concatenation of cache files (a dataset in memory, a selection of rows)
+        table = embeddings.with_format("numpy", columns=[VISION_POOLED])
+        for block, start in enumerate(range(0, len(embeddings), block_rows)):
+            if block % share.num_processes == share.process_index:
+                yield start, np.asarray(table[start : start + block_rows][VISION_POOLED], dtype=np.float32)
+        return
+    first = 0
+    for index, (path, num_rows) in enumerate(files):
+        if index % share.num_processes == share.process_index:
+            with pa.OSFile(path) as handle:
+                reader, done = pa.ipc.open_stream(handle), 0
+                pending: list[np.ndarray] = []
+                for batch in reader:
+                    column = batch.column(VISION_POOLED)
+                    pending.append(column.flatten().to_numpy(zero_copy_only=False).reshape(len(batch), -1))
+                    if sum(len(part) for part in pending) >= block_rows or done + len(batch) == num_rows:
+                        block = np.concatenate(pending).astype(np.float32, copy=False)
+                        yield first + done + len(batch) - len(block), block
+                        pending = []
+                    done += len(batch)
+        first += num_rows
+
+
+def _pooled_files(embeddings: Dataset) -> list[tuple[str, int]] | None:
+    """``(path, rows)`` of the cache files holding the cached vectors, in row order, when ``embeddings`` is exactly
+    their concatenation; else None."""
+    if embeddings._indices is not None or not embeddings.cache_files:
+        return None
+    files = []
+    for cache_file in embeddings.cache_files:
+        with pa.memory_map(cache_file["filename"]) as source:  # headers only: no page of the data is touched
+            reader = pa.ipc.open_stream(source)
+            if VISION_POOLED in reader.schema.names:
+                files.append((cache_file["filename"], sum(batch.num_rows for batch in reader)))
+    return files if files and sum(rows for _, rows in files) == len(embeddings) else None
+
+
+def score_values(inputs: ScoreInputs) -> dict[str, np.ndarray]:
+    """``{column: values[N]}``: every registered score's columns, and ``predicted_label`` (the class the model
+    prefers, -1 for a row that is not valid). Every process of ``inputs.share`` calls it and gets all of them."""
     columns = {}
     for score in registered_scores():
         columns.update(score.compute(inputs))
+
+    def preferred(rows: np.ndarray, features: torch.Tensor) -> np.ndarray:
+        return (F.normalize(features, dim=-1) @ inputs.class_features.T).argmax(dim=-1).numpy()
+
     # The class the (adapted) model prefers: where it differs from the given label, the row is a suspect.
-    predicted = torch.where(valid_t, (F.normalize(features, dim=-1) @ class_features.T).argmax(dim=-1), -1)
+    block_rows = logit_block_rows(inputs.class_features.shape[0])
+    predicted = inputs.features.map_rows(preferred, inputs.share, block_rows)
+    columns["predicted_label"] = np.where(inputs.valid.numpy(), predicted, -1).astype(np.int64)
+    return columns
+
+
+def scores_table(context, embeddings: Dataset, columns: dict[str, np.ndarray]) -> Dataset:
+    """The scores table of the run's source from :func:`score_values`' ``columns``."""
     flag_reason = [
         label_problem or (f"{error}" if not ok else "")
         for label_problem, ok, error in zip(
             context.source.label_problems, embeddings["decode_ok"][:], embeddings["decode_error"][:]
         )
     ]
-    scores = Dataset.from_dict(
+    return arrow_dataset(
         {
-            ROW_ID: np.arange(len(valid), dtype=np.int64),
+            ROW_ID: np.arange(len(embeddings), dtype=np.int64),
             "label": context.source.labels,
             "given_label": context.source.given_labels,
             PATH: image_paths(context.source),
-            "predicted_label": predicted.numpy(),
+            "predicted_label": columns["predicted_label"],
             "decode_ok": np.asarray(embeddings["decode_ok"][:], dtype=bool),
             "flag_reason": flag_reason,
             **{column.name: np.asarray(columns[column.name], dtype=np.float32) for column in score_columns()},
         },
         features=scores_features(context.source.class_names),
     )
-    return scores, features
 
 
 def image_paths(source) -> list[str]:
@@ -117,16 +248,17 @@ def image_paths(source) -> list[str]:
     return ["" if path is None else path for path in column.field("path").to_pylist()]
 
 
-def select_stage(scores: Dataset, config: ClipselConfig, image_features: torch.Tensor | None = None):
+def select_stage(scores: Dataset, config: ClipselConfig, image_features: FeatureStore | torch.Tensor | None = None):
     """The select stage: masks per ratio, and the scores with the selection's columns for every ratio: the scores'
     flags, and per ratio the reward (for selectors that rank by it), the mask and each row's drop reason."""
-    table = scores.with_format("numpy")[:]  # read once: the inputs, the flags and the reasons all come from it
+    # read once (the inputs, the flags and the reasons come from it), less the text no selection reads: at 13M rows
+    # their Python strings would cost gigabytes
+    unread = {PATH, "given_label"}
+    table = scores.select_columns([c for c in scores.column_names if c not in unread]).with_format("numpy")[:]
     flags = score_flags(table, config.selection)
     inputs = selection_inputs(table, config.selection, flags, image_features)
     masks = select(inputs, config.selection)
-    scores = without_selection(scores)
-    for column, values in flags.items():
-        scores = scores.add_column(column, values.tolist(), feature=Value("string"))
+    added = {column: (values, Value("string")) for column, values in flags.items()}
     explained = explained_drops(table, config.selection)
     ranks_by_reward = selector_spec(config.selection.selection_method).ranks_by_reward
     rewards = {}  # one reward per distinct alpha: with a fixed alpha every ratio shares it
@@ -136,11 +268,23 @@ def select_stage(scores: Dataset, config: ClipselConfig, image_features: torch.T
             if alpha not in rewards:
                 reward = inputs.reward(alpha)
                 rewards[alpha] = np.where(np.isfinite(reward), reward, np.nan).astype(np.float32)
-            scores = scores.add_column(reward_column(ratio), rewards[alpha], feature=Value("float32"))
+            added[reward_column(ratio)] = (rewards[alpha], Value("float32"))
         reasons = drop_reasons(masks[ratio], table["decode_ok"], ~inputs.valid, explained)
-        scores = scores.add_column(selected_column(ratio), masks[ratio], feature=Value("bool"))
-        scores = scores.add_column(drop_reason_column(ratio), reasons.tolist(), feature=Value("string"))
-    return masks, scores
+        added[selected_column(ratio)] = (masks[ratio], Value("bool"))
+        added[drop_reason_column(ratio)] = (reasons, Value("string"))
+    columns = Features({column: feature for column, (_, feature) in added.items()})
+    selection = arrow_dataset({column: values for column, (values, _) in added.items()}, columns)
+    return masks, concatenate_datasets([without_selection(scores), selection], axis=1)
+
+
+def arrow_dataset(columns: dict, features: Features) -> Dataset:
+    """A `Dataset` of ``columns`` (arrays or lists, N values each) typed by ``features``, built as one Arrow table:
+    ``Dataset.from_dict`` and ``add_column`` encode each ClassLabel value in Python and hash every column, minutes
+    at ImageNet-21k's size."""
+    table = pa.table({name: pa.array(values) for name, values in columns.items()}).cast(features.arrow_schema)
+    return Dataset(
+        InMemoryTable(table), info=DatasetInfo(features=features), fingerprint=generate_random_fingerprint()
+    )
 
 
 def explained_drops(table: dict, selection: SelectionConfig) -> list[tuple[str, np.ndarray]]:
@@ -217,7 +361,10 @@ def required_column(table: dict, column: str, setting: str) -> np.ndarray:
 
 
 def selection_inputs(
-    table: dict, selection: SelectionConfig, flags: dict[str, np.ndarray], image_features: torch.Tensor | None = None
+    table: dict,
+    selection: SelectionConfig,
+    flags: dict[str, np.ndarray],
+    image_features: FeatureStore | torch.Tensor | None = None,
 ) -> SelectionInputs:
     """What the selectors read: the scores ``table`` (numpy columns), the selection settings and the scores' flags
     (:func:`score_flags`: flagged rows are demoted)."""

@@ -8,6 +8,7 @@ ranking built on it does not depend on the order of the rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from fractions import Fraction
 
 import numpy as np
@@ -17,6 +18,8 @@ from torch import Tensor
 
 # Rows per block when gathering text features for the alignment score: bounds the temporary [block, d] copies.
 _ALIGNMENT_BLOCK_ROWS = 65_536
+# Logits held at once by the class posterior: 2**24 float32 = 64 MiB per block (21,000 classes: 798 rows a block).
+_LOGIT_BLOCK_ELEMENTS = 1 << 24
 # Distances held at once by sample_diversity when no chunk size is given: 2**24 float32 = 64 MiB per block.
 _DIVERSITY_BLOCK_ELEMENTS = 1 << 24
 # A squared distance from the expansion |a|^2 + |b|^2 - 2ab is off by about 1e-6 * (|a|^2 + |b|^2) in float32.
@@ -96,8 +99,9 @@ def class_posterior(
     labels, text = _checked_labels_and_text(image_features, class_text_features, labels)
     posterior = torch.empty(labels.shape[0], dtype=torch.float32, device=image_features.device)
     scale = (POSTERIOR_LOGIT_FRACTION if link == "softmax" else 1.0) * float(logit_scale)
-    for start in range(0, labels.shape[0], _ALIGNMENT_BLOCK_ROWS):  # [block, C] logits at a time
-        stop = start + _ALIGNMENT_BLOCK_ROWS
+    block_rows = logit_block_rows(text.shape[0])
+    for start in range(0, labels.shape[0], block_rows):  # [block, C] logits at a time
+        stop = start + block_rows
         logits = scale * F.normalize(image_features[start:stop].to(torch.float32), dim=-1) @ text.T
         if link == "softmax":
             posterior[start:stop] = torch.softmax(logits, dim=-1).gather(1, labels[start:stop, None]).squeeze(1)
@@ -105,6 +109,11 @@ def class_posterior(
             given = logits.gather(1, labels[start:stop, None]).squeeze(1)
             posterior[start:stop] = torch.sigmoid(given + float(logit_bias))
     return posterior
+
+
+def logit_block_rows(num_classes: int) -> int:
+    """Rows whose ``[rows, num_classes]`` logits fit one block of about 2**24 values (64 MiB), at least 1."""
+    return max(1, min(_ALIGNMENT_BLOCK_ROWS, _LOGIT_BLOCK_ELEMENTS // max(num_classes, 1)))
 
 
 def _group_rows_by_label(labels: Tensor, rows: Tensor) -> list[Tensor]:
@@ -144,6 +153,65 @@ def _class_knn_mean_distance(features: Tensor, k: int, chunk_rows: int | None) -
             difference = queries[query_pos] - centred[index[query_pos, neighbour_pos]]
             nearest[query_pos, neighbour_pos] = (difference * difference).sum(dim=1)
         mean_distance[start:stop] = nearest.sqrt_().mean(dim=1)
+    return mean_distance
+
+
+def class_diversity(read: Callable[[int, int], Tensor], num_rows: int, k: int, block_rows: int = 8192) -> Tensor:
+    """Sample Diversity Score of one class read in blocks: ``read(start, stop)`` gives rows ``[start, stop)`` of
+    the class as a ``[stop - start, d]`` float tensor.
+
+    A class of at most ``block_rows`` rows is read whole and scored as :func:`sample_diversity` scores it (the same
+    numbers). A larger one (say 3M rows) is never held: queries and keys both go ``block_rows`` at a time, the k
+    nearest so far kept per query, so memory is about ``4 * block_rows**2`` bytes of distances plus two blocks of
+    features, whatever the class's size; time grows with ``num_rows**2`` (recipes/benchmarks/README.md, "Scale").
+
+    Returns:
+        ``[num_rows]`` float32, ``>= 0``; a class of one row gets 0.0.
+    """
+    block_rows = max(block_rows, 2)
+    if num_rows < 2:
+        return torch.zeros(num_rows, dtype=torch.float32)
+    if num_rows <= block_rows:
+        return _class_knn_mean_distance(read(0, num_rows).to(torch.float32), k, None)
+    return _streamed_knn_mean_distance(read, num_rows, k, block_rows)
+
+
+def _streamed_knn_mean_distance(read: Callable[[int, int], Tensor], num_rows: int, k: int, block_rows: int) -> Tensor:
+    """:func:`_class_knn_mean_distance` with the keys in blocks too (two passes: the class mean, then the kNN)."""
+    neighbours = min(k, num_rows - 1)
+    starts = range(0, num_rows, block_rows)
+    total = sum(read(start, min(start + block_rows, num_rows)).to(torch.float64).sum(dim=0) for start in starts)
+    mean = (total / num_rows).to(torch.float32)
+
+    def centred(start: int) -> tuple[Tensor, Tensor]:
+        block = read(start, min(start + block_rows, num_rows)).to(torch.float32) - mean
+        return block, (block * block).sum(dim=1)
+
+    mean_distance = torch.empty(num_rows, dtype=torch.float32)
+    for query_start in starts:
+        queries, query_norms = centred(query_start)
+        best = None
+        for key_start in starts:
+            keys, key_norms = queries, query_norms
+            if key_start != query_start:
+                keys, key_norms = centred(key_start)
+            squared = torch.addmm(key_norms.unsqueeze(0), queries, keys.T, alpha=-2.0)
+            squared.add_(query_norms.unsqueeze(1)).clamp_(min=0.0)
+            if key_start == query_start:  # self excluded by index, as in the whole-class path
+                local = torch.arange(queries.shape[0])
+                squared[local, local] = float("inf")
+            nearest, index = torch.topk(squared, min(neighbours, keys.shape[0]), dim=1, largest=False, sorted=False)
+            near = nearest < _NEAR_PAIR_FRACTION * (query_norms.unsqueeze(1) + key_norms[index])
+            if near.any():
+                query_pos, neighbour_pos = near.nonzero(as_tuple=True)
+                difference = queries[query_pos] - keys[index[query_pos, neighbour_pos]]
+                nearest[query_pos, neighbour_pos] = (difference * difference).sum(dim=1)
+            if best is not None:
+                merged = torch.cat([best, nearest], dim=1)
+                nearest = torch.topk(merged, min(neighbours, merged.shape[1]), dim=1, largest=False).values
+            best = nearest
+        stop = query_start + queries.shape[0]
+        mean_distance[query_start:stop] = best.sqrt_().mean(dim=1)
     return mean_distance
 
 

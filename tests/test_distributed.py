@@ -1,6 +1,8 @@
-"""One process and two (`accelerate launch --multi_gpu --num_processes 2` gives two CPU processes) agree exactly."""
+"""One process and two (`accelerate launch --multi_gpu --num_processes 2` gives two CPU processes) agree exactly: the
+two split the embedding by chunks and the scoring by classes."""
 
 import os
+import re
 import socket
 
 import pandas as pd
@@ -36,6 +38,9 @@ def test_two_processes_give_identical_scores_and_selections(cifar_slice, tiny_cl
     assert two.returncode == 0, two.stderr[-3000:]
     # both processes embedded a share of the chunks
     assert "process 0 of 2: chunks 0-1 of 4" in two.stderr and "process 1 of 2: chunks 2-3 of 4" in two.stderr
+    # and scored a share of the classes each (diversity, spread by size), gathered by the main process
+    shares = [re.search(rf"process {i} of 2: (\d+) of 10 classes", two.stderr) for i in (0, 1)]
+    assert all(shares) and sum(int(share.group(1)) for share in shares) == 10, two.stderr[-3000:]
 
     for output in ("scores", "subsets/ratio_0.3", "subsets/ratio_0.5"):
         pd.testing.assert_frame_equal(

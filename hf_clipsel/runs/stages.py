@@ -8,8 +8,9 @@ processes run it; the folder entries it writes and the settings its results depe
 read from the record's tables (hf_clipsel.runs.record). :func:`drive` is every command that
 computes: it holds the run's folder (lock, staging, record: hf_clipsel.runs.folder), runs the stages up to the
 command's last one, doing those the command owns and reusing the others, then records and commits what it did. Under
-`accelerate launch` every process embeds its share of the images and trains the adapters together; the main process
-does the rest, so one and several processes give the same numbers.
+`accelerate launch` every process embeds its share of the images, trains the adapters together and scores its share
+of the rows and classes; the main process gathers the scores and does the rest, so one and several processes give
+the same numbers.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from datasets import Dataset, IterableDataset
 
@@ -28,6 +28,7 @@ from ..cards import render_dataset_card
 from ..configs import ClipselConfig
 from ..context import RunContext, load_context, make_accelerator
 from ..embedding import cache_keys, embed_stage
+from ..features import FeatureStore
 from ..outputs import write_run_config, write_scores, write_subsets
 from ..report import write_report
 from ..scores_table import score_stage, select_stage
@@ -50,7 +51,7 @@ class RunState:
     model: object = None
     scoring: Dataset | None = None
     scores: Dataset | None = None
-    features: torch.Tensor | None = None
+    features: FeatureStore | None = None
     masks: dict = field(default_factory=dict)
     stability: dict | None = None
 
@@ -72,11 +73,12 @@ def _embed_adapted(state: RunState, staging: Path | None) -> None:
 
 
 def _score(state: RunState, staging: Path | None) -> None:
-    state.scores, state.features = score_stage(state.context, state.model, state.scoring)
+    state.scores, state.features = score_stage(state.context, state.model, state.scoring, together=True)
 
 
 def _select(state: RunState, staging: Path | None) -> None:
     state.masks, state.scores = select_stage(state.scores, state.context.config, state.features)
+    state.features = None  # the store's file in the cache goes with its last reference
 
 
 def _stability(state: RunState, staging: Path | None) -> None:
@@ -113,7 +115,8 @@ STAGES = (
     Stage("adapt", _adapt, _load_adapters, every_process=True),
     # adapters inside the vision tower change its outputs: the images are embedded again through it (cached)
     Stage("embed_adapted", _embed_adapted, None, every_process=True, recorded=False),
-    Stage("score", _score, None, every_process=False),
+    # every process scores a share of the rows and classes; the main one gathers them and alone writes
+    Stage("score", _score, None, every_process=True),
     Stage("select", _select, None, every_process=False),
     Stage("stability", _stability, None, every_process=True, recorded=False),
 )

@@ -27,7 +27,11 @@ class SemanticAlignment(Score):
     reason_rank = 20
 
     def compute(self, inputs: ScoreInputs) -> dict[str, np.ndarray]:
-        alignment = scoring.semantic_alignment(inputs.image_features, inputs.class_features, inputs.labels)
+        def block(rows: np.ndarray, features: torch.Tensor) -> np.ndarray:
+            labels = inputs.labels[torch.from_numpy(rows)]
+            return scoring.semantic_alignment(features, inputs.class_features, labels).numpy()
+
+        alignment = torch.from_numpy(inputs.features.map_rows(block, inputs.share))
         alignment = torch.where(inputs.valid, alignment, 0.0)
         return {
             "semantic_alignment": alignment.numpy(),

@@ -3,9 +3,9 @@
 A score (cleanlab's issue managers are the model) is a class registered with :func:`register_score`. It declares:
 
 - ``name`` and its ``columns`` in the scores table, each with its meaning and value range;
-- how they are computed: :meth:`Score.compute` from the features of every row (:class:`ScoreInputs`), and for a
-  score measured on the pixels, :meth:`Score.measure` on each decoded image while the images are embedded (cached with
-  the embedding cache, so a rerun measures nothing again);
+- how they are computed: :meth:`Score.compute` from the features of every row (:class:`ScoreInputs`, read in
+  blocks), and for a score measured on the pixels, :meth:`Score.measure` on each decoded image while the images are
+  embedded (cached with the embedding cache, so a rerun measures nothing again);
 - whether it flags rows at selection time (:meth:`Score.flags`: the reward ranks flagged rows after every other row,
   and a selection records the flags in its ``flag_column``), and which ``drop_reason`` explains a dropped row
   (:meth:`Score.explains`), with a ``reason_rank`` that says which reason wins when several apply.
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..core.registry import Registry
+from ..features import FeatureStore, Share
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,16 @@ class Column:
 class ScoreInputs:
     """What :meth:`Score.compute` reads, one entry per row of the source.
 
+    The image features are out of core (hf_clipsel.features): a score reads them in blocks, never whole. Per-row
+    scores go block by block (``inputs.features.map_rows(function, inputs.share)``), per-class ones class by class
+    (``inputs.features.map_classes(function, valid, inputs.share)``: the function reads a class's rows with
+    ``inputs.features.rows(row_ids)``, one contiguous read); both share the work out between the processes of
+    ``share`` and give every process all N values. ``inputs.image_features[rows]`` (the same store) reads the
+    given rows, in the order asked, as a ``[len(rows), d]`` tensor.
+
     Attributes:
-        image_features: ``[N, d]`` float32 image features of the (adapted) model, not normalised.
+        features: the ``[N, d]`` float32 image features of the (adapted) model, not normalised
+            (:class:`~hf_clipsel.features.FeatureStore`, class-sorted on disk).
         class_features: ``[C, d]`` float32 class text features, L2-normalised.
         labels: ``[N]`` int64 given labels, clamped to ``[0, C)`` (unusable rows are not ``valid``).
         valid: ``[N]`` bool: usable rows (decoded image, usable label). Scores of other rows are 0.
@@ -48,10 +57,12 @@ class ScoreInputs:
         posterior_link: how its family turns logits into a class posterior (``softmax`` or ``sigmoid``:
             scoring.class_posterior).
         knn_k: neighbours per row for scores that compare a row with its class.
+        knn_block_rows: rows of a class held at once by such a comparison (larger classes go in blocks), ``>= 2``.
         statistics: ``{column: float32[N]}`` what the scores' :meth:`Score.measure` found while decoding.
+        share: this process's part of the work (one process: all of it).
     """
 
-    image_features: torch.Tensor
+    features: FeatureStore
     class_features: torch.Tensor
     labels: torch.Tensor
     valid: torch.Tensor
@@ -59,7 +70,14 @@ class ScoreInputs:
     logit_bias: float = 0.0
     posterior_link: str = "softmax"
     knn_k: int = 100
+    knn_block_rows: int = 8192
     statistics: dict[str, np.ndarray] = field(default_factory=dict)
+    share: Share = field(default_factory=Share)
+
+    @property
+    def image_features(self) -> FeatureStore:
+        """The features, indexable by row ids: ``inputs.image_features[rows]`` is a ``[len(rows), d]`` tensor."""
+        return self.features
 
 
 class Score:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .. import scoring
 from .base import Column, Score, ScoreInputs, register_score
@@ -35,7 +36,17 @@ class SampleDiversity(Score):
     reason_rank = 10
 
     def compute(self, inputs: ScoreInputs) -> dict[str, np.ndarray]:
-        diversity = scoring.sample_diversity(inputs.image_features, inputs.labels, inputs.knn_k, valid=inputs.valid)
+        store = inputs.features
+
+        def one_class(rows: np.ndarray) -> np.ndarray:  # a class's valid rows, ascending: read in blocks
+            def read(start: int, stop: int) -> torch.Tensor:
+                return store.rows(rows[start:stop])
+
+            return scoring.class_diversity(read, len(rows), inputs.knn_k, inputs.knn_block_rows).numpy()
+
+        # One class at a time (memory bounded by the largest class, or by knn_block_rows), classes shared out
+        # between the processes by size; the same numbers as scoring.sample_diversity on the whole matrix.
+        diversity = torch.from_numpy(store.map_classes(one_class, inputs.valid.numpy(), inputs.share))
         return {
             "sample_diversity": diversity.numpy(),
             "sample_diversity_normalized": scoring.min_max(diversity, inputs.valid).numpy(),

@@ -20,14 +20,15 @@ class ClassPosterior(Score):
     )
 
     def compute(self, inputs: ScoreInputs) -> dict[str, np.ndarray]:
-        posterior = scoring.class_posterior(
-            inputs.image_features,
-            inputs.class_features,
-            inputs.labels,
-            inputs.logit_scale,
-            inputs.logit_bias,
-            inputs.posterior_link,
-        )
+        def block(rows: np.ndarray, features: torch.Tensor) -> np.ndarray:
+            labels = inputs.labels[torch.from_numpy(rows)]
+            return scoring.class_posterior(
+                features, inputs.class_features, labels, inputs.logit_scale, inputs.logit_bias, inputs.posterior_link
+            ).numpy()
+
+        # [block, C] logits per block: the block's rows are bounded by the class count (64 MiB of logits).
+        block_rows = scoring.logit_block_rows(inputs.class_features.shape[0])
+        posterior = torch.from_numpy(inputs.features.map_rows(block, inputs.share, block_rows))
         posterior = torch.where(inputs.valid, posterior, 0.0)
         return {
             "class_posterior": posterior.numpy(),

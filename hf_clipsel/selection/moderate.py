@@ -21,10 +21,11 @@ from hf_clipsel.selection.registry import (
 )
 
 
-def distance_to_class_median(image_features: torch.Tensor, labels: np.ndarray, valid: np.ndarray) -> np.ndarray:
+def distance_to_class_median(image_features, labels: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """``float64[N]`` distance (>= 0) of each valid row's feature to the median feature of its class (valid rows).
 
-    Invalid rows get NaN.
+    ``image_features``: ``[N, d]``, a tensor or a :class:`~hf_clipsel.features.FeatureStore` (class-sorted on disk:
+    a class is one read, so one class is in memory at a time). Invalid rows get NaN.
     """
     distance = np.full(labels.shape[0], np.nan)
     for class_rows in split_by_label(np.flatnonzero(valid), labels):

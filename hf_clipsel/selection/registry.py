@@ -19,6 +19,7 @@ import torch
 
 from hf_clipsel.core.names import budget
 from hf_clipsel.core.registry import Registry
+from hf_clipsel.features import FeatureStore
 from hf_clipsel.scoring import min_max, reward
 
 
@@ -32,7 +33,8 @@ class SelectionInputs:
         semantic_alignment_normalized: ``float32[N]`` SAS~ in ``[0, 1]``, higher = better aligned with the label.
         sample_diversity_normalized: ``float32[N]`` SDS~ in ``[0, 1]``, higher = sparser part of the class.
         valid: ``bool[N]`` rows that may be selected (e.g. images that decoded). Default: all rows.
-        image_features: optional ``[N, d]`` tensor, needed by the ``moderate`` selector only.
+        image_features: optional ``[N, d]`` features, needed by the ``moderate`` selector only: a tensor, or the score
+            stage's :class:`~hf_clipsel.features.FeatureStore` (out of core); either is read as ``features[rows]``.
         diversity_gate: optional ``bool[N]``: rows that may earn the reward's diversity term (default: all).
         class_posterior_normalized: optional ``float32[N]`` in ``[0, 1]``: when given, the reward's alignment term is
             min-max(SAS~ + posterior~) instead of SAS~ (see :meth:`alignment`).
@@ -45,7 +47,7 @@ class SelectionInputs:
     semantic_alignment_normalized: np.ndarray
     sample_diversity_normalized: np.ndarray
     valid: np.ndarray | None = None
-    image_features: torch.Tensor | None = None
+    image_features: torch.Tensor | FeatureStore | None = None
     diversity_gate: np.ndarray | None = None
     class_posterior_normalized: np.ndarray | None = None
     demoted: np.ndarray | None = None

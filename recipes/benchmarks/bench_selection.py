@@ -12,6 +12,9 @@ Four parts, all through the library's public API (hf_clipsel.selection.select):
    (time per iteration). --sgd-cap-large 0 runs it uncapped instead (about an hour per ratio on 2 cores).
 4. Peak memory and time, in a fresh subprocess, of scores + selection for 1,281,167 synthetic 512-d embeddings:
    SAS against 1000 class features, SDS by per-class kNN (K = 50), min-max, exact selection at five ratios.
+scale (only when named: `--parts scale --rows N --dim D [--classes C]`): the library's out-of-core score stage and
+   selection of five ratios on a synthetic embedding cache in its own format, ImageNet-21k-shaped (recipes/benchmarks/
+   _scale.py says how); the last line printed is one JSON object (rows, dim, peak_rss_gib, seconds, ...).
 
 Default runtime on a 2-core CPU: about 6 minutes. Scale up with e.g. --growth-sizes 50000 200000 800000.
 """
@@ -24,10 +27,13 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from _common import footer, header, interleaved, load_average, median, setup, table, timed
+from _scale import big_class_child, part_scale
+from _scale import child as scale_child
 
 from hf_clipsel import scoring
 from hf_clipsel.configs import SelectionConfig, budget
@@ -267,25 +273,50 @@ def main() -> None:
     parser.add_argument("--growth-sizes", type=int, nargs="+", default=[12_500, 25_000, 50_000, 100_000])
     parser.add_argument("--sgd-cap-large", type=int, default=200, help="sgd iteration cap at 1.28M; 0 = uncapped")
     parser.add_argument("--sgd-ratios-large", type=float, nargs="+", default=RATIOS, help="ratios sgd runs at 1.28M")
-    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4], help="which parts to run")
+    parser.add_argument("--parts", nargs="+", default=["1", "2", "3", "4"], choices=["1", "2", "3", "4", "scale"])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="scale: rows of the synthetic cache")
+    parser.add_argument("--dim", type=int, default=768, help="scale: width of the cached vectors and the features")
+    parser.add_argument(
+        "--classes", type=int, default=None, help="scale: classes (default: 21,000 x rows / 13M, ImageNet-21k's shape)"
+    )
+    parser.add_argument("--largest", type=int, default=3000, help="scale: rows of the largest class")
+    parser.add_argument("--text-classes", type=int, default=100, help="scale: classes of the class-text terms")
+    parser.add_argument("--knn-k", type=int, default=50, help="scale: neighbours of the diversity score")
+    parser.add_argument(
+        "--probe-rows", type=int, default=20_000, help="scale: rows timing 21,000 text classes; 0: off"
+    )
+    parser.add_argument("--work-dir", default="bench_scale_work", help="scale: where the synthetic cache goes")
+    parser.add_argument("--keep", action="store_true", help="scale: keep the synthetic cache afterwards")
+    parser.add_argument("--big-class", type=int, default=0, help="scale: also time one class of this many rows")
+    parser.add_argument("--knn-block-rows", type=int, default=8192, help="scale: the big class's kNN block rows")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--scale-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     setup(args.threads)
     if args.memory_child:
         memory_child(num_classes=1000, knn_k=50, dim=512)
         return
+    if args.scale_child and args.big_class:
+        big_class_child(Path(args.scale_child), args.big_class, args.dim, args.knn_k, args.knn_block_rows)
+        return
+    if args.scale_child:
+        scale_child(Path(args.scale_child), args.text_classes, args.knn_k)
+        return
     started = time.perf_counter()
     header("bench_selection: exact vs released sgd")
-    if 1 in args.parts:
+    if "1" in args.parts:
         part_small(args.small_rows, args.repeats)
-    needs_fit = 2 in args.parts or (3 in args.parts and args.sgd_cap_large)
+    needs_fit = "2" in args.parts or ("3" in args.parts and args.sgd_cap_large)
     slopes = part_growth(args.growth_sizes) if needs_fit else {}
-    if 3 in args.parts:
+    if "3" in args.parts:
         part_large(args.repeats, args.sgd_cap_large, args.sgd_ratios_large, slopes)
-    if 4 in args.parts:
+    if "4" in args.parts:
         part_memory(args.threads)
+    result = part_scale(__file__, args) if "scale" in args.parts else None
     footer(started)
+    if result is not None:  # the last line: one JSON object
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,238 @@
+"""`bench_selection.py --parts scale`: scoring and selection out of core at ImageNet-21k's size.
+
+The parent writes a synthetic embedding cache in the library's own format (Arrow chunk files of ``row_id``,
+``vision_pooled`` [D], ``decode_ok``, ``decode_error``, as hf_clipsel.embedding writes them) with Zipf-like class
+sizes, the largest ``--largest`` rows, and a tiny CLIP whose projection is D x D. A fresh child process then runs the
+library's score stage on it, out of core: hf_clipsel.scores_table.feature_store (projection per block into the
+class-sorted feature store), score_values (every registered score and the predicted label) and select_stage (exact,
+five ratios), and reports the kernel's high-water mark of its resident memory (VmHWM, reset before scoring).
+
+The class-text terms (alignment, class posterior, predicted label) need ``[N, C]`` logits: at C = 21,000 and d = 768
+that is 2 N C d = 3.2e16 FLOP per million rows, days on 2 CPU cores. They run with ``--text-classes`` text classes
+(row i's text class is its class modulo that count, so their per-row cost is the library's at that C), and a second
+child scores ``--probe-rows`` rows twice, with ``--text-classes`` and with 21,000 text classes: the difference is their
+cost at 21,000 classes, EXTRAPOLATED linearly in N to a cost per million rows (they are per-row).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from _common import load_average, table
+from datasets import Dataset, concatenate_datasets
+from datasets.arrow_writer import ArrowWriter
+
+IMAGENET21K_ROWS, IMAGENET21K_CLASSES = 13_000_000, 21_000
+CHUNK_ROWS = 65_536
+
+
+def class_sizes(rows: int, classes: int, largest: int) -> np.ndarray:
+    """Zipf-like sizes ``largest * rank**-a`` (the exponent solved so they sum to ``rows``), at least 1 each."""
+    if not classes <= rows <= classes * largest:
+        raise ValueError(f"{rows} rows cannot fill {classes} classes of 1..{largest} rows.")
+    ranks = np.arange(1, classes + 1, dtype=np.float64)
+    low, high = 0.0, 30.0
+    for _ in range(100):
+        exponent = (low + high) / 2
+        low, high = (exponent, high) if np.maximum(1, largest * ranks**-exponent).sum() > rows else (low, exponent)
+    sizes = np.maximum(1, np.floor(largest * ranks**-exponent)).astype(np.int64)
+    order = np.argsort(-sizes, kind="stable")
+    while sizes.sum() != rows:  # the rounding remainder, one row per class from the largest down
+        step = 1 if sizes.sum() < rows else -1
+        room = order[(sizes[order] < largest) if step > 0 else (sizes[order] > 1)]
+        sizes[room[: abs(int(rows - sizes.sum()))]] += step
+    return sizes
+
+
+def build_cache(work: Path, rows: int, dim: int, classes: int, largest: int, seed: int = 0) -> dict:
+    """The synthetic cache (class centre plus noise, rows in shuffled class order), its labels and a tiny CLIP."""
+    from hf_clipsel.embedding import VISION_POOLED, embedding_features
+    from hf_clipsel.tiny import build_tiny_clip
+
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "cache").mkdir(parents=True)
+    sizes = class_sizes(rows, classes, largest)
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.repeat(np.arange(classes), sizes))
+    np.save(work / "labels.npy", labels)
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=generator)
+    features = embedding_features(dim)
+    num_chunks = -(-rows // CHUNK_ROWS)
+    for index, start in enumerate(range(0, rows, CHUNK_ROWS)):
+        stop = min(start + CHUNK_ROWS, rows)
+        vectors = torch.randn(stop - start, dim, generator=generator).mul_(0.5)
+        vectors += centres[torch.from_numpy(labels[start:stop])]
+        flat = pa.array(vectors.numpy().reshape(-1), type=pa.float32())
+        columns = {
+            "row_id": pa.array(np.arange(start, stop)),
+            VISION_POOLED: pa.FixedSizeListArray.from_arrays(flat, dim),
+            "decode_ok": pa.array(np.ones(stop - start, dtype=bool)),
+            "decode_error": pa.array([""] * (stop - start)),
+        }
+        with ArrowWriter(
+            features=features, path=str(work / "cache" / f"chunk-{index:05d}-of-{num_chunks:05d}.arrow")
+        ) as writer:
+            writer.write_table(pa.table(columns, schema=features.arrow_schema))
+            writer.finalize()
+    build_tiny_clip(work / "model", hidden_size=dim, projection_dim=dim, num_layers=1)
+    weights = sizes.astype(np.float64)
+    return {
+        "classes": classes,
+        "largest class": int(sizes.max()),
+        "mean class size per row": float(weights @ weights / rows),  # the kNN's work per row grows with it
+    }
+
+
+def child(work: Path, text_classes: int, knn_k: int) -> None:
+    """Score and select on the cache of ``work`` (a fresh process); prints one JSON line."""
+    from transformers import CLIPModel
+
+    from hf_clipsel.configs import ClipselConfig
+    from hf_clipsel.features import FeatureStore
+    from hf_clipsel.modeling import image_features
+    from hf_clipsel.scores import ScoreInputs, measured_columns, score_columns
+    from hf_clipsel.scores_table import arrow_dataset, feature_store, score_values, scores_features, select_stage
+
+    labels = np.load(work / "labels.npy")
+    rows = len(labels)
+    model = CLIPModel.from_pretrained(work / "model").eval()
+    embeddings = concatenate_datasets([Dataset.from_file(str(p)) for p in sorted((work / "cache").glob("*.arrow"))])
+    text = torch.nn.functional.normalize(torch.randn(text_classes, model.config.projection_dim), dim=-1)
+    rng = np.random.default_rng(1)
+    statistics = {name: rng.gamma(4.0, 0.05, rows).astype(np.float32) for name in measured_columns()}
+    resident_before = _status_gib("VmRSS")
+    _reset_peak()
+    started = time.perf_counter()
+    with torch.no_grad():
+        path = work / "features.f32"
+        store = feature_store(embeddings, lambda pooled: image_features(model, torch.from_numpy(pooled)), labels, path)
+        projected = time.perf_counter()
+        inputs = ScoreInputs(
+            features=store,
+            class_features=text,
+            labels=torch.from_numpy(labels % text_classes),  # the class-text terms' classes (diversity: the store's)
+            valid=torch.ones(rows, dtype=torch.bool),
+            logit_scale=100.0,
+            knn_k=knn_k,
+            statistics=statistics,
+        )
+        columns = score_values(inputs)
+    scored = time.perf_counter()
+    names = [f"c{i}" for i in range(int(labels.max()) + 1)]
+    scores = arrow_dataset(  # the columns hf_clipsel.scores_table.scores_table writes, built as it builds them
+        {
+            "row_id": np.arange(rows, dtype=np.int64),
+            "label": labels,
+            "given_label": labels.astype(str),
+            "path": np.full(rows, "", dtype=object),
+            "predicted_label": columns["predicted_label"] % len(names),
+            "decode_ok": np.ones(rows, dtype=bool),
+            "flag_reason": np.full(rows, "", dtype=object),
+            **{column.name: columns[column.name] for column in score_columns()},
+        },
+        features=scores_features(names),
+    )
+    config = ClipselConfig.from_flat({"selection_ratios": [0.1, 0.3, 0.5, 0.7, 0.9]})
+    masks, _ = select_stage(scores, config, store)
+    selected = time.perf_counter()
+    assert isinstance(store, FeatureStore) and all(masks[r].any() for r in masks)
+    figures = {
+        "RSS before scoring GiB": resident_before,
+        "peak_rss_gib": _status_gib("VmHWM"),
+        "project + store s": projected - started,
+        "scores s": scored - projected,
+        "table + select s": selected - scored,
+        "seconds": selected - started,
+    }
+    print(json.dumps(figures))
+
+
+def big_class_child(work: Path, rows: int, dim: int, knn_k: int, block_rows: int) -> None:
+    """One class of ``rows`` rows in a feature store file, scored as the diversity score scores a class larger than
+    ``knn_block_rows`` (queries and keys in blocks); prints one JSON line."""
+    from hf_clipsel import scoring
+    from hf_clipsel.features import BLOCK_ROWS, FeatureStore
+
+    work.mkdir(parents=True, exist_ok=True)
+    store = FeatureStore(np.zeros(rows, dtype=np.int64), dim, work / "big-class.f32")
+    generator = torch.Generator().manual_seed(0)
+    for start in range(0, rows, BLOCK_ROWS):
+        store.write(start, torch.randn(min(BLOCK_ROWS, rows - start), dim, generator=generator).numpy())
+    members = np.arange(rows)
+    _reset_peak()
+    started = time.perf_counter()
+    diversity = scoring.class_diversity(lambda a, b: store.rows(members[a:b]), rows, knn_k, block_rows)
+    seconds = time.perf_counter() - started
+    assert bool(torch.isfinite(diversity).all())
+    figures = {"class rows": rows, "knn_block_rows": block_rows, "peak_rss_gib": _status_gib("VmHWM")}
+    figures.update({"seconds": seconds, "EXTRAPOLATED s for 3M rows (x n^2)": seconds * (3e6 / rows) ** 2})
+    print(json.dumps(figures))
+
+
+def _reset_peak() -> None:
+    try:  # the kernel's high-water mark from here on: scoring and selection alone
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+
+
+def _status_gib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024**2
+
+
+def _run_child(script: str, work: Path, args: list[str]) -> dict:
+    command = [sys.executable, script, "--scale-child", str(work), *args]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def part_scale(script: str, args) -> dict:
+    rows, dim = args.rows, args.dim
+    classes = args.classes or max(1, round(IMAGENET21K_CLASSES * rows / IMAGENET21K_ROWS))
+    work = Path(args.work_dir)
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    print(f"\n## scale: {rows:,} x {dim} synthetic embeddings, {classes:,} classes (largest {args.largest:,} rows)")
+    print(load_average())
+    started = time.perf_counter()
+    shape = build_cache(work, rows, dim, classes, args.largest)
+    built = time.perf_counter() - started
+    cache_gib = sum(p.stat().st_size for p in (work / "cache").glob("*.arrow")) / 1024**3
+    print(f"cache built in {built:.0f} s: {cache_gib:.2f} GiB on disk; {shape}")
+    scoring = ["--knn-k", str(args.knn_k), *threads]
+    figures = _run_child(script, work, ["--text-classes", str(args.text_classes), *scoring])
+    result = {"rows": rows, "dim": dim, **shape, "text classes": args.text_classes, "knn_k": args.knn_k, **figures}
+    result["seconds per million rows"] = figures["seconds"] / (rows / 1e6)
+    print(load_average())
+    if args.probe_rows:  # the class-text terms at 21,000 classes, on a small cache
+        probe = work.with_name(work.name + "-probe")
+        build_cache(probe, args.probe_rows, dim, min(classes, args.probe_rows), args.largest)
+        times = {
+            count: _run_child(script, probe, ["--text-classes", str(count), *scoring])
+            for count in (args.text_classes, IMAGENET21K_CLASSES)
+        }
+        extra = times[IMAGENET21K_CLASSES]["scores s"] - times[args.text_classes]["scores s"]
+        result["probe rows"] = args.probe_rows
+        result["EXTRAPOLATED text terms at 21,000 classes, s per million rows"] = extra / (args.probe_rows / 1e6)
+        shutil.rmtree(probe, ignore_errors=True)
+    table([result])
+    if args.big_class:
+        big = _run_child(script, work, ["--big-class", str(args.big_class), "--dim", str(dim), *scoring,
+                                        "--knn-block-rows", str(args.knn_block_rows)])  # fmt: skip
+        table([big])
+        result["one big class"] = big
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    print(load_average())
+    return result

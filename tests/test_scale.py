@@ -1,0 +1,156 @@
+"""Scoring out of core (hf_clipsel.features): the feature store reads back what was written, shares its work out,
+and the score stage built on it gives today's in-memory numbers and selections on the fixture."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_clipsel import scoring
+from hf_clipsel.features import FeatureStore, Share, class_assignment
+from hf_clipsel.scores_table import select_stage
+
+
+def _store_with(features: np.ndarray, labels: np.ndarray, path=None) -> FeatureStore:
+    store = FeatureStore(labels, features.shape[1], path)
+    for start in range(0, len(features), 7):  # odd blocks: runs of a class split across writes
+        store.write(start, features[start : start + 7])
+    return store
+
+
+@pytest.mark.parametrize("on_disk", [True, False])
+def test_store_reads_back_rows_in_any_order(tmp_path, on_disk):
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(101, 5)).astype(np.float32)
+    labels = rng.integers(0, 6, 101)
+    path = tmp_path / "features.f32" if on_disk else None
+    store = _store_with(features, labels, path)
+    index = rng.permutation(101)[:40].tolist() + [3, 3]  # scattered, with a repeat
+    np.testing.assert_array_equal(store.rows(index).numpy(), features[index])
+    np.testing.assert_array_equal(store[torch.tensor([5, 2])].numpy(), features[[5, 2]])
+    seen = np.concatenate([rows for rows, _ in store.chunks(block_rows=16)])
+    assert sorted(seen.tolist()) == list(range(101))
+    for rows, block in store.chunks(block_rows=16):
+        np.testing.assert_array_equal(block.numpy(), features[rows])
+    # a class is one contiguous span of the file, its rows ascending
+    for label in range(6):
+        span = store.order[store.class_starts[label] : store.class_starts[label + 1]]
+        np.testing.assert_array_equal(span, np.flatnonzero(labels == label))
+    if on_disk:
+        assert path.stat().st_size == features.nbytes
+        del store
+        assert not path.exists()  # the owner's file goes with it
+
+
+def test_shares_split_the_work_and_gather_it_whole():
+    """Two shares computed one after the other, gathered by hand, give what one process gives; classes are spread
+    by cost, costliest first to the least loaded process."""
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(60, 4)).astype(np.float32)
+    labels = np.repeat(np.arange(5), [30, 12, 9, 6, 3])
+    store = _store_with(features, labels)
+    valid = rng.random(60) > 0.1
+    parts: dict[int, list] = {}
+
+    def recording(index):
+        def gather(part):
+            parts[index] = part
+            return part
+
+        return gather
+
+    def per_class(rows):
+        return store.rows(rows).sum(dim=1).numpy()
+
+    whole = store.map_classes(per_class, valid)
+    halves = [store.map_classes(per_class, valid, Share(i, 2, recording(i))) for i in range(2)]
+    assert not np.array_equal(halves[0], whole)  # each process computed part of it
+    np.testing.assert_array_equal(np.where(halves[0] != 0, halves[0], halves[1]), whole)
+    assert {len(parts[0]), len(parts[1])} == {1, 4}  # the 30-row class alone outweighs the other four together
+    assert class_assignment(np.array([9.0, 1, 1, 8, 1]), 2) == [[0, 2], [3, 1, 4]]
+    np.testing.assert_array_equal(whole[~valid], 0)
+
+
+def test_streamed_class_knn_equals_the_whole_class():
+    """A class larger than knn_block_rows is read in blocks of queries and keys: same diversity, memory bounded."""
+    rng = np.random.default_rng(2)
+    features = torch.from_numpy(rng.normal(size=(300, 8)).astype(np.float32) + 5.0)
+    features[17] = features[250]  # a duplicate across blocks: distance 0, not rounding noise
+    whole = scoring.sample_diversity(features, torch.zeros(300, dtype=torch.long), 10)
+    reads = []
+
+    def read(start, stop):
+        reads.append(stop - start)
+        return features[start:stop]
+
+    blocked = scoring.class_diversity(read, 300, 10, block_rows=64)
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=2e-5)
+    assert max(reads) == 64  # never more than a block at once
+    nearest = scoring.class_diversity(read, 300, 1, block_rows=64)  # the duplicates are each other's neighbour
+    assert nearest[17] == 0 and nearest[250] == 0 and bool((nearest > 0).sum() == 298)
+
+
+def test_out_of_core_scores_equal_the_in_memory_path(cifar_slice, tiny_clip_path, tmp_path):
+    """The score stage (feature store, block and class passes) against today's computation on the whole matrix:
+    scores at float32 rounding, the same predicted labels, identical selections (``exact`` and ``moderate``)."""
+    import dataclasses
+
+    from hf_clipsel.configs import SelectionConfig
+    from hf_clipsel.context import load_context, valid_rows
+    from hf_clipsel.embedding import embed_class_prompts, embed_stage, pooled_matrix
+    from hf_clipsel.modeling import class_text_features, image_features, logit_bias, logit_scale, posterior_link
+    from hf_clipsel.scores_table import score_stage
+    from tests.conftest import run_config
+
+    config = run_config(cifar_slice, tiny_clip_path, tmp_path / "run")
+    context = load_context(config)
+    embeddings = embed_stage(context)
+    scores, store = score_stage(context, context.model, embeddings)
+    assert store.path is not None and store.path.is_file()
+
+    with torch.no_grad():  # today's path: the whole [N, d] matrix in memory
+        features = image_features(context.model, pooled_matrix(embeddings))
+        text = embed_class_prompts(context.model, context.processor.tokenizer, _prompts(context))
+        classes = class_text_features(context.model, text)
+    labels = torch.from_numpy(context.source.labels).clamp(min=0)
+    valid = torch.from_numpy(valid_rows(context, embeddings))
+    expected = {
+        "semantic_alignment": scoring.semantic_alignment(features, classes, labels),
+        "sample_diversity": scoring.sample_diversity(features, labels, config.scoring.knn_k, valid=valid),
+        "class_posterior": scoring.class_posterior(
+            features, classes, labels, logit_scale(context.model), logit_bias(context.model),
+            posterior_link(context.model),
+        ),
+    }  # fmt: skip
+    for name, values in expected.items():
+        values = torch.where(valid, values, 0.0)
+        got = torch.tensor(scores[name][:])
+        assert float((got - values).abs().max()) <= 1e-6, name
+        normalized = torch.tensor(scores[f"{name}_normalized"][:])
+        assert float((normalized - scoring.min_max(values, valid)).abs().max()) <= 1e-6, name
+    predicted = torch.where(valid, (F.normalize(features, dim=-1) @ classes.T).argmax(dim=-1), -1)
+    np.testing.assert_array_equal(np.asarray(scores["predicted_label"][:]), predicted.numpy())
+    np.testing.assert_array_equal(store.rows(np.arange(len(features))).numpy(), features.numpy())
+
+    # today's table: the same rows with the in-memory columns, selected with the in-memory features
+    today = scores
+    for name, values in expected.items():
+        values = torch.where(valid, values, 0.0)
+        normalized = scoring.min_max(values, valid).numpy()
+        today = today.remove_columns([name, f"{name}_normalized"])
+        today = today.add_column(name, values.numpy()).add_column(f"{name}_normalized", normalized)
+    for method in ("exact", "moderate"):
+        selection = SelectionConfig(selection_ratios=[0.3, 0.5], selection_method=method)
+        run = dataclasses.replace(config, selection=selection)
+        masks, _ = select_stage(scores, run, store)
+        masks_today, _ = select_stage(today, run, features)
+        for ratio in (0.3, 0.5):
+            np.testing.assert_array_equal(masks[ratio], masks_today[ratio], err_msg=f"{method} {ratio}")
+
+
+def _prompts(context):
+    from hf_clipsel.context import prompts_of
+
+    return prompts_of(context)
