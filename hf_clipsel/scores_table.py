@@ -50,7 +50,7 @@ def scores_features(class_names: list[str]) -> Features:
             "predicted_label": ClassLabel(names=class_names),
             "decode_ok": Value("bool"),
             "flag_reason": Value("string"),
-            **{column.name: Value("float32") for column in score_columns()},
+            **{column.name: Value(column.dtype) for column in score_columns()},
         }
     )
 
@@ -99,7 +99,7 @@ def score_stage(context, model, embeddings: Dataset) -> tuple[Dataset, torch.Ten
             "predicted_label": predicted.numpy(),
             "decode_ok": np.asarray(embeddings["decode_ok"][:], dtype=bool),
             "flag_reason": flag_reason,
-            **{column.name: np.asarray(columns[column.name], dtype=np.float32) for column in score_columns()},
+            **{column.name: np.asarray(columns[column.name], dtype=column.dtype) for column in score_columns()},
         },
         features=scores_features(context.source.class_names),
     )
