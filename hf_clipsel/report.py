@@ -40,6 +40,8 @@ from .report_data import RunScores, read_scores
 from .report_page import fit_thumbnail, source_reader, write_page
 from .scores import score_columns
 from .scores.damage import DamageCheck
+from .scores.duplicate import GROUP_COLUMN
+from .scores_table import read_scores_in
 from .summary import RatioSummary, RunSummary
 
 logger = logging.getLogger(__name__)
@@ -92,6 +94,15 @@ def redundant_rows(scores: RunScores, selection_ratio: float, count: int = GALLE
     )[0]
     order = np.lexsort((scores.row_id[candidates], scores.sample_diversity[candidates]))
     return candidates[order[:count]]
+
+
+def duplicate_groups(output_dir: Path, groups: list[dict], per_group: int = 6) -> list[np.ndarray]:
+    """Positions of the rows of the run summary's largest near-duplicate ``groups`` (each in row order, at most
+    ``per_group``), so the page shows each group's copies side by side."""
+    if not groups:
+        return []
+    group = np.asarray(read_scores_in(output_dir).select_columns([GROUP_COLUMN])[GROUP_COLUMN][:], dtype=np.int64)
+    return [np.nonzero(group == entry["group"])[0][:per_group] for entry in groups]
 
 
 def flagged_rows(scores: RunScores, count: int = MAX_FLAGGED_SHOWN) -> np.ndarray:
@@ -320,10 +331,13 @@ def write_report(output_dir: str | Path, gallery_ratio: float | None = None, thu
     low_alignment = make_tiles(scores, lowest_alignment_rows(scores))
     redundant = make_tiles(scores, redundant_rows(scores, gallery_ratio))
     flagged = make_tiles(scores, flagged_rows(scores))
+    largest_groups = duplicate_groups(output_dir, summary.duplicate_groups.get("largest"))
+    duplicates = [make_tiles(scores, rows) for rows in largest_groups]
     source, missing_reason = load_gallery_source(run_config, len(scores.row_id))
     with atomic_directory(output_dir / REPORT_DIR) as directory:
         write_figures(scores, directory, exact_alphas(run_config, scores.ratios))
-        write_thumbnails(low_alignment + redundant + flagged, source, missing_reason, directory)
+        tiles = low_alignment + redundant + flagged + [tile for group in duplicates for tile in group]
+        write_thumbnails(tiles, source, missing_reason, directory)
         explorer = write_page(output_dir, directory, source and source_reader(source), thumbnails)
         page = render_page(
             explorer=explorer,
@@ -338,6 +352,8 @@ def write_report(output_dir: str | Path, gallery_ratio: float | None = None, thu
             low_alignment=low_alignment,
             redundant=redundant,
             flagged=flagged,
+            duplicates=duplicates,
+            duplicate_groups=summary.duplicate_groups,
             num_flagged=int((~scores.usable).sum()),
             classes=per_class_rows(scores, least_kept_first=many_classes),
             classes_by_share=many_classes,

@@ -69,8 +69,8 @@ def test_a_class_larger_than_one_block_finds_its_copies(monkeypatch):
 
 @pytest.fixture(scope="module")
 def pool_with_copies(cifar_slice, tmp_path_factory):
-    """The fixture's 240 rows and five exact copies appended: three in their original's class, two under another."""
-    table = pq.read_table(cifar_slice)
+    """100 of the fixture's rows and five exact copies appended: three in their original's class, two under another."""
+    table = pq.read_table(cifar_slice).slice(0, 100)
     within, across = [3, 17, 42], [5, 88]
     copies = table.take(within + across).to_pydict()
     copies["label"] = [*copies["label"][:3], *[(label + 1) % 10 for label in copies["label"][3:]]]
@@ -91,17 +91,19 @@ def test_a_run_keeps_one_copy_and_flags_conflicting_labels(pool_with_copies, tin
     for column in (c.name for score in ("duplicate", "conflicting_labels") for c in SCORES[score].columns):
         assert column in table
     group, kept, reasons = table["duplicate_group"], table[selected_column(0.9)], table[drop_reason_column(0.9)]
-    for copy, original in enumerate(within, start=240):
+    for copy, original in enumerate(within, start=100):
         assert group[copy] == group[original] >= 0
-        assert kept[copy] + kept[original] == 1, "one copy of a group is kept at 0.9"
+        assert int(kept[copy]) + int(kept[original]) == 1, "one copy of a group is kept at 0.9"
         dropped = copy if not kept[copy] else original
         assert reasons[dropped] == "duplicate"
         assert table["duplicate"][dropped] == f"duplicate: row {copy if dropped == original else original} kept"
-    for copy, original in enumerate(across, start=243):
+    for copy, original in enumerate(across, start=103):
         assert group[copy] == group[original] >= 0 and table["nearest_duplicate"][copy] == original
         assert table["conflicting_labels"][copy].startswith("conflicting labels: row ")
         assert not kept[copy] and not kept[original], "neither label of a conflicting copy is kept"
         assert reasons[copy] == reasons[original] == "conflicting labels"
     summary = RunSummary.read(tmp_path / "run")
-    assert summary.flags["conflicting_labels"] == {"conflicting labels": 4}
+    # the tiny random CLIP joins a few distinct images too (its features are no real CLIP's): at least the copies
+    assert summary.flags["conflicting_labels"]["conflicting labels"] >= 4
+    assert summary.flags["duplicate"]["duplicate"] >= 3
     assert summary.duplicate_groups["groups"] >= 5 and summary.duplicate_groups["largest"][0]["rows"] >= 2

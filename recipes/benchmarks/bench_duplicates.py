@@ -70,7 +70,8 @@ def copy_image(image: Image.Image, kind: str, rng: np.random.Generator) -> Image
 
 def build_pool(train, args, path: Path) -> None:
     """The pool (columns img, label, copy_of, copy_kind, cross_class) as one parquet file at ``path``."""
-    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
 
     rng = np.random.default_rng(args.seed)
     base = np.sort(rng.choice(len(train), args.pool_size, replace=False))
