@@ -11,7 +11,8 @@ Four parts, all through the library's public API (hf_clipsel.selection.select):
    iteration; its full time is EXTRAPOLATED as (fitted iterations at this N, capped at the released 100,000) x
    (time per iteration). --sgd-cap-large 0 runs it uncapped instead (about an hour per ratio on 2 cores).
 4. Peak memory and time, in a fresh subprocess, of scores + selection for 1,281,167 synthetic 512-d embeddings:
-   SAS against 1000 class features, SDS by per-class kNN (K = 50), min-max, exact selection at five ratios.
+   SAS against 1000 class features, SDS by per-class kNN (K = 50), min-max, exact selection at five ratios; then the
+   duplicate score's search (hf_clipsel.duplicates.find_duplicates), timed apart and as a share of SAS + SDS.
 
 Default runtime on a 2-core CPU: about 6 minutes. Scale up with e.g. --growth-sizes 50000 200000 800000.
 """
@@ -31,6 +32,7 @@ from _common import footer, header, interleaved, load_average, median, setup, ta
 
 from hf_clipsel import scoring
 from hf_clipsel.configs import SelectionConfig, budget
+from hf_clipsel.duplicates import find_duplicates
 from hf_clipsel.selection import SelectionInputs, SgdOptions, select
 from hf_clipsel.selection.sgd import run_released_sgd
 
@@ -201,7 +203,9 @@ def memory_child(num_classes: int, knn_k: int, dim: int, seed: int = 0) -> None:
     features = torch.randn(IMAGENET_ROWS, dim, generator=generator).mul_(0.5)
     for start in range(0, IMAGENET_ROWS, 65_536):
         features[start : start + 65_536] += centres[labels[start : start + 65_536]]
-    text = torch.randn(num_classes, dim, generator=generator)
+    # Text features near the class centres, as a real CLIP's are: most rows are predicted in their own class, which
+    # sets the duplicate score's cross-class groups.
+    text = centres + 0.5 * torch.randn(num_classes, dim, generator=generator)
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     resident_before = _proc_status_gib("VmRSS")
     try:  # reset the kernel's high-water mark, so VmHWM below is the peak of scoring + selection alone
@@ -222,6 +226,8 @@ def memory_child(num_classes: int, knn_k: int, dim: int, seed: int = 0) -> None:
     )
     masks = select(inputs, config(RATIOS, "exact"))
     end = time.perf_counter()
+    find_duplicates(features, torch.nn.functional.normalize(text, dim=-1), labels, torch.ones_like(labels, dtype=bool))
+    after_duplicates = time.perf_counter()
     assert all(int(masks[r].sum()) == budget(r, IMAGENET_ROWS) for r in RATIOS)
     print(
         json.dumps(
@@ -234,6 +240,8 @@ def memory_child(num_classes: int, knn_k: int, dim: int, seed: int = 0) -> None:
                 "SDS s": after_sds - after_sas,
                 "normalise + select s": end - after_sds,
                 "total s": end - start,
+                "duplicate score s": after_duplicates - end,
+                "duplicate / (SAS + SDS)": (after_duplicates - end) / (after_sds - start),
             }
         )
     )
