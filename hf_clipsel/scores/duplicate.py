@@ -76,8 +76,10 @@ class NearDuplicates(Score):
         ),
     )
     # A dropped copy of an image whose group keeps a better copy of the same label.
+    # Between misaligned (20) and damaged (30): which copy a group keeps says more than "misaligned" does, and a pixel
+    # defect (or a score another package adds at 25) says more than that the image has a copy.
     drop_reason = "duplicate"
-    reason_rank = 25
+    reason_rank = 22
     flag_column = "duplicate"
 
     def compute(self, inputs: ScoreInputs) -> dict[str, np.ndarray]:
@@ -100,7 +102,7 @@ class ConflictingLabels(Score):
     name = "conflicting_labels"
     # A dropped copy of an image that the source files under several labels.
     drop_reason = "conflicting labels"
-    reason_rank = 26
+    reason_rank = 24
     flag_column = "conflicting_labels"
 
     def flags(self, table: dict, selection) -> np.ndarray | None:
