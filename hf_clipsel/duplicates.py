@@ -9,12 +9,14 @@ features is subtracted (and normalised again). Each row is compared with
   the same features, so it lands in the same predicted class as the original almost always (measured:
   recipes/benchmarks/bench_duplicates.py), whatever label either carries.
 
-Cost: the same-class search is what the diversity score's kNN already pays (sum over classes of n_c^2 d); the
-cross-class search is sum over predicted classes of n_p^2 d. Both run blockwise (at most 2**24 similarities held at
-once, 64 MiB) and keep at most :data:`EDGES_PER_ROW` pairs per row, so memory is O(N) beyond one group's features.
-At ImageNet-21k shape (13M rows, 21k classes, ~620 rows a class) that is about 2 x 13M x 620 x d multiply-adds, the
-diversity score's cost again; a model whose predictions pile many rows into a few classes makes those groups
-quadratic, where k-means partitions of the features (SemDeDup) would bound them instead.
+Cost: the search compares every pair of a class (sum over classes of n_c^2), then every pair of a predicted class
+(sum of n_p^2), on a :data:`SKETCH_DIM`-dimensional random projection of the features, and computes exact cosines for
+:data:`CANDIDATES` rows per row: 2 x 64/d of the multiply-adds of the diversity score's kNN (a quarter at d = 512).
+Both run blockwise (at most 2**24 similarities held at once, 64 MiB) and keep at most :data:`EDGES_PER_ROW` pairs per
+row, so memory is O(N) beyond one group's features. At ImageNet-21k shape (13M rows, 21k classes, ~620 rows a class)
+that is about 2 x 13M x 620 x 64 multiply-adds (~1e12, minutes on a CPU); a model whose predictions pile many rows
+into a few classes makes those groups quadratic, where k-means partitions of the features (SemDeDup) would bound
+them instead.
 
 Pairs above the threshold are joined into groups (connected components, scipy.sparse.csgraph); a group's id is its
 smallest row id.
@@ -35,6 +37,11 @@ from torch import Tensor
 DUPLICATE_SIMILARITY = 0.99
 # Pairs above the threshold kept per row: bounds the edges at N x 8 even where many rows are alike (blank images).
 EDGES_PER_ROW = 8
+# Features wider than this are searched on a seeded random projection to this many dimensions (Johnson-Lindenstrauss:
+# cosines kept to about +-0.2 x (1 - cosine) relative), which picks CANDIDATES rows per row; their cosines are then
+# computed on the full features, so every similarity reported is exact. A copy is any projection's nearest row.
+SKETCH_DIM = 64
+CANDIDATES = 16
 # Similarities held at once per block: 2**24 float32 = 64 MiB.
 _BLOCK_ELEMENTS = 1 << 24
 NONE = -1  # no neighbour / no group
@@ -50,7 +57,11 @@ def group_rows(keys: Tensor, rows: Tensor) -> list[Tensor]:
 
 
 def nearest_in_group(
-    features: Tensor, labels: Tensor | None, threshold: float, edges_per_row: int = EDGES_PER_ROW
+    features: Tensor,
+    labels: Tensor | None,
+    threshold: float,
+    sketch: Tensor | None = None,
+    edges_per_row: int = EDGES_PER_ROW,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Each row's most similar other row of one group, and the pairs at or above ``threshold``.
 
@@ -58,6 +69,8 @@ def nearest_in_group(
         features: ``[n, d]`` L2-normalised float32 features of the group's rows.
         labels: ``[n]`` labels: only rows of *other* labels are candidates (None: every other row is).
         threshold: cosine in ``[-1, 1]`` at or above which a pair is returned.
+        sketch: ``[d, s]`` projection (s < d) that picks :data:`CANDIDATES` candidates per row at s/d of the cost;
+            their cosines are then computed on the full features. None: every pair on the full features.
         edges_per_row: at most this many pairs per row (its most similar ones).
 
     Returns:
@@ -71,15 +84,22 @@ def nearest_in_group(
     pairs = [torch.zeros((0, 2), dtype=torch.int64)]
     if num_rows < 2:
         return similarity, neighbour, pairs[0]
-    block = max(1, _BLOCK_ELEMENTS // num_rows)
+    searched = features if sketch is None else F.normalize(features @ sketch, dim=-1)
+    # Candidates per row are gathered as [block, candidates, d]: the block bounds that copy too.
+    gathered = CANDIDATES * features.shape[1] if sketch is not None else 1
+    block = max(1, min(_BLOCK_ELEMENTS // num_rows, _BLOCK_ELEMENTS // gathered))
     for start in range(0, num_rows, block):
         stop = min(start + block, num_rows)
-        cosines = features[start:stop] @ features.T
+        cosines = searched[start:stop] @ searched.T
         local = torch.arange(stop - start)
         cosines[local, local + start] = -torch.inf  # self excluded by index, so an exact copy still counts
         if labels is not None:
             cosines.masked_fill_(labels[start:stop, None] == labels[None, :], -torch.inf)
-        top, index = torch.topk(cosines, min(edges_per_row, num_rows - 1), dim=1)
+        top, index = torch.topk(cosines, min(edges_per_row if sketch is None else CANDIDATES, num_rows - 1), dim=1)
+        if sketch is not None:  # the candidates' cosines on the full features, most similar first
+            exact = torch.einsum("bd,bkd->bk", features[start:stop], features[index])
+            top, order = torch.where(torch.isfinite(top), exact, -torch.inf).sort(dim=1, descending=True)
+            top, index = top[:, :edges_per_row], index.gather(1, order)[:, :edges_per_row]
         found = torch.isfinite(top[:, 0])
         similarity[start:stop] = torch.where(found, top[:, 0].clamp(-1.0, 1.0), -1.0)
         neighbour[start:stop] = torch.where(found, index[:, 0], NONE)
@@ -120,12 +140,16 @@ def find_duplicates(
     predicted = torch.full((num_rows,), NONE, dtype=torch.int64)
     text = class_features.to(torch.float32)
     classes = group_rows(labels, valid.nonzero().squeeze(1))
+    dim = image_features.shape[1]
     # The mean direction of the usable rows: a CLIP's features share a large common component, which puts distinct
     # images at cosines near 1; centred, a copy stays near 1 and distinct images spread out.
-    mean = torch.zeros(image_features.shape[1])
+    mean = torch.zeros(dim)
     for rows in classes:
         mean += F.normalize(image_features[rows].to(torch.float32), dim=-1).sum(dim=0)
     mean /= max(int(valid.sum()), 1)
+
+    generator = torch.Generator().manual_seed(0)  # the same projection every run: the same groups
+    sketch = torch.randn(dim, SKETCH_DIM, generator=generator) if dim > SKETCH_DIM else None
 
     def centred(rows: Tensor) -> Tensor:
         return F.normalize(F.normalize(image_features[rows].to(torch.float32), dim=-1) - mean, dim=-1)
@@ -133,11 +157,11 @@ def find_duplicates(
     pairs = []
     for rows in classes:
         predicted[rows] = (F.normalize(image_features[rows].to(torch.float32), dim=-1) @ text.T).argmax(dim=-1)
-        similarity, neighbour, found = nearest_in_group(centred(rows), None, threshold)
+        similarity, neighbour, found = nearest_in_group(centred(rows), None, threshold, sketch)
         same_class[rows], same_row[rows] = similarity, _row_ids(rows, neighbour)
         pairs.append(rows[found])
     for rows in group_rows(predicted, valid.nonzero().squeeze(1)):
-        similarity, neighbour, found = nearest_in_group(centred(rows), labels[rows], threshold)
+        similarity, neighbour, found = nearest_in_group(centred(rows), labels[rows], threshold, sketch)
         other_class[rows], other_row[rows] = similarity, _row_ids(rows, neighbour)
         pairs.append(rows[found])
     pairs = torch.cat(pairs).numpy() if pairs else np.zeros((0, 2), dtype=np.int64)

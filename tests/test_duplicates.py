@@ -57,14 +57,18 @@ def test_copies_are_grouped_within_and_across_classes():
     assert conflict[31] == "" and conflict[4] == "conflicting labels: row 32 is labelled 2"
 
 
-def test_a_class_larger_than_one_block_finds_its_copies(monkeypatch):
+def test_a_class_larger_than_one_block_and_wider_than_the_sketch_finds_its_copies(monkeypatch):
     from hf_clipsel import duplicates
 
-    monkeypatch.setattr(duplicates, "_BLOCK_ELEMENTS", 200)  # blocks of 2 query rows
-    features, text, labels = synthetic(num_rows=100)
+    monkeypatch.setattr(duplicates, "_BLOCK_ELEMENTS", 200 * 16 * 128)  # blocks of 2 query rows
+    features, text, labels = synthetic(num_rows=100, dim=128)  # wider than the sketch: candidates, then exact cosines
     features[99] = features[0]
+    features[33] = features[3] + 0.02 * torch.randn(128)
     found = find_duplicates(features, text, labels, torch.ones(100, dtype=torch.bool))
-    assert found["group"][99] == found["group"][0] == 0 and (found["group"] >= 0).sum() == 2
+    assert found["group"][99] == found["group"][0] == 0 and found["group"][33] == found["group"][3] == 3
+    assert (found["group"] >= 0).sum() == 4
+    assert found["same_class"][99] == pytest.approx(1.0, abs=1e-5)
+    assert found["nearest"][33] == 3 and found["same_class"][33] > DUPLICATE_SIMILARITY
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ Four parts, all through the library's public API (hf_clipsel.selection.select):
 4. Peak memory and time, in a fresh subprocess, of scores + selection for 1,281,167 synthetic 512-d embeddings:
    SAS against 1000 class features, SDS by per-class kNN (K = 50), min-max, exact selection at five ratios; then the
    duplicate score's search (hf_clipsel.duplicates.find_duplicates), timed apart and as a share of SAS + SDS.
+5. What the duplicate score adds to scoring time: SAS + SDS against the duplicate search, interleaved, at ImageNet-1k's
+   class shape (1,281 rows a class, 512-d) on --cost-classes classes (default 1000; the cost is linear in classes).
 
 Default runtime on a 2-core CPU: about 6 minutes. Scale up with e.g. --growth-sizes 50000 200000 800000.
 """
@@ -194,6 +196,33 @@ def part_large(repeats: int, sgd_cap: int, sgd_ratios: list[float], slopes: dict
     print(load_average())
 
 
+def part_duplicate_cost(num_classes: int, repeats: int, knn_k: int = 50, dim: int = 512) -> None:
+    """What the duplicate score adds to scoring at ImageNet-1k's class shape (1,281 rows a class, 512-d): SAS + SDS
+    against hf_clipsel.duplicates.find_duplicates on ``num_classes`` classes (all three cost linearly in the classes:
+    1000 is ImageNet-1k itself)."""
+    rows_per_class = IMAGENET_ROWS // 1000
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(num_classes).repeat_interleave(rows_per_class)
+    centres = torch.randn(num_classes, dim, generator=generator)
+    features = torch.randn(len(labels), dim, generator=generator).mul_(0.5) + centres[labels]
+    text = torch.nn.functional.normalize(centres + 0.5 * torch.randn(num_classes, dim, generator=generator), dim=-1)
+    valid = torch.ones(len(labels), dtype=torch.bool)
+    print(f"\n## 5. Duplicate score cost: {num_classes} classes x {rows_per_class} rows, {dim}-d (ImageNet-1k shape)")
+    print(load_average())
+    variants = {
+        "SAS + SDS (K = 50)": lambda: (
+            scoring.semantic_alignment(features, text, labels),
+            scoring.sample_diversity(features, labels, knn_k),
+        ),
+        "duplicate search": lambda: find_duplicates(features, text, labels, valid),
+    }
+    times = interleaved(variants, repeats)
+    table([{"part": name, "median s": median(t), "min s": min(t), "max s": max(t)} for name, t in times.items()])
+    share = median(times["duplicate search"]) / median(times["SAS + SDS (K = 50)"])
+    print(f"duplicate search / (SAS + SDS) = {share:.3f} (median of {repeats} interleaved runs; target <= 0.20)")
+    print(load_average())
+
+
 def memory_child(num_classes: int, knn_k: int, dim: int, seed: int = 0) -> None:
     """Scores + selection for IMAGENET_ROWS synthetic embeddings; prints one JSON line (run in a fresh process)."""
     generator = torch.Generator().manual_seed(seed)
@@ -275,7 +304,8 @@ def main() -> None:
     parser.add_argument("--growth-sizes", type=int, nargs="+", default=[12_500, 25_000, 50_000, 100_000])
     parser.add_argument("--sgd-cap-large", type=int, default=200, help="sgd iteration cap at 1.28M; 0 = uncapped")
     parser.add_argument("--sgd-ratios-large", type=float, nargs="+", default=RATIOS, help="ratios sgd runs at 1.28M")
-    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4], help="which parts to run")
+    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="which parts to run")
+    parser.add_argument("--cost-classes", type=int, default=1000, help="classes of part 5 (1000: ImageNet-1k)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -293,6 +323,8 @@ def main() -> None:
         part_large(args.repeats, args.sgd_cap_large, args.sgd_ratios_large, slopes)
     if 4 in args.parts:
         part_memory(args.threads)
+    if 5 in args.parts:
+        part_duplicate_cost(args.cost_classes, args.repeats)
     footer(started)
 
 
