@@ -10,13 +10,13 @@ features is subtracted (and normalised again). Each row is compared with
   recipes/benchmarks/bench_duplicates.py), whatever label either carries.
 
 Cost: the search compares every pair of a class (sum over classes of n_c^2), then every pair of a predicted class
-(sum of n_p^2), on a :data:`SKETCH_DIM`-dimensional random projection of the features, and computes exact cosines for
-:data:`CANDIDATES` rows per row: 2 x 64/d of the multiply-adds of the diversity score's kNN (a quarter at d = 512).
-Both run blockwise (at most 2**24 similarities held at once, 64 MiB) and keep at most :data:`EDGES_PER_ROW` pairs per
-row, so memory is O(N) beyond one group's features. At ImageNet-21k shape (13M rows, 21k classes, ~620 rows a class)
-that is about 2 x 13M x 620 x 64 multiply-adds (~1e12, minutes on a CPU); a model whose predictions pile many rows
-into a few classes makes those groups quadratic, where k-means partitions of the features (SemDeDup) would bound
-them instead.
+(sum of n_p^2), on a :data:`SKETCH_DIM`-dimensional random projection of the features, with a row max instead of a
+top-k; the few pairs it keeps get exact cosines: 2 x 32/d of the diversity score's kNN multiply-adds (1/8 at
+d = 512; measured with recipes/benchmarks/bench_selection.py --parts 5). Both run blockwise (at most 2**24
+similarities held at once, 64 MiB) and keep at most :data:`EDGES_PER_ROW` pairs per row, so memory is O(N) beyond one
+group's features. At ImageNet-21k shape (13M rows, 21k classes, ~620 rows a class) that is about 2 x 13M x 620 x 32
+multiply-adds (~5e11, minutes on a CPU); a model whose predictions pile many rows into a few classes makes those
+groups quadratic, where k-means partitions of the features (SemDeDup) would bound them instead.
 
 Pairs above the threshold are joined into groups (connected components, scipy.sparse.csgraph); a group's id is its
 smallest row id.
@@ -38,10 +38,11 @@ DUPLICATE_SIMILARITY = 0.99
 # Pairs above the threshold kept per row: bounds the edges at N x 8 even where many rows are alike (blank images).
 EDGES_PER_ROW = 8
 # Features wider than this are searched on a seeded random projection to this many dimensions (Johnson-Lindenstrauss:
-# cosines kept to about +-0.2 x (1 - cosine) relative), which picks CANDIDATES rows per row; their cosines are then
-# computed on the full features, so every similarity reported is exact. A copy is any projection's nearest row.
-SKETCH_DIM = 64
-CANDIDATES = 16
+# 1 - cosine kept within about +-25% at 32 dimensions). Pairs whose projected 1 - cosine is within SKETCH_SLACK times
+# the threshold's are candidates, and every cosine reported or compared with the threshold is then computed on the
+# full features: the projection only decides which pairs are looked at.
+SKETCH_DIM = 32
+SKETCH_SLACK = 4.0
 # Similarities held at once per block: 2**24 float32 = 64 MiB.
 _BLOCK_ELEMENTS = 1 << 24
 NONE = -1  # no neighbour / no group
@@ -69,14 +70,16 @@ def nearest_in_group(
         features: ``[n, d]`` L2-normalised float32 features of the group's rows.
         labels: ``[n]`` labels: only rows of *other* labels are candidates (None: every other row is).
         threshold: cosine in ``[-1, 1]`` at or above which a pair is returned.
-        sketch: ``[d, s]`` projection (s < d) that picks :data:`CANDIDATES` candidates per row at s/d of the cost;
-            their cosines are then computed on the full features. None: every pair on the full features.
+        sketch: ``[d, s]`` projection (s < d) to search on: the nearest row and the pairs above a looser bound
+            (:data:`SKETCH_SLACK`) are found there, at s/d of the cost, and their cosines computed on ``features``.
+            None: the search runs on ``features``.
         edges_per_row: at most this many pairs per row (its most similar ones).
 
     Returns:
         ``(similarity, neighbour, pairs)``: ``[n]`` float32 cosine in ``[-1, 1]`` of the most similar candidate
-        (-1 where there is none), ``[n]`` int64 its position in the group (-1: none), ``[m, 2]`` int64 positions of
-        the pairs at or above ``threshold``.
+        (-1 where there is none; with a sketch, the projection's cosine for a row with no candidate within the slack,
+        and the full features' for the others), ``[n]`` int64 its position in the group (-1: none, or no candidate
+        within the slack), ``[m, 2]`` int64 positions of the pairs at or above ``threshold``.
     """
     num_rows = features.shape[0]
     similarity = torch.full((num_rows,), -1.0)
@@ -85,9 +88,8 @@ def nearest_in_group(
     if num_rows < 2:
         return similarity, neighbour, pairs[0]
     searched = features if sketch is None else F.normalize(features @ sketch, dim=-1)
-    # Candidates per row are gathered as [block, candidates, d]: the block bounds that copy too.
-    gathered = CANDIDATES * features.shape[1] if sketch is not None else 1
-    block = max(1, min(_BLOCK_ELEMENTS // num_rows, _BLOCK_ELEMENTS // gathered))
+    bound = threshold if sketch is None else 1.0 - SKETCH_SLACK * (1.0 - threshold)
+    block = max(1, _BLOCK_ELEMENTS // num_rows)
     for start in range(0, num_rows, block):
         stop = min(start + block, num_rows)
         cosines = searched[start:stop] @ searched.T
@@ -95,16 +97,25 @@ def nearest_in_group(
         cosines[local, local + start] = -torch.inf  # self excluded by index, so an exact copy still counts
         if labels is not None:
             cosines.masked_fill_(labels[start:stop, None] == labels[None, :], -torch.inf)
-        top, index = torch.topk(cosines, min(edges_per_row if sketch is None else CANDIDATES, num_rows - 1), dim=1)
-        if sketch is not None:  # the candidates' cosines on the full features, most similar first
-            exact = torch.einsum("bd,bkd->bk", features[start:stop], features[index])
-            top, order = torch.where(torch.isfinite(top), exact, -torch.inf).sort(dim=1, descending=True)
-            top, index = top[:, :edges_per_row], index.gather(1, order)[:, :edges_per_row]
-        found = torch.isfinite(top[:, 0])
-        similarity[start:stop] = torch.where(found, top[:, 0].clamp(-1.0, 1.0), -1.0)
-        neighbour[start:stop] = torch.where(found, index[:, 0], NONE)
-        query, rank = (top >= threshold).nonzero(as_tuple=True)
-        pairs.append(torch.stack([query + start, index[query, rank]], dim=1))
+        # The row maxima alone are cheap; indices, pairs and exact cosines only for rows near a duplicate.
+        best = cosines.amax(dim=1)
+        near = (best >= bound).nonzero().squeeze(1)
+        index = torch.full((stop - start,), NONE, dtype=torch.int64)
+        index[near] = cosines[near].argmax(dim=1)
+        query, candidate = (cosines[near] >= bound).nonzero(as_tuple=True)
+        if query.numel() > edges_per_row * near.numel():  # many alike rows (blank images): each row's closest only
+            top, nearest = torch.topk(cosines[near], min(edges_per_row, num_rows - 1), dim=1)
+            query, rank = (top >= bound).nonzero(as_tuple=True)
+            candidate = nearest[query, rank]
+        query = near[query]
+        if sketch is not None:  # the cosines on the full features
+            best[near] = (features[near + start] * features[index[near]]).sum(dim=1)
+            keep = (features[query + start] * features[candidate]).sum(dim=1) >= threshold
+            query, candidate = query[keep], candidate[keep]
+        found = torch.isfinite(best)
+        similarity[start:stop] = torch.where(found, best.clamp(-1.0, 1.0), -1.0)
+        neighbour[start:stop] = torch.where(found, index, NONE)  # -1 too for a row with no candidate near it
+        pairs.append(torch.stack([query + start, candidate], dim=1))
     return similarity, neighbour, torch.cat(pairs)
 
 
@@ -144,8 +155,10 @@ def find_duplicates(
     # The mean direction of the usable rows: a CLIP's features share a large common component, which puts distinct
     # images at cosines near 1; centred, a copy stays near 1 and distinct images spread out.
     mean = torch.zeros(dim)
-    for rows in classes:
-        mean += F.normalize(image_features[rows].to(torch.float32), dim=-1).sum(dim=0)
+    for rows in classes:  # one read of every row: the mean, and the class the model prefers
+        normalised = F.normalize(image_features[rows].to(torch.float32), dim=-1)
+        mean += normalised.sum(dim=0)
+        predicted[rows] = (normalised @ text.T).argmax(dim=-1)
     mean /= max(int(valid.sum()), 1)
 
     generator = torch.Generator().manual_seed(0)  # the same projection every run: the same groups
@@ -156,7 +169,6 @@ def find_duplicates(
 
     pairs = []
     for rows in classes:
-        predicted[rows] = (F.normalize(image_features[rows].to(torch.float32), dim=-1) @ text.T).argmax(dim=-1)
         similarity, neighbour, found = nearest_in_group(centred(rows), None, threshold, sketch)
         same_class[rows], same_row[rows] = similarity, _row_ids(rows, neighbour)
         pairs.append(rows[found])

@@ -111,3 +111,9 @@ def test_a_run_keeps_one_copy_and_flags_conflicting_labels(pool_with_copies, tin
     assert summary.flags["conflicting_labels"]["conflicting labels"] >= 4
     assert summary.flags["duplicate"]["duplicate"] >= 3
     assert summary.duplicate_groups["groups"] >= 5 and summary.duplicate_groups["largest"][0]["rows"] >= 2
+    report = (tmp_path / "run" / "report" / "index.html").read_text()
+    for entry in summary.duplicate_groups["largest"]:  # each of the largest groups shown, its rows side by side
+        gallery = report.split(f'id="duplicate-group-{entry["group"]}"', 1)[1].split("</div>\n", 1)[0]
+        assert gallery.count("data-row-id=") == min(entry["rows"], 6)
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"{summary.duplicate_groups['groups']} near-duplicate groups" in card

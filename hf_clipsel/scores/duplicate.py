@@ -55,12 +55,14 @@ class NearDuplicates(Score):
         Column(
             "duplicate_similarity_same_class",
             "centred cosine of the row's image feature and its nearest other row's of the same class",
-            f"[-1, 1] (-1: none); >= {DUPLICATE_SIMILARITY}: a near-duplicate",
+            f"[-1, 1] (-1: none; below 0.96, on a 32-d projection of wider features); >= {DUPLICATE_SIMILARITY}: a "
+            "near-duplicate",
         ),
         Column(
             "duplicate_similarity_other_class",
             "centred cosine with its nearest row of another class among the rows of the same predicted class",
-            f"[-1, 1] (-1: none); >= {DUPLICATE_SIMILARITY}: the same image under another label",
+            f"[-1, 1] (-1: none; below 0.96, on a 32-d projection of wider features); >= {DUPLICATE_SIMILARITY}: the "
+            "same image under another label",
         ),
         Column(
             GROUP_COLUMN,
