@@ -207,7 +207,7 @@ def main(argv=None):
         hit = (conflicts & truth_conflict).sum()
         groups_found = np.unique(group[copies[cross[copies]]][found[cross[copies]]])
         prefer = preference(scores, config.selection)
-        prefers_true = [_preferred_is_true(group, found, labels, copy_of, prefer) for found in groups_found]
+        prefers_true = [_preferred_is_true(group, gid, labels, copy_of, prefer) for gid in groups_found]
         conflict_table.append(
             [
                 f"{threshold:g}",
