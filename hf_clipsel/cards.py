@@ -24,6 +24,7 @@ from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardDa
 
 from .configs import budget, flag_classes
 from .core.names import reward_column, selected_column
+from .duplicates import DUPLICATE_SIMILARITY
 from .hub_access import is_hub_repo_id
 from .outputs import (
     ADAPTER_DIR,
@@ -291,7 +292,8 @@ def render_dataset_card(
         classes.append({"name": _cell(name), "total": total, "kept": kept})
 
     quantiles = []
-    for name in [*(c.name for c in score_columns()), *[reward_column(r) for r in ratios]]:
+    # quantiles of the float scores (an int column holds row ids: its quantiles say nothing)
+    for name in [*(c.name for c in score_columns() if c.dtype == "float32"), *[reward_column(r) for r in ratios]]:
         values = column(name)
         if values is None:
             continue
@@ -362,6 +364,7 @@ def render_dataset_card(
             {"column": c.name, "meaning": _cell(f"{c.meaning}; {c.value_range}")} for c in score_columns()
         ],
         drop_reasons=_drop_reason_rows(summary, ratios),
+        duplicates={**summary.duplicate_groups, "threshold": DUPLICATE_SIMILARITY},
         plots=plots,
         command=redact(command) if command else None,
         parameter_groups=_parameter_groups(config),

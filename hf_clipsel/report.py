@@ -44,6 +44,8 @@ from .report_page import fit_thumbnail, source_reader, write_page
 from .scores import score_columns
 from .scores.damage import DamageCheck
 from .scores.diversity import SampleDiversity
+from .scores.duplicate import GROUP_COLUMN
+from .scores_table import read_scores_in
 from .summary import RatioSummary, RunSummary
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,15 @@ def redundant_rows(scores: RunScores, selection_ratio: float, count: int = GALLE
 def damaged_rows(scores: RunScores, count: int = GALLERY_SIZE) -> np.ndarray:
     """Positions of the first ``count`` rows the damage check flagged, in row order."""
     return np.nonzero(scores.damage != "")[0][:count]
+
+
+def duplicate_groups(output_dir: Path, groups: list[dict], per_group: int = 6) -> list[np.ndarray]:
+    """Positions of the rows of the run summary's largest near-duplicate ``groups`` (each in row order, at most
+    ``per_group``), so the page shows each group's copies side by side."""
+    if not groups:
+        return []
+    group = np.asarray(read_scores_in(output_dir).select_columns([GROUP_COLUMN])[GROUP_COLUMN][:], dtype=np.int64)
+    return [np.nonzero(group == entry["group"])[0][:per_group] for entry in groups]
 
 
 def flagged_rows(scores: RunScores, count: int = MAX_FLAGGED_SHOWN) -> np.ndarray:
@@ -331,10 +342,13 @@ def write_report(output_dir: str | Path, gallery_ratio: float | None = None, thu
     redundant = make_tiles(scores, redundant_rows(scores, gallery_ratio))
     damaged = make_tiles(scores, damaged_rows(scores))
     flagged = make_tiles(scores, flagged_rows(scores))
+    largest_groups = duplicate_groups(output_dir, summary.duplicate_groups.get("largest"))
+    duplicates = [make_tiles(scores, rows) for rows in largest_groups]
     source, missing_reason = load_gallery_source(run_config, len(scores.row_id))
     with atomic_directory(output_dir / REPORT_DIR) as directory:
         write_figures(scores, directory, exact_alphas(run_config, scores.ratios))
-        write_thumbnails(low_alignment + redundant + damaged + flagged, source, missing_reason, directory)
+        tiles = low_alignment + redundant + damaged + flagged + [tile for group in duplicates for tile in group]
+        write_thumbnails(tiles, source, missing_reason, directory)
         explorer = write_page(output_dir, directory, source and source_reader(source), thumbnails)
         page = render_page(
             explorer=explorer,
@@ -353,6 +367,8 @@ def write_report(output_dir: str | Path, gallery_ratio: float | None = None, thu
             num_damaged=int((scores.damage != "").sum()),
             damage_check=bool(run_config.get("damage_check", False)),
             flagged=flagged,
+            duplicates=duplicates,
+            duplicate_groups=summary.duplicate_groups,
             num_flagged=int((~scores.usable).sum()),
             classes=per_class_rows(scores, least_kept_first=many_classes),
             classes_by_share=many_classes,

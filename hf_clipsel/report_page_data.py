@@ -126,7 +126,8 @@ def page_columns(
         columns[selected_column(ratio)] = PageColumn(numpy(selected_column(ratio)).astype(np.uint8), core=True)
         codes, dictionary = dictionary_codes(table.column(drop_reason_column(ratio)))
         columns[drop_reason_column(ratio)] = PageColumn(codes, True, dictionary)
-    shown = [score for score in score_columns if score.name in names]
+    # float scores only: an int column (a group or row id) is shown as its own filter, or not at all
+    shown = [score for score in score_columns if score.name in names and score.dtype == "float32"]
     shown += [
         ScoreColumn(reward_column(ratio), f"{REWARD_MEANING.meaning} at ratio {ratio:g}", REWARD_MEANING.value_range)
         for ratio in selected_ratios(table.column_names)

@@ -11,9 +11,11 @@ Columns (README.md, "Outputs", has the same table for users):
   the model prefers (-1 for a flagged row); ``decode_ok``; ``flag_reason`` ("" for a usable row).
 - The registered scores' columns (hf_clipsel.scores: ``semantic_alignment``, ``sample_diversity``,
   ``class_posterior``, each with ``*_normalized``; the damage check's ``noise_level``, ``contrast``, ``sharpness``;
-  and those of any score registered by another package), float32, each with its documented range.
-- Written by a selection: each flagging score's flag column (``damage``: "" or what the pixel check found), and per
-  ratio ``reward_ratio_<r>`` (selectors that rank by the reward), ``is_selected_ratio_<r>``, ``drop_reason_ratio_<r>``.
+  the duplicate score's similarities and its int64 ``duplicate_group``, ``nearest_duplicate``; and those of any score
+  registered by another package), float32 unless the column says otherwise, each with its documented range.
+- Written by a selection: each flagging score's flag column (``damage``, ``duplicate``, ``conflicting_labels``: ""
+  or what was found), and per ratio ``reward_ratio_<r>`` (selectors that rank by the reward),
+  ``is_selected_ratio_<r>``, ``drop_reason_ratio_<r>``.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def scores_features(class_names: list[str]) -> Features:
             "predicted_label": ClassLabel(names=class_names),
             "decode_ok": Value("bool"),
             "flag_reason": Value("string"),
-            **{column.name: Value("float32") for column in score_columns()},
+            **{column.name: Value(column.dtype) for column in score_columns()},
         }
     )
 
@@ -231,7 +233,7 @@ def scores_table(context, embeddings: Dataset, columns: dict[str, np.ndarray]) -
             "predicted_label": columns["predicted_label"],
             "decode_ok": np.asarray(embeddings["decode_ok"][:], dtype=bool),
             "flag_reason": flag_reason,
-            **{column.name: np.asarray(columns[column.name], dtype=np.float32) for column in score_columns()},
+            **{column.name: np.asarray(columns[column.name], dtype=column.dtype) for column in score_columns()},
         },
         features=scores_features(context.source.class_names),
     )

@@ -20,6 +20,7 @@ from .kept_noise import NOISE_COLUMNS, kept_noise
 from .outputs import ADAPTER_DIR, EMBEDDINGS_DIR, RUN_SUMMARY, directory_bytes, write_atomic_text
 from .reasons import reason_order
 from .scores import drop_reason_order, flag_columns
+from .scores.duplicate import GROUP_COLUMN
 from .scores_table import selection_inputs
 from .selection import select
 from .selection.registry import kept_share
@@ -66,6 +67,8 @@ class RunSummary:
     # for each ratio: the mean share of its subset that selections with adapters trained on other seeds keep too
     # (hf_clipsel.stability; empty unless stability_seeds was set)
     seed_overlap: dict[str, float] = field(default_factory=dict)
+    # near-duplicate groups (hf_clipsel.scores.duplicate): how many, their rows, the largest ({"group", "rows"})
+    duplicate_groups: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, values: dict) -> RunSummary:
@@ -145,7 +148,12 @@ def summarize(
             },
             kept_per_class={class_names[c]: int(kept_per_class.get(c, 0)) for c in range(len(class_names))},
         )
-    found = {column: Counter(scores[column][:]) for column in flag_columns() if column in scores.column_names}
+    # a finding "kind: detail" (e.g. "duplicate: row 12 kept") is counted by its kind
+    found = {
+        column: Counter(str(value).split(": ", 1)[0] for value in scores[column][:])
+        for column in flag_columns()
+        if column in scores.column_names
+    }
     cache_dir = Path(config.run.cache_dir or Path(config.run.output_dir) / EMBEDDINGS_DIR)
     return RunSummary(
         adapter_check=read_adapter_check(directory / ADAPTER_DIR),
@@ -166,7 +174,23 @@ def summarize(
         embedding_cache_bytes=directory_bytes(cache_dir),
         ratio_overlap=ratio_overlap(masks),
         seed_overlap=seed_overlap or {},
+        duplicate_groups=duplicate_groups(scores),
     )
+
+
+def duplicate_groups(scores: Dataset, largest: int = 5) -> dict:
+    """``{"groups", "rows", "largest": [{"group": id, "rows": n}]}`` of the scores' near-duplicate groups; {} for
+    scores without them."""
+    if GROUP_COLUMN not in scores.column_names:
+        return {}
+    group = np.asarray(scores[GROUP_COLUMN][:], dtype=np.int64)
+    ids, sizes = np.unique(group[group >= 0], return_counts=True)
+    order = np.lexsort((ids, -sizes))[:largest]
+    return {
+        "groups": len(ids),
+        "rows": int(sizes.sum()),
+        "largest": [{"group": int(ids[i]), "rows": int(sizes[i])} for i in order],
+    }
 
 
 def ratio_overlap(masks: dict) -> dict[str, float]:

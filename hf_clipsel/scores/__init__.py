@@ -4,7 +4,7 @@ registers the built-in ones, in the scores table's column order."""
 from __future__ import annotations
 
 # isort: off
-from . import alignment, diversity, posterior, damage  # noqa: F401  (registers them, in this order)
+from . import alignment, diversity, posterior, damage, duplicate  # noqa: F401  (registers them, in this order)
 
 # isort: on
 from .base import (

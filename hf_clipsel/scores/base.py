@@ -28,12 +28,13 @@ from ..features import FeatureStore, Share
 
 @dataclass(frozen=True)
 class Column:
-    """A float32 column of the scores table: what it measures (``meaning``, one line) and its range and which way
-    is better (``value_range``, e.g. "[-1, 1]; higher: better aligned")."""
+    """A column of the scores table: what it measures (``meaning``, one line) and its range and which way is better
+    (``value_range``, e.g. "[-1, 1]; higher: better aligned"); ``dtype`` float32 unless said (e.g. int64 row ids)."""
 
     name: str
     meaning: str
     value_range: str
+    dtype: str = "float32"
 
 
 @dataclass

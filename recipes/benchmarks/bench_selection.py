@@ -11,7 +11,10 @@ Four parts, all through the library's public API (hf_clipsel.selection.select):
    iteration; its full time is EXTRAPOLATED as (fitted iterations at this N, capped at the released 100,000) x
    (time per iteration). --sgd-cap-large 0 runs it uncapped instead (about an hour per ratio on 2 cores).
 4. Peak memory and time, in a fresh subprocess, of scores + selection for 1,281,167 synthetic 512-d embeddings:
-   SAS against 1000 class features, SDS by per-class kNN (K = 50), min-max, exact selection at five ratios.
+   SAS against 1000 class features, SDS by per-class kNN (K = 50), min-max, exact selection at five ratios; then the
+   duplicate score's search (hf_clipsel.duplicates.find_duplicates), timed apart and as a share of SAS + SDS.
+5. What the duplicate score adds to scoring time: SAS + SDS against the duplicate search, interleaved, at ImageNet-1k's
+   class shape (1,281 rows a class, 512-d) on --cost-classes classes (default 1000; the cost is linear in classes).
 scale (only when named: `--parts scale --rows N --dim D [--classes C]`): the library's out-of-core score stage and
    selection of five ratios on a synthetic embedding cache in its own format, ImageNet-21k-shaped (recipes/benchmarks/
    _scale.py says how); the last line printed is one JSON object (rows, dim, peak_rss_gib, seconds, ...).
@@ -37,6 +40,7 @@ from _scale import child as scale_child
 
 from hf_clipsel import scoring
 from hf_clipsel.configs import SelectionConfig, budget
+from hf_clipsel.duplicates import find_duplicates
 from hf_clipsel.selection import SelectionInputs, SgdOptions, select
 from hf_clipsel.selection.sgd import run_released_sgd
 
@@ -198,6 +202,33 @@ def part_large(repeats: int, sgd_cap: int, sgd_ratios: list[float], slopes: dict
     print(load_average())
 
 
+def part_duplicate_cost(num_classes: int, repeats: int, knn_k: int = 50, dim: int = 512) -> None:
+    """What the duplicate score adds to scoring at ImageNet-1k's class shape (1,281 rows a class, 512-d): SAS + SDS
+    against hf_clipsel.duplicates.find_duplicates on ``num_classes`` classes (all three cost linearly in the classes:
+    1000 is ImageNet-1k itself)."""
+    rows_per_class = IMAGENET_ROWS // 1000
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(num_classes).repeat_interleave(rows_per_class)
+    centres = torch.randn(num_classes, dim, generator=generator)
+    features = torch.randn(len(labels), dim, generator=generator).mul_(0.5) + centres[labels]
+    text = torch.nn.functional.normalize(centres + 0.5 * torch.randn(num_classes, dim, generator=generator), dim=-1)
+    valid = torch.ones(len(labels), dtype=torch.bool)
+    print(f"\n## 5. Duplicate score cost: {num_classes} classes x {rows_per_class} rows, {dim}-d (ImageNet-1k shape)")
+    print(load_average())
+    variants = {
+        "SAS + SDS (K = 50)": lambda: (
+            scoring.semantic_alignment(features, text, labels),
+            scoring.sample_diversity(features, labels, knn_k),
+        ),
+        "duplicate search": lambda: find_duplicates(features, text, labels, valid),
+    }
+    times = interleaved(variants, repeats)
+    table([{"part": name, "median s": median(t), "min s": min(t), "max s": max(t)} for name, t in times.items()])
+    share = median(times["duplicate search"]) / median(times["SAS + SDS (K = 50)"])
+    print(f"duplicate search / (SAS + SDS) = {share:.3f} (median of {repeats} interleaved runs; target <= 0.20)")
+    print(load_average())
+
+
 def memory_child(num_classes: int, knn_k: int, dim: int, seed: int = 0) -> None:
     """Scores + selection for IMAGENET_ROWS synthetic embeddings; prints one JSON line (run in a fresh process)."""
     generator = torch.Generator().manual_seed(seed)
@@ -207,7 +238,9 @@ def memory_child(num_classes: int, knn_k: int, dim: int, seed: int = 0) -> None:
     features = torch.randn(IMAGENET_ROWS, dim, generator=generator).mul_(0.5)
     for start in range(0, IMAGENET_ROWS, 65_536):
         features[start : start + 65_536] += centres[labels[start : start + 65_536]]
-    text = torch.randn(num_classes, dim, generator=generator)
+    # Text features near the class centres, as a real CLIP's are: most rows are predicted in their own class, which
+    # sets the duplicate score's cross-class groups.
+    text = centres + 0.5 * torch.randn(num_classes, dim, generator=generator)
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     resident_before = _proc_status_gib("VmRSS")
     try:  # reset the kernel's high-water mark, so VmHWM below is the peak of scoring + selection alone
@@ -228,6 +261,8 @@ def memory_child(num_classes: int, knn_k: int, dim: int, seed: int = 0) -> None:
     )
     masks = select(inputs, config(RATIOS, "exact"))
     end = time.perf_counter()
+    find_duplicates(features, torch.nn.functional.normalize(text, dim=-1), labels, torch.ones_like(labels, dtype=bool))
+    after_duplicates = time.perf_counter()
     assert all(int(masks[r].sum()) == budget(r, IMAGENET_ROWS) for r in RATIOS)
     print(
         json.dumps(
@@ -240,6 +275,8 @@ def memory_child(num_classes: int, knn_k: int, dim: int, seed: int = 0) -> None:
                 "SDS s": after_sds - after_sas,
                 "normalise + select s": end - after_sds,
                 "total s": end - start,
+                "duplicate score s": after_duplicates - end,
+                "duplicate / (SAS + SDS)": (after_duplicates - end) / (after_sds - start),
             }
         )
     )
@@ -273,7 +310,10 @@ def main() -> None:
     parser.add_argument("--growth-sizes", type=int, nargs="+", default=[12_500, 25_000, 50_000, 100_000])
     parser.add_argument("--sgd-cap-large", type=int, default=200, help="sgd iteration cap at 1.28M; 0 = uncapped")
     parser.add_argument("--sgd-ratios-large", type=float, nargs="+", default=RATIOS, help="ratios sgd runs at 1.28M")
-    parser.add_argument("--parts", nargs="+", default=["1", "2", "3", "4"], choices=["1", "2", "3", "4", "scale"])
+    parser.add_argument(
+        "--parts", nargs="+", default=["1", "2", "3", "4", "5"], choices=["1", "2", "3", "4", "5", "scale"]
+    )
+    parser.add_argument("--cost-classes", type=int, default=1000, help="part 5: classes (1000: ImageNet-1k)")
     parser.add_argument("--rows", type=int, default=1_000_000, help="scale: rows of the synthetic cache")
     parser.add_argument("--dim", type=int, default=768, help="scale: width of the cached vectors and the features")
     parser.add_argument(
@@ -313,6 +353,8 @@ def main() -> None:
         part_large(args.repeats, args.sgd_cap_large, args.sgd_ratios_large, slopes)
     if "4" in args.parts:
         part_memory(args.threads)
+    if "5" in args.parts:
+        part_duplicate_cost(args.cost_classes, args.repeats)
     result = part_scale(__file__, args) if "scale" in args.parts else None
     footer(started)
     if result is not None:  # the last line: one JSON object

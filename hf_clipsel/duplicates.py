@@ -1,0 +1,256 @@
+"""Near-duplicate search on image features, and the groups it joins (the ``duplicate`` score, hf_clipsel.scores).
+
+Two images are near-duplicates when the *centred cosine* of their image features is at least
+:data:`DUPLICATE_SIMILARITY`: the cosine of the L2-normalised features after the mean of the usable rows' normalised
+features is subtracted (and normalised again). Each row is compared with
+
+- every other row of its *given* class (exact: the nearest same-class neighbour), and
+- the rows of other given classes that the model puts in the same *predicted* class: a copy of an image has nearly
+  the same features, so it lands in the same predicted class as the original almost always (measured:
+  recipes/benchmarks/bench_duplicates.py), whatever label either carries.
+
+Cost: the search compares every pair of a class (sum over classes of n_c^2), then every pair of a predicted class
+(sum of n_p^2), on a :data:`SKETCH_DIM`-dimensional random projection of the features, with a row max instead of a
+top-k; the few pairs it keeps get exact cosines: 2 x 32/d of the diversity score's kNN multiply-adds (1/8 at
+d = 512; measured with recipes/benchmarks/bench_selection.py --parts 5). Both run blockwise (at most 2**24
+similarities held at once, 64 MiB) and keep at most :data:`EDGES_PER_ROW` pairs per row, so memory is O(N) beyond one
+group's features. At ImageNet-21k shape (13M rows, 21k classes, ~620 rows a class) that is about 2 x 13M x 620 x 32
+multiply-adds (~5e11, minutes on a CPU); a model whose predictions pile many rows into a few classes makes those
+groups quadratic, where k-means partitions of the features (SemDeDup) would bound them instead.
+
+Pairs above the threshold are joined into groups (connected components, scipy.sparse.csgraph); a group's id is its
+smallest row id.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from torch import Tensor
+
+# Centred cosine of two image features at or above which two rows are near-duplicates. Measured with
+# recipes/benchmarks/bench_duplicates.py on the proxy CLIP (README there): exact, JPEG and resized copies found at
+# recall >= 0.9; below it, distinct images of that weak model join groups (pair precision 0.20 at 0.99, 0.03 at 0.98).
+DUPLICATE_SIMILARITY = 0.99
+# Pairs above the threshold kept per row: bounds the edges at N x 8 even where many rows are alike (blank images).
+EDGES_PER_ROW = 8
+# Features wider than this are searched on a seeded random projection to this many dimensions (Johnson-Lindenstrauss:
+# 1 - cosine kept within about +-25% at 32 dimensions). Pairs whose projected 1 - cosine is within SKETCH_SLACK times
+# the threshold's are candidates, and every cosine reported or compared with the threshold is then computed on the
+# full features: the projection only decides which pairs are looked at.
+SKETCH_DIM = 32
+SKETCH_SLACK = 4.0
+# Similarities held at once per block: 2**24 float32 = 64 MiB.
+_BLOCK_ELEMENTS = 1 << 24
+NONE = -1  # no neighbour / no group
+
+
+def group_rows(keys: Tensor, rows: Tensor) -> list[Tensor]:
+    """Split ``rows`` (indices) into one index tensor per value of ``keys[rows]``, each in ascending row order."""
+    if rows.numel() == 0:
+        return []
+    rows = rows[torch.argsort(keys[rows], stable=True)]
+    _, counts = torch.unique_consecutive(keys[rows], return_counts=True)
+    return list(torch.split(rows, counts.tolist()))
+
+
+def nearest_in_group(
+    features: Tensor,
+    labels: Tensor | None,
+    threshold: float,
+    sketch: Tensor | None = None,
+    edges_per_row: int = EDGES_PER_ROW,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Each row's most similar other row of one group, and the pairs at or above ``threshold``.
+
+    Args:
+        features: ``[n, d]`` L2-normalised float32 features of the group's rows.
+        labels: ``[n]`` labels: only rows of *other* labels are candidates (None: every other row is).
+        threshold: cosine in ``[-1, 1]`` at or above which a pair is returned.
+        sketch: ``[d, s]`` projection (s < d) to search on: the nearest row and the pairs above a looser bound
+            (:data:`SKETCH_SLACK`) are found there, at s/d of the cost, and their cosines computed on ``features``.
+            None: the search runs on ``features``.
+        edges_per_row: at most this many pairs per row (its most similar ones).
+
+    Returns:
+        ``(similarity, neighbour, pairs)``: ``[n]`` float32 cosine in ``[-1, 1]`` of the most similar candidate
+        (-1 where there is none; with a sketch, the projection's cosine for a row with no candidate within the slack,
+        and the full features' for the others), ``[n]`` int64 its position in the group (-1: none, or no candidate
+        within the slack), ``[m, 2]`` int64 positions of the pairs at or above ``threshold``.
+    """
+    num_rows = features.shape[0]
+    similarity = torch.full((num_rows,), -1.0)
+    neighbour = torch.full((num_rows,), NONE, dtype=torch.int64)
+    pairs = [torch.zeros((0, 2), dtype=torch.int64)]
+    if num_rows < 2:
+        return similarity, neighbour, pairs[0]
+    searched = features if sketch is None else F.normalize(features @ sketch, dim=-1)
+    bound = threshold if sketch is None else 1.0 - SKETCH_SLACK * (1.0 - threshold)
+    block = max(1, _BLOCK_ELEMENTS // num_rows)
+    for start in range(0, num_rows, block):
+        stop = min(start + block, num_rows)
+        cosines = searched[start:stop] @ searched.T
+        local = torch.arange(stop - start)
+        cosines[local, local + start] = -torch.inf  # self excluded by index, so an exact copy still counts
+        if labels is not None:
+            cosines.masked_fill_(labels[start:stop, None] == labels[None, :], -torch.inf)
+        # The row maxima alone are cheap; indices, pairs and exact cosines only for rows near a duplicate.
+        best = cosines.amax(dim=1)
+        near = (best >= bound).nonzero().squeeze(1)
+        index = torch.full((stop - start,), NONE, dtype=torch.int64)
+        index[near] = cosines[near].argmax(dim=1)
+        query, candidate = (cosines[near] >= bound).nonzero(as_tuple=True)
+        if query.numel() > edges_per_row * near.numel():  # many alike rows (blank images): each row's closest only
+            top, nearest = torch.topk(cosines[near], min(edges_per_row, num_rows - 1), dim=1)
+            query, rank = (top >= bound).nonzero(as_tuple=True)
+            candidate = nearest[query, rank]
+        query = near[query]
+        if sketch is not None:  # the cosines on the full features
+            best[near] = (features[near + start] * features[index[near]]).sum(dim=1)
+            keep = (features[query + start] * features[candidate]).sum(dim=1) >= threshold
+            query, candidate = query[keep], candidate[keep]
+        found = torch.isfinite(best)
+        similarity[start:stop] = torch.where(found, best.clamp(-1.0, 1.0), -1.0)
+        neighbour[start:stop] = torch.where(found, index, NONE)  # -1 too for a row with no candidate near it
+        pairs.append(torch.stack([query + start, candidate], dim=1))
+    return similarity, neighbour, torch.cat(pairs)
+
+
+def find_duplicates(
+    image_features: Tensor,
+    class_features: Tensor,
+    labels: Tensor,
+    valid: Tensor,
+    threshold: float = DUPLICATE_SIMILARITY,
+) -> dict[str, np.ndarray]:
+    """Nearest neighbours within and across classes, and the near-duplicate groups, of every usable row.
+
+    Features are read one class (then one predicted class) at a time, as ``image_features[rows]``.
+
+    Args:
+        image_features: ``[N, d]`` image features (any float dtype; not necessarily normalised).
+        class_features: ``[C, d]`` L2-normalised class text features: they give each row's predicted class.
+        labels: ``[N]`` int64 given labels in ``[0, C)``.
+        valid: ``[N]`` bool usable rows; the others are neither queries nor candidates.
+        threshold: cosine in ``[-1, 1]`` at or above which two rows are near-duplicates.
+
+    Returns:
+        ``same_class`` / ``other_class``: float32 ``[N]`` cosine of the nearest usable row of the same class / of
+        another class in the same predicted class (-1 where there is none); ``group``: int64 ``[N]`` the smallest row
+        id of the row's near-duplicate group (-1: none); ``nearest``: int64 ``[N]`` the row id of its most similar
+        near-duplicate, either class (-1: none).
+    """
+    num_rows = labels.shape[0]
+    same_class = torch.full((num_rows,), -1.0)
+    other_class = torch.full((num_rows,), -1.0)
+    same_row = torch.full((num_rows,), NONE, dtype=torch.int64)
+    other_row = torch.full((num_rows,), NONE, dtype=torch.int64)
+    predicted = torch.full((num_rows,), NONE, dtype=torch.int64)
+    text = class_features.to(torch.float32)
+    classes = group_rows(labels, valid.nonzero().squeeze(1))
+    dim = image_features.shape[1]
+    # The mean direction of the usable rows: a CLIP's features share a large common component, which puts distinct
+    # images at cosines near 1; centred, a copy stays near 1 and distinct images spread out.
+    mean = torch.zeros(dim)
+    for rows in classes:  # one read of every row: the mean, and the class the model prefers
+        normalised = F.normalize(image_features[rows].to(torch.float32), dim=-1)
+        mean += normalised.sum(dim=0)
+        predicted[rows] = (normalised @ text.T).argmax(dim=-1)
+    mean /= max(int(valid.sum()), 1)
+
+    generator = torch.Generator().manual_seed(0)  # the same projection every run: the same groups
+    sketch = torch.randn(dim, SKETCH_DIM, generator=generator) if dim > SKETCH_DIM else None
+
+    def centred(rows: Tensor) -> Tensor:
+        return F.normalize(F.normalize(image_features[rows].to(torch.float32), dim=-1) - mean, dim=-1)
+
+    pairs = []
+    for rows in classes:
+        similarity, neighbour, found = nearest_in_group(centred(rows), None, threshold, sketch)
+        same_class[rows], same_row[rows] = similarity, _row_ids(rows, neighbour)
+        pairs.append(rows[found])
+    for rows in group_rows(predicted, valid.nonzero().squeeze(1)):
+        similarity, neighbour, found = nearest_in_group(centred(rows), labels[rows], threshold, sketch)
+        other_class[rows], other_row[rows] = similarity, _row_ids(rows, neighbour)
+        pairs.append(rows[found])
+    pairs = torch.cat(pairs).numpy() if pairs else np.zeros((0, 2), dtype=np.int64)
+    nearest_is_same = same_class >= other_class
+    best = torch.where(nearest_is_same, same_class, other_class)
+    nearest = torch.where(best >= threshold, torch.where(nearest_is_same, same_row, other_row), NONE)
+    return {
+        "same_class": same_class.numpy(),
+        "other_class": other_class.numpy(),
+        "group": groups_of_pairs(pairs, num_rows),
+        "nearest": nearest.numpy(),
+    }
+
+
+def _row_ids(rows: Tensor, positions: Tensor) -> Tensor:
+    """The row ids of ``positions`` in a group of ``rows`` (-1 stays -1)."""
+    return torch.where(positions >= 0, rows[positions.clamp(min=0)], NONE)
+
+
+def groups_of_pairs(pairs: np.ndarray, num_rows: int) -> np.ndarray:
+    """int64 ``[num_rows]``: the smallest row id of each row's connected component over ``pairs`` (``[m, 2]`` row
+    ids), -1 for a row in no pair."""
+    group = np.full(num_rows, NONE, dtype=np.int64)
+    if len(pairs) == 0:
+        return group
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(num_rows, num_rows))
+    _, component = connected_components(graph, directed=False)
+    smallest = np.full(component.max() + 1, num_rows, dtype=np.int64)
+    np.minimum.at(smallest, component, np.arange(num_rows))
+    in_pair = np.zeros(num_rows, dtype=bool)
+    in_pair[pairs.ravel()] = True
+    group[in_pair] = smallest[component[in_pair]]
+    return group
+
+
+def duplicate_findings(
+    group: np.ndarray, labels: np.ndarray, preference: np.ndarray, usable: np.ndarray, keep_preferred_label: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """What a selection flags in the near-duplicate groups: copies within a class, and labels that conflict.
+
+    Args:
+        group: int64 ``[N]`` group ids (-1: none), as :func:`find_duplicates` gives them.
+        labels: ``[N]`` given labels.
+        preference: ``[N]`` float, higher is better: the row a group keeps of each label is its best.
+        usable: ``[N]`` bool; other rows are in no group.
+        keep_preferred_label: in a group of several labels, keep the copies of the label of its best row (the one
+            the model prefers) and flag the others; False: flag every copy of such a group.
+
+    Returns:
+        ``(duplicate, conflict)``: object ``[N]`` of ``""`` or ``"duplicate: row <r> kept"`` (every row of a group
+        and label but its best ``r``), and ``""`` or ``"conflicting labels: row <r> is labelled <label>"``.
+    """
+    num_rows = len(group)
+    duplicate = np.full(num_rows, "", dtype=object)
+    conflict = np.full(num_rows, "", dtype=object)
+    members = np.nonzero(usable & (group >= 0))[0]
+    if members.size == 0:
+        return duplicate, conflict
+    # Sorted by group, then label, then best first (ties: lowest row id): each (group, label) run starts at its best.
+    members = members[np.lexsort((members, -preference[members], labels[members], group[members]))]
+    member_group, member_label = group[members], labels[members]
+    new_group = np.r_[True, member_group[1:] != member_group[:-1]]
+    new_run = new_group | np.r_[True, member_label[1:] != member_label[:-1]]
+    run_best = members[new_run][np.cumsum(new_run) - 1]
+    for row, best in zip(members[~new_run], run_best[~new_run]):
+        duplicate[row] = f"duplicate: row {best} kept"
+    # Groups of several labels: every run's best row, and the group's best of them (the label the model prefers).
+    group_bounds = np.r_[np.nonzero(new_group)[0], len(members)]
+    labels_per_group = np.add.reduceat(new_run.astype(np.int64), group_bounds[:-1])
+    for index in np.nonzero(labels_per_group > 1)[0]:
+        begin, end = group_bounds[index], group_bounds[index + 1]
+        bests = members[begin:end][new_run[begin:end]]
+        preferred = bests[np.lexsort((bests, -preference[bests]))[0]]
+        for row in members[begin:end]:
+            if keep_preferred_label and labels[row] == labels[preferred]:
+                continue
+            # name a copy under another label: the preferred one, or for its own copies the best of another label
+            other = preferred if labels[row] != labels[preferred] else bests[bests != preferred][0]
+            conflict[row] = f"conflicting labels: row {other} is labelled {labels[other]}"
+    return duplicate, conflict

@@ -1,0 +1,113 @@
+"""Near-duplicates and conflicting labels (hf_clipsel.duplicates): each row's nearest neighbour within its class and
+across classes, its near-duplicate group, and at selection time one kept copy per group and label.
+
+Two scores share this file because they read the same columns: ``duplicate`` (the columns; flags every copy of a
+group and label but the best one, drop reason ``duplicate``) and ``conflicting_labels`` (no columns of its own; flags
+the copies of an image filed under several labels, drop reason ``conflicting labels``). Flagged rows are ranked after
+every other row, so a selection takes a second copy only when the budget exceeds the rows that are not flagged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..duplicates import DUPLICATE_SIMILARITY, duplicate_findings, find_duplicates
+from .base import Column, Score, ScoreInputs, register_score
+
+# In a group of several labels, keep the copies of the label the model prefers (True) or none (False). Measured on
+# recipes/benchmarks/bench_duplicates.py's cross-class copies (README there): the proxy CLIP preferred the true label
+# in 28 of 31 groups, so keeping its choice would keep a wrong label in about one group of ten; keeping none costs one
+# correct image per group and keeps no wrong label.
+KEEP_PREFERRED_LABEL = False
+
+GROUP_COLUMN = "duplicate_group"
+
+
+def preference(table: dict, selection) -> np.ndarray:
+    """float64 ``[N]``: which copy of a group a selection keeps, higher first: the reward's alignment term (SAS~, plus
+    the class posterior~ with ``alignment sas+posterior``). The reward itself depends on each ratio's alpha, and
+    copies are each other's nearest neighbours, so their diversity terms are nearly equal: alignment decides."""
+    values = np.asarray(table["semantic_alignment_normalized"], dtype=np.float64)
+    if getattr(selection, "alignment", "sas") == "sas+posterior" and "class_posterior_normalized" in table:
+        values = values + np.asarray(table["class_posterior_normalized"], dtype=np.float64)
+    return values
+
+
+def findings(table: dict, selection) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(duplicate, conflict)`` flags of :func:`hf_clipsel.duplicates.duplicate_findings`; None for scores without
+    the group column (from an older hf_clipsel)."""
+    if GROUP_COLUMN not in table:
+        return None
+    usable = np.asarray(table["flag_reason"]) == ""
+    return duplicate_findings(
+        np.asarray(table[GROUP_COLUMN], dtype=np.int64),
+        np.asarray(table["label"], dtype=np.int64),
+        preference(table, selection),
+        usable,
+        KEEP_PREFERRED_LABEL,
+    )
+
+
+@register_score
+class NearDuplicates(Score):
+    name = "duplicate"
+    columns = (
+        Column(
+            "duplicate_similarity_same_class",
+            "centred cosine of the row's image feature and its nearest other row's of the same class",
+            f"[-1, 1] (-1: none; below 0.96, on a 32-d projection of wider features); >= {DUPLICATE_SIMILARITY}: a "
+            "near-duplicate",
+        ),
+        Column(
+            "duplicate_similarity_other_class",
+            "centred cosine with its nearest row of another class among the rows of the same predicted class",
+            f"[-1, 1] (-1: none; below 0.96, on a 32-d projection of wider features); >= {DUPLICATE_SIMILARITY}: the "
+            "same image under another label",
+        ),
+        Column(
+            GROUP_COLUMN,
+            f"near-duplicate group (rows joined at centred cosine >= {DUPLICATE_SIMILARITY}): its smallest row_id",
+            "a row_id; -1: no near-duplicate",
+            dtype="int64",
+        ),
+        Column(
+            "nearest_duplicate",
+            "row_id of the row's most similar near-duplicate, either class",
+            "a row_id; -1: none",
+            dtype="int64",
+        ),
+    )
+    # A dropped copy of an image whose group keeps a better copy of the same label.
+    # Between misaligned (20) and damaged (30): which copy a group keeps says more than "misaligned" does, and a pixel
+    # defect (or a score another package adds at 25) says more than that the image has a copy.
+    drop_reason = "duplicate"
+    reason_rank = 22
+    flag_column = "duplicate"
+
+    def compute(self, inputs: ScoreInputs) -> dict[str, np.ndarray]:
+        found = find_duplicates(inputs.image_features, inputs.class_features, inputs.labels, inputs.valid)
+        return {
+            "duplicate_similarity_same_class": found["same_class"],
+            "duplicate_similarity_other_class": found["other_class"],
+            GROUP_COLUMN: found["group"],
+            "nearest_duplicate": found["nearest"],
+        }
+
+    def flags(self, table: dict, selection) -> np.ndarray | None:
+        """``"duplicate: row <r> kept"`` for every copy of a group and label but its best ``r``."""
+        found = findings(table, selection)
+        return None if found is None else found[0]
+
+
+@register_score
+class ConflictingLabels(Score):
+    name = "conflicting_labels"
+    # A dropped copy of an image that the source files under several labels.
+    drop_reason = "conflicting labels"
+    reason_rank = 24
+    flag_column = "conflicting_labels"
+
+    def flags(self, table: dict, selection) -> np.ndarray | None:
+        """``"conflicting labels: row <r> is labelled <label>"`` for the copies of an image under several labels."""
+        found = findings(table, selection)
+        return None if found is None else found[1]

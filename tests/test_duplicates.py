@@ -1,0 +1,119 @@
+"""The duplicate score: copies are grouped, a selection keeps one per group and label, and the copies of an image
+under several labels are flagged (hf_clipsel.duplicates, hf_clipsel.scores.duplicate)."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_config
+
+from hf_clipsel import pipeline
+from hf_clipsel.core.names import drop_reason_column, selected_column
+from hf_clipsel.duplicates import DUPLICATE_SIMILARITY, duplicate_findings, find_duplicates
+from hf_clipsel.runs.load import read_scores
+from hf_clipsel.scores import SCORES
+from hf_clipsel.summary import RunSummary
+
+
+def synthetic(num_rows=90, dim=32, classes=3, seed=0):
+    """Features of distinct images (random directions around their class's) and the class text features."""
+    generator = torch.Generator().manual_seed(seed)
+    text = F.normalize(torch.randn(classes, dim, generator=generator), dim=-1)
+    labels = torch.arange(num_rows) % classes
+    features = torch.randn(num_rows, dim, generator=generator) + 2 * text[labels]
+    return features, text, labels
+
+
+def test_copies_are_grouped_within_and_across_classes():
+    features, text, labels = synthetic()
+    features[30] = features[0] * 3.0  # an exact copy (scaled: the cosine ignores the norm), same class
+    features[60] = features[0] + 0.01 * torch.randn(32)  # a near copy, same class: a group of three
+    features[32] = features[4] + 0.01 * torch.randn(32)  # a near copy filed under another class (4 % 3 != 32 % 3)
+    valid = torch.ones(90, dtype=torch.bool)
+    valid[89] = False
+    features[89] = features[7]  # an unusable row is nobody's duplicate
+    found = find_duplicates(features, text, labels, valid)
+    group = found["group"]
+    assert group[0] == group[30] == group[60] == 0
+    assert group[4] == group[32] == 4
+    assert (group >= 0).sum() == 5, "distinct images must not be joined"
+    assert group[7] == -1 and group[89] == -1 and found["same_class"][89] == -1
+    assert found["same_class"][30] == pytest.approx(1.0, abs=1e-5)
+    assert found["other_class"][32] >= DUPLICATE_SIMILARITY > found["same_class"][32]
+    assert found["nearest"][32] == 4 and found["nearest"][30] in (0, 60) and found["nearest"][1] == -1
+
+    preference = np.zeros(90)
+    preference[60] = 1.0  # the best copy of group 0
+    usable = valid.numpy()
+    duplicate, conflict = duplicate_findings(group, labels.numpy(), preference, usable, keep_preferred_label=False)
+    assert duplicate[0] == duplicate[30] == "duplicate: row 60 kept" and duplicate[60] == ""
+    assert (duplicate != "").sum() == 2
+    assert conflict[4] == "conflicting labels: row 32 is labelled 2"
+    assert conflict[32] == "conflicting labels: row 4 is labelled 1"
+    assert (conflict != "").sum() == 2
+    preference[32] = 1.0  # the model prefers row 31's label: keeping the preferred copy flags row 4 only
+    _, conflict = duplicate_findings(group, labels.numpy(), preference, usable, keep_preferred_label=True)
+    assert conflict[31] == "" and conflict[4] == "conflicting labels: row 32 is labelled 2"
+
+
+def test_a_class_larger_than_one_block_and_wider_than_the_sketch_finds_its_copies(monkeypatch):
+    from hf_clipsel import duplicates
+
+    monkeypatch.setattr(duplicates, "_BLOCK_ELEMENTS", 200 * 16 * 128)  # blocks of 2 query rows
+    features, text, labels = synthetic(num_rows=100, dim=128)  # wider than the sketch: candidates, then exact cosines
+    features[99] = features[0]
+    features[33] = features[3] + 0.02 * torch.randn(128)
+    found = find_duplicates(features, text, labels, torch.ones(100, dtype=torch.bool))
+    assert found["group"][99] == found["group"][0] == 0 and found["group"][33] == found["group"][3] == 3
+    assert (found["group"] >= 0).sum() == 4
+    assert found["same_class"][99] == pytest.approx(1.0, abs=1e-5)
+    assert found["nearest"][33] == 3 and found["same_class"][33] > DUPLICATE_SIMILARITY
+
+
+@pytest.fixture(scope="module")
+def pool_with_copies(cifar_slice, tmp_path_factory):
+    """100 of the fixture's rows and five exact copies appended: three in their original's class, two under another."""
+    table = pq.read_table(cifar_slice).slice(0, 100)
+    within, across = [3, 17, 42], [5, 88]
+    copies = table.take(within + across).to_pydict()
+    copies["label"] = [*copies["label"][:3], *[(label + 1) % 10 for label in copies["label"][3:]]]
+    import pyarrow as pa
+
+    pool = pa.concat_tables([table, pa.Table.from_pydict(copies, schema=table.schema)])
+    path = tmp_path_factory.mktemp("duplicates") / "pool.parquet"
+    pq.write_table(pool, path)
+    return path, within, across
+
+
+def test_a_run_keeps_one_copy_and_flags_conflicting_labels(pool_with_copies, tiny_clip_path, tmp_path):
+    path, within, across = pool_with_copies
+    config = run_config(path, tiny_clip_path, tmp_path / "run", adapter_preset="none", selection_ratios=[0.9])
+    pipeline.run(config)
+    table = read_scores(tmp_path / "run").with_format("numpy")[:]
+    assert table["duplicate_group"].dtype == np.int64 and table["nearest_duplicate"].dtype == np.int64
+    for column in (c.name for score in ("duplicate", "conflicting_labels") for c in SCORES[score].columns):
+        assert column in table
+    group, kept, reasons = table["duplicate_group"], table[selected_column(0.9)], table[drop_reason_column(0.9)]
+    for copy, original in enumerate(within, start=100):
+        assert group[copy] == group[original] >= 0
+        assert int(kept[copy]) + int(kept[original]) == 1, "one copy of a group is kept at 0.9"
+        dropped = copy if not kept[copy] else original
+        assert reasons[dropped] == "duplicate"
+        assert table["duplicate"][dropped] == f"duplicate: row {copy if dropped == original else original} kept"
+    for copy, original in enumerate(across, start=103):
+        assert group[copy] == group[original] >= 0 and table["nearest_duplicate"][copy] == original
+        assert table["conflicting_labels"][copy].startswith("conflicting labels: row ")
+        assert not kept[copy] and not kept[original], "neither label of a conflicting copy is kept"
+        assert reasons[copy] == reasons[original] == "conflicting labels"
+    summary = RunSummary.read(tmp_path / "run")
+    # the tiny random CLIP joins a few distinct images too (its features are no real CLIP's): at least the copies
+    assert summary.flags["conflicting_labels"]["conflicting labels"] >= 4
+    assert summary.flags["duplicate"]["duplicate"] >= 3
+    assert summary.duplicate_groups["groups"] >= 5 and summary.duplicate_groups["largest"][0]["rows"] >= 2
+    report = (tmp_path / "run" / "report" / "index.html").read_text()
+    for entry in summary.duplicate_groups["largest"]:  # each of the largest groups shown, its rows side by side
+        gallery = report.split(f'id="duplicate-group-{entry["group"]}"', 1)[1].split("</div>\n", 1)[0]
+        assert gallery.count("data-row-id=") == min(entry["rows"], 6)
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"{summary.duplicate_groups['groups']} near-duplicate groups" in card
