@@ -88,7 +88,9 @@ def pool_with_copies(cifar_slice, tmp_path_factory):
 
 def test_a_run_keeps_one_copy_and_flags_conflicting_labels(pool_with_copies, tiny_clip_path, tmp_path):
     path, within, across = pool_with_copies
-    config = run_config(path, tiny_clip_path, tmp_path / "run", adapter_preset="none", selection_ratios=[0.9])
+    config = run_config(
+        path, tiny_clip_path, tmp_path / "run", adapter_preset="none", selection_ratios=[0.9], duplicate_check=True
+    )
     pipeline.run(config)
     table = read_scores(tmp_path / "run").with_format("numpy")[:]
     assert table["duplicate_group"].dtype == np.int64 and table["nearest_duplicate"].dtype == np.int64

@@ -34,10 +34,13 @@ def preference(table: dict, selection) -> np.ndarray:
 
 
 def findings(table: dict, selection) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(duplicate, conflict)`` flags of :func:`hf_clipsel.duplicates.duplicate_findings`; None for scores without
-    the group column (from an older hf_clipsel)."""
+    """``(duplicate, conflict)`` flags of :func:`hf_clipsel.duplicates.duplicate_findings` (all ``""`` when
+    ``selection.duplicate_check`` is off); None for scores without the group column (from an older hf_clipsel)."""
     if GROUP_COLUMN not in table:
         return None
+    if not selection.duplicate_check:
+        none = np.full(len(table["label"]), "", dtype=object)
+        return none, none
     usable = np.asarray(table["flag_reason"]) == ""
     return duplicate_findings(
         np.asarray(table[GROUP_COLUMN], dtype=np.int64),

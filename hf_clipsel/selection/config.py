@@ -68,6 +68,15 @@ class SelectionConfig:
             "log scale), a pixel statistic must lie for damage_check to flag the image."
         },
     )
+    duplicate_check: bool = field(
+        default=False,
+        metadata={
+            "help": "Rank every copy of a near-duplicate group but the best one of each label, and every copy of an "
+            "image filed under several labels, after every other row (exact and sgd): dropped ones get the reason "
+            "'duplicate' or 'conflicting labels'. Off by default: its threshold (centred cosine 0.99) was measured "
+            "on a weak proxy CLIP only, where most rows it joins are look-alikes (recipes/benchmarks/README.md)."
+        },
+    )
     class_balanced: bool = field(
         default=False, metadata={"help": "Keep each class's share of the dataset (per-class quotas)."}
     )
