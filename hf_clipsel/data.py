@@ -187,7 +187,7 @@ def detect_label_column(dataset: Dataset, label_column: str | None = None) -> st
         raise ValueError(
             "the images have no labels: an image folder gets them from the folder each image is in, and only when "
             "every image lies at the same depth in a folder named after its class (<folder>/<class name>/<image>); "
-            "move the images so, or give a CSV or parquet file with a label column."
+            "move the images so, or give a dataset with a label column (--label_column names it)."
         )
     raise ValueError(
         f"no label column found among {dataset.column_names}: hf_clipsel needs a labelled dataset. Pass "
