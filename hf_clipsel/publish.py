@@ -27,6 +27,7 @@ import yaml
 from .core.names import PATH, RECORD
 from .hub_access import is_hub_repo_id
 from .outputs import ADAPTER_DIR, REPORT_DIR, RUN_CONFIG, RUN_SUMMARY, SCORES_DIR, write_atomic_text
+from .report_page_data import DATA_DIR, map_text_column
 from .runs.record import RunRecord, file_digest
 
 # The settings that may name a file or folder of this machine.
@@ -126,6 +127,8 @@ def published_copy(staging: Path, record: RunRecord) -> RunRecord:
             _rewrite_text(path, names)
     for shard in sorted((staging / SCORES_DIR).glob("*.parquet")):
         _rewrite_scores(shard, source)
+    # The report page's row details carry the same paths, base64-encoded where the text rewrite cannot see them.
+    map_text_column(staging / REPORT_DIR / DATA_DIR, PATH, lambda path: published_path(path, source))
     published = RunRecord.from_json(json.dumps(scrub(json.loads(record.to_json()), names)))
     published.artefacts = {name: file_digest(staging / name) for name in record.artefacts}
     write_atomic_text(staging / RECORD, published.to_json())

@@ -151,6 +151,23 @@ def write_chunks(name: str, values: np.ndarray, data_dir: Path) -> int:
     return pages
 
 
+def map_text_column(data_dir: Path, name: str, change) -> None:
+    """Rewrite the chunk files of the text column ``name`` in ``data_dir`` with ``change(text) -> text`` applied to
+    each row (what a push publishes in place of this machine's paths). Each file is replaced, not written through,
+    so a hard link to it (the run's own report) keeps its contents."""
+    for path in sorted(data_dir.glob(f"{file_stem(name)}-*.js")):
+        match = re.fullmatch(
+            r'CLIPSEL_CHUNK\((".*?"),(\d+),"([A-Za-z0-9+/=]*)"\);\n', path.read_text(encoding="ascii")
+        )
+        if match is None:
+            raise ValueError(f"{path} is not a chunk file of the report page; write the report again.")
+        rows = [change(text) for text in json.loads(base64.b64decode(match[3]))]
+        payload = base64.b64encode(json.dumps(rows).encode()).decode()
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text(f'CLIPSEL_CHUNK({match[1]},{match[2]},"{payload}");\n', encoding="ascii")
+        temporary.replace(path)
+
+
 def write_data(
     table: pa.Table,
     class_names: list[str],

@@ -388,3 +388,33 @@ def test_an_image_folder_without_labels_says_how_to_lay_it_out(tmp_path):
     config = DataConfig(dataset_name=str(tmp_path))
     with pytest.raises(ValueError, match="same depth in a folder named after its class"):
         prepare_source(load_source(config), config)
+
+
+def test_a_push_rewrites_the_report_pages_paths_and_leaves_the_runs_own_page(tmp_path):
+    """The explorer's path column is base64 inside its chunk files, where a text rewrite cannot see a local path."""
+    import base64
+    import json
+    import os
+
+    import numpy as np
+
+    from hf_clipsel.core.names import PATH
+    from hf_clipsel.publish import published_path
+    from hf_clipsel.report_page_data import map_text_column, write_chunks
+
+    source = tmp_path / "images"
+    paths = np.asarray([str(source / "cat" / "1.png"), "/home/me/.cache/x/2.png", ""], dtype=object)
+    run_data, staging = tmp_path / "run", tmp_path / "staging"
+    run_data.mkdir()
+    staging.mkdir()
+    write_chunks(PATH, paths, run_data)
+    for chunk in run_data.iterdir():  # the push stages hard links of the run's files
+        os.link(chunk, staging / chunk.name)
+    map_text_column(staging, PATH, lambda path: published_path(path, source))
+
+    def rows(folder):
+        (chunk,) = folder.glob("*.js")
+        return json.loads(base64.b64decode(chunk.read_text().split('"')[-2]))
+
+    assert rows(staging) == ["cat/1.png", "2.png", ""]
+    assert rows(run_data) == paths.tolist()  # the run's own page keeps the paths it can act on
