@@ -151,6 +151,11 @@ def parse_args(argv=None):
     budget_group.add_argument("--epochs", type=int, default=None, help="Fixed epochs per run instead of steps.")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument(
+        "--cached_only",
+        action="store_true",
+        help="Train nothing: report the training runs already cached (a cell's seeds are listed when some lack).",
+    )
+    p.add_argument(
         "--no_references", action="store_true", help="Do not train on the full pool and its clean rows (references)."
     )
     p.add_argument(
@@ -570,6 +575,8 @@ def run_training(args, case, name, mask, seed, spec, tensors, configs, heldout_d
     result = read_json(path)
     if result is not None and result.get("rows_digest") == rows_digest:  # the same rows: reuse
         return result
+    if args.cached_only:
+        return None
     if args.trainer == "minimal":
         images, labels, test_images, test_labels = tensors
         rows = torch.from_numpy(np.flatnonzero(mask))
@@ -643,7 +650,7 @@ def markdown(args, cases, per_case, rows, model_line) -> str:
         ]
         by_key = {(r["selector"], r["ratio"]): r for r in rows if r["case"] == case["name"]}
         for selector in all_selectors(args):
-            cells = [_cell(by_key[(selector, ratio)]) for ratio in args.ratios]
+            cells = [_cell(by_key[(selector, ratio)], len(args.seeds)) for ratio in args.ratios]
             lines.append(f"| {LABELS[selector]} | " + " | ".join(cells) + " |")
         for name in ("full", "clean"):
             row = next((r for r in rows if r["case"] == case["name"] and r["selector"] == name), None)
@@ -654,8 +661,26 @@ def markdown(args, cases, per_case, rows, model_line) -> str:
                 + " | ".join([_cell(row)] + [""] * (len(args.ratios) - 1))
                 + " |"
             )
-        lines += ["", *diagnostics_table(info["diagnostics"]), ""]
+        lines += ["", *versus_line(args, by_key), *diagnostics_table(info["diagnostics"]), ""]
     return "\n".join(lines)
+
+
+def versus_line(args, by_key) -> list[str]:
+    """The method's top-1 minus cleanlab's per ratio, with the standard error of that difference (each mean's
+    sample std / sqrt(seeds), combined), when both were trained with at least two seeds."""
+    cells = []
+    for ratio in args.ratios:
+        ours, theirs = by_key.get((METHOD, ratio)), by_key.get((CLEANLAB, ratio))
+        if not ours or not theirs or len(ours["top1_runs"]) < 2 or len(theirs["top1_runs"]) < 2:
+            return []
+        difference = 100 * (np.mean(ours["top1_runs"]) - np.mean(theirs["top1_runs"]))
+        error = 100 * np.sqrt(
+            np.var(ours["top1_runs"], ddof=1) / len(ours["top1_runs"])
+            + np.var(theirs["top1_runs"], ddof=1) / len(theirs["top1_runs"])
+        )
+        ratio_of_error = f" ({difference / error:+.1f} SE)" if error > 0 else ""
+        cells.append(f"{ratio:g}: {difference:+.1f} ± {error:.1f}{ratio_of_error}")
+    return [f"Top-1 of the method minus cleanlab's (± standard error of the difference): {'; '.join(cells)}.", ""]
 
 
 def diagnostics_table(diagnostics: dict) -> list[str]:
@@ -692,11 +717,13 @@ def diagnostics_table(diagnostics: dict) -> list[str]:
     return lines
 
 
-def _cell(row) -> str:
+def _cell(row, num_seeds: int | None = None) -> str:
     accuracy = "n/a" if row["top1_mean"] is None else f"{100 * row['top1_mean']:.1f}"
     if row["top1_std"] is not None:
         accuracy += f" ± {100 * row['top1_std']:.1f}"
-    return f"{row['noisy_kept']:.1%} / {accuracy}"
+    if row["top1_runs"] and num_seeds and len(row["top1_runs"]) < num_seeds:
+        accuracy += f" ({len(row['top1_runs'])} of {num_seeds} seeds)"
+    return f"{row['noisy_kept']:.2%} / {accuracy}"
 
 
 def plot(args, cases, per_case, rows, path: Path, title: str) -> None:
@@ -807,6 +834,8 @@ def main(argv=None):
         info = per_case[case["name"]]
         mask = info["subsets"][name]
         result = run_training(args, case, name, mask, seed, spec, info["tensors"], info["configs"], heldout_dir)
+        if result is None:  # --cached_only: not trained yet
+            continue
         info["results"].setdefault(name, {})[seed] = result
         print(
             f"[{index + 1}/{len(jobs)}] {case['name']} {name} seed {seed}: top-1 {result['top1']:.4f} "

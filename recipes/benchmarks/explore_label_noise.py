@@ -5,7 +5,10 @@ Reads the cache of a finished `bench_quality.py` run (--work_dir): for each case
 (its SAS~, SDS~, gate, damage flags: the package's own columns) and the run's class probabilities at the model's
 full logit scale (quality_cleanlab.zero_shot_probabilities). Each candidate is ranked with the package's reward code
 (hf_clipsel.selection.SelectionInputs: min-max, scale by mean, the gate, damaged rows last) given another alignment
-term, and the share of injected rows among the top floor(r * N) is printed per case and ratio next to cleanlab's.
+term, and the share of injected rows among the top floor(r * N) is printed per case and ratio, with the number of
+cells where it kept more than cleanlab's ranking (damaged-image case: damaged rows kept). Names: P@f, the posterior
+at f times the logit scale (P@1: the probabilities cleanlab ranks); SAS+P, min-max(SAS~ + P~); "gated div", plus
+0.1 times the gated diversity term (else alpha 0); thr, damage_threshold (None: no damage check).
 
     python recipes/benchmarks/bench_quality.py --noise_levels 0.2 0.4 0 --asymmetric 0.3 --corruption 0.05 ...
     python recipes/benchmarks/explore_label_noise.py --work_dir /tmp/quality/work
@@ -20,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from cleanlab.rank import get_label_quality_scores
 from quality_cleanlab import label_quality, top_rows, zero_shot_probabilities
 
 from hf_clipsel.parser import parse_config
@@ -42,17 +46,18 @@ def candidates(table: dict, pred_probs: np.ndarray, labels: np.ndarray, selectio
         demoted[threshold] = np.any([v != "" for v in flags.values()], axis=0)
     demoted[None] = None
     gate = table["predicted_label"] == table["label"]
+    thresholds = np.array([pred_probs[labels == j, j].mean() for j in range(pred_probs.shape[1])])[labels]
     logits = np.log(pred_probs)  # log-softmax: the logits up to a per-row constant
 
     def at(fraction: float) -> torch.Tensor:
         tempered = np.exp(fraction * (logits - logits.max(axis=1, keepdims=True)))
         return torch.from_numpy((tempered / tempered.sum(axis=1, keepdims=True))[rows, labels])
 
-    def reward(posterior, alpha=0.1, sas=True, gated=True, threshold=3.0):
+    def reward(posterior, alpha=0.1, sas=1.0, gated=True, threshold=3.0):
         inputs = SelectionInputs(
             row_id=rows,
             labels=labels,
-            semantic_alignment_normalized=table["semantic_alignment_normalized"] if sas else np.zeros(len(rows)),
+            semantic_alignment_normalized=sas * table["semantic_alignment_normalized"],
             sample_diversity_normalized=table["sample_diversity_normalized"],
             diversity_gate=gate if gated else None,
             class_posterior_normalized=None if posterior is None else min_max(posterior).numpy(),
@@ -61,16 +66,23 @@ def candidates(table: dict, pred_probs: np.ndarray, labels: np.ndarray, selectio
         return inputs.reward(alpha)
 
     out = {
-        "default (saved reward)": np.asarray(table[next(c for c in table if c.startswith("reward_"))], float),
-        "default recomputed": reward(at(0.5)),
+        "the run's saved reward (its settings)": np.asarray(table[next(c for c in table if c.startswith("reward_"))]),
+        "previous default (SAS+P@0.5 + gated div, thr 3.0)": reward(at(0.5)),
         "cleanlab self_confidence": label_quality(pred_probs, labels),
+        "cleanlab normalized_margin": get_label_quality_scores(labels, pred_probs, method="normalized_margin"),
+        # confident learning's per-class threshold: the mean probability of class j over the rows labelled j
+        "P@1/threshold + gated div, thr 3.0": reward(
+            torch.from_numpy(np.minimum(at(1.0).numpy() / thresholds, 10.0)), sas=0.0
+        ),
     }
     for threshold in THRESHOLDS:
         for fraction in FRACTIONS:
             p = at(fraction)
-            out[f"P@{fraction:g} alone, damage thr {threshold}"] = reward(p, alpha=0.0, sas=False, threshold=threshold)
-            out[f"P@{fraction:g} + gated div, thr {threshold}"] = reward(p, sas=False, threshold=threshold)
+            out[f"P@{fraction:g} alone, damage thr {threshold}"] = reward(p, alpha=0.0, sas=0.0, threshold=threshold)
+            out[f"P@{fraction:g} + gated div, thr {threshold}"] = reward(p, sas=0.0, threshold=threshold)
             out[f"SAS+P@{fraction:g} alone, thr {threshold}"] = reward(p, alpha=0.0, threshold=threshold)
+        out[f"SAS+P@0.5 + gated div, thr {threshold}"] = reward(at(0.5), threshold=threshold)
+        out[f"0.5 SAS+P@0.5 + gated div, thr {threshold}"] = reward(at(0.5), sas=0.5, threshold=threshold)
     print("flagged rows per threshold:", {t: int(d.sum()) for t, d in demoted.items() if d is not None})
     return out
 
