@@ -190,6 +190,7 @@ GATE_TEXT = {
 
 
 ALIGNMENT_TEXT = {
+    "posterior": "CLIP's probability of the given label over all classes",
     "sas+posterior": "SAS plus CLIP's probability of the given label over all classes",
     "sas": "SAS alone (the paper's)",
 }

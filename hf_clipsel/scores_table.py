@@ -373,8 +373,8 @@ def selection_inputs(
     gate = posterior = None
     if selection.diversity_gate == "agreement":
         gate = required_column(table, "predicted_label", "diversity_gate agreement") == table["label"]
-    if selection.alignment == "sas+posterior":
-        posterior = required_column(table, "class_posterior_normalized", "alignment sas+posterior")
+    if selection.alignment != "sas":  # sas+posterior, posterior
+        posterior = required_column(table, "class_posterior_normalized", f"alignment {selection.alignment}")
     return SelectionInputs(
         row_id=table[ROW_ID].astype(np.int64),
         labels=table["label"].astype(np.int64),
@@ -384,6 +384,7 @@ def selection_inputs(
         image_features=image_features,
         diversity_gate=gate,
         class_posterior_normalized=posterior,
+        posterior_alone=selection.alignment == "posterior",
         demoted=np.any([values != "" for values in flags.values()], axis=0) if flags else None,
     )
 

@@ -112,6 +112,11 @@ def test_the_posterior_enters_the_alignment_term_as_a_min_max_sum():
     np.testing.assert_array_equal(plain.alignment().numpy(), sas)
     # row 1 (fair cosine, but CLIP prefers another class) now ranks last
     assert np.argmin(blended.reward(0.0)) == 1 and np.argmin(plain.reward(0.0)) == 0
+    alone = SelectionInputs(
+        **common, semantic_alignment_normalized=sas, class_posterior_normalized=posterior, posterior_alone=True
+    )
+    np.testing.assert_array_equal(alone.alignment().numpy(), posterior)  # the default: SAS plays no part
+    assert list(np.argsort(-alone.reward(0.0), kind="stable")) == [0, 3, 1, 2]
 
 
 def test_class_posterior_is_the_softmax_over_the_class_prompts_at_the_label():
@@ -133,7 +138,8 @@ def test_paper_preset_sets_defaults_that_flags_override():
     assert ClipselConfig.from_flat({"preset": "paper", "knn_k": 7}).selection.alpha is None
     assert parse_config([]).adapter.adapter_holdout_fraction == 0.1  # the default checks its adapters
     assert (paper.selection.alignment, paper.selection.damage_check) == ("sas", False)
-    assert (parse_config([]).selection.alignment, parse_config([]).selection.damage_check) == ("sas+posterior", True)
+    defaults = parse_config([]).selection  # issue 28: the posterior alone, threshold 3.5 (benchmarks README)
+    assert (defaults.alignment, defaults.damage_check, defaults.damage_threshold) == ("posterior", True, 3.5)
     with pytest.raises(ValueError, match="preset='fast' is not valid"):
         ClipselConfig.from_flat({"preset": "fast"})
 

@@ -37,7 +37,8 @@ class SelectionInputs:
             stage's :class:`~hf_clipsel.features.FeatureStore` (out of core); either is read as ``features[rows]``.
         diversity_gate: optional ``bool[N]``: rows that may earn the reward's diversity term (default: all).
         class_posterior_normalized: optional ``float32[N]`` in ``[0, 1]``: when given, the reward's alignment term is
-            min-max(SAS~ + posterior~) instead of SAS~ (see :meth:`alignment`).
+            min-max(SAS~ + posterior~) instead of SAS~, or posterior~ alone with ``posterior_alone`` (see
+            :meth:`alignment`).
         demoted: optional ``bool[N]``: rows (e.g. damaged images) that the reward ranks after every other valid
             row; they are selected only when the budget needs them.
     """
@@ -51,6 +52,7 @@ class SelectionInputs:
     diversity_gate: np.ndarray | None = None
     class_posterior_normalized: np.ndarray | None = None
     demoted: np.ndarray | None = None
+    posterior_alone: bool = False
 
     def __post_init__(self):
         # Own, writable copies (N numbers each): arrays read from a dataset can be read-only, which torch.from_numpy
@@ -80,10 +82,13 @@ class SelectionInputs:
 
     def alignment(self) -> torch.Tensor:
         """The reward's alignment term before scaling, float32 ``[N]`` in ``[0, 1]``: SAS~, or with a class posterior
-        min-max(SAS~ + posterior~) over the valid rows (the cosine and how far the label beats the other classes)."""
+        min-max(SAS~ + posterior~) over the valid rows (the cosine and how far the label beats the other classes),
+        or posterior~ alone with ``posterior_alone``."""
         alignment = torch.from_numpy(self.semantic_alignment_normalized)
         if self.class_posterior_normalized is None:
             return alignment
+        if self.posterior_alone:
+            return torch.from_numpy(self.class_posterior_normalized)
         return min_max(alignment + torch.from_numpy(self.class_posterior_normalized), torch.from_numpy(self.valid))
 
     def preferred(self) -> np.ndarray:

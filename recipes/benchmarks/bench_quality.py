@@ -46,7 +46,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from _common import DATA_DIR_HELP, load_cifar10
+from datasets import Dataset
 from proxy_clip import VIEWS, ProxySpec, decode_uint8, train_proxy, zero_shot_accuracy
+from quality_cleanlab import cleanlab_masks
 from quality_train import TrainSpec, train_minimal, train_recipe
 
 from hf_clipsel import pipeline
@@ -59,7 +61,7 @@ from hf_clipsel.scores import score_columns
 from hf_clipsel.selection.registry import kept_share
 
 REPO = Path(__file__).resolve().parents[2]
-METHOD, ZERO_SHOT, PAPER, UNGATED, BALANCED, ALPHA_RATIO, FORCED = (
+METHOD, ZERO_SHOT, PAPER, UNGATED, BALANCED, ALPHA_RATIO, FORCED, PREVIOUS, CLEANLAB = (
     "exact",
     "sas_zero_shot",
     "exact_paper",
@@ -67,16 +69,21 @@ METHOD, ZERO_SHOT, PAPER, UNGATED, BALANCED, ALPHA_RATIO, FORCED = (
     "exact_balanced",
     "exact_alpha_ratio",
     "exact_forced",
+    "exact_previous",
+    "cleanlab",
 )
 # Selected by select_from_scores on the method's saved scores: no model needed.
-FROM_SAVED_SCORES = ("random", "clip_score", "ccs", UNGATED, BALANCED, ALPHA_RATIO)
+FROM_SAVED_SCORES = ("random", "clip_score", "ccs", UNGATED, BALANCED, ALPHA_RATIO, PREVIOUS)
 SELECTORS = (METHOD, "random", "clip_score", "moderate", "ccs", ZERO_SHOT)
+# Selected here from the method run's class probabilities (quality_cleanlab.py), not by the package: no subset folder.
+OUTSIDE = (CLEANLAB,)
 VARIANTS = (
     PAPER,
     UNGATED,
     BALANCED,
     ALPHA_RATIO,
     FORCED,
+    PREVIOUS,
 )  # the method with other settings: selection only (noise kept) unless also in --selectors
 LABELS = {
     METHOD: "method (exact, package defaults)",
@@ -85,11 +92,13 @@ LABELS = {
     BALANCED: "method with class_balanced quotas",
     ALPHA_RATIO: "method with alpha = ratio",
     FORCED: "method, adapters forced on (adapter_holdout_fraction 0)",
+    PREVIOUS: "previous default (alignment sas+posterior, damage_threshold 3)",
     "random": "random",
     "clip_score": "clip_score (adapted SAS)",
     "moderate": "moderate (Moderate-DS)",
     "ccs": "ccs (CCS on adapted SAS)",
     ZERO_SHOT: "SAS zero-shot (no adapter)",
+    CLEANLAB: "cleanlab self-confidence of the same CLIP's probabilities",
     "full": "full pool",
     "clean": "clean rows only (oracle)",
 }
@@ -121,12 +130,16 @@ def parse_args(argv=None):
     p.add_argument("--noise_seed", type=int, default=0)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.8])
     p.add_argument(
-        "--selectors", nargs="+", choices=SELECTORS + VARIANTS, default=[*SELECTORS, PAPER], help="Trained on."
+        "--selectors",
+        nargs="+",
+        choices=SELECTORS + VARIANTS + OUTSIDE,
+        default=[*SELECTORS, PAPER],
+        help="Trained on. cleanlab needs `pip install cleanlab` (quality_cleanlab.py).",
     )
     p.add_argument(
         "--variants",
         nargs="*",
-        choices=VARIANTS,
+        choices=VARIANTS + OUTSIDE,
         default=[UNGATED],
         help="Selected and reported (share of injected rows kept) but not trained on, unless also in --selectors.",
     )
@@ -137,6 +150,14 @@ def parse_args(argv=None):
     budget_group.add_argument("--train_steps", type=int, default=None, help="Fixed steps per run (default 200).")
     budget_group.add_argument("--epochs", type=int, default=None, help="Fixed epochs per run instead of steps.")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--cached_only",
+        action="store_true",
+        help="Train nothing: report the training runs already cached (a cell's seeds are listed when some lack).",
+    )
+    p.add_argument(
+        "--no_references", action="store_true", help="Do not train on the full pool and its clean rows (references)."
+    )
     p.add_argument(
         "--stability_seeds",
         type=int,
@@ -355,6 +376,8 @@ def selection_config(args, case: dict, pool_file: Path, model: str, selector: st
         values["class_balanced"] = True
     elif selector == ALPHA_RATIO:  # the paper's alpha with the default's gate, posterior term and damage check
         values["alpha"] = None
+    elif selector == PREVIOUS:  # the defaults before issue 28
+        values.update(alignment="sas+posterior", damage_threshold=3.0)
     elif selector == FORCED:  # the default with the held-out check off: adapters trained on every row, kept
         values["adapter_holdout_fraction"] = 0.0
     return ClipselConfig.from_flat(values)
@@ -382,7 +405,7 @@ def ensure_selections(args, case: dict, pool_file: Path, model: str) -> dict[str
     method = configs[METHOD]
     if not finished(method):
         timed_piece(work_dir, f"{case['name']}/pipeline_run_exact", lambda: pipeline.run(method, command=command))
-    wanted = [s for s in all_selectors(args) if s != METHOD and not finished(configs[s])]
+    wanted = [s for s in all_selectors(args) if s not in (METHOD, *OUTSIDE) and not finished(configs[s])]
     method_scores = saved_scores(method) if wanted else None
     for selector in wanted:
         config = configs[selector]
@@ -436,7 +459,11 @@ def kept_masks(args, configs: dict[str, ClipselConfig], num_rows: int) -> dict[s
     """{selector: {ratio: bool[N]}}, read back from each selection's written scores, each of exactly its budget."""
     masks = {}
     for selector in all_selectors(args):
-        masks[selector] = selected_masks(args, configs[selector], num_rows)
+        if selector == CLEANLAB:  # the method run's probabilities, ranked by cleanlab
+            saved_alignment = saved_scores(configs[METHOD])["semantic_alignment"]
+            masks[selector] = cleanlab_masks(configs[METHOD], args.ratios, saved_alignment)
+        else:
+            masks[selector] = selected_masks(args, configs[selector], num_rows)
         for ratio, mask in masks[selector].items():
             if mask.sum() != budget(ratio, num_rows):
                 raise RuntimeError(f"{selector} kept {mask.sum()} rows at {ratio}, not {budget(ratio, num_rows)}.")
@@ -534,6 +561,8 @@ def _share(predicted, reference, rows) -> float:
 def training_subsets(args, masks, columns) -> dict[str, np.ndarray]:
     """{subset name: bool[N]}: every selector x ratio, the full pool, the clean rows."""
     subsets = {f"{s}@{r:g}": masks[s][r] for s in args.selectors for r in args.ratios}
+    if args.no_references:
+        return subsets
     subsets["full@1"] = np.ones(len(columns["label"]), dtype=bool)
     if columns["is_noisy"].any():  # with no injected rows the clean rows are the full pool
         subsets["clean"] = ~columns["is_noisy"].astype(bool)
@@ -546,6 +575,8 @@ def run_training(args, case, name, mask, seed, spec, tensors, configs, heldout_d
     result = read_json(path)
     if result is not None and result.get("rows_digest") == rows_digest:  # the same rows: reuse
         return result
+    if args.cached_only:
+        return None
     if args.trainer == "minimal":
         images, labels, test_images, test_labels = tensors
         rows = torch.from_numpy(np.flatnonzero(mask))
@@ -556,6 +587,15 @@ def run_training(args, case, name, mask, seed, spec, tensors, configs, heldout_d
             dataset, config_name, data_dir = "parquet", None, str(pools / "pool")
         elif name == "clean":
             dataset, config_name, data_dir = "parquet", None, str(pools / "clean")
+        elif name.partition("@")[0] in OUTSIDE:  # no subset folder of the package's: write the kept rows
+            subset = path.with_suffix("") / "subset"
+            if not (subset / "train-00000-of-00001.parquet").exists():
+                subset.mkdir(parents=True, exist_ok=True)
+                rows = np.flatnonzero(mask).tolist()
+                Dataset.from_parquet(str(next((pools / "pool").glob("*.parquet")))).select(rows).to_parquet(
+                    str(subset / "train-00000-of-00001.parquet")
+                )
+            dataset, config_name, data_dir = "parquet", None, str(subset)
         else:
             selector, ratio = name.split("@")
             dataset, config_name, data_dir = configs[selector].run.output_dir, ratio_name(float(ratio)), None
@@ -610,7 +650,7 @@ def markdown(args, cases, per_case, rows, model_line) -> str:
         ]
         by_key = {(r["selector"], r["ratio"]): r for r in rows if r["case"] == case["name"]}
         for selector in all_selectors(args):
-            cells = [_cell(by_key[(selector, ratio)]) for ratio in args.ratios]
+            cells = [_cell(by_key[(selector, ratio)], len(args.seeds)) for ratio in args.ratios]
             lines.append(f"| {LABELS[selector]} | " + " | ".join(cells) + " |")
         for name in ("full", "clean"):
             row = next((r for r in rows if r["case"] == case["name"] and r["selector"] == name), None)
@@ -621,8 +661,26 @@ def markdown(args, cases, per_case, rows, model_line) -> str:
                 + " | ".join([_cell(row)] + [""] * (len(args.ratios) - 1))
                 + " |"
             )
-        lines += ["", *diagnostics_table(info["diagnostics"]), ""]
+        lines += ["", *versus_line(args, by_key), *diagnostics_table(info["diagnostics"]), ""]
     return "\n".join(lines)
+
+
+def versus_line(args, by_key) -> list[str]:
+    """The method's top-1 minus cleanlab's per ratio, with the standard error of that difference (each mean's
+    sample std / sqrt(seeds), combined), when both were trained with at least two seeds."""
+    cells = []
+    for ratio in args.ratios:
+        ours, theirs = by_key.get((METHOD, ratio)), by_key.get((CLEANLAB, ratio))
+        if not ours or not theirs or len(ours["top1_runs"]) < 2 or len(theirs["top1_runs"]) < 2:
+            return []
+        difference = 100 * (np.mean(ours["top1_runs"]) - np.mean(theirs["top1_runs"]))
+        error = 100 * np.sqrt(
+            np.var(ours["top1_runs"], ddof=1) / len(ours["top1_runs"])
+            + np.var(theirs["top1_runs"], ddof=1) / len(theirs["top1_runs"])
+        )
+        ratio_of_error = f" ({difference / error:+.1f} SE)" if error > 0 else ""
+        cells.append(f"{ratio:g}: {difference:+.1f} ± {error:.1f}{ratio_of_error}")
+    return [f"Top-1 of the method minus cleanlab's (± standard error of the difference): {'; '.join(cells)}.", ""]
 
 
 def diagnostics_table(diagnostics: dict) -> list[str]:
@@ -659,11 +717,13 @@ def diagnostics_table(diagnostics: dict) -> list[str]:
     return lines
 
 
-def _cell(row) -> str:
+def _cell(row, num_seeds: int | None = None) -> str:
     accuracy = "n/a" if row["top1_mean"] is None else f"{100 * row['top1_mean']:.1f}"
     if row["top1_std"] is not None:
         accuracy += f" ± {100 * row['top1_std']:.1f}"
-    return f"{row['noisy_kept']:.1%} / {accuracy}"
+    if row["top1_runs"] and num_seeds and len(row["top1_runs"]) < num_seeds:
+        accuracy += f" ({len(row['top1_runs'])} of {num_seeds} seeds)"
+    return f"{row['noisy_kept']:.2%} / {accuracy}"
 
 
 def plot(args, cases, per_case, rows, path: Path, title: str) -> None:
@@ -673,7 +733,7 @@ def plot(args, cases, per_case, rows, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, len(cases), figsize=(5.2 * len(cases), 8), squeeze=False, sharex=True)
-    markers = dict(zip(SELECTORS + VARIANTS, "osD^vxPX*hd"))
+    markers = dict(zip(SELECTORS + VARIANTS + OUTSIDE, "osD^vxPX*hd>p"))
     for column, case in enumerate(cases):
         top, bottom = axes[0][column], axes[1][column]
         case_rows = [r for r in rows if r["case"] == case["name"]]
@@ -749,13 +809,11 @@ def main(argv=None):
         configs = ensure_selections(args, case, pool_file, model)
         columns = pool_columns(pool_file)
         masks = kept_masks(args, configs, len(columns["label"]))
-        for selector in all_selectors(args):
+        for selector in (s for s in all_selectors(args) if s not in OUTSIDE):
             for ratio in args.ratios:
                 check_written_subset(configs[selector], ratio, masks[selector][ratio])
         tensors = None
         if args.trainer == "minimal":
-            from datasets import Dataset
-
             images = decode_uint8(Dataset.from_parquet(str(pool_file), columns=["img"]))
             tensors = (images, torch.from_numpy(columns["label"].astype(np.int64)), *test_tensors)
         per_case[case["name"]] = {
@@ -776,6 +834,8 @@ def main(argv=None):
         info = per_case[case["name"]]
         mask = info["subsets"][name]
         result = run_training(args, case, name, mask, seed, spec, info["tensors"], info["configs"], heldout_dir)
+        if result is None:  # --cached_only: not trained yet
+            continue
         info["results"].setdefault(name, {})[seed] = result
         print(
             f"[{index + 1}/{len(jobs)}] {case['name']} {name} seed {seed}: top-1 {result['top1']:.4f} "

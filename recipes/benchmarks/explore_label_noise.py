@@ -1,0 +1,123 @@
+"""Which ranking of the same CLIP keeps the least label noise: the default's reward against cleanlab's and variants
+(selections only, no training).
+
+Reads the cache of a finished `bench_quality.py` run (--work_dir): for each case, the method run's scores table
+(its SAS~, SDS~, gate, damage flags: the package's own columns) and the run's class probabilities at the model's
+full logit scale (quality_cleanlab.zero_shot_probabilities). Each candidate is ranked with the package's reward code
+(hf_clipsel.selection.SelectionInputs: min-max, scale by mean, the gate, damaged rows last) given another alignment
+term, and the share of injected rows among the top floor(r * N) is printed per case and ratio, with the number of
+cells where it kept more than cleanlab's ranking (damaged-image case: damaged rows kept). Names: P@f, the posterior
+at f times the logit scale (P@1: the probabilities cleanlab ranks); SAS+P, min-max(SAS~ + P~); "gated div", plus
+0.1 times the gated diversity term (else alpha 0); thr, damage_threshold (None: no damage check).
+
+    python recipes/benchmarks/bench_quality.py --noise_levels 0.2 0.4 0 --asymmetric 0.3 --corruption 0.05 ...
+    python recipes/benchmarks/explore_label_noise.py --work_dir /tmp/quality/work
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from cleanlab.rank import get_label_quality_scores
+from quality_cleanlab import label_quality, top_rows, zero_shot_probabilities
+
+from hf_clipsel.parser import parse_config
+from hf_clipsel.runs.load import read_scores
+from hf_clipsel.scores_table import score_flags
+from hf_clipsel.scoring import min_max
+from hf_clipsel.selection import SelectionInputs
+
+RATIOS = (0.3, 0.5, 0.8)
+THRESHOLDS = (3.0, 3.5, 4.0, 4.5, None)
+FRACTIONS = (0.5, 0.75, 1.0, 1.25)
+
+
+def candidates(table: dict, pred_probs: np.ndarray, labels: np.ndarray, selection) -> dict[str, np.ndarray]:
+    """{name: score [N], higher kept first}."""
+    rows = np.arange(len(labels))
+    demoted = {}
+    for threshold in [t for t in THRESHOLDS if t]:
+        flags = score_flags(table, dataclasses.replace(selection, damage_threshold=threshold))
+        demoted[threshold] = np.any([v != "" for v in flags.values()], axis=0)
+    demoted[None] = None
+    gate = table["predicted_label"] == table["label"]
+    thresholds = np.array([pred_probs[labels == j, j].mean() for j in range(pred_probs.shape[1])])[labels]
+    logits = np.log(pred_probs)  # log-softmax: the logits up to a per-row constant
+
+    def at(fraction: float) -> torch.Tensor:
+        tempered = np.exp(fraction * (logits - logits.max(axis=1, keepdims=True)))
+        return torch.from_numpy((tempered / tempered.sum(axis=1, keepdims=True))[rows, labels])
+
+    def reward(posterior, alpha=0.1, sas=1.0, gated=True, threshold=3.0):
+        inputs = SelectionInputs(
+            row_id=rows,
+            labels=labels,
+            semantic_alignment_normalized=sas * table["semantic_alignment_normalized"],
+            sample_diversity_normalized=table["sample_diversity_normalized"],
+            diversity_gate=gate if gated else None,
+            class_posterior_normalized=None if posterior is None else min_max(posterior).numpy(),
+            demoted=demoted[threshold],
+        )
+        return inputs.reward(alpha)
+
+    out = {
+        "the run's saved reward (its settings)": np.asarray(table[next(c for c in table if c.startswith("reward_"))]),
+        "previous default (SAS+P@0.5 + gated div, thr 3.0)": reward(at(0.5)),
+        "cleanlab self_confidence": label_quality(pred_probs, labels),
+        "cleanlab normalized_margin": get_label_quality_scores(labels, pred_probs, method="normalized_margin"),
+        # confident learning's per-class threshold: the mean probability of class j over the rows labelled j
+        "P@1/threshold + gated div, thr 3.0": reward(
+            torch.from_numpy(np.minimum(at(1.0).numpy() / thresholds, 10.0)), sas=0.0
+        ),
+    }
+    for threshold in THRESHOLDS:
+        for fraction in FRACTIONS:
+            p = at(fraction)
+            out[f"P@{fraction:g} alone, damage thr {threshold}"] = reward(p, alpha=0.0, sas=0.0, threshold=threshold)
+            out[f"P@{fraction:g} + gated div, thr {threshold}"] = reward(p, sas=0.0, threshold=threshold)
+            out[f"SAS+P@{fraction:g} alone, thr {threshold}"] = reward(p, alpha=0.0, threshold=threshold)
+        out[f"SAS+P@0.5 + gated div, thr {threshold}"] = reward(at(0.5), threshold=threshold)
+        out[f"0.5 SAS+P@0.5 + gated div, thr {threshold}"] = reward(at(0.5), sas=0.5, threshold=threshold)
+    print("flagged rows per threshold:", {t: int(d.sum()) for t, d in demoted.items() if d is not None})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", default="/tmp/quality/work")
+    args = parser.parse_args()
+    work_dir = Path(args.work_dir)
+    summary = {}  # {candidate: {case: [kept share per ratio]}}
+    for model_dir in sorted((work_dir / "runs").iterdir()):
+        for case_dir in sorted(model_dir.iterdir()):
+            run_dir = next(case_dir.iterdir())
+            pool_file = next((work_dir / "pools" / case_dir.name / "pool").glob("*.parquet"))
+            noisy = np.asarray(pq.read_table(pool_file, columns=["is_noisy"]).column(0).to_pylist(), dtype=bool)
+            if not (run_dir / "exact" / "run_record.json").exists() or not noisy.any():
+                continue
+            config = parse_config(["--config", str(run_dir / "exact" / "run_config.yaml")])
+            table = read_scores(run_dir / "exact").with_format("numpy")[:]
+            pred_probs, labels, _ = zero_shot_probabilities(config, table["semantic_alignment"])
+            print(f"\n{case_dir.name}: {noisy.mean():.1%} injected")
+            for name, score in candidates(table, pred_probs, labels, config.selection).items():
+                masks = top_rows(score, RATIOS)
+                summary.setdefault(name, {})[case_dir.name.split("-")[0]] = [noisy[masks[r]].mean() for r in RATIOS]
+    reference = summary["cleanlab self_confidence"]
+    cases = list(reference)
+    print("\n| ranking | " + " | ".join(f"{c} {r}" for c in cases for r in RATIOS) + " | cells above cleanlab |")
+    print("|---|" + "---|" * (len(cases) * len(RATIOS) + 1))
+    for name, shares in sorted(
+        summary.items(), key=lambda item: sum(s > c for k in cases for s, c in zip(item[1][k], reference[k]))
+    ):
+        worse = sum(s > c for k in cases for s, c in zip(shares[k], reference[k]))
+        cells = " | ".join(f"{s:.2%}" for k in cases for s in shares[k])
+        print(f"| {name} | {cells} | {worse} |")
+
+
+if __name__ == "__main__":
+    main()
