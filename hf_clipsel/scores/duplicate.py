@@ -24,13 +24,14 @@ GROUP_COLUMN = "duplicate_group"
 
 
 def preference(table: dict, selection) -> np.ndarray:
-    """float64 ``[N]``: which copy of a group a selection keeps, higher first: the reward's alignment term (SAS~, plus
-    the class posterior~ with ``alignment sas+posterior``). The reward itself depends on each ratio's alpha, and
+    """float64 ``[N]``: which copy of a group a selection keeps, higher first: the reward's alignment term (SAS~, the
+    class posterior~, or their sum, as ``alignment`` says). The reward itself depends on each ratio's alpha, and
     copies are each other's nearest neighbours, so their diversity terms are nearly equal: alignment decides."""
-    values = np.asarray(table["semantic_alignment_normalized"], dtype=np.float64)
-    if getattr(selection, "alignment", "sas") == "sas+posterior" and "class_posterior_normalized" in table:
-        values = values + np.asarray(table["class_posterior_normalized"], dtype=np.float64)
-    return values
+    sas = np.asarray(table["semantic_alignment_normalized"], dtype=np.float64)
+    if selection.alignment == "sas" or "class_posterior_normalized" not in table:
+        return sas
+    posterior = np.asarray(table["class_posterior_normalized"], dtype=np.float64)
+    return posterior if selection.alignment == "posterior" else sas + posterior
 
 
 def findings(table: dict, selection) -> tuple[np.ndarray, np.ndarray] | None:
