@@ -364,7 +364,7 @@ def render_dataset_card(
             {"column": c.name, "meaning": _cell(f"{c.meaning}; {c.value_range}")} for c in score_columns()
         ],
         drop_reasons=_drop_reason_rows(summary, ratios),
-        duplicates={**summary.duplicate_groups, "threshold": DUPLICATE_SIMILARITY},
+        duplicates={"groups": 0, **summary.duplicate_groups, "threshold": DUPLICATE_SIMILARITY},
         plots=plots,
         command=redact(command) if command else None,
         parameter_groups=_parameter_groups(config),

@@ -231,7 +231,12 @@ def test_every_family_pushes_and_loads_back(worker, runs):
         assert loaded is not None, output[-3000:]
         remote = pd.read_json(__import__("io").StringIO(loaded["scores"]))
         assert np.allclose(remote["semantic_alignment"], _scores(folder)["semantic_alignment"])
-        assert json.loads(loaded["checkpoint"]) == json.loads((folder / "run_record.json").read_text())
+        # The record as published: the same run, stages and files; paths of this machine replaced by names and
+        # digests of the published files (tests/test_integrity.py checks those), so not byte-equal to the local one.
+        published, local = json.loads(loaded["checkpoint"]), json.loads((folder / "run_record.json").read_text())
+        assert published["run_id"] == local["run_id"] and published["stages"].keys() == local["stages"].keys()
+        assert published["artefacts"].keys() == local["artefacts"].keys()
+        assert str(folder) not in loaded["checkpoint"]
 
 
 # -- what each family's own settings decide -------------------------------------------------------------------------

@@ -107,7 +107,9 @@ def run_dir(tmp_path_factory, cifar_slice, trained_clip) -> Path:
     damaged = work / "damaged.parquet"
     source.map(damage, with_indices=True).cast_column("img", Image()).to_parquet(str(damaged))
     output_dir = work / "run"
-    run(run_config(damaged, trained_clip, output_dir, selection_ratios=RATIOS))
+    # sas+posterior: with the posterior alone (the default) this weak tiny CLIP keeps only rows it agrees with, so
+    # every dropped row is `misaligned` and the redundant gallery would have nothing to show.
+    run(run_config(damaged, trained_clip, output_dir, selection_ratios=RATIOS, alignment="sas+posterior"))
     write_report(output_dir)
     return output_dir
 
