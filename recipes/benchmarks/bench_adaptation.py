@@ -45,9 +45,11 @@ from accelerate import Accelerator
 from datasets import Image
 
 from hf_clipsel import pipeline
+from hf_clipsel.adaptation import adapt_stage
 from hf_clipsel.configs import AdapterConfig, ModelConfig
+from hf_clipsel.context import load_context
 from hf_clipsel.data import class_prompts, decode_rgb
-from hf_clipsel.embedding import embed_class_prompts, embed_images
+from hf_clipsel.embedding import embed_class_prompts, embed_images, embed_stage
 from hf_clipsel.modeling import (
     attach_adapters,
     class_text_features,
@@ -58,6 +60,7 @@ from hf_clipsel.modeling import (
     vision_tower_outputs,
 )
 from hf_clipsel.parser import parse_config
+from hf_clipsel.scores_table import score_stage
 from hf_clipsel.training import adapter_loss, train_on_cache
 
 RECIPE = Path(__file__).resolve().parents[1] / "cifar10" / "select.yaml"
@@ -181,13 +184,13 @@ def stage_breakdown(config) -> list[dict]:
     def lap(name, seconds):
         rows.append({"stage": name, "seconds": seconds})
 
-    seconds, context = timed(pipeline.load_context, config)
+    seconds, context = timed(load_context, config)
     lap("load dataset + model", seconds)
-    seconds, embeddings = timed(pipeline.embed_stage, context)
+    seconds, embeddings = timed(embed_stage, context)
     lap("embed", seconds)
-    seconds, model = timed(pipeline.adapt_stage, context, embeddings)
+    seconds, model = timed(adapt_stage, context, embeddings)
     lap("adapt (30 epochs on the cache, save)", seconds)
-    seconds, (scores, features) = timed(pipeline.score_stage, context, model, embeddings)
+    seconds, (scores, features) = timed(score_stage, context, model, embeddings)
     lap("score", seconds)
     seconds, (masks, scores) = timed(pipeline.select_stage, scores, config, features)
     lap("select (5 ratios)", seconds)

@@ -54,10 +54,13 @@ from quality_train import TrainSpec, train_minimal, train_recipe
 from hf_clipsel import pipeline
 from hf_clipsel.benchmarking.noise import CORRUPTIONS, asymmetric_label_noise, corrupt_images, symmetric_label_noise
 from hf_clipsel.configs import ClipselConfig, budget, ratio_name
+from hf_clipsel.context import load_context
 from hf_clipsel.core.names import selected_column
+from hf_clipsel.embedding import embed_stage
 from hf_clipsel.runs.load import read_scores
 from hf_clipsel.runs.record import IncompleteRunError, verify
 from hf_clipsel.scores import score_columns
+from hf_clipsel.scores_table import score_stage
 from hf_clipsel.selection.registry import kept_share
 
 REPO = Path(__file__).resolve().parents[2]
@@ -440,11 +443,11 @@ def select_moderate(method: ClipselConfig, config: ClipselConfig, method_scores,
     """Moderate-DS needs the image features, which saved scores do not carry: score again with the method's saved
     adapters on the cached embeddings (the same numbers as the method's run, checked), then select_from_scores with
     those features."""
-    context = pipeline.load_context(method)
-    embeddings = pipeline.embed_stage(context)
+    context = load_context(method)
+    embeddings = embed_stage(context)
     model = pipeline.trained_model(context)
     embeddings = pipeline.scoring_embeddings(context, model, embeddings)
-    scores, features = pipeline.score_stage(context, model, embeddings)
+    scores, features = score_stage(context, model, embeddings)  # features: the out-of-core FeatureStore
     for column in ("semantic_alignment", "sample_diversity"):
         again, saved = np.asarray(scores[column][:]), np.asarray(method_scores[column][:])
         if not np.allclose(again, saved, atol=1e-5):

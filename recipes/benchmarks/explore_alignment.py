@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from datasets import ClassLabel, Dataset, Features
 from sklearn.metrics import roc_auc_score
 
-from hf_clipsel import pipeline, scoring
+from hf_clipsel import scoring
 from hf_clipsel.benchmarking.noise import asymmetric_label_noise, symmetric_label_noise
 from hf_clipsel.context import load_context, prompts_of
-from hf_clipsel.embedding import embed_class_prompts, pooled_matrix
+from hf_clipsel.embedding import embed_class_prompts, embed_stage, pooled_matrix
 from hf_clipsel.modeling import class_text_features, image_features, logit_scale
 from hf_clipsel.parser import parse_config
 from hf_clipsel.selection import SelectionInputs
@@ -50,7 +50,7 @@ def kept_share(score: np.ndarray, injected: np.ndarray, ratio: float) -> float:
 def zero_shot_features(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor, float, list[str]]:
     """(image features [N, d], cosine to each class prompt [N, C], logit scale, class names) of a case's pool."""
     context = load_context(parse_config(["--config", str(run_dir / "sas_zero_shot" / "run_config.yaml")]))
-    embeddings = pipeline.embed_stage(context)  # the case's embedding cache: nothing is encoded again
+    embeddings = embed_stage(context)  # the case's embedding cache: nothing is encoded again
     with torch.no_grad():
         features = image_features(context.model, pooled_matrix(embeddings))
         text_pooled = embed_class_prompts(context.model, context.processor.tokenizer, prompts_of(context))
