@@ -785,6 +785,11 @@ def main(argv=None):
     work_dir.mkdir(parents=True, exist_ok=True)
     commit = git_commit()  # at the start: the library this process imports
     arguments = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
+    # The written tables name a local --data_dir by a placeholder: this machine's folder means nothing to a reader.
+    arguments = [
+        "path/to/cifar10" if previous == "--data_dir" and Path(a).exists() else a
+        for previous, a in zip(["", *arguments], arguments)
+    ]
     command = "python " + " ".join(shlex.quote(a) for a in arguments)
     print(f"command: {command}\nwork_dir: {work_dir}\ntorch threads: {torch.get_num_threads()}", flush=True)
 
