@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 import warnings
 import webbrowser
 from pathlib import Path
@@ -211,6 +212,35 @@ def setup_logging() -> None:
     datasets_logging.disable_propagation()
 
 
+def answer_every_ctrl_c() -> None:
+    """Python drops a KeyboardInterrupt that lands while a weakref callback or a ``__del__`` runs (it prints
+    "Exception ignored in ..." and goes on), so a Ctrl-C during garbage collection went unanswered and the run
+    finished as if nothing was pressed. Such an interrupt is raised again in the main thread, from a helper thread
+    (raised from the hook itself, it would land in the hook and be dropped again)."""
+    import _thread
+
+    if getattr(sys.unraisablehook, "answers_ctrl_c", False):  # main() called again in the same process
+        return
+    dropped = threading.Event()
+    default_hook = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            dropped.set()
+        else:
+            default_hook(unraisable)
+
+    def raise_again() -> None:
+        while True:
+            dropped.wait()
+            dropped.clear()
+            _thread.interrupt_main()
+
+    threading.Thread(target=raise_again, name="hf-clipsel-ctrl-c", daemon=True).start()
+    hook.answers_ctrl_c = True
+    sys.unraisablehook = hook
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -221,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-clipsel: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     setup_logging()
+    answer_every_ctrl_c()
     # Raised inside peft's own calls into transformers 5; nothing a user can act on.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     try:
