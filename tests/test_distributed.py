@@ -8,6 +8,7 @@ import socket
 import pandas as pd
 import pytest
 
+from hf_clipsel.runs.record import read_record
 from tests.conftest import cli, write_config
 
 
@@ -41,6 +42,9 @@ def test_two_processes_give_identical_scores_and_selections(cifar_slice, tiny_cl
     # and scored a share of the classes each (diversity, spread by size), gathered by the main process
     shares = [re.search(rf"process {i} of 2: (\d+) of 10 classes", two.stderr) for i in (0, 1)]
     assert all(shares) and sum(int(share.group(1)) for share in shares) == 10, two.stderr[-3000:]
+
+    # the record says how many processes trained the adapters (encoder_lora's depend on it)
+    assert [read_record(tmp_path / run).stages["adapt"]["processes"] for run in ("one", "two")] == [1, 2]
 
     for output in ("scores", "subsets/ratio_0.3", "subsets/ratio_0.5"):
         pd.testing.assert_frame_equal(

@@ -170,15 +170,20 @@ class RunRecord:
     def cache_keys(self) -> list[str]:
         return list(self.stages.get("embed", {}).get("caches", []))
 
-    def done(self, config: ClipselConfig, *stages: str, caches=None, checkpoint=None, scores_from=None) -> RunRecord:
+    def done(
+        self, config: ClipselConfig, *stages: str, caches=None, checkpoint=None, scores_from=None, processes=1
+    ) -> RunRecord:
         """This record with ``stages`` done under ``config``; the embed stage names the ``caches`` it used and the
         ``checkpoint``'s identity (modeling.model_fingerprint: id, revision, commit, config, dtype, local weight
-        files), a selection from saved scores names where they came from (``scores_from``)."""
+        files), the adapt stage the number of ``processes`` that trained (``encoder_lora``'s adapters depend on it),
+        a selection from saved scores names where they came from (``scores_from``)."""
         recorded = dict(self.stages)
         for stage in stages:
             extra = {}
             if stage == "embed":
                 extra = {key: value for key, value in (("caches", caches), ("checkpoint", checkpoint)) if value}
+            if stage == "adapt":
+                extra["processes"] = int(processes)
             if stage == "select" and scores_from:
                 extra["scores_from"] = scores_from
             recorded[stage] = {"settings": stage_settings(config, stage), **extra}

@@ -177,7 +177,10 @@ def drive(
         if main:
             done = [stage.name for stage in stages if stage.name in owned and stage.recorded]
             caches = cache_keys(*[e for e in (state.embeddings, state.scoring) if e is not None])
-            record = record.done(config, *done, caches=caches, checkpoint=state.context.model_fingerprint)
+            record = record.done(
+                config, *done, caches=caches, checkpoint=state.context.model_fingerprint,
+                processes=accelerator.num_processes,
+            )  # fmt: skip
             record = record.described(state.context.source, command_line)
             settings = record.configuration(config)
             if state.masks:
