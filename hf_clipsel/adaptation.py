@@ -40,14 +40,14 @@ def adapt_stage(context: RunContext, embeddings: Dataset, directory: Path | None
     adapter = context.config.adapter
     if adapter.adapter_path:
         return load_adapters(context.model, adapter.adapter_path)
-    if adapter.adapter_preset == "none":
+    if not adapter.preset_traits.adapts:
         return context.model
     torch.manual_seed(context.config.selection.seed)
     peft_model = attach_adapters(context.model, adapter)
     valid = valid_rows(context, embeddings)
     labels = torch.from_numpy(context.source.labels)
     check = None
-    if adapter.adapter_preset == "projection":
+    if adapter.preset_traits.on_cache:
         if context.accelerator.is_main_process:
             text_pooled = embed_class_prompts(peft_model, context.processor.tokenizer, prompts_of(context))
             pooled = pooled_matrix(embeddings)
@@ -216,7 +216,7 @@ def trained_model(context: RunContext):
     saved = context.output_dir / ADAPTER_DIR
     if adapter.adapter_path:
         return load_adapters(context.model, adapter.adapter_path)
-    if adapter.adapter_preset == "none":
+    if not adapter.preset_traits.adapts:
         return context.model
     if not saved.exists():
         raise FileNotFoundError(

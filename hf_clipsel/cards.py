@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData, constants
 
-from .configs import budget, flag_classes
+from .configs import ADAPTER_PRESETS, budget, flag_classes
 from .core.names import reward_column, selected_column
 from .duplicates import DUPLICATE_SIMILARITY
 from .hub_access import is_hub_repo_id
@@ -185,8 +185,8 @@ def _adapter_description(config: dict, output_dir: Path, model_repo_id: str | No
     preset = config.get("adapter_preset", "projection")
     if config.get("adapter_path"):
         return f"given, loaded from {_link(config['adapter_path'])}"
-    if preset == "none":
-        return "none: zero-shot CLIP"
+    if not ADAPTER_PRESETS[preset].adapts:
+        return f"{preset}: zero-shot CLIP"
     peft = _peft_summary(output_dir)
     where = (
         f"; in {_link(model_repo_id)}" if model_repo_id else " (`adapter/` of the run, not part of this repository)"

@@ -15,7 +15,29 @@ from .core.checks import check_choice, check_fraction, check_positive
 from .core.names import budget, ratio_name  # noqa: F401  (part of this module's public names)
 from .selection import SELECTORS, SelectionConfig
 
-ADAPTER_PRESETS = ("projection", "encoder_lora", "none")
+
+@dataclass(frozen=True)
+class AdapterPreset:
+    """What an adapter preset does; the stages ask this, never the preset's name.
+
+    Attributes:
+        adapts: trains adapters (False: zero-shot features).
+        on_cache: trains on the embedding cache, on the main process, so any number of processes trains the same
+            adapters (False: full forwards over the images on every process, gradients averaged).
+        wraps_encoders: wraps modules before the cache boundary (the family's ``encoder_targets``), so the adapted
+            features must be embedded again.
+    """
+
+    adapts: bool
+    on_cache: bool
+    wraps_encoders: bool
+
+
+ADAPTER_PRESETS = {
+    "projection": AdapterPreset(adapts=True, on_cache=True, wraps_encoders=False),
+    "encoder_lora": AdapterPreset(adapts=True, on_cache=False, wraps_encoders=True),
+    "none": AdapterPreset(adapts=False, on_cache=False, wraps_encoders=False),
+}
 OBJECTIVES = ("class_ce", "infonce")
 DTYPES = ("auto", "float32", "bfloat16")
 # `preset: paper` reproduces the published method: alpha = ratio (the paper's text), adapters trained on every
@@ -218,6 +240,10 @@ class AdapterConfig:
         },
     )
 
+    @property
+    def preset_traits(self) -> AdapterPreset:
+        return ADAPTER_PRESETS[self.adapter_preset]
+
     def __post_init__(self):
         check_choice("adapter_preset", self.adapter_preset, ADAPTER_PRESETS)
         check_choice("objective", self.objective, OBJECTIVES)
@@ -234,7 +260,7 @@ class AdapterConfig:
             )
         check_fraction("adapter_holdout_fraction", self.adapter_holdout_fraction)
         check_positive("stability_seeds", self.stability_seeds, allow_zero=True)
-        if self.stability_seeds and (self.adapter_preset != "projection" or self.adapter_path):
+        if self.stability_seeds and (not self.preset_traits.on_cache or self.adapter_path):
             raise ValueError(
                 "stability_seeds retrains the projection adapters on the embedding cache; it needs adapter_preset "
                 "projection and no adapter_path (set stability_seeds 0 otherwise)."

@@ -57,7 +57,8 @@ def load_context(
     check_hub_reachable(config.model.model_name_or_path, "load the model")  # seconds, not a minute of retries
     if config.model.model_name_or_path:
         family_for(config.model.model_name_or_path, revision=config.model.model_revision)
-    if config.data.streaming and config.adapter.adapter_preset == "encoder_lora" and not config.adapter.adapter_path:
+    preset = config.adapter.preset_traits
+    if config.data.streaming and preset.adapts and not preset.on_cache and not config.adapter.adapter_path:
         raise ValueError(
             "the encoder_lora preset trains on full forwards over the images, which a stream cannot "
             "replay; use --adapter_preset projection with --streaming, or load the data whole."

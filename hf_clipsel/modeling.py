@@ -78,7 +78,7 @@ def attach_adapters(model, config: AdapterConfig) -> PeftModel:
         r=rank,
         lora_alpha=config.lora_alpha if config.lora_alpha is not None else rank,
         lora_dropout=config.lora_dropout,
-        target_modules=family.adapter_targets(config.adapter_preset),
+        target_modules=family.adapter_targets(config.preset_traits.wraps_encoders),
         bias="none",
     )
     return get_peft_model(model, lora)

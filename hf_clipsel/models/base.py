@@ -77,9 +77,10 @@ class EncoderFamily:
         """``lora_rank`` 0: full rank of the maps the projection preset wraps."""
         return model_config.projection_dim
 
-    def adapter_targets(self, preset: str) -> list[str] | str:
-        """PEFT ``target_modules`` of ``preset`` (``projection`` or ``encoder_lora``)."""
-        if preset == "projection":
+    def adapter_targets(self, wraps_encoders: bool) -> list[str] | str:
+        """PEFT ``target_modules`` of a preset: ``projection_targets``, and with ``wraps_encoders`` (``encoder_lora``)
+        ``encoder_targets`` too."""
+        if not wraps_encoders:
             return list(self.projection_targets)
         if isinstance(self.encoder_targets, str):  # a regex: PEFT matches it against the whole module name
             return "|".join([self.encoder_targets, *map(re.escape, self.projection_targets)])
