@@ -48,7 +48,7 @@ def candidates(
     rows = np.arange(len(labels))
     demoted = {}
     for threshold in [t for t in THRESHOLDS if t]:
-        flags = score_flags(table, dataclasses.replace(selection, damage_threshold=threshold))
+        flags = score_flags(table, dataclasses.replace(selection, damage_check=True, damage_threshold=threshold))
         demoted[threshold] = np.any([v != "" for v in flags.values()], axis=0)
     demoted[None] = None
     gate = table["predicted_label"] == table["label"]
@@ -71,8 +71,9 @@ def candidates(
         )
         return inputs.reward(alpha)
 
-    out = {
-        "the run's saved reward (its settings)": np.asarray(table[next(c for c in table if c.startswith("reward_"))]),
+    saved_reward = next((c for c in table if c.startswith("reward_")), None)  # none where the run ranked by SAS
+    out = {} if saved_reward is None else {"the run's saved reward (its settings)": np.asarray(table[saved_reward])}
+    out |= {
         "previous default (SAS+P@0.5 + gated div, thr 3.0)": reward(at(0.5)),
         "cleanlab self_confidence": label_quality(pred_probs, labels),
         "cleanlab normalized_margin": get_label_quality_scores(labels, pred_probs, method="normalized_margin"),
@@ -112,6 +113,12 @@ def sigmoid_link_posterior(config, cosine_at_label: np.ndarray) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default="/tmp/quality/work")
+    parser.add_argument(
+        "--run",
+        default="exact",
+        help="Whose scores to rank: a selector's run folder, e.g. sas_zero_shot (the zero-shot features: what the "
+        "default would keep had the adapter check fallen back).",
+    )
     args = parser.parse_args()
     work_dir = Path(args.work_dir)
     summary = {}  # {candidate: {case: [kept share per ratio]}}
@@ -120,10 +127,10 @@ def main() -> None:
             run_dir = next(case_dir.iterdir())
             pool_file = next((work_dir / "pools" / case_dir.name / "pool").glob("*.parquet"))
             noisy = np.asarray(pq.read_table(pool_file, columns=["is_noisy"]).column(0).to_pylist(), dtype=bool)
-            if not (run_dir / "exact" / "run_record.json").exists() or not noisy.any():
+            if not (run_dir / args.run / "run_record.json").exists() or not noisy.any():
                 continue
-            config = parse_config(["--config", str(run_dir / "exact" / "run_config.yaml")])
-            table = read_scores(run_dir / "exact").with_format("numpy")[:]
+            config = parse_config(["--config", str(run_dir / args.run / "run_config.yaml")])
+            table = read_scores(run_dir / args.run).with_format("numpy")[:]
             pred_probs, labels, _ = zero_shot_probabilities(config, table["semantic_alignment"])
             print(f"\n{model_dir.name} {case_dir.name}: {noisy.mean():.1%} injected")
             sigmoid_posterior = sigmoid_link_posterior(config, table["semantic_alignment"])
