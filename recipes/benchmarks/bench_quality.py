@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 import torch
 from _common import DATA_DIR_HELP, load_cifar10
 from datasets import Dataset
-from proxy_clip import VIEWS, ProxySpec, decode_uint8, train_proxy, zero_shot_accuracy
+from proxy_clip import FAMILIES, VIEWS, ProxySpec, decode_uint8, train_proxy, zero_shot_accuracy
 from quality_cleanlab import cleanlab_masks
 from quality_train import TrainSpec, train_minimal, train_recipe
 
@@ -114,6 +114,12 @@ def parse_args(argv=None):
     p.add_argument("--results_prefix", default=str(Path(__file__).parent / "quality_cifar10"))
     p.add_argument("--model_name_or_path", default=None, help="A CLIP checkpoint; default: train the proxy.")
     p.add_argument("--proxy_epochs", type=int, default=ProxySpec.epochs)
+    p.add_argument(
+        "--proxy_family",
+        choices=tuple(FAMILIES),
+        default="clip",
+        help="The proxy's model family (proxy_clip.py): clip, siglip (sigmoid loss), metaclip2.",
+    )
     p.add_argument("--proxy_rows", type=int, default=8000, help="Test rows 0..N-1 train the proxy.")
     p.add_argument(
         "--proxy_view",
@@ -215,7 +221,8 @@ def timed_piece(work_dir: Path, name: str, fn):
 
 def proxy_dir(args) -> Path:
     view = "" if args.proxy_view == "colour" else f"-{args.proxy_view}"
-    return Path(args.work_dir) / f"proxy-rows{args.proxy_rows}-epochs{args.proxy_epochs}{view}"
+    family = "" if args.proxy_family == "clip" else f"-{args.proxy_family}"
+    return Path(args.work_dir) / f"proxy-rows{args.proxy_rows}-epochs{args.proxy_epochs}{view}{family}"
 
 
 def model_key(args) -> str:
@@ -273,6 +280,7 @@ def ensure_model(args, test, class_names) -> tuple[str, dict[str, float]]:
                     class_names,
                     spec,
                     path + ".state.pt",
+                    family=args.proxy_family,
                 )
 
             timed_piece(work_dir, "proxy_training", build)
@@ -800,7 +808,10 @@ def main(argv=None):
     model_name = (
         model
         if args.model_name_or_path
-        else (f"proxy CLIP trained here on test rows 0..{args.proxy_rows - 1} in {args.proxy_view}")
+        else (
+            f"proxy {'CLIP' if args.proxy_family == 'clip' else args.proxy_family} trained here on test rows "
+            f"0..{args.proxy_rows - 1} in {args.proxy_view}"
+        )
     )
     heldout_rows = len(cifar["test"]) - args.eval_start
     views = ", ".join(f"{top1:.1%} in {view}" for view, top1 in zero_shot.items())

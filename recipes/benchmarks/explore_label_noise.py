@@ -8,7 +8,10 @@ full logit scale (quality_cleanlab.zero_shot_probabilities). Each candidate is r
 term, and the share of injected rows among the top floor(r * N) is printed per case and ratio, with the number of
 cells where it kept more than cleanlab's ranking (damaged-image case: damaged rows kept). Names: P@f, the posterior
 at f times the logit scale (P@1: the probabilities cleanlab ranks); SAS+P, min-max(SAS~ + P~); "gated div", plus
-0.1 times the gated diversity term (else alpha 0); thr, damage_threshold (None: no damage check).
+0.1 times the gated diversity term (else alpha 0); thr, damage_threshold (None: no damage check). "sigmoid P": the
+family link ``sigmoid`` of hf_clipsel.scoring.class_posterior, sigmoid(logit_scale * cosine + logit_bias) at the given
+label, against the ``softmax`` link (P@0.5, the package's): the measurement behind SigLIP's posterior
+(recipes/benchmarks/README.md, "Other families: a SigLIP proxy"); "SAS + gated div": no posterior term.
 
     python recipes/benchmarks/bench_quality.py --noise_levels 0.2 0.4 0 --asymmetric 0.3 --corruption 0.05 ...
     python recipes/benchmarks/explore_label_noise.py --work_dir /tmp/quality/work
@@ -26,6 +29,7 @@ import torch
 from cleanlab.rank import get_label_quality_scores
 from quality_cleanlab import label_quality, top_rows, zero_shot_probabilities
 
+from hf_clipsel.modeling import load_model, logit_bias, logit_scale
 from hf_clipsel.parser import parse_config
 from hf_clipsel.runs.load import read_scores
 from hf_clipsel.scores_table import score_flags
@@ -37,12 +41,14 @@ THRESHOLDS = (3.0, 3.5, 4.0, 4.5, None)
 FRACTIONS = (0.5, 0.75, 1.0, 1.25)
 
 
-def candidates(table: dict, pred_probs: np.ndarray, labels: np.ndarray, selection) -> dict[str, np.ndarray]:
-    """{name: score [N], higher kept first}."""
+def candidates(
+    table: dict, pred_probs: np.ndarray, labels: np.ndarray, selection, sigmoid_posterior: torch.Tensor
+) -> dict[str, np.ndarray]:
+    """{name: score [N], higher kept first}. ``sigmoid_posterior``: the sigmoid link's class posterior [N]."""
     rows = np.arange(len(labels))
     demoted = {}
     for threshold in [t for t in THRESHOLDS if t]:
-        flags = score_flags(table, dataclasses.replace(selection, damage_threshold=threshold))
+        flags = score_flags(table, dataclasses.replace(selection, damage_check=True, damage_threshold=threshold))
         demoted[threshold] = np.any([v != "" for v in flags.values()], axis=0)
     demoted[None] = None
     gate = table["predicted_label"] == table["label"]
@@ -65,8 +71,9 @@ def candidates(table: dict, pred_probs: np.ndarray, labels: np.ndarray, selectio
         )
         return inputs.reward(alpha)
 
-    out = {
-        "the run's saved reward (its settings)": np.asarray(table[next(c for c in table if c.startswith("reward_"))]),
+    saved_reward = next((c for c in table if c.startswith("reward_")), None)  # none where the run ranked by SAS
+    out = {} if saved_reward is None else {"the run's saved reward (its settings)": np.asarray(table[saved_reward])}
+    out |= {
         "previous default (SAS+P@0.5 + gated div, thr 3.0)": reward(at(0.5)),
         "cleanlab self_confidence": label_quality(pred_probs, labels),
         "cleanlab normalized_margin": get_label_quality_scores(labels, pred_probs, method="normalized_margin"),
@@ -83,13 +90,35 @@ def candidates(table: dict, pred_probs: np.ndarray, labels: np.ndarray, selectio
             out[f"SAS+P@{fraction:g} alone, thr {threshold}"] = reward(p, alpha=0.0, threshold=threshold)
         out[f"SAS+P@0.5 + gated div, thr {threshold}"] = reward(at(0.5), threshold=threshold)
         out[f"0.5 SAS+P@0.5 + gated div, thr {threshold}"] = reward(at(0.5), sas=0.5, threshold=threshold)
+    default = selection.damage_threshold
+    out[f"sigmoid P alone, thr {default}"] = reward(sigmoid_posterior, alpha=0.0, sas=0.0, threshold=default)
+    out[f"sigmoid P + gated div, thr {default}"] = reward(sigmoid_posterior, sas=0.0, threshold=default)
+    out[f"SAS + gated div, thr {default}"] = reward(None, threshold=default)
+    saved = np.asarray(table["class_posterior"])
+    gap = np.abs(at(0.5).numpy() - saved).max()
+    print(f"softmax link P@0.5 here vs the run's class_posterior: max |difference| {gap:.2e}")
     print("flagged rows per threshold:", {t: int(d.sum()) for t, d in demoted.items() if d is not None})
     return out
+
+
+def sigmoid_link_posterior(config, cosine_at_label: np.ndarray) -> torch.Tensor:
+    """hf_clipsel.scoring.class_posterior's ``sigmoid`` link from the run's saved cosine at the given label
+    (semantic_alignment, which zero_shot_probabilities checked against the run's own features) and the model's
+    logit scale and bias (adapters do not change them)."""
+    model, _ = load_model(config.model)
+    logits = logit_scale(model) * torch.from_numpy(np.asarray(cosine_at_label, dtype=np.float32))
+    return torch.sigmoid(logits + logit_bias(model))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default="/tmp/quality/work")
+    parser.add_argument(
+        "--run",
+        default="exact",
+        help="Whose scores to rank: a selector's run folder, e.g. sas_zero_shot (the zero-shot features: what the "
+        "default would keep had the adapter check fallen back).",
+    )
     args = parser.parse_args()
     work_dir = Path(args.work_dir)
     summary = {}  # {candidate: {case: [kept share per ratio]}}
@@ -98,13 +127,14 @@ def main() -> None:
             run_dir = next(case_dir.iterdir())
             pool_file = next((work_dir / "pools" / case_dir.name / "pool").glob("*.parquet"))
             noisy = np.asarray(pq.read_table(pool_file, columns=["is_noisy"]).column(0).to_pylist(), dtype=bool)
-            if not (run_dir / "exact" / "run_record.json").exists() or not noisy.any():
+            if not (run_dir / args.run / "run_record.json").exists() or not noisy.any():
                 continue
-            config = parse_config(["--config", str(run_dir / "exact" / "run_config.yaml")])
-            table = read_scores(run_dir / "exact").with_format("numpy")[:]
+            config = parse_config(["--config", str(run_dir / args.run / "run_config.yaml")])
+            table = read_scores(run_dir / args.run).with_format("numpy")[:]
             pred_probs, labels, _ = zero_shot_probabilities(config, table["semantic_alignment"])
-            print(f"\n{case_dir.name}: {noisy.mean():.1%} injected")
-            for name, score in candidates(table, pred_probs, labels, config.selection).items():
+            print(f"\n{model_dir.name} {case_dir.name}: {noisy.mean():.1%} injected")
+            sigmoid_posterior = sigmoid_link_posterior(config, table["semantic_alignment"])
+            for name, score in candidates(table, pred_probs, labels, config.selection, sigmoid_posterior).items():
                 masks = top_rows(score, RATIOS)
                 summary.setdefault(name, {})[case_dir.name.split("-")[0]] = [noisy[masks[r]].mean() for r in RATIOS]
     reference = summary["cleanlab self_confidence"]

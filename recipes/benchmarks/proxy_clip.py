@@ -7,6 +7,13 @@ cosine, which is the objective hf_clipsel's adapters use. Light augmentation: 4-
 horizontal flip. The result is saved with save_pretrained (model + CLIPProcessor), so the pipeline loads it through
 its normal path (`model_name_or_path`), and its zero-shot accuracy is measured through that same path.
 
+Other families (``family``, :data:`FAMILIES`), same data, size, schedule and augmentation: ``siglip``, a SiglipModel
+(MAP head, no projections; a Gemma-style character tokenizer returning ``input_ids`` only, prompts padded to
+``max_position_embeddings``; SiglipImageProcessor, mean and std 0.5) trained with SigLIP's pairwise sigmoid loss:
+every (image, class prompt) pair an independent binary decision on ``exp(logit_scale) * cosine + logit_bias``, both
+learned, initialised as the paper (scale 10, bias -10), summed over the prompts, averaged over the images; and
+``metaclip2``, a MetaClip2Model (CLIP's architecture, XLM-R tokenizer) trained as the CLIP proxy.
+
 The proxy trains on rows the downstream evaluation never sees (bench_quality: test rows 0..7999; evaluation on
 8000..9999). It is a weak CLIP: its zero-shot accuracy is reported next to every result that depends on it.
 """
@@ -22,13 +29,24 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    MetaClip2Config,
+    MetaClip2Model,
+    SiglipConfig,
+    SiglipImageProcessor,
+    SiglipModel,
+    SiglipProcessor,
+)
 
 from hf_clipsel.configs import ModelConfig
 from hf_clipsel.embedding import embed_class_prompts
 from hf_clipsel.metrics import load_accuracy_metric
 from hf_clipsel.modeling import class_text_features, image_features, load_clip, vision_tower_outputs
-from hf_clipsel.tiny import BOS, EOS, tiny_tokenizer
+from hf_clipsel.tiny import BOS, EOS, gemma_tokenizer, tiny_tokenizer, xlm_roberta_tokenizer
 
 TEMPLATE = "a photo of a {}."
 # Views of an image the proxy can be pre-trained on. "greyscale" (PIL's luminance, copied to the three channels)
@@ -116,10 +134,138 @@ def build_config(spec: ProxySpec, tokenizer) -> CLIPConfig:
     )
 
 
-def make_processor(spec: ProxySpec, tokenizer) -> CLIPProcessor:
-    size = spec.image_size
-    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+def build_siglip_config(spec: ProxySpec, tokenizer) -> SiglipConfig:
+    return SiglipConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=spec.text_hidden,
+            intermediate_size=4 * spec.text_hidden,
+            num_hidden_layers=spec.text_layers,
+            num_attention_heads=spec.text_heads,
+            max_position_embeddings=SIGLIP_TEXT_LENGTH,
+            projection_size=spec.vision_hidden,  # text_model.head maps onto the image embedding's width
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=spec.vision_hidden,
+            intermediate_size=4 * spec.vision_hidden,
+            num_hidden_layers=spec.vision_layers,
+            num_attention_heads=spec.vision_heads,
+            image_size=spec.image_size,
+            patch_size=spec.patch_size,
+        ),
+    )
+
+
+def build_metaclip2_config(spec: ProxySpec, tokenizer) -> MetaClip2Config:
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.text_hidden,
+        intermediate_size=4 * spec.text_hidden,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = build_config(spec, tiny_tokenizer()).vision_config.to_dict()
+    return MetaClip2Config(text_config=text, vision_config=vision, projection_dim=spec.projection_dim)
+
+
+# SigLIP prompts are padded to this length (the family pads to text_config.max_position_embeddings, as SigLIP trains).
+SIGLIP_TEXT_LENGTH = 64
+
+
+def clip_embeds(model, pixels, text_inputs):
+    image_embeds = F.normalize(model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output))
+    text_embeds = F.normalize(model.text_projection(model.text_model(**text_inputs).pooler_output))
+    return image_embeds, text_embeds
+
+
+def clip_logits(model, image_embeds, text_embeds):
+    return model.logit_scale.exp().clamp(max=100) * image_embeds @ text_embeds.T
+
+
+def siglip_embeds(model, pixels, text_inputs):
+    image_embeds = F.normalize(model.vision_model(pixel_values=pixels).pooler_output)  # after the MAP head
+    text_embeds = F.normalize(model.text_model(**text_inputs).pooler_output)  # text_model.head on the last token
+    return image_embeds, text_embeds
+
+
+def siglip_logits(model, image_embeds, text_embeds):
+    return model.logit_scale.exp() * image_embeds @ text_embeds.T + model.logit_bias
+
+
+def sigmoid_loss(logits, labels):
+    """SigLIP's loss: -log sigmoid(z * logit) for every (image, prompt) pair, z = 1 for the image's own class and -1
+    otherwise, summed over the prompts, averaged over the images."""
+    targets = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(labels)
+
+
+def init_siglip(model):
+    # The paper's initialisation (transformers' is scale 1, bias 0): with one positive among the classes the bias
+    # starts the pairs near their negative majority.
+    model.logit_scale.data.fill_(math.log(10.0))
+    model.logit_bias.data.fill_(-10.0)
+
+
+@dataclass(frozen=True)
+class ProxyFamily:
+    """What differs between the proxies of the families: model, config, tokenizer and processor, prompt padding, the
+    embeddings the loss sees, the logits, the loss."""
+
+    model_class: type
+    build_config: object
+    tokenizer: object
+    image_processor: object
+    processor_class: type
+    padding: dict
+    embeds: object
+    logits: object
+    loss: object
+    init: object = None
+
+
+FAMILIES = {
+    "clip": ProxyFamily(
+        CLIPModel,
+        build_config,
+        tiny_tokenizer,
+        lambda size: CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+        CLIPProcessor,
+        dict(padding=True),
+        clip_embeds,
+        clip_logits,
+        F.cross_entropy,
+    ),
+    "siglip": ProxyFamily(
+        SiglipModel,
+        build_siglip_config,
+        lambda: gemma_tokenizer(input_ids_only=True),
+        lambda size: SiglipImageProcessor(size={"height": size, "width": size}),
+        SiglipProcessor,
+        dict(padding="max_length", max_length=SIGLIP_TEXT_LENGTH),
+        siglip_embeds,
+        siglip_logits,
+        sigmoid_loss,
+        init_siglip,
+    ),
+    "metaclip2": ProxyFamily(
+        MetaClip2Model,
+        build_metaclip2_config,
+        xlm_roberta_tokenizer,
+        lambda size: CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+        CLIPProcessor,
+        dict(padding=True),
+        clip_embeds,
+        clip_logits,
+        F.cross_entropy,
+    ),
+}
 
 
 def train_proxy(
@@ -129,21 +275,28 @@ def train_proxy(
     class_names: list[str],
     spec: ProxySpec,
     state_path: str | Path | None = None,
+    family: str = "clip",
 ) -> dict:
-    """Train the proxy on ``images`` (uint8 [N, 3, 32, 32]) and ``labels``; save model + processor to ``output_dir``.
+    """Train the proxy of ``family`` (a key of :data:`FAMILIES`) on ``images`` (uint8 [N, 3, 32, 32]) and ``labels``;
+    save model + processor to ``output_dir``.
 
     AdamW, linear warm-up then cosine decay, per step. With ``state_path`` the training state is saved after every
     epoch and a rerun resumes from it. Returns the training history (loss and accuracy per epoch on the training
     rows, seconds).
     """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown proxy family {family!r}; choose one of {', '.join(FAMILIES)}.")
+    kind = FAMILIES[family]
     output_dir, started = Path(output_dir), time.perf_counter()
-    tokenizer = tiny_tokenizer()
-    processor = make_processor(spec, tokenizer)
+    tokenizer = kind.tokenizer()
+    processor = kind.processor_class(image_processor=kind.image_processor(spec.image_size), tokenizer=tokenizer)
     mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
     torch.manual_seed(spec.seed)
-    model = CLIPModel(build_config(spec, tokenizer))
-    text_inputs = tokenizer([TEMPLATE.format(name) for name in class_names], padding=True, return_tensors="pt")
+    model = kind.model_class(kind.build_config(spec, tokenizer))
+    if kind.init is not None:
+        kind.init(model)
+    text_inputs = tokenizer([TEMPLATE.format(name) for name in class_names], return_tensors="pt", **kind.padding)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW(
@@ -176,10 +329,9 @@ def train_proxy(
         for step in range(steps_per_epoch):
             batch = order[step * spec.batch_size : (step + 1) * spec.batch_size]
             pixels = (random_crop_flip(images[batch], generator) / 255.0 - mean) / std
-            image_embeds = F.normalize(model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output))
-            text_embeds = F.normalize(model.text_projection(model.text_model(**text_inputs).pooler_output))
-            logits = model.logit_scale.exp().clamp(max=100) * image_embeds @ text_embeds.T
-            loss = F.cross_entropy(logits, labels[batch])
+            image_embeds, text_embeds = kind.embeds(model, pixels, text_inputs)
+            logits = kind.logits(model, image_embeds, text_embeds)
+            loss = kind.loss(logits, labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -213,7 +365,9 @@ def train_proxy(
     model.save_pretrained(partial)
     processor.save_pretrained(partial)
     (partial / "proxy_training.json").write_text(
-        json.dumps({"spec": asdict(spec), "history": history, "num_train_rows": len(labels)}, indent=2)
+        json.dumps(
+            {"family": family, "spec": asdict(spec), "history": history, "num_train_rows": len(labels)}, indent=2
+        )
     )
     if output_dir.exists():
         raise FileExistsError(f"{output_dir} appeared while the proxy trained; remove it and rerun.")
