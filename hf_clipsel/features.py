@@ -33,8 +33,13 @@ logger = logging.getLogger(__name__)
 
 # The folder of a run's cache (hf_clipsel.context.RunContext.cache_dir) that holds its feature stores while it runs.
 FEATURES_DIR = "features"
-# Rows per block of a pass over every row: 32,768 x 768 float32 is 96 MiB.
-BLOCK_ROWS = 32_768
+# Bytes of features per block of a pass over every row (FeatureStore.block_rows: 16,384 rows at 768-d; the
+# projection's pass over the cached vectors too). A pass holds a
+# few such arrays at once (the read, a normalised copy, a gathered one), a fixed part of the peak memory, so blocks are
+# no larger; and no smaller than glibc malloc's largest mmap threshold (32 MiB): arrays under it come from malloc's
+# heap, which keeps them resident after they are freed (24 MiB blocks left 0.5 GiB more resident after a pass over
+# 300k rows than 96 MiB ones, which go back to the system when freed).
+BLOCK_BYTES = 48 * 1024**2
 # Rows read at once when gathering scattered rows whose storage positions are close: reading a gap of up to this
 # many unwanted rows is cheaper than another read call.
 _GAP_ROWS = 64
@@ -90,13 +95,17 @@ class FeatureStore:
         self.labels = labels
         self.dim = int(dim)
         self.num_rows = labels.shape[0]
-        # Row ids in storage order (by label, then row id), each row's storage position, and each class's span.
-        self.order = np.argsort(labels, kind="stable")
+        # Row ids in storage order (by label, then row id), each row's storage position, and each class's span; int32
+        # below 2**31 rows: they stay in memory for the whole run, 8 bytes a row instead of 16 (handed out as int64).
+        index_dtype = np.int32 if self.num_rows < 2**31 else np.int64
+        self.order = np.argsort(labels, kind="stable").astype(index_dtype)
         self.position = np.empty_like(self.order)
-        self.position[self.order] = np.arange(self.num_rows)
+        self.position[self.order] = np.arange(self.num_rows, dtype=index_dtype)
         self.class_starts = np.concatenate([[0], np.cumsum(np.bincount(labels))]).astype(np.int64)
         self.path = None if path is None else Path(path)
         self._row_bytes = self.dim * 4
+        # rows per block of a pass (chunks, map_rows): BLOCK_BYTES of features whatever the width
+        self.block_rows = max(1, BLOCK_BYTES // self._row_bytes)
         if self.path is None:
             self._array = np.zeros((self.num_rows, self.dim), dtype=np.float32)
             return
@@ -128,7 +137,7 @@ class FeatureStore:
         block = np.ascontiguousarray(block, dtype=np.float32)
         if block.ndim != 2 or block.shape[1] != self.dim or start + len(block) > self.num_rows:
             raise ValueError(f"a block of shape {block.shape} does not fit rows {start}.. of a {self.shape} store.")
-        destination = self.position[start : start + len(block)]
+        destination = self.position[start : start + len(block)].astype(np.int64)
         if self._array is not None:
             self._array[destination] = block
             return
@@ -170,7 +179,7 @@ class FeatureStore:
         index = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64).reshape(-1)
         if index.size == 0:
             return torch.empty((0, self.dim), dtype=torch.float32)
-        positions = self.position[index]
+        positions = self.position[index].astype(np.int64)
         first, last = int(positions.min()), int(positions.max())
         if last - first + 1 <= len(positions) + _GAP_ROWS:
             return self.read(first, last + 1)[torch.from_numpy(positions - first)]
@@ -190,16 +199,17 @@ class FeatureStore:
         return self.rows(index)
 
     def chunks(
-        self, block_rows: int = BLOCK_ROWS, share: Share | None = None
+        self, block_rows: int | None = None, share: Share | None = None
     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """``(row ids, features [b, d])`` of every row, ``block_rows`` at a time in storage order (this process's
-        blocks of ``share``: block ``i`` is process ``i % num_processes``'s)."""
+        """``(row ids, features [b, d])`` of every row, ``block_rows`` at a time (default :attr:`block_rows`) in
+        storage order (this process's blocks of ``share``: block ``i`` is process ``i % num_processes``'s)."""
         share = share or Share()
+        block_rows = block_rows or self.block_rows
         starts = range(0, self.num_rows, block_rows)
         for block, start in enumerate(starts):
             if block % share.num_processes == share.process_index:
                 stop = min(start + block_rows, self.num_rows)
-                yield self.order[start:stop], self.read(start, stop)
+                yield self.order[start:stop].astype(np.int64), self.read(start, stop)
 
     # ----- passes that share their work out and gather it
 
@@ -207,10 +217,11 @@ class FeatureStore:
         self,
         function: Callable[[np.ndarray, torch.Tensor], np.ndarray],
         share: Share | None = None,
-        block_rows: int = BLOCK_ROWS,
+        block_rows: int | None = None,
     ) -> np.ndarray:
-        """``[N]`` values of ``function(row_ids, features)`` (one value per row of each block), on every process of
-        ``share`` (each computes its blocks; the parts are gathered)."""
+        """``[N]`` values of ``function(row_ids, features)`` (one value per row of each block of ``block_rows`` rows,
+        default :attr:`block_rows`), on every process of ``share`` (each computes its blocks; the parts are
+        gathered)."""
         share = share or Share()
         part = [(rows, np.asarray(function(rows, features))) for rows, features in self.chunks(block_rows, share)]
         return _assembled(share.gather(part), self.num_rows)
@@ -234,7 +245,7 @@ class FeatureStore:
             )  # fmt: skip
         part = []
         for label in sorted(mine):  # storage order: one forward sweep over the file
-            rows = self.order[self.class_starts[label] : self.class_starts[label + 1]]
+            rows = self.order[self.class_starts[label] : self.class_starts[label + 1]].astype(np.int64)
             rows = rows[valid[rows]]
             if rows.size:
                 part.append((rows, np.asarray(function(rows), dtype=np.float32)))

@@ -44,7 +44,7 @@ from .core.names import (
     selected_column,
 )
 from .embedding import VISION_POOLED
-from .features import BLOCK_ROWS, FEATURES_DIR, FeatureStore, Share
+from .features import BLOCK_BYTES, FEATURES_DIR, FeatureStore, Share
 from .reasons import drop_reasons
 from .scores import ScoreInputs, flag_columns, measured_columns, registered_scores, score_columns
 from .scoring import logit_block_rows
@@ -143,9 +143,11 @@ def feature_store(
     a :class:`~hf_clipsel.features.FeatureStore` at ``path`` (None: in memory) sorted by ``labels`` (``>= 0``), one
     block at a time; the processes of ``share`` project their blocks each and wait for one another."""
     share = share or Share()
-    dim = project(next(pooled_blocks(embeddings, 1))[1]).shape[1]
+    first = next(pooled_blocks(embeddings, 1))[1]
+    dim = project(first).shape[1]
     store = FeatureStore(labels, dim, path, owner=owner)
-    for start, pooled in pooled_blocks(embeddings, BLOCK_ROWS, share):
+    block_rows = max(1, BLOCK_BYTES // (4 * max(first.shape[1], dim)))  # as the store's passes: BLOCK_BYTES a block
+    for start, pooled in pooled_blocks(embeddings, block_rows, share):
         store.write(start, project(pooled).numpy())
     store.flush()
     share.gather([])  # a barrier: every block is written and flushed before anyone reads
@@ -210,7 +212,7 @@ def score_values(inputs: ScoreInputs) -> dict[str, np.ndarray]:
         return (F.normalize(features, dim=-1) @ inputs.class_features.T).argmax(dim=-1).numpy()
 
     # The class the (adapted) model prefers: where it differs from the given label, the row is a suspect.
-    block_rows = logit_block_rows(inputs.class_features.shape[0])
+    block_rows = min(logit_block_rows(inputs.class_features.shape[0]), inputs.features.block_rows)
     predicted = inputs.features.map_rows(preferred, inputs.share, block_rows)
     columns["predicted_label"] = np.where(inputs.valid.numpy(), predicted, -1).astype(np.int64)
     return columns
@@ -259,19 +261,28 @@ def select_stage(scores: Dataset, config: ClipselConfig, image_features: Feature
     table = scores.select_columns([c for c in scores.column_names if c not in unread]).with_format("numpy")[:]
     flags = score_flags(table, config.selection)
     inputs = selection_inputs(table, config.selection, flags, image_features)
-    masks = select(inputs, config.selection)
-    added = {column: (values, Value("string")) for column, values in flags.items()}
+    # Each column becomes Arrow as soon as it exists, and what no later step reads is let go: an object array holds
+    # 8 bytes a row, so the flags and the reasons of five ratios held as objects would cost more than the table.
+    added = {column: (pa.array(values, pa.string()), Value("string")) for column, values in flags.items()}
+    del flags
     explained = explained_drops(table, config.selection)
+    decode_ok = table["decode_ok"]
+    del table
+    masks = select(inputs, config.selection)
     ranks_by_reward = selector_spec(config.selection.selection_method).ranks_by_reward
     rewards = {}  # one reward per distinct alpha: with a fixed alpha every ratio shares it
-    for ratio in config.selection.selection_ratios:
-        alpha = config.selection.alpha_for(ratio)
+    for alpha in {config.selection.alpha_for(ratio) for ratio in config.selection.selection_ratios}:
         if ranks_by_reward:
-            if alpha not in rewards:
-                reward = inputs.reward(alpha)
-                rewards[alpha] = np.where(np.isfinite(reward), reward, np.nan).astype(np.float32)
-            added[reward_column(ratio)] = (rewards[alpha], Value("float32"))
-        reasons = drop_reasons(masks[ratio], table["decode_ok"], ~inputs.valid, explained)
+            reward = inputs.reward(alpha)
+            rewards[alpha] = reward.astype(np.float32)
+            rewards[alpha][~np.isfinite(reward)] = np.nan
+            del reward
+    not_valid = ~inputs.valid
+    del inputs
+    for ratio in config.selection.selection_ratios:
+        if ranks_by_reward:
+            added[reward_column(ratio)] = (rewards[config.selection.alpha_for(ratio)], Value("float32"))
+        reasons = pa.array(drop_reasons(masks[ratio], decode_ok, not_valid, explained), pa.string())
         added[selected_column(ratio)] = (masks[ratio], Value("bool"))
         added[drop_reason_column(ratio)] = (reasons, Value("string"))
     columns = Features({column: feature for column, (_, feature) in added.items()})
@@ -280,10 +291,11 @@ def select_stage(scores: Dataset, config: ClipselConfig, image_features: Feature
 
 
 def arrow_dataset(columns: dict, features: Features) -> Dataset:
-    """A `Dataset` of ``columns`` (arrays or lists, N values each) typed by ``features``, built as one Arrow table:
-    ``Dataset.from_dict`` and ``add_column`` encode each ClassLabel value in Python and hash every column, minutes
-    at ImageNet-21k's size."""
-    table = pa.table({name: pa.array(values) for name, values in columns.items()}).cast(features.arrow_schema)
+    """A `Dataset` of ``columns`` (numpy or Arrow arrays or lists, N values each) typed by ``features``, built as one
+    Arrow table: ``Dataset.from_dict`` and ``add_column`` encode each ClassLabel value in Python and hash every
+    column, minutes at ImageNet-21k's size."""
+    arrays = {name: values if isinstance(values, pa.Array) else pa.array(values) for name, values in columns.items()}
+    table = pa.table(arrays).cast(features.arrow_schema)
     return Dataset(
         InMemoryTable(table), info=DatasetInfo(features=features), fingerprint=generate_random_fingerprint()
     )
@@ -376,10 +388,11 @@ def selection_inputs(
     if selection.alignment != "sas":  # sas+posterior, posterior
         posterior = required_column(table, "class_posterior_normalized", f"alignment {selection.alignment}")
     return SelectionInputs(
-        row_id=table[ROW_ID].astype(np.int64),
-        labels=table["label"].astype(np.int64),
-        semantic_alignment_normalized=table["semantic_alignment_normalized"].astype(np.float32),
-        sample_diversity_normalized=table["sample_diversity_normalized"].astype(np.float32),
+        # SelectionInputs copies what it keeps: no copy here
+        row_id=table[ROW_ID],
+        labels=table["label"],
+        semantic_alignment_normalized=table["semantic_alignment_normalized"],
+        sample_diversity_normalized=table["sample_diversity_normalized"],
         valid=table["flag_reason"] == "",
         image_features=image_features,
         diversity_gate=gate,

@@ -10,11 +10,22 @@ from .base import Column, Score, ScoreInputs, register_score
 
 
 def below_class_median(values: np.ndarray, labels: np.ndarray, usable: np.ndarray) -> np.ndarray:
-    """``bool[N]``: usable rows whose value is below the median of their class's usable rows."""
+    """``bool[N]``: usable rows whose value is below the median of their class's usable rows (``np.median``'s: the
+    middle value, or the mean of the two middle ones; a class holding a NaN has none below)."""
+    values, labels = np.asarray(values), np.asarray(labels)
     below = np.zeros(len(values), dtype=bool)
-    for label in np.unique(labels[usable]):
-        members = usable & (labels == label)
-        below[members] = values[members] < np.median(values[members])
+    rows = np.flatnonzero(usable)
+    if rows.size == 0:
+        return below
+    # One sort by (label, value) for all classes: a pass over every row per class is O(N C), hours at 21,000 classes.
+    order = rows[np.lexsort((values[rows], labels[rows]))]
+    sorted_values, sorted_labels = values[order], labels[order]
+    starts = np.flatnonzero(np.concatenate([[True], sorted_labels[1:] != sorted_labels[:-1]]))
+    sizes = np.diff(np.append(starts, len(order)))
+    medians = (sorted_values[starts + (sizes - 1) // 2] + sorted_values[starts + sizes // 2]) / 2
+    if np.issubdtype(sorted_values.dtype, np.floating):
+        medians[np.add.reduceat(np.isnan(sorted_values), starts) > 0] = np.nan
+    below[order] = sorted_values < np.repeat(medians, sizes)
     return below
 
 

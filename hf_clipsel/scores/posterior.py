@@ -26,8 +26,9 @@ class ClassPosterior(Score):
                 features, inputs.class_features, labels, inputs.logit_scale, inputs.logit_bias, inputs.posterior_link
             ).numpy()
 
-        # [block, C] logits per block: the block's rows are bounded by the class count (64 MiB of logits).
-        block_rows = scoring.logit_block_rows(inputs.class_features.shape[0])
+        # [block, C] logits per block: the block's rows are bounded by the class count (64 MiB of logits) and by the
+        # store's block (few classes would otherwise read 65,536 rows of features at once: 192 MiB at 768-d).
+        block_rows = min(scoring.logit_block_rows(inputs.class_features.shape[0]), inputs.features.block_rows)
         posterior = torch.from_numpy(inputs.features.map_rows(block, inputs.share, block_rows))
         posterior = torch.where(inputs.valid, posterior, 0.0)
         return {

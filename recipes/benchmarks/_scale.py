@@ -160,13 +160,13 @@ def big_class_child(work: Path, rows: int, dim: int, knn_k: int, block_rows: int
     """One class of ``rows`` rows in a feature store file, scored as the diversity score scores a class larger than
     ``knn_block_rows`` (queries and keys in blocks); prints one JSON line."""
     from hf_clipsel import scoring
-    from hf_clipsel.features import BLOCK_ROWS, FeatureStore
+    from hf_clipsel.features import FeatureStore
 
     work.mkdir(parents=True, exist_ok=True)
     store = FeatureStore(np.zeros(rows, dtype=np.int64), dim, work / "big-class.f32")
     generator = torch.Generator().manual_seed(0)
-    for start in range(0, rows, BLOCK_ROWS):
-        store.write(start, torch.randn(min(BLOCK_ROWS, rows - start), dim, generator=generator).numpy())
+    for start in range(0, rows, store.block_rows):
+        store.write(start, torch.randn(min(store.block_rows, rows - start), dim, generator=generator).numpy())
     members = np.arange(rows)
     _reset_peak()
     started = time.perf_counter()
