@@ -31,6 +31,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
+from .features import Share, class_assignment
+
 # Centred cosine of two image features at or above which two rows are near-duplicates. Measured with
 # recipes/benchmarks/bench_duplicates.py on the proxy CLIP (README there): exact, JPEG and resized copies found at
 # recall >= 0.9; below it, distinct images of that weak model join groups (pair precision 0.20 at 0.99, 0.03 at 0.98).
@@ -125,10 +127,13 @@ def find_duplicates(
     labels: Tensor,
     valid: Tensor,
     threshold: float = DUPLICATE_SIMILARITY,
+    share: Share | None = None,
 ) -> dict[str, np.ndarray]:
     """Nearest neighbours within and across classes, and the near-duplicate groups, of every usable row.
 
-    Features are read one class (then one predicted class) at a time, as ``image_features[rows]``.
+    Features are read one class (then one predicted class) at a time, as ``image_features[rows]``. With ``share``,
+    the processes split the classes (by :func:`~hf_clipsel.features.class_assignment`) and gather the results:
+    every process gets the same values as one process alone.
 
     Args:
         image_features: ``[N, d]`` image features (any float dtype; not necessarily normalised).
@@ -136,6 +141,7 @@ def find_duplicates(
         labels: ``[N]`` int64 given labels in ``[0, C)``.
         valid: ``[N]`` bool usable rows; the others are neither queries nor candidates.
         threshold: cosine in ``[-1, 1]`` at or above which two rows are near-duplicates.
+        share: this process's part of the work (default: all of it).
 
     Returns:
         ``same_class`` / ``other_class``: float32 ``[N]`` cosine of the nearest usable row of the same class / of
@@ -152,13 +158,19 @@ def find_duplicates(
     text = class_features.to(torch.float32)
     classes = group_rows(labels, valid.nonzero().squeeze(1))
     dim = image_features.shape[1]
-    # The mean direction of the usable rows: a CLIP's features share a large common component, which puts distinct
-    # images at cosines near 1; centred, a copy stays near 1 and distinct images spread out.
-    mean = torch.zeros(dim)
-    for rows in classes:  # one read of every row: the mean, and the class the model prefers
+    share = share or Share()
+
+    def read_class(rows: Tensor) -> tuple[Tensor, Tensor]:  # its features' sum, and the class the model prefers
         normalised = F.normalize(image_features[rows].to(torch.float32), dim=-1)
-        mean += normalised.sum(dim=0)
-        predicted[rows] = (normalised @ text.T).argmax(dim=-1)
+        return normalised.sum(dim=0), (normalised @ text.T).argmax(dim=-1)
+
+    # The mean direction of the usable rows: a CLIP's features share a large common component, which puts distinct
+    # images at cosines near 1; centred, a copy stays near 1 and distinct images spread out. Summed in class order
+    # whatever the processes, so that the mean (and every cosine after it) is the same bits.
+    mean = torch.zeros(dim)
+    for rows, (total, preferred) in zip(classes, each_group(classes, read_class, share, cost=len)):
+        mean += total
+        predicted[rows] = preferred
     mean /= max(int(valid.sum()), 1)
 
     generator = torch.Generator().manual_seed(0)  # the same projection every run: the same groups
@@ -168,12 +180,18 @@ def find_duplicates(
         return F.normalize(F.normalize(image_features[rows].to(torch.float32), dim=-1) - mean, dim=-1)
 
     pairs = []
-    for rows in classes:
-        similarity, neighbour, found = nearest_in_group(centred(rows), None, threshold, sketch)
+    for rows, (similarity, neighbour, found) in zip(
+        classes, each_group(classes, lambda rows: nearest_in_group(centred(rows), None, threshold, sketch), share)
+    ):
         same_class[rows], same_row[rows] = similarity, _row_ids(rows, neighbour)
         pairs.append(rows[found])
-    for rows in group_rows(predicted, valid.nonzero().squeeze(1)):
-        similarity, neighbour, found = nearest_in_group(centred(rows), labels[rows], threshold, sketch)
+    predicted_classes = group_rows(predicted, valid.nonzero().squeeze(1))
+    for rows, (similarity, neighbour, found) in zip(
+        predicted_classes,
+        each_group(
+            predicted_classes, lambda rows: nearest_in_group(centred(rows), labels[rows], threshold, sketch), share
+        ),
+    ):
         other_class[rows], other_row[rows] = similarity, _row_ids(rows, neighbour)
         pairs.append(rows[found])
     pairs = torch.cat(pairs).numpy() if pairs else np.zeros((0, 2), dtype=np.int64)
@@ -186,6 +204,19 @@ def find_duplicates(
         "group": groups_of_pairs(pairs, num_rows),
         "nearest": nearest.numpy(),
     }
+
+
+def each_group(groups: list[Tensor], function, share: Share, cost=lambda rows: len(rows) ** 2) -> list:
+    """``[function(rows) for rows in groups]``, each group computed by one process of ``share`` (longest processing
+    time first on ``cost``: a search's rows squared) and the results gathered, in ``groups`` order, on every one."""
+    if share.num_processes == 1:
+        return [function(rows) for rows in groups]
+    costs = np.array([cost(rows) for rows in groups], dtype=np.float64)
+    mine = class_assignment(costs, share.num_processes)[share.process_index]
+    results: list = [None] * len(groups)
+    for index, result in share.gather([(index, function(groups[index])) for index in mine]):
+        results[index] = result
+    return results
 
 
 def _row_ids(rows: Tensor, positions: Tensor) -> Tensor:

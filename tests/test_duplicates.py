@@ -119,3 +119,37 @@ def test_a_run_keeps_one_copy_and_flags_conflicting_labels(pool_with_copies, tin
         assert gallery.count("data-row-id=") == min(entry["rows"], 6)
     card = (tmp_path / "run" / "README.md").read_text()
     assert f"{summary.duplicate_groups['groups']} near-duplicate groups" in card
+
+
+def test_two_processes_split_the_search_and_get_the_values_of_one():
+    import threading
+
+    from hf_clipsel.features import Share
+
+    features, text, labels = synthetic(num_rows=120, classes=4)
+    features[50] = features[2] + 0.01 * torch.randn(32)  # copies within and across classes
+    features[61] = features[9] * 2.0
+    valid = torch.ones(120, dtype=torch.bool)
+    alone = find_duplicates(features, text, labels, valid)
+    barrier, parts, results, calls = threading.Barrier(2), [None, None], [None, None], [[], []]
+
+    def process(index: int) -> None:
+        def gather(part: list) -> list:  # an all-gather between the two threads
+            calls[index].append(len(part))
+            parts[index] = part
+            barrier.wait()
+            everything = parts[0] + parts[1]
+            barrier.wait()
+            return everything
+
+        results[index] = find_duplicates(features, text, labels, valid, share=Share(index, 2, gather))
+
+    threads = [threading.Thread(target=process, args=(index,)) for index in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(0 < mine < 4 for process_calls in calls for mine in process_calls), calls  # each did a part
+    for result in results:
+        for name, values in alone.items():
+            np.testing.assert_array_equal(result[name], values, err_msg=name)

@@ -9,9 +9,13 @@ every other row, so a selection takes a second copy only when the budget exceeds
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
+
 import numpy as np
 
 from ..duplicates import DUPLICATE_SIMILARITY, duplicate_findings, find_duplicates
+from ..selection.registry import SelectionInputs
 from .base import Column, Score, ScoreInputs, register_score
 
 # In a group of several labels, keep the copies of the label the model prefers (True) or none (False). Measured on
@@ -24,32 +28,78 @@ GROUP_COLUMN = "duplicate_group"
 
 
 def preference(table: dict, selection) -> np.ndarray:
-    """float64 ``[N]``: which copy of a group a selection keeps, higher first: the reward's alignment term (SAS~, the
-    class posterior~, or their sum, as ``alignment`` says). The reward itself depends on each ratio's alpha, and
-    copies are each other's nearest neighbours, so their diversity terms are nearly equal: alignment decides."""
-    sas = np.asarray(table["semantic_alignment_normalized"], dtype=np.float64)
-    if selection.alignment == "sas" or "class_posterior_normalized" not in table:
-        return sas
-    posterior = np.asarray(table["class_posterior_normalized"], dtype=np.float64)
-    return posterior if selection.alignment == "posterior" else sas + posterior
+    """float32 ``[N]``: which copy of a group a selection keeps, higher first: the reward's alignment term as the
+    selection builds it (:meth:`hf_clipsel.selection.SelectionInputs.alignment`: SAS~, the class posterior~, or
+    both, as ``alignment`` says). The reward itself depends on each ratio's alpha, and copies are each other's
+    nearest neighbours, so their diversity terms are nearly equal: alignment decides."""
+    sas = np.asarray(table["semantic_alignment_normalized"], dtype=np.float32)
+    posterior = table.get("class_posterior_normalized") if selection.alignment != "sas" else None
+    inputs = SelectionInputs(
+        row_id=np.arange(len(sas)),
+        labels=np.asarray(table["label"], dtype=np.int64),
+        semantic_alignment_normalized=sas,
+        sample_diversity_normalized=np.zeros_like(sas),  # not read by the alignment term
+        valid=np.asarray(table["flag_reason"]) == "",
+        class_posterior_normalized=posterior,
+        posterior_alone=selection.alignment == "posterior",
+    )
+    return inputs.alignment().numpy()
+
+
+class _LastFindings:
+    """The findings of the last (table, selection): both scores' flags (and their drop reasons) come from one
+    search of the groups per selection. Keyed on the identity of the columns read (weak references, so no table is
+    kept alive) and on the selection's settings."""
+
+    def __init__(self):
+        self.references: list | None = None
+        self.settings: tuple | None = None
+        self.found: tuple[np.ndarray, np.ndarray] | None = None
+
+    def get(self, table: dict, selection, compute) -> tuple[np.ndarray, np.ndarray]:
+        columns = [table.get(name) for name in _READ_COLUMNS]
+        settings = dataclasses.astuple(selection)
+        if (
+            self.references is not None
+            and settings == self.settings
+            and all(
+                column is None if reference is None else reference() is column
+                for reference, column in zip(self.references, columns)
+            )
+        ):
+            return self.found
+        try:
+            references = [None if column is None else weakref.ref(column) for column in columns]
+        except TypeError:  # a column that cannot be referenced weakly (a list): nothing to key on
+            return compute()
+        self.references, self.settings, self.found = references, settings, compute()
+        return self.found
+
+
+_READ_COLUMNS = (GROUP_COLUMN, "label", "flag_reason", "semantic_alignment_normalized", "class_posterior_normalized")
+_LAST = _LastFindings()
 
 
 def findings(table: dict, selection) -> tuple[np.ndarray, np.ndarray] | None:
     """``(duplicate, conflict)`` flags of :func:`hf_clipsel.duplicates.duplicate_findings` (all ``""`` when
-    ``selection.duplicate_check`` is off); None for scores without the group column (from an older hf_clipsel)."""
+    ``selection.duplicate_check`` is off); None for scores without the group column (from an older hf_clipsel).
+    Computed once per table and selection settings, however many of the two scores' flags ask."""
     if GROUP_COLUMN not in table:
         return None
     if not selection.duplicate_check:
         none = np.full(len(table["label"]), "", dtype=object)
         return none, none
-    usable = np.asarray(table["flag_reason"]) == ""
-    return duplicate_findings(
-        np.asarray(table[GROUP_COLUMN], dtype=np.int64),
-        np.asarray(table["label"], dtype=np.int64),
-        preference(table, selection),
-        usable,
-        KEEP_PREFERRED_LABEL,
-    )
+
+    def compute() -> tuple[np.ndarray, np.ndarray]:
+        return duplicate_findings(
+            np.asarray(table[GROUP_COLUMN], dtype=np.int64),
+            np.asarray(table["label"], dtype=np.int64),
+            preference(table, selection),
+            np.asarray(table["flag_reason"]) == "",
+            KEEP_PREFERRED_LABEL,
+        )
+
+    return _LAST.get(table, selection, compute)
 
 
 @register_score
@@ -89,7 +139,9 @@ class NearDuplicates(Score):
     flag_column = "duplicate"
 
     def compute(self, inputs: ScoreInputs) -> dict[str, np.ndarray]:
-        found = find_duplicates(inputs.image_features, inputs.class_features, inputs.labels, inputs.valid)
+        found = find_duplicates(
+            inputs.image_features, inputs.class_features, inputs.labels, inputs.valid, share=inputs.share
+        )
         return {
             "duplicate_similarity_same_class": found["same_class"],
             "duplicate_similarity_other_class": found["other_class"],
