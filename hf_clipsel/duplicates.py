@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch import Tensor
@@ -37,6 +38,12 @@ from .features import Share, class_assignment
 # recipes/benchmarks/bench_duplicates.py on the proxy CLIP (README there): exact, JPEG and resized copies found at
 # recall >= 0.9; below it, distinct images of that weak model join groups (pair precision 0.20 at 0.99, 0.03 at 0.98).
 DUPLICATE_SIMILARITY = 0.99
+# With pixel thumbnails (:func:`thumbnail`, the default since the embed stage measures them): two rows are
+# near-duplicates when the cosine of their zero-mean thumbnails is at least THUMBNAIL_SIMILARITY *and* the centred
+# cosine of their image features at least FEATURE_AGREEMENT. Measured (README there): set below.
+THUMBNAIL_SIDE = 8
+THUMBNAIL_SIMILARITY = 0.97
+FEATURE_AGREEMENT = 0.7
 # Pairs above the threshold kept per row: bounds the edges at N x 8 even where many rows are alike (blank images).
 EDGES_PER_ROW = 8
 # Features wider than this are searched on a seeded random projection to this many dimensions (Johnson-Lindenstrauss:
@@ -48,6 +55,25 @@ SKETCH_SLACK = 4.0
 # Similarities held at once per block: 2**24 float32 = 64 MiB.
 _BLOCK_ELEMENTS = 1 << 24
 NONE = -1  # no neighbour / no group
+
+
+def thumbnail(image: Image.Image | None) -> list[int]:
+    """The pixel descriptor of one decoded RGB image: its grey levels averaged over an
+    :data:`THUMBNAIL_SIDE` x :data:`THUMBNAIL_SIDE` grid of the whole image (``THUMBNAIL_SIDE**2`` ints in
+    ``[0, 255]``, row-major). An area average, so a resized or re-encoded copy gives nearly the same grid, and the
+    search compares grids after removing their mean, so a uniform brightness or colour change does not count.
+    ``None`` (an image that did not decode): zeros."""
+    if image is None:
+        return [0] * THUMBNAIL_SIDE**2
+    grey = image.convert("L").resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BOX)
+    return list(grey.tobytes())
+
+
+def thumbnail_vectors(thumbnails: Tensor) -> Tensor:
+    """``[n, side**2]`` float32 unit vectors of :func:`thumbnail` grids after their mean is removed (a blank grid:
+    zeros, near-duplicate of nothing)."""
+    grids = thumbnails.to(torch.float32)
+    return F.normalize(grids - grids.mean(dim=1, keepdim=True), dim=-1)
 
 
 def group_rows(keys: Tensor, rows: Tensor) -> list[Tensor]:
@@ -126,29 +152,40 @@ def find_duplicates(
     class_features: Tensor,
     labels: Tensor,
     valid: Tensor,
-    threshold: float = DUPLICATE_SIMILARITY,
+    threshold: float | None = None,
     share: Share | None = None,
+    thumbnails: Tensor | None = None,
+    feature_agreement: float = FEATURE_AGREEMENT,
 ) -> dict[str, np.ndarray]:
     """Nearest neighbours within and across classes, and the near-duplicate groups, of every usable row.
 
-    Features are read one class (then one predicted class) at a time, as ``image_features[rows]``. With ``share``,
-    the processes split the classes (by :func:`~hf_clipsel.features.class_assignment`) and gather the results:
-    every process gets the same values as one process alone.
+    With ``thumbnails``, rows are compared by their pixel thumbnails, and a pair at or above ``threshold`` is a
+    near-duplicate when the centred cosine of its image features is also at least ``feature_agreement``; without,
+    by the centred cosine of their image features alone. Features are read one class (then one predicted class) at
+    a time, as ``image_features[rows]``. With ``share``, the processes split the classes (by
+    :func:`~hf_clipsel.features.class_assignment`) and gather the results: every process gets the same values as
+    one process alone.
 
     Args:
         image_features: ``[N, d]`` image features (any float dtype; not necessarily normalised).
         class_features: ``[C, d]`` L2-normalised class text features: they give each row's predicted class.
         labels: ``[N]`` int64 given labels in ``[0, C)``.
         valid: ``[N]`` bool usable rows; the others are neither queries nor candidates.
-        threshold: cosine in ``[-1, 1]`` at or above which two rows are near-duplicates.
+        threshold: cosine in ``[-1, 1]`` at or above which two rows are near-duplicates (of the thumbnails with
+            ``thumbnails``, else of the features); default :data:`THUMBNAIL_SIMILARITY` or
+            :data:`DUPLICATE_SIMILARITY`.
         share: this process's part of the work (default: all of it).
+        thumbnails: ``[N, THUMBNAIL_SIDE**2]`` :func:`thumbnail` grids (any number type), or None.
+        feature_agreement: centred feature cosine in ``[-1, 1]`` a thumbnail pair needs too.
 
     Returns:
-        ``same_class`` / ``other_class``: float32 ``[N]`` cosine of the nearest usable row of the same class / of
-        another class in the same predicted class (-1 where there is none); ``group``: int64 ``[N]`` the smallest row
-        id of the row's near-duplicate group (-1: none); ``nearest``: int64 ``[N]`` the row id of its most similar
-        near-duplicate, either class (-1: none).
+        ``same_class`` / ``other_class``: float32 ``[N]`` cosine (of the thumbnails, or of the features) of the
+        nearest usable row of the same class / of another class in the same predicted class (-1 where there is
+        none); ``group``: int64 ``[N]`` the smallest row id of the row's near-duplicate group (-1: none);
+        ``nearest``: int64 ``[N]`` the row id of its most similar near-duplicate, either class (-1: none).
     """
+    if threshold is None:
+        threshold = DUPLICATE_SIMILARITY if thumbnails is None else THUMBNAIL_SIMILARITY
     num_rows = labels.shape[0]
     same_class = torch.full((num_rows,), -1.0)
     other_class = torch.full((num_rows,), -1.0)
@@ -179,31 +216,53 @@ def find_duplicates(
     def centred(rows: Tensor) -> Tensor:
         return F.normalize(F.normalize(image_features[rows].to(torch.float32), dim=-1) - mean, dim=-1)
 
+    def search(rows: Tensor, other_labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        if thumbnails is None:
+            return nearest_in_group(centred(rows), other_labels, threshold, sketch)
+        similarity, neighbour, found = nearest_in_group(thumbnail_vectors(thumbnails[rows]), other_labels, threshold)
+        if found.numel():  # the features must agree: distinct images with the same layout do not
+            involved, position = torch.unique(found, return_inverse=True)
+            features = centred(rows[involved])
+            found = found[(features[position[:, 0]] * features[position[:, 1]]).sum(dim=1) >= feature_agreement]
+        return similarity, neighbour, found
+
     pairs = []
     for rows, (similarity, neighbour, found) in zip(
-        classes, each_group(classes, lambda rows: nearest_in_group(centred(rows), None, threshold, sketch), share)
+        classes, each_group(classes, lambda rows: search(rows, None), share)
     ):
         same_class[rows], same_row[rows] = similarity, _row_ids(rows, neighbour)
         pairs.append(rows[found])
     predicted_classes = group_rows(predicted, valid.nonzero().squeeze(1))
     for rows, (similarity, neighbour, found) in zip(
-        predicted_classes,
-        each_group(
-            predicted_classes, lambda rows: nearest_in_group(centred(rows), labels[rows], threshold, sketch), share
-        ),
+        predicted_classes, each_group(predicted_classes, lambda rows: search(rows, labels[rows]), share)
     ):
         other_class[rows], other_row[rows] = similarity, _row_ids(rows, neighbour)
         pairs.append(rows[found])
-    pairs = torch.cat(pairs).numpy() if pairs else np.zeros((0, 2), dtype=np.int64)
-    nearest_is_same = same_class >= other_class
-    best = torch.where(nearest_is_same, same_class, other_class)
-    nearest = torch.where(best >= threshold, torch.where(nearest_is_same, same_row, other_row), NONE)
+    pairs = torch.cat(pairs) if pairs else torch.zeros((0, 2), dtype=torch.int64)
+    if thumbnails is None:
+        nearest_is_same = same_class >= other_class
+        best = torch.where(nearest_is_same, same_class, other_class)
+        nearest = torch.where(best >= threshold, torch.where(nearest_is_same, same_row, other_row), NONE).numpy()
+    else:  # the most similar row it is joined to (a closer one may have failed the features' check)
+        vectors = thumbnail_vectors(thumbnails[pairs.flatten()]).reshape(len(pairs), 2, thumbnails.shape[1])
+        nearest = nearest_partner(pairs.numpy(), (vectors[:, 0] * vectors[:, 1]).sum(dim=1).numpy(), num_rows)
     return {
         "same_class": same_class.numpy(),
         "other_class": other_class.numpy(),
-        "group": groups_of_pairs(pairs, num_rows),
-        "nearest": nearest.numpy(),
+        "group": groups_of_pairs(pairs.numpy(), num_rows),
+        "nearest": nearest,
     }
+
+
+def nearest_partner(pairs: np.ndarray, similarity: np.ndarray, num_rows: int) -> np.ndarray:
+    """int64 ``[num_rows]``: each row's partner in its most similar pair of ``pairs`` (``[m, 2]`` row ids, with
+    ``similarity`` ``[m]``); ties: the lowest row id; -1 for a row in no pair."""
+    nearest = np.full(num_rows, NONE, dtype=np.int64)
+    rows, partners = np.r_[pairs[:, 0], pairs[:, 1]], np.r_[pairs[:, 1], pairs[:, 0]]
+    order = np.lexsort((partners, -np.r_[similarity, similarity], rows))
+    first = np.r_[True, rows[order][1:] != rows[order][:-1]] if len(order) else np.zeros(0, dtype=bool)
+    nearest[rows[order][first]] = partners[order][first]
+    return nearest
 
 
 def each_group(groups: list[Tensor], function, share: Share, cost=lambda rows: len(rows) ** 2) -> list:

@@ -13,8 +13,17 @@ import dataclasses
 import weakref
 
 import numpy as np
+import torch
 
-from ..duplicates import DUPLICATE_SIMILARITY, duplicate_findings, find_duplicates
+from ..duplicates import (
+    DUPLICATE_SIMILARITY,
+    FEATURE_AGREEMENT,
+    THUMBNAIL_SIDE,
+    THUMBNAIL_SIMILARITY,
+    duplicate_findings,
+    find_duplicates,
+    thumbnail,
+)
 from ..selection.registry import SelectionInputs
 from .base import Column, Score, ScoreInputs, register_score
 
@@ -25,6 +34,7 @@ from .base import Column, Score, ScoreInputs, register_score
 KEEP_PREFERRED_LABEL = False
 
 GROUP_COLUMN = "duplicate_group"
+THUMBNAIL = "pixel_thumbnail"
 
 
 def preference(table: dict, selection) -> np.ndarray:
@@ -108,19 +118,19 @@ class NearDuplicates(Score):
     columns = (
         Column(
             "duplicate_similarity_same_class",
-            "centred cosine of the row's image feature and its nearest other row's of the same class",
-            f"[-1, 1] (-1: none; below 0.96, on a 32-d projection of wider features); >= {DUPLICATE_SIMILARITY}: a "
-            "near-duplicate",
+            "cosine of the row's zero-mean grey thumbnail and its nearest other row's of the same class",
+            f"[-1, 1] (-1: none); >= {THUMBNAIL_SIMILARITY} with a feature agreement >= {FEATURE_AGREEMENT}: a "
+            f"near-duplicate (scores without thumbnails: centred feature cosine, >= {DUPLICATE_SIMILARITY})",
         ),
         Column(
             "duplicate_similarity_other_class",
-            "centred cosine with its nearest row of another class among the rows of the same predicted class",
-            f"[-1, 1] (-1: none; below 0.96, on a 32-d projection of wider features); >= {DUPLICATE_SIMILARITY}: the "
+            "the same with its nearest row of another class among the rows of the same predicted class",
+            f"[-1, 1] (-1: none); >= {THUMBNAIL_SIMILARITY} with a feature agreement >= {FEATURE_AGREEMENT}: the "
             "same image under another label",
         ),
         Column(
             GROUP_COLUMN,
-            f"near-duplicate group (rows joined at centred cosine >= {DUPLICATE_SIMILARITY}): its smallest row_id",
+            "near-duplicate group (rows joined by thumbnail and feature cosine): its smallest row_id",
             "a row_id; -1: no near-duplicate",
             dtype="int64",
         ),
@@ -131,6 +141,18 @@ class NearDuplicates(Score):
             dtype="int64",
         ),
     )
+    # The thumbnail is measured while embedding (cached with the pixel statistics) and compared here; the scores
+    # table shows the similarities, not the grids.
+    measures_pixels = True
+    measured = (
+        Column(
+            THUMBNAIL,
+            f"grey levels averaged over a {THUMBNAIL_SIDE}x{THUMBNAIL_SIDE} grid of the whole image",
+            "[0, 255] each",
+            dtype="uint8",
+            length=THUMBNAIL_SIDE**2,
+        ),
+    )
     # A dropped copy of an image whose group keeps a better copy of the same label.
     # Between misaligned (20) and damaged (30): which copy a group keeps says more than "misaligned" does, and a pixel
     # defect (or a score another package adds at 25) says more than that the image has a copy.
@@ -138,9 +160,20 @@ class NearDuplicates(Score):
     reason_rank = 22
     flag_column = "duplicate"
 
+    def measure(self, image) -> tuple[list[int]]:
+        return (thumbnail(image),)
+
     def compute(self, inputs: ScoreInputs) -> dict[str, np.ndarray]:
+        grids = np.asarray(inputs.statistics.get(THUMBNAIL, ()))
+        # Inputs without thumbnails (built by hand, e.g. a benchmark's synthetic statistics): the features alone.
+        thumbnails = torch.from_numpy(grids) if grids.shape[1:] == (THUMBNAIL_SIDE**2,) else None
         found = find_duplicates(
-            inputs.image_features, inputs.class_features, inputs.labels, inputs.valid, share=inputs.share
+            inputs.image_features,
+            inputs.class_features,
+            inputs.labels,
+            inputs.valid,
+            share=inputs.share,
+            thumbnails=thumbnails,
         )
         return {
             "duplicate_similarity_same_class": found["same_class"],
