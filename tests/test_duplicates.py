@@ -189,3 +189,20 @@ def test_thumbnails_join_resized_recoded_and_recoloured_copies_and_not_look_alik
     assert (group >= 0).sum() == 6 and found["nearest"][12] == 0 and found["same_class"][13] >= 0.97
     none = find_duplicates(features[:12], text, labels[:12], valid[:12], thumbnails=grids[:12])  # distinct only
     assert (none["group"] == -1).all() and (none["nearest"] == -1).all()
+
+
+def test_the_cross_class_search_of_a_few_queries_finds_what_the_full_search_finds():
+    from hf_clipsel.duplicates import nearest_across, nearest_in_group, thumbnail_vectors
+
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.where(
+        torch.rand(300, generator=generator) < 0.8, 0, torch.randint(1, 4, (300,), generator=generator)
+    )
+    vectors = thumbnail_vectors(torch.randint(0, 256, (300, 64), generator=generator, dtype=torch.uint8))
+    vectors[torch.arange(0, 300, 10)] = vectors[torch.arange(5, 300, 10)]  # copies, some under other labels
+    full, few = nearest_in_group(vectors, labels, 0.97), nearest_across(vectors, labels, 0.97)
+    torch.testing.assert_close(few[0], full[0])
+    assert {tuple(sorted(pair)) for pair in few[2].tolist()} == {tuple(sorted(pair)) for pair in full[2].tolist()}
+    assert len(few[2]) > 0
+    near = full[0] >= 0.97
+    torch.testing.assert_close((vectors * vectors[few[1]]).sum(1)[near], full[0][near])
