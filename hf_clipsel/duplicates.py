@@ -1,25 +1,34 @@
-"""Near-duplicate search on image features, and the groups it joins (the ``duplicate`` score, hf_clipsel.scores).
+"""Near-duplicate search, and the groups it joins (the ``duplicate`` score, hf_clipsel.scores).
 
-Two images are near-duplicates when the *centred cosine* of their image features is at least
-:data:`DUPLICATE_SIMILARITY`: the cosine of the L2-normalised features after the mean of the usable rows' normalised
-features is subtracted (and normalised again). Each row is compared with
+Two images are near-duplicates when their pixel *thumbnails* (:func:`thumbnail`: grey levels averaged over an 8x8
+grid, measured while embedding) have cosine at least :data:`THUMBNAIL_SIMILARITY` after each grid's mean is removed,
+and the *centred cosine* of their image features (the cosine of the L2-normalised features after the mean of the
+usable rows' normalised features is subtracted, normalised again) is at least :data:`FEATURE_AGREEMENT`. Without
+thumbnails (inputs built by hand), the centred feature cosine alone decides, at :data:`DUPLICATE_SIMILARITY`. The
+thumbnail is what finds copies: a weak CLIP puts distinct look-alikes closer than its re-encoded or recoloured
+copies, while an area-average grid is unchanged by re-encoding, resizing and channel gains (it is changed by a
+shifted crop, which it does not find); the features keep apart distinct images of the same layout. Each row is
+compared with
 
 - every other row of its *given* class (exact: the nearest same-class neighbour), and
 - the rows of other given classes that the model puts in the same *predicted* class: a copy of an image has nearly
   the same features, so it lands in the same predicted class as the original almost always (measured:
-  recipes/benchmarks/bench_duplicates.py), whatever label either carries.
+  recipes/benchmarks/bench_duplicates.py), whatever label either carries. Only the rows outside a predicted class's
+  most common label are queries there (every pair of two labels has one).
 
-Cost: the search compares every pair of a class (sum over classes of n_c^2), then every pair of a predicted class
-(sum of n_p^2), on a :data:`SKETCH_DIM`-dimensional random projection of the features, with a row max instead of a
-top-k; the few pairs it keeps get exact cosines: 2 x 32/d of the diversity score's kNN multiply-adds (1/8 at
-d = 512; measured with recipes/benchmarks/bench_selection.py --parts 5). Both run blockwise (at most 2**24
-similarities held at once, 64 MiB) and keep at most :data:`EDGES_PER_ROW` pairs per row, so memory is O(N) beyond one
-group's features. At ImageNet-21k shape (13M rows, 21k classes, ~620 rows a class) that is about 2 x 13M x 620 x 32
-multiply-adds (~5e11, minutes on a CPU); a model whose predictions pile many rows into a few classes makes those
-groups quadratic, where k-means partitions of the features (SemDeDup) would bound them instead.
+Cost: the search compares every pair of thumbnails of a class (sum over classes of n_c^2 x 64), then the m rows of
+each predicted class outside its common label with all of its n_p rows (sum of m_p x n_p x 64), with a row max
+instead of a top-k; the features are read once for the mean and the predicted class, and again for the pairs found.
+Without thumbnails both passes are n^2 on a :data:`SKETCH_DIM`-dimensional random projection of the features. Both
+run blockwise (at most 2**24 similarities held at once, 64 MiB) and keep at most :data:`EDGES_PER_ROW` pairs per
+row, so memory is O(N) beyond one group's thumbnails (measured with recipes/benchmarks/bench_selection.py --parts 5:
+0.15 of SAS + SDS at ImageNet-1k's class shape). At ImageNet-21k shape (13M rows, 21k classes, ~620 rows a class)
+the first pass is about 13M x 620 x 64 multiply-adds (~5e11, minutes on a CPU); a model whose predictions pile many
+rows of other labels into a few classes makes those groups quadratic, where k-means partitions (SemDeDup) would
+bound them instead.
 
-Pairs above the threshold are joined into groups (connected components, scipy.sparse.csgraph); a group's id is its
-smallest row id.
+Pairs that pass are joined into groups (connected components, scipy.sparse.csgraph); a group's id is its smallest
+row id.
 """
 
 from __future__ import annotations
@@ -34,15 +43,19 @@ from torch import Tensor
 
 from .features import Share, class_assignment
 
-# Centred cosine of two image features at or above which two rows are near-duplicates. Measured with
-# recipes/benchmarks/bench_duplicates.py on the proxy CLIP (README there): exact, JPEG and resized copies found at
-# recall >= 0.9; below it, distinct images of that weak model join groups (pair precision 0.20 at 0.99, 0.03 at 0.98).
+# Without thumbnails: centred cosine of two image features at or above which two rows are near-duplicates. Measured
+# with recipes/benchmarks/bench_duplicates.py on the proxy CLIP (README there): exact, JPEG and resized copies found
+# at recall >= 0.9; below it, distinct images of that weak model join groups (pair precision 0.20 at 0.99).
 DUPLICATE_SIMILARITY = 0.99
-# With pixel thumbnails (:func:`thumbnail`, the default since the embed stage measures them): two rows are
-# near-duplicates when the cosine of their zero-mean thumbnails is at least THUMBNAIL_SIMILARITY *and* the centred
-# cosine of their image features at least FEATURE_AGREEMENT. Measured (README there): set below.
+# The thumbnail's grid side (64 values a row, 64 bytes in the cache).
 THUMBNAIL_SIDE = 8
+# Cosine of two zero-mean thumbnails at or above which two rows may be near-duplicates. Measured on the benchmark's
+# pool: copies scored >= 0.979 (resized), >= 0.999 (JPEG, colour gains); the closest of 4.5M distinct CIFAR-10 pairs
+# 0.974 (a real near-duplicate). At 0.97 with the agreement below: pair precision 0.99, recall 0.97-1.00 for exact,
+# JPEG, resized and colour-shifted copies, 0.03 for crops.
 THUMBNAIL_SIMILARITY = 0.97
+# Centred feature cosine such a pair also needs: distinct images of the same layout do not pass (pair precision 0.93
+# without it at thumbnail cosine 0.95, 0.95 with it); low, as a weak model scored one colour copy at 0.41.
 FEATURE_AGREEMENT = 0.7
 # Pairs above the threshold kept per row: bounds the edges at N x 8 even where many rows are alike (blank images).
 EDGES_PER_ROW = 8
