@@ -24,7 +24,7 @@ from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardDa
 
 from .configs import ADAPTER_PRESETS, budget, flag_classes
 from .core.names import reward_column, selected_column
-from .duplicates import DUPLICATE_SIMILARITY
+from .duplicates import THUMBNAIL_SIMILARITY
 from .hub_access import is_hub_repo_id
 from .outputs import (
     ADAPTER_DIR,
@@ -364,7 +364,7 @@ def render_dataset_card(
             {"column": c.name, "meaning": _cell(f"{c.meaning}; {c.value_range}")} for c in score_columns()
         ],
         drop_reasons=_drop_reason_rows(summary, ratios),
-        duplicates={"groups": 0, **summary.duplicate_groups, "threshold": DUPLICATE_SIMILARITY},
+        duplicates={"groups": 0, **summary.duplicate_groups, "threshold": THUMBNAIL_SIMILARITY},
         plots=plots,
         command=redact(command) if command else None,
         parameter_groups=_parameter_groups(config),

@@ -1,25 +1,34 @@
-"""Near-duplicate search on image features, and the groups it joins (the ``duplicate`` score, hf_clipsel.scores).
+"""Near-duplicate search, and the groups it joins (the ``duplicate`` score, hf_clipsel.scores).
 
-Two images are near-duplicates when the *centred cosine* of their image features is at least
-:data:`DUPLICATE_SIMILARITY`: the cosine of the L2-normalised features after the mean of the usable rows' normalised
-features is subtracted (and normalised again). Each row is compared with
+Two images are near-duplicates when their pixel *thumbnails* (:func:`thumbnail`: grey levels averaged over an 8x8
+grid, measured while embedding) have cosine at least :data:`THUMBNAIL_SIMILARITY` after each grid's mean is removed,
+and the *centred cosine* of their image features (the cosine of the L2-normalised features after the mean of the
+usable rows' normalised features is subtracted, normalised again) is at least :data:`FEATURE_AGREEMENT`. Without
+thumbnails (inputs built by hand), the centred feature cosine alone decides, at :data:`DUPLICATE_SIMILARITY`. The
+thumbnail is what finds copies: a weak CLIP puts distinct look-alikes closer than its re-encoded or recoloured
+copies, while an area-average grid is unchanged by re-encoding, resizing and channel gains (it is changed by a
+shifted crop, which it does not find); the features keep apart distinct images of the same layout. Each row is
+compared with
 
 - every other row of its *given* class (exact: the nearest same-class neighbour), and
 - the rows of other given classes that the model puts in the same *predicted* class: a copy of an image has nearly
   the same features, so it lands in the same predicted class as the original almost always (measured:
-  recipes/benchmarks/bench_duplicates.py), whatever label either carries.
+  recipes/benchmarks/bench_duplicates.py), whatever label either carries. Only the rows outside a predicted class's
+  most common label are queries there (every pair of two labels has one).
 
-Cost: the search compares every pair of a class (sum over classes of n_c^2), then every pair of a predicted class
-(sum of n_p^2), on a :data:`SKETCH_DIM`-dimensional random projection of the features, with a row max instead of a
-top-k; the few pairs it keeps get exact cosines: 2 x 32/d of the diversity score's kNN multiply-adds (1/8 at
-d = 512; measured with recipes/benchmarks/bench_selection.py --parts 5). Both run blockwise (at most 2**24
-similarities held at once, 64 MiB) and keep at most :data:`EDGES_PER_ROW` pairs per row, so memory is O(N) beyond one
-group's features. At ImageNet-21k shape (13M rows, 21k classes, ~620 rows a class) that is about 2 x 13M x 620 x 32
-multiply-adds (~5e11, minutes on a CPU); a model whose predictions pile many rows into a few classes makes those
-groups quadratic, where k-means partitions of the features (SemDeDup) would bound them instead.
+Cost: the search compares every pair of thumbnails of a class (sum over classes of n_c^2 x 64), then the m rows of
+each predicted class outside its common label with all of its n_p rows (sum of m_p x n_p x 64), with a row max
+instead of a top-k; the features are read once for the mean and the predicted class, and again for the pairs found.
+Without thumbnails both passes are n^2 on a :data:`SKETCH_DIM`-dimensional random projection of the features. Both
+run blockwise (at most 2**24 similarities held at once, 64 MiB) and keep at most :data:`EDGES_PER_ROW` pairs per
+row, so memory is O(N) beyond one group's thumbnails (measured with recipes/benchmarks/bench_selection.py --parts 5:
+0.15 of SAS + SDS at ImageNet-1k's class shape). At ImageNet-21k shape (13M rows, 21k classes, ~620 rows a class)
+the first pass is about 13M x 620 x 64 multiply-adds (~5e11, minutes on a CPU); a model whose predictions pile many
+rows of other labels into a few classes makes those groups quadratic, where k-means partitions (SemDeDup) would
+bound them instead.
 
-Pairs above the threshold are joined into groups (connected components, scipy.sparse.csgraph); a group's id is its
-smallest row id.
+Pairs that pass are joined into groups (connected components, scipy.sparse.csgraph); a group's id is its smallest
+row id.
 """
 
 from __future__ import annotations
@@ -27,14 +36,27 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
-# Centred cosine of two image features at or above which two rows are near-duplicates. Measured with
-# recipes/benchmarks/bench_duplicates.py on the proxy CLIP (README there): exact, JPEG and resized copies found at
-# recall >= 0.9; below it, distinct images of that weak model join groups (pair precision 0.20 at 0.99, 0.03 at 0.98).
+from .features import Share, class_assignment
+
+# Without thumbnails: centred cosine of two image features at or above which two rows are near-duplicates. Measured
+# with recipes/benchmarks/bench_duplicates.py on the proxy CLIP (README there): exact, JPEG and resized copies found
+# at recall >= 0.9; below it, distinct images of that weak model join groups (pair precision 0.20 at 0.99).
 DUPLICATE_SIMILARITY = 0.99
+# The thumbnail's grid side (64 values a row, 64 bytes in the cache).
+THUMBNAIL_SIDE = 8
+# Cosine of two zero-mean thumbnails at or above which two rows may be near-duplicates. Measured on the benchmark's
+# pool: copies scored >= 0.979 (resized), >= 0.999 (JPEG, colour gains); the closest of 4.5M distinct CIFAR-10 pairs
+# 0.974 (a real near-duplicate). At 0.97 with the agreement below: pair precision 0.99, recall 0.97-1.00 for exact,
+# JPEG, resized and colour-shifted copies, 0.03 for crops.
+THUMBNAIL_SIMILARITY = 0.97
+# Centred feature cosine such a pair also needs: distinct images of the same layout do not pass (pair precision 0.93
+# without it at thumbnail cosine 0.95, 0.95 with it); low, as a weak model scored one colour copy at 0.41.
+FEATURE_AGREEMENT = 0.7
 # Pairs above the threshold kept per row: bounds the edges at N x 8 even where many rows are alike (blank images).
 EDGES_PER_ROW = 8
 # Features wider than this are searched on a seeded random projection to this many dimensions (Johnson-Lindenstrauss:
@@ -46,6 +68,25 @@ SKETCH_SLACK = 4.0
 # Similarities held at once per block: 2**24 float32 = 64 MiB.
 _BLOCK_ELEMENTS = 1 << 24
 NONE = -1  # no neighbour / no group
+
+
+def thumbnail(image: Image.Image | None) -> list[int]:
+    """The pixel descriptor of one decoded RGB image: its grey levels averaged over an
+    :data:`THUMBNAIL_SIDE` x :data:`THUMBNAIL_SIDE` grid of the whole image (``THUMBNAIL_SIDE**2`` ints in
+    ``[0, 255]``, row-major). An area average, so a resized or re-encoded copy gives nearly the same grid, and the
+    search compares grids after removing their mean, so a uniform brightness or colour change does not count.
+    ``None`` (an image that did not decode): zeros."""
+    if image is None:
+        return [0] * THUMBNAIL_SIDE**2
+    grey = image.convert("L").resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BOX)
+    return list(grey.tobytes())
+
+
+def thumbnail_vectors(thumbnails: Tensor) -> Tensor:
+    """``[n, side**2]`` float32 unit vectors of :func:`thumbnail` grids after their mean is removed (a blank grid:
+    zeros, near-duplicate of nothing)."""
+    grids = thumbnails.to(torch.float32)
+    return F.normalize(grids - grids.mean(dim=1, keepdim=True), dim=-1)
 
 
 def group_rows(keys: Tensor, rows: Tensor) -> list[Tensor]:
@@ -119,30 +160,95 @@ def nearest_in_group(
     return similarity, neighbour, torch.cat(pairs)
 
 
+def nearest_across(
+    vectors: Tensor, labels: Tensor, threshold: float, edges_per_row: int = EDGES_PER_ROW
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`nearest_in_group` with ``labels`` (each row's most similar row of *another* label, and those pairs at
+    or above ``threshold``) without a sketch, at a fraction of its cost: every pair of two labels has a row outside
+    the group's most common label (in a predicted class, the rows the model puts in another class than their
+    own), so only those m rows are queries: m x n similarities instead of n x n. The other rows' nearest is the
+    column maximum over them.
+
+    Returns:
+        As :func:`nearest_in_group`: ``[n]`` cosine of the nearest row of another label (-1: none), ``[n]`` its
+        position (-1: none), ``[m, 2]`` positions of the pairs at or above ``threshold``.
+    """
+    num_rows = vectors.shape[0]
+    similarity = torch.full((num_rows,), -1.0)
+    neighbour = torch.full((num_rows,), NONE, dtype=torch.int64)
+    pairs = [torch.zeros((0, 2), dtype=torch.int64)]
+    values, counts = torch.unique(labels, return_counts=True)
+    common = labels == values[counts.argmax()]
+    queries = (~common).nonzero().squeeze(1)
+    if queries.numel() == 0:
+        return similarity, neighbour, pairs[0]
+    column_best = torch.full((num_rows,), -torch.inf)
+    column_index = torch.full((num_rows,), NONE, dtype=torch.int64)
+    block = max(1, _BLOCK_ELEMENTS // num_rows)
+    for start in range(0, queries.numel(), block):
+        rows = queries[start : start + block]
+        cosines = vectors[rows] @ vectors.T
+        cosines.masked_fill_(labels[rows, None] == labels[None, :], -torch.inf)  # itself too
+        best, index = cosines.max(dim=1)
+        found = torch.isfinite(best)
+        similarity[rows] = torch.where(found, best.clamp(-1.0, 1.0), -1.0)
+        neighbour[rows] = torch.where(found, index, NONE)
+        best, index = cosines.max(dim=0)
+        better = best > column_best
+        column_best, column_index = (
+            torch.where(better, best, column_best),
+            torch.where(better, rows[index], column_index),
+        )
+        query, candidate = (cosines >= threshold).nonzero(as_tuple=True)
+        if query.numel() > edges_per_row * rows.numel():  # many alike rows (blank images): each row's closest only
+            top, nearest = torch.topk(cosines, min(edges_per_row, num_rows - 1), dim=1)
+            query, rank = (top >= threshold).nonzero(as_tuple=True)
+            candidate = nearest[query, rank]
+        pairs.append(torch.stack([rows[query], candidate], dim=1))
+    found = common & torch.isfinite(column_best)
+    similarity[found], neighbour[found] = column_best[found].clamp(-1.0, 1.0), column_index[found]
+    return similarity, neighbour, torch.cat(pairs)
+
+
 def find_duplicates(
     image_features: Tensor,
     class_features: Tensor,
     labels: Tensor,
     valid: Tensor,
-    threshold: float = DUPLICATE_SIMILARITY,
+    threshold: float | None = None,
+    share: Share | None = None,
+    thumbnails: Tensor | None = None,
+    feature_agreement: float = FEATURE_AGREEMENT,
 ) -> dict[str, np.ndarray]:
     """Nearest neighbours within and across classes, and the near-duplicate groups, of every usable row.
 
-    Features are read one class (then one predicted class) at a time, as ``image_features[rows]``.
+    With ``thumbnails``, rows are compared by their pixel thumbnails, and a pair at or above ``threshold`` is a
+    near-duplicate when the centred cosine of its image features is also at least ``feature_agreement``; without,
+    by the centred cosine of their image features alone. Features are read one class (then one predicted class) at
+    a time, as ``image_features[rows]``. With ``share``, the processes split the classes (by
+    :func:`~hf_clipsel.features.class_assignment`) and gather the results: every process gets the same values as
+    one process alone.
 
     Args:
         image_features: ``[N, d]`` image features (any float dtype; not necessarily normalised).
         class_features: ``[C, d]`` L2-normalised class text features: they give each row's predicted class.
         labels: ``[N]`` int64 given labels in ``[0, C)``.
         valid: ``[N]`` bool usable rows; the others are neither queries nor candidates.
-        threshold: cosine in ``[-1, 1]`` at or above which two rows are near-duplicates.
+        threshold: cosine in ``[-1, 1]`` at or above which two rows are near-duplicates (of the thumbnails with
+            ``thumbnails``, else of the features); default :data:`THUMBNAIL_SIMILARITY` or
+            :data:`DUPLICATE_SIMILARITY`.
+        share: this process's part of the work (default: all of it).
+        thumbnails: ``[N, THUMBNAIL_SIDE**2]`` :func:`thumbnail` grids (any number type), or None.
+        feature_agreement: centred feature cosine in ``[-1, 1]`` a thumbnail pair needs too.
 
     Returns:
-        ``same_class`` / ``other_class``: float32 ``[N]`` cosine of the nearest usable row of the same class / of
-        another class in the same predicted class (-1 where there is none); ``group``: int64 ``[N]`` the smallest row
-        id of the row's near-duplicate group (-1: none); ``nearest``: int64 ``[N]`` the row id of its most similar
-        near-duplicate, either class (-1: none).
+        ``same_class`` / ``other_class``: float32 ``[N]`` cosine (of the thumbnails, or of the features) of the
+        nearest usable row of the same class / of another class in the same predicted class (-1 where there is
+        none); ``group``: int64 ``[N]`` the smallest row id of the row's near-duplicate group (-1: none);
+        ``nearest``: int64 ``[N]`` the row id of its most similar near-duplicate, either class (-1: none).
     """
+    if threshold is None:
+        threshold = DUPLICATE_SIMILARITY if thumbnails is None else THUMBNAIL_SIMILARITY
     num_rows = labels.shape[0]
     same_class = torch.full((num_rows,), -1.0)
     other_class = torch.full((num_rows,), -1.0)
@@ -152,13 +258,19 @@ def find_duplicates(
     text = class_features.to(torch.float32)
     classes = group_rows(labels, valid.nonzero().squeeze(1))
     dim = image_features.shape[1]
-    # The mean direction of the usable rows: a CLIP's features share a large common component, which puts distinct
-    # images at cosines near 1; centred, a copy stays near 1 and distinct images spread out.
-    mean = torch.zeros(dim)
-    for rows in classes:  # one read of every row: the mean, and the class the model prefers
+    share = share or Share()
+
+    def read_class(rows: Tensor) -> tuple[Tensor, Tensor]:  # its features' sum, and the class the model prefers
         normalised = F.normalize(image_features[rows].to(torch.float32), dim=-1)
-        mean += normalised.sum(dim=0)
-        predicted[rows] = (normalised @ text.T).argmax(dim=-1)
+        return normalised.sum(dim=0), (normalised @ text.T).argmax(dim=-1)
+
+    # The mean direction of the usable rows: a CLIP's features share a large common component, which puts distinct
+    # images at cosines near 1; centred, a copy stays near 1 and distinct images spread out. Summed in class order
+    # whatever the processes, so that the mean (and every cosine after it) is the same bits.
+    mean = torch.zeros(dim)
+    for rows, (total, preferred) in zip(classes, each_group(classes, read_class, share, cost=len)):
+        mean += total
+        predicted[rows] = preferred
     mean /= max(int(valid.sum()), 1)
 
     generator = torch.Generator().manual_seed(0)  # the same projection every run: the same groups
@@ -167,25 +279,70 @@ def find_duplicates(
     def centred(rows: Tensor) -> Tensor:
         return F.normalize(F.normalize(image_features[rows].to(torch.float32), dim=-1) - mean, dim=-1)
 
+    def search(rows: Tensor, other_labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        if thumbnails is None:
+            return nearest_in_group(centred(rows), other_labels, threshold, sketch)
+        vectors = thumbnail_vectors(thumbnails[rows])
+        if other_labels is None:
+            similarity, neighbour, found = nearest_in_group(vectors, None, threshold)
+        else:
+            similarity, neighbour, found = nearest_across(vectors, other_labels, threshold)
+        if found.numel():  # the features must agree: distinct images with the same layout do not
+            involved, position = torch.unique(found, return_inverse=True)
+            features = centred(rows[involved])
+            found = found[(features[position[:, 0]] * features[position[:, 1]]).sum(dim=1) >= feature_agreement]
+        return similarity, neighbour, found
+
     pairs = []
-    for rows in classes:
-        similarity, neighbour, found = nearest_in_group(centred(rows), None, threshold, sketch)
+    for rows, (similarity, neighbour, found) in zip(
+        classes, each_group(classes, lambda rows: search(rows, None), share)
+    ):
         same_class[rows], same_row[rows] = similarity, _row_ids(rows, neighbour)
         pairs.append(rows[found])
-    for rows in group_rows(predicted, valid.nonzero().squeeze(1)):
-        similarity, neighbour, found = nearest_in_group(centred(rows), labels[rows], threshold, sketch)
+    predicted_classes = group_rows(predicted, valid.nonzero().squeeze(1))
+    for rows, (similarity, neighbour, found) in zip(
+        predicted_classes, each_group(predicted_classes, lambda rows: search(rows, labels[rows]), share)
+    ):
         other_class[rows], other_row[rows] = similarity, _row_ids(rows, neighbour)
         pairs.append(rows[found])
-    pairs = torch.cat(pairs).numpy() if pairs else np.zeros((0, 2), dtype=np.int64)
-    nearest_is_same = same_class >= other_class
-    best = torch.where(nearest_is_same, same_class, other_class)
-    nearest = torch.where(best >= threshold, torch.where(nearest_is_same, same_row, other_row), NONE)
+    pairs = torch.cat(pairs) if pairs else torch.zeros((0, 2), dtype=torch.int64)
+    if thumbnails is None:
+        nearest_is_same = same_class >= other_class
+        best = torch.where(nearest_is_same, same_class, other_class)
+        nearest = torch.where(best >= threshold, torch.where(nearest_is_same, same_row, other_row), NONE).numpy()
+    else:  # the most similar row it is joined to (a closer one may have failed the features' check)
+        vectors = thumbnail_vectors(thumbnails[pairs.flatten()]).reshape(len(pairs), 2, thumbnails.shape[1])
+        nearest = nearest_partner(pairs.numpy(), (vectors[:, 0] * vectors[:, 1]).sum(dim=1).numpy(), num_rows)
     return {
         "same_class": same_class.numpy(),
         "other_class": other_class.numpy(),
-        "group": groups_of_pairs(pairs, num_rows),
-        "nearest": nearest.numpy(),
+        "group": groups_of_pairs(pairs.numpy(), num_rows),
+        "nearest": nearest,
     }
+
+
+def nearest_partner(pairs: np.ndarray, similarity: np.ndarray, num_rows: int) -> np.ndarray:
+    """int64 ``[num_rows]``: each row's partner in its most similar pair of ``pairs`` (``[m, 2]`` row ids, with
+    ``similarity`` ``[m]``); ties: the lowest row id; -1 for a row in no pair."""
+    nearest = np.full(num_rows, NONE, dtype=np.int64)
+    rows, partners = np.r_[pairs[:, 0], pairs[:, 1]], np.r_[pairs[:, 1], pairs[:, 0]]
+    order = np.lexsort((partners, -np.r_[similarity, similarity], rows))
+    first = np.r_[True, rows[order][1:] != rows[order][:-1]] if len(order) else np.zeros(0, dtype=bool)
+    nearest[rows[order][first]] = partners[order][first]
+    return nearest
+
+
+def each_group(groups: list[Tensor], function, share: Share, cost=lambda rows: len(rows) ** 2) -> list:
+    """``[function(rows) for rows in groups]``, each group computed by one process of ``share`` (longest processing
+    time first on ``cost``: a search's rows squared) and the results gathered, in ``groups`` order, on every one."""
+    if share.num_processes == 1:
+        return [function(rows) for rows in groups]
+    costs = np.array([cost(rows) for rows in groups], dtype=np.float64)
+    mine = class_assignment(costs, share.num_processes)[share.process_index]
+    results: list = [None] * len(groups)
+    for index, result in share.gather([(index, function(groups[index])) for index in mine]):
+        results[index] = result
+    return results
 
 
 def _row_ids(rows: Tensor, positions: Tensor) -> Tensor:

@@ -35,7 +35,7 @@ from datasets.arrow_writer import ArrowWriter
 from .data import ROW_ID
 from .modeling import cached_size, clip_of, normalises_on_device, text_tower_outputs, vision_tower_outputs
 from .preprocessing import ChunkWork, Preprocessing, prepared_chunks
-from .scores import measured_columns, measurement_versions
+from .scores import measured_columns, measured_specs, measurement_versions
 from .streaming import StreamReader, stream_identity, stream_share
 
 # accelerate's logger: warnings come from the main process only; per-process lines say main_process_only=False
@@ -59,7 +59,11 @@ def embedding_features(hidden_size: int) -> Features:
 
 
 def statistics_features() -> Features:
-    return Features({ROW_ID: Value("int64"), **{name: Value("float32") for name in measured_columns()}})
+    measured = {
+        column.name: Value(column.dtype) if column.length is None else List(Value(column.dtype), length=column.length)
+        for column in measured_specs()
+    }
+    return Features({ROW_ID: Value("int64"), **measured})
 
 
 def embed_prepared(row_ids: list[int], prepared, model, hidden_size: int, preprocessing: Preprocessing) -> dict:

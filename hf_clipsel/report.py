@@ -44,8 +44,6 @@ from .report_page import fit_thumbnail, source_reader, write_page
 from .scores import score_columns
 from .scores.damage import DamageCheck
 from .scores.diversity import SampleDiversity
-from .scores.duplicate import GROUP_COLUMN
-from .scores_table import read_scores_in
 from .summary import RatioSummary, RunSummary
 
 logger = logging.getLogger(__name__)
@@ -104,13 +102,12 @@ def damaged_rows(scores: RunScores, count: int = GALLERY_SIZE) -> np.ndarray:
     return np.nonzero(scores.damage != "")[0][:count]
 
 
-def duplicate_groups(output_dir: Path, groups: list[dict], per_group: int = 6) -> list[np.ndarray]:
+def duplicate_groups(scores: RunScores, groups: list[dict] | None, per_group: int = 6) -> list[np.ndarray]:
     """Positions of the rows of the run summary's largest near-duplicate ``groups`` (each in row order, at most
     ``per_group``), so the page shows each group's copies side by side."""
-    if not groups:
+    if not groups or scores.duplicate_group is None:
         return []
-    group = np.asarray(read_scores_in(output_dir).select_columns([GROUP_COLUMN])[GROUP_COLUMN][:], dtype=np.int64)
-    return [np.nonzero(group == entry["group"])[0][:per_group] for entry in groups]
+    return [np.nonzero(scores.duplicate_group == entry["group"])[0][:per_group] for entry in groups]
 
 
 def flagged_rows(scores: RunScores, count: int = MAX_FLAGGED_SHOWN) -> np.ndarray:
@@ -343,7 +340,7 @@ def write_report(output_dir: str | Path, gallery_ratio: float | None = None, thu
     redundant = make_tiles(scores, redundant_rows(scores, gallery_ratio))
     damaged = make_tiles(scores, damaged_rows(scores))
     flagged = make_tiles(scores, flagged_rows(scores))
-    largest_groups = duplicate_groups(output_dir, summary.duplicate_groups.get("largest"))
+    largest_groups = duplicate_groups(scores, summary.duplicate_groups.get("largest"))
     duplicates = [make_tiles(scores, rows) for rows in largest_groups]
     source, missing_reason = load_gallery_source(run_config, len(scores.row_id))
     with atomic_directory(output_dir / REPORT_DIR) as directory:

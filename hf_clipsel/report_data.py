@@ -10,6 +10,7 @@ import numpy as np
 
 from .core.names import PATH, drop_reason_column, reward_column, selected_column, selected_ratios
 from .scores.damage import DamageCheck
+from .scores.duplicate import GROUP_COLUMN
 from .scores_table import read_scores_in
 
 
@@ -31,6 +32,7 @@ class RunScores:
     reward: dict[float, np.ndarray]
     drop_reason: dict[float, np.ndarray]  # ratio -> each row's drop reason (hf_clipsel.reasons; "" if kept)
     class_names: list[str]
+    duplicate_group: np.ndarray | None = None  # int64 near-duplicate group (-1: none); None: scores without it
 
     @property
     def usable(self) -> np.ndarray:
@@ -84,4 +86,5 @@ def read_scores(output_dir: Path) -> RunScores:
         reward={r: column(reward_column(r)).astype(np.float64) for r in ratios if reward_column(r) in names},
         drop_reason={r: text(drop_reason_column(r)) for r in ratios},
         class_names=list(label_feature.names),
+        duplicate_group=column(GROUP_COLUMN).astype(np.int64) if GROUP_COLUMN in names else None,
     )

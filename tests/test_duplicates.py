@@ -109,13 +109,100 @@ def test_a_run_keeps_one_copy_and_flags_conflicting_labels(pool_with_copies, tin
         assert not kept[copy] and not kept[original], "neither label of a conflicting copy is kept"
         assert reasons[copy] == reasons[original] == "conflicting labels"
     summary = RunSummary.read(tmp_path / "run")
-    # the tiny random CLIP joins a few distinct images too (its features are no real CLIP's): at least the copies
-    assert summary.flags["conflicting_labels"]["conflicting labels"] >= 4
-    assert summary.flags["duplicate"]["duplicate"] >= 3
-    assert summary.duplicate_groups["groups"] >= 5 and summary.duplicate_groups["largest"][0]["rows"] >= 2
+    # the copies and nothing else: the pixel thumbnails keep the tiny random CLIP's look-alikes apart
+    assert summary.flags["conflicting_labels"]["conflicting labels"] == 4
+    assert summary.flags["duplicate"]["duplicate"] == 3
+    assert summary.duplicate_groups["groups"] == 5 and summary.duplicate_groups["largest"][0]["rows"] == 2
     report = (tmp_path / "run" / "report" / "index.html").read_text()
     for entry in summary.duplicate_groups["largest"]:  # each of the largest groups shown, its rows side by side
         gallery = report.split(f'id="duplicate-group-{entry["group"]}"', 1)[1].split("</div>\n", 1)[0]
         assert gallery.count("data-row-id=") == min(entry["rows"], 6)
     card = (tmp_path / "run" / "README.md").read_text()
     assert f"{summary.duplicate_groups['groups']} near-duplicate groups" in card
+
+
+def test_two_processes_split_the_search_and_get_the_values_of_one():
+    import threading
+
+    from hf_clipsel.features import Share
+
+    features, text, labels = synthetic(num_rows=120, classes=4)
+    features[50] = features[2] + 0.01 * torch.randn(32)  # copies within and across classes
+    features[61] = features[9] * 2.0
+    valid = torch.ones(120, dtype=torch.bool)
+    alone = find_duplicates(features, text, labels, valid)
+    barrier, parts, results, calls = threading.Barrier(2), [None, None], [None, None], [[], []]
+
+    def process(index: int) -> None:
+        def gather(part: list) -> list:  # an all-gather between the two threads
+            calls[index].append(len(part))
+            parts[index] = part
+            barrier.wait()
+            everything = parts[0] + parts[1]
+            barrier.wait()
+            return everything
+
+        results[index] = find_duplicates(features, text, labels, valid, share=Share(index, 2, gather))
+
+    threads = [threading.Thread(target=process, args=(index,)) for index in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(0 < mine < 4 for process_calls in calls for mine in process_calls), calls  # each did a part
+    for result in results:
+        for name, values in alone.items():
+            np.testing.assert_array_equal(result[name], values, err_msg=name)
+
+
+def test_thumbnails_join_resized_recoded_and_recoloured_copies_and_not_look_alikes():
+    import io
+
+    from PIL import Image
+
+    from hf_clipsel.duplicates import thumbnail
+
+    rng = np.random.default_rng(0)
+    # smooth random images (distinct layouts), 48 px: what a small photo's grey levels look like at 8x8
+    images = [
+        Image.fromarray(np.kron(rng.integers(0, 256, (6, 6, 3)), np.ones((8, 8, 1))).astype(np.uint8))
+        for _ in range(12)
+    ]
+    buffer = io.BytesIO()
+    images[1].save(buffer, format="JPEG", quality=60)
+    copies = [
+        images[0].resize((61, 61), Image.BICUBIC),  # row 12: resized copy of row 0
+        Image.open(buffer).convert("RGB"),  # row 13: JPEG copy of row 1
+        Image.fromarray((np.asarray(images[2]) * [0.9, 1.0, 1.1]).clip(0, 255).astype(np.uint8)),  # 14: of row 2
+        images[3].copy(),  # row 15: exact copy of row 3, whose features will disagree (a look-alike)
+    ]
+    grids = torch.tensor([thumbnail(image) for image in images + copies] + [thumbnail(None)], dtype=torch.uint8)
+    assert grids.shape == (17, 64) and int(grids[16].sum()) == 0
+    features, text, _ = synthetic(num_rows=17, classes=1)
+    features[12:15] = features[0:3]  # the copies' features agree with their originals'
+    labels, valid = torch.zeros(17, dtype=torch.int64), torch.ones(17, dtype=torch.bool)
+    valid[16] = False
+    found = find_duplicates(features, text, labels, valid, thumbnails=grids)
+    group = found["group"]
+    assert [group[row] for row in (12, 13, 14)] == [0, 1, 2] and list(group[:3]) == [0, 1, 2]
+    assert group[3] == group[15] == -1, "the same pixels with features that disagree are no duplicate"
+    assert (group >= 0).sum() == 6 and found["nearest"][12] == 0 and found["same_class"][13] >= 0.97
+    none = find_duplicates(features[:12], text, labels[:12], valid[:12], thumbnails=grids[:12])  # distinct only
+    assert (none["group"] == -1).all() and (none["nearest"] == -1).all()
+
+
+def test_the_cross_class_search_of_a_few_queries_finds_what_the_full_search_finds():
+    from hf_clipsel.duplicates import nearest_across, nearest_in_group, thumbnail_vectors
+
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.where(
+        torch.rand(300, generator=generator) < 0.8, 0, torch.randint(1, 4, (300,), generator=generator)
+    )
+    vectors = thumbnail_vectors(torch.randint(0, 256, (300, 64), generator=generator, dtype=torch.uint8))
+    vectors[torch.arange(0, 300, 10)] = vectors[torch.arange(5, 300, 10)]  # copies, some under other labels
+    full, few = nearest_in_group(vectors, labels, 0.97), nearest_across(vectors, labels, 0.97)
+    torch.testing.assert_close(few[0], full[0])
+    assert {tuple(sorted(pair)) for pair in few[2].tolist()} == {tuple(sorted(pair)) for pair in full[2].tolist()}
+    assert len(few[2]) > 0
+    near = full[0] >= 0.97
+    torch.testing.assert_close((vectors * vectors[few[1]]).sum(1)[near], full[0][near])

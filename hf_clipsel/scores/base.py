@@ -29,12 +29,14 @@ from ..features import FeatureStore, Share
 @dataclass(frozen=True)
 class Column:
     """A column of the scores table: what it measures (``meaning``, one line) and its range and which way is better
-    (``value_range``, e.g. "[-1, 1]; higher: better aligned"); ``dtype`` float32 unless said (e.g. int64 row ids)."""
+    (``value_range``, e.g. "[-1, 1]; higher: better aligned"); ``dtype`` float32 unless said (e.g. int64 row ids);
+    ``length``: each row holds that many values (a pixel descriptor a score measures, :attr:`Score.measured`)."""
 
     name: str
     meaning: str
     value_range: str
     dtype: str = "float32"
+    length: int | None = None
 
 
 @dataclass
@@ -59,7 +61,8 @@ class ScoreInputs:
             scoring.class_posterior).
         knn_k: neighbours per row for scores that compare a row with its class.
         knn_block_rows: rows of a class held at once by such a comparison (larger classes go in blocks), ``>= 2``.
-        statistics: ``{column: float32[N]}`` what the scores' :meth:`Score.measure` found while decoding.
+        statistics: ``{column: float32[N]}`` (``[N, length]`` for a measured descriptor) what the scores'
+            :meth:`Score.measure` found while decoding.
         share: this process's part of the work (one process: all of it).
     """
 
@@ -88,6 +91,9 @@ class Score:
     columns: ClassVar[tuple[Column, ...]] = ()
     # True: measure() runs on every decoded image while embedding, and its values fill the columns.
     measures_pixels: ClassVar[bool] = False
+    # What measure() returns when it is not the score's columns: values (e.g. a pixel descriptor) that compute()
+    # reads from ``inputs.statistics`` and that the scores table does not show. None: the columns.
+    measured: ClassVar[tuple[Column, ...] | None] = None
     # Bump when measure() would give other numbers for the same image: it names the statistics' cache.
     version: ClassVar[int] = 1
     # The reason a dropped row gets when this score explains it (None: it explains none), and its precedence: of
@@ -98,8 +104,9 @@ class Score:
     flag_column: ClassVar[str | None] = None
 
     def measure(self, image) -> tuple[float, ...]:
-        """One value per column for one decoded RGB image (``PIL.Image``), or for ``None`` (an image that did not
-        decode: such a row is never selected, so any value does); only for ``measures_pixels`` scores."""
+        """One value per column (or per :attr:`measured` entry) for one decoded RGB image (``PIL.Image``), or for
+        ``None`` (an image that did not decode: such a row is never selected, so any value does); only for
+        ``measures_pixels`` scores."""
         raise NotImplementedError
 
     def compute(self, inputs: ScoreInputs) -> dict[str, np.ndarray]:
@@ -145,9 +152,20 @@ def score_columns() -> list[Column]:
     return [column for score in registered_scores() for column in score.columns]
 
 
+def measured_specs() -> list[Column]:
+    """What the pixel-measuring scores measure while embedding (their columns, or their :attr:`Score.measured`), in
+    order: the pixel statistics' cache holds one entry per row of each."""
+    return [
+        column
+        for score in registered_scores()
+        if score.measures_pixels
+        for column in (score.columns if score.measured is None else score.measured)
+    ]
+
+
 def measured_columns() -> list[str]:
-    """The columns measured on the pixels while embedding, in order."""
-    return [column.name for score in registered_scores() if score.measures_pixels for column in score.columns]
+    """The names of :func:`measured_specs`, in order: the keys of :attr:`ScoreInputs.statistics`."""
+    return [column.name for column in measured_specs()]
 
 
 def measure_image(image) -> tuple[float, ...]:

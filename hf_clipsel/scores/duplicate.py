@@ -9,47 +9,107 @@ every other row, so a selection takes a second copy only when the budget exceeds
 
 from __future__ import annotations
 
-import numpy as np
+import dataclasses
+import weakref
 
-from ..duplicates import DUPLICATE_SIMILARITY, duplicate_findings, find_duplicates
+import numpy as np
+import torch
+
+from ..duplicates import (
+    DUPLICATE_SIMILARITY,
+    FEATURE_AGREEMENT,
+    THUMBNAIL_SIDE,
+    THUMBNAIL_SIMILARITY,
+    duplicate_findings,
+    find_duplicates,
+    thumbnail,
+)
+from ..selection.registry import SelectionInputs
 from .base import Column, Score, ScoreInputs, register_score
 
 # In a group of several labels, keep the copies of the label the model prefers (True) or none (False). Measured on
 # recipes/benchmarks/bench_duplicates.py's cross-class copies (README there): the proxy CLIP preferred the true label
-# in 28 of 31 groups, so keeping its choice would keep a wrong label in about one group of ten; keeping none costs one
-# correct image per group and keeps no wrong label.
+# in 32 of the 37 groups found (0.86), so keeping its choice would keep a wrong label in about one group of seven;
+# keeping none costs one correct image per group and keeps no wrong label.
 KEEP_PREFERRED_LABEL = False
 
 GROUP_COLUMN = "duplicate_group"
+THUMBNAIL = "pixel_thumbnail"
 
 
 def preference(table: dict, selection) -> np.ndarray:
-    """float64 ``[N]``: which copy of a group a selection keeps, higher first: the reward's alignment term (SAS~, the
-    class posterior~, or their sum, as ``alignment`` says). The reward itself depends on each ratio's alpha, and
-    copies are each other's nearest neighbours, so their diversity terms are nearly equal: alignment decides."""
-    sas = np.asarray(table["semantic_alignment_normalized"], dtype=np.float64)
-    if selection.alignment == "sas" or "class_posterior_normalized" not in table:
-        return sas
-    posterior = np.asarray(table["class_posterior_normalized"], dtype=np.float64)
-    return posterior if selection.alignment == "posterior" else sas + posterior
+    """float32 ``[N]``: which copy of a group a selection keeps, higher first: the reward's alignment term as the
+    selection builds it (:meth:`hf_clipsel.selection.SelectionInputs.alignment`: SAS~, the class posterior~, or
+    both, as ``alignment`` says). The reward itself depends on each ratio's alpha, and copies are each other's
+    nearest neighbours, so their diversity terms are nearly equal: alignment decides."""
+    sas = np.asarray(table["semantic_alignment_normalized"], dtype=np.float32)
+    posterior = table.get("class_posterior_normalized") if selection.alignment != "sas" else None
+    inputs = SelectionInputs(
+        row_id=np.arange(len(sas)),
+        labels=np.asarray(table["label"], dtype=np.int64),
+        semantic_alignment_normalized=sas,
+        sample_diversity_normalized=np.zeros_like(sas),  # not read by the alignment term
+        valid=np.asarray(table["flag_reason"]) == "",
+        class_posterior_normalized=posterior,
+        posterior_alone=selection.alignment == "posterior",
+    )
+    return inputs.alignment().numpy()
+
+
+class _LastFindings:
+    """The findings of the last (table, selection): both scores' flags (and their drop reasons) come from one
+    search of the groups per selection. Keyed on the identity of the columns read (weak references, so no table is
+    kept alive) and on the selection's settings."""
+
+    def __init__(self):
+        self.references: list | None = None
+        self.settings: tuple | None = None
+        self.found: tuple[np.ndarray, np.ndarray] | None = None
+
+    def get(self, table: dict, selection, compute) -> tuple[np.ndarray, np.ndarray]:
+        columns = [table.get(name) for name in _READ_COLUMNS]
+        settings = dataclasses.astuple(selection)
+        if (
+            self.references is not None
+            and settings == self.settings
+            and all(
+                column is None if reference is None else reference() is column
+                for reference, column in zip(self.references, columns)
+            )
+        ):
+            return self.found
+        try:
+            references = [None if column is None else weakref.ref(column) for column in columns]
+        except TypeError:  # a column that cannot be referenced weakly (a list): nothing to key on
+            return compute()
+        self.references, self.settings, self.found = references, settings, compute()
+        return self.found
+
+
+_READ_COLUMNS = (GROUP_COLUMN, "label", "flag_reason", "semantic_alignment_normalized", "class_posterior_normalized")
+_LAST = _LastFindings()
 
 
 def findings(table: dict, selection) -> tuple[np.ndarray, np.ndarray] | None:
     """``(duplicate, conflict)`` flags of :func:`hf_clipsel.duplicates.duplicate_findings` (all ``""`` when
-    ``selection.duplicate_check`` is off); None for scores without the group column (from an older hf_clipsel)."""
+    ``selection.duplicate_check`` is off); None for scores without the group column (from an older hf_clipsel).
+    Computed once per table and selection settings, however many of the two scores' flags ask."""
     if GROUP_COLUMN not in table:
         return None
     if not selection.duplicate_check:
         none = np.full(len(table["label"]), "", dtype=object)
         return none, none
-    usable = np.asarray(table["flag_reason"]) == ""
-    return duplicate_findings(
-        np.asarray(table[GROUP_COLUMN], dtype=np.int64),
-        np.asarray(table["label"], dtype=np.int64),
-        preference(table, selection),
-        usable,
-        KEEP_PREFERRED_LABEL,
-    )
+
+    def compute() -> tuple[np.ndarray, np.ndarray]:
+        return duplicate_findings(
+            np.asarray(table[GROUP_COLUMN], dtype=np.int64),
+            np.asarray(table["label"], dtype=np.int64),
+            preference(table, selection),
+            np.asarray(table["flag_reason"]) == "",
+            KEEP_PREFERRED_LABEL,
+        )
+
+    return _LAST.get(table, selection, compute)
 
 
 @register_score
@@ -58,19 +118,19 @@ class NearDuplicates(Score):
     columns = (
         Column(
             "duplicate_similarity_same_class",
-            "centred cosine of the row's image feature and its nearest other row's of the same class",
-            f"[-1, 1] (-1: none; below 0.96, on a 32-d projection of wider features); >= {DUPLICATE_SIMILARITY}: a "
-            "near-duplicate",
+            "cosine of the row's zero-mean grey thumbnail and its nearest other row's of the same class",
+            f"[-1, 1] (-1: none); >= {THUMBNAIL_SIMILARITY} with a feature agreement >= {FEATURE_AGREEMENT}: a "
+            f"near-duplicate (scores without thumbnails: centred feature cosine, >= {DUPLICATE_SIMILARITY})",
         ),
         Column(
             "duplicate_similarity_other_class",
-            "centred cosine with its nearest row of another class among the rows of the same predicted class",
-            f"[-1, 1] (-1: none; below 0.96, on a 32-d projection of wider features); >= {DUPLICATE_SIMILARITY}: the "
+            "the same with its nearest row of another class among the rows of the same predicted class",
+            f"[-1, 1] (-1: none); >= {THUMBNAIL_SIMILARITY} with a feature agreement >= {FEATURE_AGREEMENT}: the "
             "same image under another label",
         ),
         Column(
             GROUP_COLUMN,
-            f"near-duplicate group (rows joined at centred cosine >= {DUPLICATE_SIMILARITY}): its smallest row_id",
+            "near-duplicate group (rows joined by thumbnail and feature cosine): its smallest row_id",
             "a row_id; -1: no near-duplicate",
             dtype="int64",
         ),
@@ -81,6 +141,18 @@ class NearDuplicates(Score):
             dtype="int64",
         ),
     )
+    # The thumbnail is measured while embedding (cached with the pixel statistics) and compared here; the scores
+    # table shows the similarities, not the grids.
+    measures_pixels = True
+    measured = (
+        Column(
+            THUMBNAIL,
+            f"grey levels averaged over a {THUMBNAIL_SIDE}x{THUMBNAIL_SIDE} grid of the whole image",
+            "[0, 255] each",
+            dtype="uint8",
+            length=THUMBNAIL_SIDE**2,
+        ),
+    )
     # A dropped copy of an image whose group keeps a better copy of the same label.
     # Between misaligned (20) and damaged (30): which copy a group keeps says more than "misaligned" does, and a pixel
     # defect (or a score another package adds at 25) says more than that the image has a copy.
@@ -88,8 +160,21 @@ class NearDuplicates(Score):
     reason_rank = 22
     flag_column = "duplicate"
 
+    def measure(self, image) -> tuple[list[int]]:
+        return (thumbnail(image),)
+
     def compute(self, inputs: ScoreInputs) -> dict[str, np.ndarray]:
-        found = find_duplicates(inputs.image_features, inputs.class_features, inputs.labels, inputs.valid)
+        grids = np.asarray(inputs.statistics.get(THUMBNAIL, ()))
+        # Inputs without thumbnails (built by hand, e.g. a benchmark's synthetic statistics): the features alone.
+        thumbnails = torch.from_numpy(grids) if grids.shape[1:] == (THUMBNAIL_SIDE**2,) else None
+        found = find_duplicates(
+            inputs.image_features,
+            inputs.class_features,
+            inputs.labels,
+            inputs.valid,
+            share=inputs.share,
+            thumbnails=thumbnails,
+        )
         return {
             "duplicate_similarity_same_class": found["same_class"],
             "duplicate_similarity_other_class": found["other_class"],

@@ -78,8 +78,9 @@ class SelectionConfig:
         metadata={
             "help": "Rank every copy of a near-duplicate group but the best one of each label, and every copy of an "
             "image filed under several labels, after every other row (exact and sgd): dropped ones get the reason "
-            "'duplicate' or 'conflicting labels'. Off by default: its threshold (centred cosine 0.99) was measured "
-            "on a weak proxy CLIP only, where most rows it joins are look-alikes (recipes/benchmarks/README.md)."
+            "'duplicate' or 'conflicting labels'. Off by default: it joins exact, re-encoded, resized and "
+            "recoloured copies (8x8 grey thumbnails, pair precision 0.99), but not cropped ones "
+            "(recipes/benchmarks/README.md)."
         },
     )
     class_balanced: bool = field(

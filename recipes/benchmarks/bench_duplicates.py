@@ -7,10 +7,12 @@ re-encoded (quality 60-90), resized (0.7-1.3x), cropped (85-95% of each side, ra
 channel scaled by 0.9-1.1). Each original is copied once. One `hf_clipsel` run (the default selection, the given
 CLIP or the proxy of proxy_clip.py) embeds, adapts, scores and selects it at ratios 0.3..0.9. Printed:
 
-- per kind and threshold (cosine of the L2-normalised image features of that run, groups found again by
-  hf_clipsel.duplicates at each threshold): recall (the copy joins its original's group) and precision (of the pairs
-  a copy's group makes with it, the share that are its original); overall pair precision (every pair of every group,
-  including groups of two rows of the base pool: CIFAR-10's own near-duplicates or false finds);
+- per kind, threshold and feature agreement (groups found again by hf_clipsel.duplicates: the cosine of the rows'
+  zero-mean 8x8 grey thumbnails at or above the threshold, and the centred cosine of that run's image features at
+  or above the agreement; and, as the fallback for scores without thumbnails, the features alone): recall (the copy
+  joins its original's group) and precision (of the pairs a copy's group makes with it, the share that are its
+  original); overall pair precision (every pair of every group, including groups of two rows of the base pool:
+  CIFAR-10's own near-duplicates or false finds);
 - conflicting labels: precision and recall of the rows in groups of several labels against the cross-class copies
   and their originals, and how often the copy the model prefers carries the true label (what keeping it would keep);
 - per ratio: the share of injected groups the default selection keeps at most once.
@@ -36,11 +38,12 @@ from proxy_clip import ProxySpec, decode_uint8, train_proxy
 from hf_clipsel.configs import ClipselConfig
 from hf_clipsel.context import prompts_of
 from hf_clipsel.core.names import selected_column
-from hf_clipsel.duplicates import DUPLICATE_SIMILARITY, find_duplicates
+from hf_clipsel.duplicates import FEATURE_AGREEMENT, THUMBNAIL_SIMILARITY, find_duplicates
 from hf_clipsel.embedding import embed_class_prompts
 from hf_clipsel.modeling import class_text_features
 from hf_clipsel.runs.stages import drive
-from hf_clipsel.scores.duplicate import GROUP_COLUMN, KEEP_PREFERRED_LABEL, preference
+from hf_clipsel.scores.duplicate import GROUP_COLUMN, KEEP_PREFERRED_LABEL, THUMBNAIL, preference
+from hf_clipsel.scores_table import score_stage
 
 KINDS = ("exact", "jpeg", "resize", "crop", "colour")
 RATIOS = (0.3, 0.5, 0.7, 0.9)
@@ -149,7 +152,9 @@ def main(argv=None):
     p.add_argument("--pool_size", type=int, default=3000, help="Base rows drawn from the training split.")
     p.add_argument("--copies", type=int, default=30, help="Within-class copies per kind.")
     p.add_argument("--cross_copies", type=int, default=10, help="Cross-class copies per kind.")
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998])
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.95, 0.96, 0.97, 0.98, 0.99])
+    p.add_argument("--agreements", type=float, nargs="+", default=[-1.0, 0.7, 0.8, 0.9])
+    p.add_argument("--feature_thresholds", type=float, nargs="+", default=[0.99, 0.995])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -171,6 +176,7 @@ def main(argv=None):
             "label_column": "label",
             "model_name_or_path": model,
             "selection_ratios": list(RATIOS),
+            "duplicate_check": True,
             "output_dir": str(Path(args.work_dir) / key / Path(model).name / "run"),
             "overwrite_output_dir": True,
         }
@@ -183,7 +189,9 @@ def main(argv=None):
     with torch.no_grad():
         text = embed_class_prompts(state.model, state.context.processor.tokenizer, prompts_of(state.context))
         class_features = class_text_features(state.model, text).cpu()
-    features, labels_t, valid_t = state.features, torch.from_numpy(labels), torch.from_numpy(valid)
+    _, features = score_stage(state.context, state.model, state.scoring)  # the run's store went with its selection
+    thumbnails = torch.from_numpy(np.asarray(state.scoring[THUMBNAIL][:], dtype=np.uint8))
+    labels_t, valid_t = torch.from_numpy(labels), torch.from_numpy(valid)
     copies = np.nonzero(copy_of >= 0)[0]
     truth_conflict = np.zeros(len(labels), dtype=bool)
     truth_conflict[copies[cross[copies]]] = True
@@ -191,10 +199,20 @@ def main(argv=None):
 
     print(f"\npool: {args.pool_size} CIFAR-10 training rows + {len(copies)} copies; model {model}")
     rows, conflict_table = [], []
-    for threshold in args.thresholds:
-        group = find_duplicates(features, class_features, labels_t, valid_t, threshold)["group"]
+    settings = [(t, a) for a in args.agreements for t in args.thresholds]
+    settings += [(t, None) for t in args.feature_thresholds]
+    for threshold, agreement in settings:
+        if agreement is None:  # the fallback: features alone
+            found = find_duplicates(features, class_features, labels_t, valid_t, threshold)
+            name = f"features {threshold:g}"
+        else:
+            found = find_duplicates(
+                features, class_features, labels_t, valid_t, threshold, None, thumbnails, agreement
+            )
+            name = f"{threshold:g} / {agreement:g}"
+        group = found["group"]
         found, _, all_pairs = pair_scores(group, copy_of, copies)
-        cells = [f"{threshold:g}"]
+        cells = [name]
         for kind in KINDS:
             for across in (False, True):
                 chosen = copies[(kinds[copies] == kind) & (cross[copies] == across)]
@@ -210,17 +228,19 @@ def main(argv=None):
         prefers_true = [_preferred_is_true(group, gid, labels, copy_of, prefer) for gid in groups_found]
         conflict_table.append(
             [
-                f"{threshold:g}",
+                name,
                 f"{hit / max(conflicts.sum(), 1):.2f}",
                 f"{hit / truth_conflict.sum():.2f}",
                 f"{np.mean(prefers_true) if prefers_true else float('nan'):.2f} ({len(prefers_true)} groups)",
             ]
         )
-    header = ["threshold"] + [f"{k} {'across' if a else 'within'} R / P" for k in KINDS for a in (False, True)]
+    header = ["thumbnail / features"] + [
+        f"{k} {'across' if a else 'within'} R / P" for k in KINDS for a in (False, True)
+    ]
     print("\nRecall / precision per kind of copy (R: copy joins its original's group; P: of its group's pairs)")
     print(table(header + ["all pairs P"], rows))
     print("\nConflicting labels (rows in groups of several labels)")
-    print(table(["threshold", "precision", "recall", "model prefers the true label"], conflict_table))
+    print(table(["thumbnail / features", "precision", "recall", "model prefers the true label"], conflict_table))
 
     group = scores[GROUP_COLUMN].astype(np.int64)
     selection_rows = []
@@ -237,7 +257,8 @@ def main(argv=None):
                 f"{kept.sum()} of {len(kept)}",
             ]
         )
-    print(f"\nInjected groups kept at most once by the default selection (threshold {DUPLICATE_SIMILARITY}, ", end="")
+    print("\nInjected groups kept at most once by the default selection (thumbnail cosine ", end="")
+    print(f">= {THUMBNAIL_SIMILARITY}, features >= {FEATURE_AGREEMENT}; ", end="")
     print(f"conflicting labels: {'keep the preferred label' if KEEP_PREFERRED_LABEL else 'keep none'})")
     print(table(["ratio", "within class", "across classes", "all", "kept rows"], selection_rows))
     base_groups = np.unique(group[: args.pool_size][group[: args.pool_size] >= 0])

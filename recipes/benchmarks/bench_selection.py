@@ -40,7 +40,7 @@ from _scale import child as scale_child
 
 from hf_clipsel import scoring
 from hf_clipsel.configs import SelectionConfig, budget
-from hf_clipsel.duplicates import find_duplicates
+from hf_clipsel.duplicates import THUMBNAIL_SIDE, find_duplicates
 from hf_clipsel.selection import SelectionInputs, SgdOptions, select
 from hf_clipsel.selection.sgd import run_released_sgd
 
@@ -213,6 +213,7 @@ def part_duplicate_cost(num_classes: int, repeats: int, knn_k: int = 50, dim: in
     features = torch.randn(len(labels), dim, generator=generator).mul_(0.5) + centres[labels]
     text = torch.nn.functional.normalize(centres + 0.5 * torch.randn(num_classes, dim, generator=generator), dim=-1)
     valid = torch.ones(len(labels), dtype=torch.bool)
+    thumbnails = torch.randint(0, 256, (len(labels), THUMBNAIL_SIDE**2), dtype=torch.uint8, generator=generator)
     print(f"\n## 5. Duplicate score cost: {num_classes} classes x {rows_per_class} rows, {dim}-d (ImageNet-1k shape)")
     print(load_average())
     variants = {
@@ -220,7 +221,8 @@ def part_duplicate_cost(num_classes: int, repeats: int, knn_k: int = 50, dim: in
             scoring.semantic_alignment(features, text, labels),
             scoring.sample_diversity(features, labels, knn_k),
         ),
-        "duplicate search": lambda: find_duplicates(features, text, labels, valid),
+        "duplicate search": lambda: find_duplicates(features, text, labels, valid, thumbnails=thumbnails),
+        "features alone (scores without thumbnails)": lambda: find_duplicates(features, text, labels, valid),
     }
     times = interleaved(variants, repeats)
     table([{"part": name, "median s": median(t), "min s": min(t), "max s": max(t)} for name, t in times.items()])
