@@ -66,6 +66,16 @@ def scores_features(class_names: list[str]) -> Features:
     )
 
 
+def measured_values(embeddings: Dataset, name: str) -> np.ndarray:
+    """A column measured on the pixels while embedding, read through Arrow: float32 ``[N]``, or ``[N, length]`` in
+    its own dtype for a descriptor (a uint8 thumbnail stays 64 bytes a row; as Python lists, or as numpy's default
+    int64, it would take many times that at millions of rows)."""
+    column = embeddings.with_format("arrow")[name].combine_chunks()
+    if pa.types.is_fixed_size_list(column.type):
+        return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+    return column.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+
+
 def score_stage(context, model, embeddings: Dataset, together: bool = False) -> tuple[Dataset | None, FeatureStore]:
     """The score stage: the scores table of every row (every registered score), and the image features it was
     computed from (a :class:`~hf_clipsel.features.FeatureStore` in the run's cache, deleted with it). ``embeddings``
@@ -104,7 +114,7 @@ def score_stage(context, model, embeddings: Dataset, together: bool = False) -> 
             posterior_link=posterior_link(model),
             knn_k=context.config.scoring.knn_k,
             knn_block_rows=context.config.scoring.knn_block_rows,
-            statistics={name: np.asarray(embeddings[name][:], dtype=np.float32) for name in measured_columns()},
+            statistics={name: measured_values(embeddings, name) for name in measured_columns()},
             share=share,
         )
         columns = score_values(inputs)

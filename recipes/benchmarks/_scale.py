@@ -99,7 +99,7 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
     from hf_clipsel.configs import ClipselConfig
     from hf_clipsel.features import FeatureStore
     from hf_clipsel.modeling import image_features
-    from hf_clipsel.scores import ScoreInputs, measured_columns, score_columns
+    from hf_clipsel.scores import ScoreInputs, measured_specs, score_columns
     from hf_clipsel.scores_table import arrow_dataset, feature_store, score_values, scores_features, select_stage
 
     labels = np.load(work / "labels.npy")
@@ -108,7 +108,13 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
     embeddings = concatenate_datasets([Dataset.from_file(str(p)) for p in sorted((work / "cache").glob("*.arrow"))])
     text = torch.nn.functional.normalize(torch.randn(text_classes, model.config.projection_dim), dim=-1)
     rng = np.random.default_rng(1)
-    statistics = {name: rng.gamma(4.0, 0.05, rows).astype(np.float32) for name in measured_columns()}
+    # as the embed stage caches them: a number per row, or a uint8 descriptor (the duplicate score's thumbnail)
+    statistics = {
+        spec.name: rng.gamma(4.0, 0.05, rows).astype(np.float32)
+        if spec.length is None
+        else rng.integers(0, 256, (rows, spec.length), dtype=np.uint8)
+        for spec in measured_specs()
+    }
     resident_before = _status_gib("VmRSS")
     _reset_peak()
     started = time.perf_counter()
