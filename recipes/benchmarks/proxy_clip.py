@@ -106,6 +106,37 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: 
     return torch.where(flip[:, None, None, None], cropped.flip(-1), cropped)
 
 
+def text_tower(spec: ProxySpec, tokenizer, max_positions: int, **extra) -> dict:
+    """The text tower's config of every family's proxy (``extra``: special tokens, SigLIP's head width)."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.text_hidden,
+        intermediate_size=4 * spec.text_hidden,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        max_position_embeddings=max_positions,
+        **extra,
+    )
+
+
+def vision_tower(spec: ProxySpec) -> dict:
+    """The image tower's config of every family's proxy."""
+    return dict(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=4 * spec.vision_hidden,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+    )
+
+
+def special_tokens(tokenizer) -> dict:
+    return dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+
+
 def build_config(spec: ProxySpec, tokenizer) -> CLIPConfig:
     special = dict(
         bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
@@ -113,66 +144,31 @@ def build_config(spec: ProxySpec, tokenizer) -> CLIPConfig:
         pad_token_id=tokenizer.convert_tokens_to_ids(EOS),
     )
     return CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=spec.text_hidden,
-            intermediate_size=4 * spec.text_hidden,
-            num_hidden_layers=spec.text_layers,
-            num_attention_heads=spec.text_heads,
-            max_position_embeddings=77,
-            **special,
-        ),
-        vision_config=dict(
-            hidden_size=spec.vision_hidden,
-            intermediate_size=4 * spec.vision_hidden,
-            num_hidden_layers=spec.vision_layers,
-            num_attention_heads=spec.vision_heads,
-            image_size=spec.image_size,
-            patch_size=spec.patch_size,
-        ),
+        text_config=text_tower(spec, tokenizer, 77, **special),
+        vision_config=vision_tower(spec),
         projection_dim=spec.projection_dim,
     )
 
 
 def build_siglip_config(spec: ProxySpec, tokenizer) -> SiglipConfig:
     return SiglipConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=spec.text_hidden,
-            intermediate_size=4 * spec.text_hidden,
-            num_hidden_layers=spec.text_layers,
-            num_attention_heads=spec.text_heads,
-            max_position_embeddings=SIGLIP_TEXT_LENGTH,
+        text_config=text_tower(
+            spec,
+            tokenizer,
+            SIGLIP_TEXT_LENGTH,
             projection_size=spec.vision_hidden,  # text_model.head maps onto the image embedding's width
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            **special_tokens(tokenizer),
         ),
-        vision_config=dict(
-            hidden_size=spec.vision_hidden,
-            intermediate_size=4 * spec.vision_hidden,
-            num_hidden_layers=spec.vision_layers,
-            num_attention_heads=spec.vision_heads,
-            image_size=spec.image_size,
-            patch_size=spec.patch_size,
-        ),
+        vision_config=vision_tower(spec),
     )
 
 
 def build_metaclip2_config(spec: ProxySpec, tokenizer) -> MetaClip2Config:
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.text_hidden,
-        intermediate_size=4 * spec.text_hidden,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.text_heads,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    return MetaClip2Config(
+        text_config=text_tower(spec, tokenizer, 77, **special_tokens(tokenizer)),
+        vision_config=vision_tower(spec),
+        projection_dim=spec.projection_dim,
     )
-    vision = build_config(spec, tiny_tokenizer()).vision_config.to_dict()
-    return MetaClip2Config(text_config=text, vision_config=vision, projection_dim=spec.projection_dim)
 
 
 # SigLIP prompts are padded to this length (the family pads to text_config.max_position_embeddings, as SigLIP trains).
@@ -230,18 +226,24 @@ class ProxyFamily:
     init: object = None
 
 
-FAMILIES = {
-    "clip": ProxyFamily(
-        CLIPModel,
+def clip_like(model_class: type, build_config, tokenizer) -> ProxyFamily:
+    """CLIP's recipe (projections, softmax contrastive loss, a shortest-edge image processor) for a model of CLIP's
+    shape: CLIP itself and MetaCLIP 2."""
+    return ProxyFamily(
+        model_class,
         build_config,
-        tiny_tokenizer,
+        tokenizer,
         lambda size: CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
         CLIPProcessor,
         dict(padding=True),
         clip_embeds,
         clip_logits,
         F.cross_entropy,
-    ),
+    )
+
+
+FAMILIES = {
+    "clip": clip_like(CLIPModel, build_config, tiny_tokenizer),
     "siglip": ProxyFamily(
         SiglipModel,
         build_siglip_config,
@@ -254,17 +256,7 @@ FAMILIES = {
         sigmoid_loss,
         init_siglip,
     ),
-    "metaclip2": ProxyFamily(
-        MetaClip2Model,
-        build_metaclip2_config,
-        xlm_roberta_tokenizer,
-        lambda size: CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
-        CLIPProcessor,
-        dict(padding=True),
-        clip_embeds,
-        clip_logits,
-        F.cross_entropy,
-    ),
+    "metaclip2": clip_like(MetaClip2Model, build_metaclip2_config, xlm_roberta_tokenizer),
 }
 
 
