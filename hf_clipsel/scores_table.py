@@ -72,8 +72,11 @@ def measured_values(embeddings: Dataset, name: str) -> np.ndarray:
     int64, it would take many times that at millions of rows)."""
     column = embeddings.with_format("arrow")[name].combine_chunks()
     if pa.types.is_fixed_size_list(column.type):
-        return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
-    return column.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        values = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+    else:
+        values = column.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    # a view of Arrow's buffer is read-only, which torch.from_numpy warns about; the copy frees the Arrow array
+    return values if values.flags.writeable else values.copy()
 
 
 def score_stage(context, model, embeddings: Dataset, together: bool = False) -> tuple[Dataset | None, FeatureStore]:
