@@ -27,8 +27,8 @@ the first pass is about 13M x 620 x 64 multiply-adds (~5e11, minutes on a CPU); 
 rows of other labels into a few classes makes those groups quadratic, where k-means partitions (SemDeDup) would
 bound them instead.
 
-Pairs that pass are joined into groups (connected components, scipy.sparse.csgraph); a group's id is its smallest
-row id.
+Pairs that pass are joined into groups: a centre and the rows paired with it directly (:func:`groups_of_pairs`; not
+connected components, which chain look-alikes); a group's id is its smallest row id.
 """
 
 from __future__ import annotations
@@ -38,14 +38,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
 from .features import Share, class_assignment
 
 # Without thumbnails: centred cosine of two image features at or above which two rows are near-duplicates. Measured
 # with recipes/benchmarks/bench_duplicates.py on the proxy CLIP (README there): exact, JPEG and resized copies found
-# at recall >= 0.9; below it, distinct images of that weak model join groups (pair precision 0.20 at 0.99).
+# at recall >= 0.9; below it, distinct images of that weak model join groups (pair precision 0.52 at 0.99).
 DUPLICATE_SIMILARITY = 0.99
 # The thumbnail's grid side (64 values a row, 64 bytes in the cache).
 THUMBNAIL_SIDE = 8
@@ -351,18 +350,28 @@ def _row_ids(rows: Tensor, positions: Tensor) -> Tensor:
 
 
 def groups_of_pairs(pairs: np.ndarray, num_rows: int) -> np.ndarray:
-    """int64 ``[num_rows]``: the smallest row id of each row's connected component over ``pairs`` (``[m, 2]`` row
-    ids), -1 for a row in no pair."""
+    """int64 ``[num_rows]``: near-duplicate groups of ``pairs`` (``[m, 2]`` row ids), each a *centre* and the rows
+    paired with it directly. Not connected components: look-alikes each close to the next (the "1"s of a digits
+    set) would chain into one group of many labels, none of them a copy of the others. Centres are taken most-paired
+    first (ties: the lowest row id) among the rows not yet grouped; a group's id is its smallest row id; -1 for a row
+    in no pair, or whose partners all joined other groups."""
     group = np.full(num_rows, NONE, dtype=np.int64)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]] if len(pairs) else pairs
     if len(pairs) == 0:
         return group
-    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(num_rows, num_rows))
-    _, component = connected_components(graph, directed=False)
-    smallest = np.full(component.max() + 1, num_rows, dtype=np.int64)
-    np.minimum.at(smallest, component, np.arange(num_rows))
-    in_pair = np.zeros(num_rows, dtype=bool)
-    in_pair[pairs.ravel()] = True
-    group[in_pair] = smallest[component[in_pair]]
+    ones = np.ones(2 * len(pairs), dtype=np.int8)
+    both = (np.r_[pairs[:, 0], pairs[:, 1]], np.r_[pairs[:, 1], pairs[:, 0]])
+    graph = coo_matrix((ones, both), shape=(num_rows, num_rows)).tocsr()  # symmetric; repeated pairs summed
+    degree = np.diff(graph.indptr)
+    grouped = np.zeros(num_rows, dtype=bool)
+    for centre in np.lexsort((np.arange(num_rows), -degree))[: int((degree > 0).sum())]:
+        if grouped[centre]:
+            continue
+        partners = graph.indices[graph.indptr[centre] : graph.indptr[centre + 1]]
+        members = np.r_[centre, partners[~grouped[partners]]]
+        if len(members) > 1:
+            grouped[members] = True
+            group[members] = members.min()
     return group
 
 

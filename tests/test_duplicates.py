@@ -10,7 +10,7 @@ from conftest import run_config
 
 from hf_clipsel import pipeline
 from hf_clipsel.core.names import drop_reason_column, selected_column
-from hf_clipsel.duplicates import DUPLICATE_SIMILARITY, duplicate_findings, find_duplicates
+from hf_clipsel.duplicates import DUPLICATE_SIMILARITY, duplicate_findings, find_duplicates, groups_of_pairs
 from hf_clipsel.runs.load import read_scores
 from hf_clipsel.scores import SCORES
 from hf_clipsel.summary import RunSummary
@@ -23,6 +23,16 @@ def synthetic(num_rows=90, dim=32, classes=3, seed=0):
     labels = torch.arange(num_rows) % classes
     features = torch.randn(num_rows, dim, generator=generator) + 2 * text[labels]
     return features, text, labels
+
+
+def test_look_alikes_each_close_to_the_next_do_not_chain_into_one_group():
+    """Connected components joined the demo's 8x8 digits into a group of 30 rows under 6 labels, each row close to
+    the next only; a group is a centre and the rows paired with it directly."""
+    chain = np.array([[0, 1], [1, 2], [2, 3], [3, 4], [4, 5]])
+    group = groups_of_pairs(chain, 8)
+    assert list(group) == [0, 0, 0, 3, 3, -1, -1, -1]  # centres 1, then 3 (row 5 pairs only with 4, taken)
+    star = np.array([[5, 2], [5, 6], [6, 2], [7, 5]])  # row 5 pairs with every other: one group
+    assert list(groups_of_pairs(star, 8)) == [-1, -1, 2, -1, -1, 2, 2, 2]
 
 
 def test_copies_are_grouped_within_and_across_classes():
