@@ -24,7 +24,7 @@ from ..duplicates import (
     find_duplicates,
     thumbnail,
 )
-from ..selection.registry import SelectionInputs
+from ..selection.registry import alignment_term
 from .base import Column, Score, ScoreInputs, register_score
 
 # In a group of several labels, keep the copies of the label the model prefers (True) or none (False). Measured on
@@ -39,21 +39,16 @@ THUMBNAIL = "pixel_thumbnail"
 
 def preference(table: dict, selection) -> np.ndarray:
     """float32 ``[N]``: which copy of a group a selection keeps, higher first: the reward's alignment term as the
-    selection builds it (:meth:`hf_clipsel.selection.SelectionInputs.alignment`: SAS~, the class posterior~, or
+    selection builds it (:func:`hf_clipsel.selection.registry.alignment_term`: SAS~, the class posterior~, or
     both, as ``alignment`` says). The reward itself depends on each ratio's alpha, and copies are each other's
     nearest neighbours, so their diversity terms are nearly equal: alignment decides."""
-    sas = np.asarray(table["semantic_alignment_normalized"], dtype=np.float32)
     posterior = table.get("class_posterior_normalized") if selection.alignment != "sas" else None
-    inputs = SelectionInputs(
-        row_id=np.arange(len(sas)),
-        labels=np.asarray(table["label"], dtype=np.int64),
-        semantic_alignment_normalized=sas,
-        sample_diversity_normalized=np.zeros_like(sas),  # not read by the alignment term
-        valid=np.asarray(table["flag_reason"]) == "",
-        class_posterior_normalized=posterior,
+    return alignment_term(
+        np.array(table["semantic_alignment_normalized"], dtype=np.float32),  # own, writable copies
+        None if posterior is None else np.array(posterior, dtype=np.float32),
+        np.asarray(table["flag_reason"]) == "",
         posterior_alone=selection.alignment == "posterior",
-    )
-    return inputs.alignment().numpy()
+    ).numpy()
 
 
 class _LastFindings:

@@ -23,6 +23,19 @@ from hf_clipsel.features import FeatureStore
 from hf_clipsel.scoring import min_max, reward
 
 
+def alignment_term(
+    sas: np.ndarray, posterior: np.ndarray | None, valid: np.ndarray, posterior_alone: bool = False
+) -> torch.Tensor:
+    """The reward's alignment term before scaling (:meth:`SelectionInputs.alignment`), float32 ``[N]`` in ``[0, 1]``,
+    from writable float32 ``sas`` (SAS~) and ``posterior`` (posterior~, or None) and bool ``valid``."""
+    alignment = torch.from_numpy(sas)
+    if posterior is None:
+        return alignment
+    if posterior_alone:
+        return torch.from_numpy(posterior)
+    return min_max(alignment + torch.from_numpy(posterior), torch.from_numpy(valid))
+
+
 @dataclass
 class SelectionInputs:
     """Everything a selector may read, one entry per row of the source dataset.
@@ -86,12 +99,9 @@ class SelectionInputs:
         """The reward's alignment term before scaling, float32 ``[N]`` in ``[0, 1]``: SAS~, or with a class posterior
         min-max(SAS~ + posterior~) over the valid rows (the cosine and how far the label beats the other classes),
         or posterior~ alone with ``posterior_alone``."""
-        alignment = torch.from_numpy(self.semantic_alignment_normalized)
-        if self.class_posterior_normalized is None:
-            return alignment
-        if self.posterior_alone:
-            return torch.from_numpy(self.class_posterior_normalized)
-        return min_max(alignment + torch.from_numpy(self.class_posterior_normalized), torch.from_numpy(self.valid))
+        return alignment_term(
+            self.semantic_alignment_normalized, self.class_posterior_normalized, self.valid, self.posterior_alone
+        )
 
     def preferred(self) -> np.ndarray:
         """``bool[N]``: the valid rows that are not demoted."""
