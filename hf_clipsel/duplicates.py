@@ -41,6 +41,7 @@ from scipy.sparse import coo_matrix
 from torch import Tensor
 
 from .features import Share, class_assignment
+from .scoring import group_rows_by_label
 
 # Without thumbnails: centred cosine of two image features at or above which two rows are near-duplicates. Measured
 # with recipes/benchmarks/bench_duplicates.py on the proxy CLIP (README there): exact, JPEG and resized copies found
@@ -86,15 +87,6 @@ def thumbnail_vectors(thumbnails: Tensor) -> Tensor:
     zeros, near-duplicate of nothing)."""
     grids = thumbnails.to(torch.float32)
     return F.normalize(grids - grids.mean(dim=1, keepdim=True), dim=-1)
-
-
-def group_rows(keys: Tensor, rows: Tensor) -> list[Tensor]:
-    """Split ``rows`` (indices) into one index tensor per value of ``keys[rows]``, each in ascending row order."""
-    if rows.numel() == 0:
-        return []
-    rows = rows[torch.argsort(keys[rows], stable=True)]
-    _, counts = torch.unique_consecutive(keys[rows], return_counts=True)
-    return list(torch.split(rows, counts.tolist()))
 
 
 def nearest_in_group(
@@ -255,7 +247,7 @@ def find_duplicates(
     other_row = torch.full((num_rows,), NONE, dtype=torch.int64)
     predicted = torch.full((num_rows,), NONE, dtype=torch.int64)
     text = class_features.to(torch.float32)
-    classes = group_rows(labels, valid.nonzero().squeeze(1))
+    classes = group_rows_by_label(labels, valid.nonzero().squeeze(1))
     dim = image_features.shape[1]
     share = share or Share()
 
@@ -298,7 +290,7 @@ def find_duplicates(
     ):
         same_class[rows], same_row[rows] = similarity, _row_ids(rows, neighbour)
         pairs.append(rows[found])
-    predicted_classes = group_rows(predicted, valid.nonzero().squeeze(1))
+    predicted_classes = group_rows_by_label(predicted, valid.nonzero().squeeze(1))
     for rows, (similarity, neighbour, found) in zip(
         predicted_classes, each_group(predicted_classes, lambda rows: search(rows, labels[rows]), share)
     ):

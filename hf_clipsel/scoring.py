@@ -118,8 +118,9 @@ def logit_block_rows(num_classes: int) -> int:
     return max(1, min(_ALIGNMENT_BLOCK_ROWS, _LOGIT_BLOCK_ELEMENTS // max(num_classes, 1)))
 
 
-def _group_rows_by_label(labels: Tensor, rows: Tensor) -> list[Tensor]:
-    """Split ``rows`` (indices) into one index tensor per label value, each in ascending row order."""
+def group_rows_by_label(labels: Tensor, rows: Tensor) -> list[Tensor]:
+    """Split ``rows`` (indices) into one index tensor per value of ``labels[rows]`` (ascending), each in ascending
+    row order."""
     if rows.numel() == 0:
         return []
     order = torch.argsort(labels[rows], stable=True)
@@ -257,7 +258,7 @@ def sample_diversity(
     valid = _as_valid_mask(valid, num_rows, device)
     features = image_features.detach().to(torch.float32)
     diversity = torch.zeros(num_rows, dtype=torch.float32, device=device)
-    for class_rows in _group_rows_by_label(labels, valid.nonzero().squeeze(1)):
+    for class_rows in group_rows_by_label(labels, valid.nonzero().squeeze(1)):
         if class_rows.numel() < 2:
             continue  # a lone row has no neighbours: 0.0, documented above
         diversity[class_rows] = _class_knn_mean_distance(features[class_rows], k, chunk_rows)
