@@ -44,10 +44,11 @@ class SelectionConfig:
         },
     )
     alignment: str = field(
-        # Measured (recipes/benchmarks/README.md, "Against cleanlab"): the posterior alone kept no more label noise
-        # than cleanlab's ranking of the same probabilities at ratios 0.3 and 0.5 of every label-noise case, and
-        # less than min-max(SAS~ + P~) under symmetric noise (SAS lets in rows near their prompt but nearer
-        # another class's); sas+posterior kept less under asymmetric noise at 0.3 and 0.5.
+        # Measured (recipes/benchmarks/README.md, "Against cleanlab"): on one noise draw the posterior alone kept no
+        # more label noise than cleanlab's ranking of the same probabilities at ratios 0.3 and 0.5 of every
+        # label-noise case (over five draws: more at 0.3 with 20% noise), and less than min-max(SAS~ + P~) under
+        # symmetric noise (SAS lets in rows near their prompt but nearer another class's); sas+posterior kept less
+        # under asymmetric noise at 0.3 and 0.5.
         default="posterior",
         metadata={
             "help": "The reward's alignment term (exact and sgd). posterior: P~ alone, P = CLIP's zero-shot "

@@ -11,9 +11,18 @@ at f times the logit scale (P@1: the probabilities cleanlab ranks); SAS+P, min-m
 0.1 times the gated diversity term (else alpha 0); thr, damage_threshold (None: no damage check). "sigmoid P": the
 family link ``sigmoid`` of hf_clipsel.scoring.class_posterior, sigmoid(logit_scale * cosine + logit_bias) at the given
 label, against the ``softmax`` link (P@0.5, the package's): the measurement behind SigLIP's posterior
-(recipes/benchmarks/README.md, "Other families: a SigLIP proxy"); "SAS + gated div": no posterior term.
+(recipes/benchmarks/README.md, "Other families: a SigLIP proxy"); "SAS + gated div": no posterior term. "unless
+agreed" / "unless sure": the damage check demotes a flagged row only where CLIP doubts its label too (its class is
+not the label; or that, or its posterior below its class's median). P@fit: the temperature fitted to the given labels
+under symmetric noise (printed per pool).
 
-    python recipes/benchmarks/bench_quality.py --noise_levels 0.2 0.4 0 --asymmetric 0.3 --corruption 0.05 ...
+Several noise draws (bench_quality.py --noise_seed, one run each in the same --work_dir): every draw found is ranked,
+the first table gives each cell's mean over the draws, the second the mean difference to cleanlab's ranking of the
+same draw, in points, with its standard error and the number of draws above it.
+
+    for seed in 0 1 2 3 4; do python recipes/benchmarks/bench_quality.py --noise_levels 0.2 0.4 --asymmetric 0.3 \
+        --corruption 0.05 --selectors exact --variants --no_references --cached_only --noise_seed $seed \
+        --work_dir /tmp/quality/work --results_prefix /tmp/quality/draw$seed; done
     python recipes/benchmarks/explore_label_noise.py --work_dir /tmp/quality/work
 """
 
@@ -28,6 +37,7 @@ import pyarrow.parquet as pq
 import torch
 from cleanlab.rank import get_label_quality_scores
 from quality_cleanlab import label_quality, top_rows, zero_shot_probabilities
+from scipy.optimize import minimize
 
 from hf_clipsel.modeling import load_model, logit_bias, logit_scale
 from hf_clipsel.parser import parse_config
@@ -52,6 +62,7 @@ def candidates(
         demoted[threshold] = np.any([v != "" for v in flags.values()], axis=0)
     demoted[None] = None
     gate = table["predicted_label"] == table["label"]
+    flagged = demoted
     thresholds = np.array([pred_probs[labels == j, j].mean() for j in range(pred_probs.shape[1])])[labels]
     logits = np.log(pred_probs)  # log-softmax: the logits up to a per-row constant
 
@@ -59,7 +70,13 @@ def candidates(
         tempered = np.exp(fraction * (logits - logits.max(axis=1, keepdims=True)))
         return torch.from_numpy((tempered / tempered.sum(axis=1, keepdims=True))[rows, labels])
 
-    def reward(posterior, alpha=0.1, sas=1.0, gated=True, threshold=3.0):
+    def below_class_median(posterior: torch.Tensor) -> np.ndarray:
+        p = posterior.numpy()
+        medians = np.array([np.median(p[labels == j]) if (labels == j).any() else 0.0 for j in range(len(thresholds))])
+        return p < medians[labels]
+
+    def reward(posterior, alpha=0.1, sas=1.0, gated=True, threshold=3.0, demote=None):
+        """``demote``: bool [N] rows demoted instead of every row the damage check flags at ``threshold``."""
         inputs = SelectionInputs(
             row_id=rows,
             labels=labels,
@@ -67,7 +84,7 @@ def candidates(
             sample_diversity_normalized=table["sample_diversity_normalized"],
             diversity_gate=gate if gated else None,
             class_posterior_normalized=None if posterior is None else min_max(posterior).numpy(),
-            demoted=demoted[threshold],
+            demoted=demoted[threshold] if demote is None else demote,
         )
         return inputs.reward(alpha)
 
@@ -90,6 +107,38 @@ def candidates(
             out[f"SAS+P@{fraction:g} alone, thr {threshold}"] = reward(p, alpha=0.0, threshold=threshold)
         out[f"SAS+P@0.5 + gated div, thr {threshold}"] = reward(at(0.5), threshold=threshold)
         out[f"0.5 SAS+P@0.5 + gated div, thr {threshold}"] = reward(at(0.5), sas=0.5, threshold=threshold)
+    # The damage check demotes a flagged row only where CLIP doubts its label too: undamaged rows flagged by chance
+    # that CLIP is sure about keep their place. "unless agreed": demoted unless the label is CLIP's class; "unless
+    # sure": demoted unless that and its posterior at least its class's median.
+    for threshold in (3.0, 3.5, 4.0):
+        for fraction in (0.5, 0.75, 1.0):
+            p = at(fraction)
+            out[f"P@{fraction:g} + gated div, thr {threshold} unless agreed"] = reward(
+                p, sas=0.0, demote=flagged[threshold] & ~gate
+            )
+            out[f"P@{fraction:g} + gated div, thr {threshold} unless sure"] = reward(
+                p, sas=0.0, demote=flagged[threshold] & (~gate | below_class_median(p))
+            )
+            out[f"P@{fraction:g} alone, thr {threshold} unless agreed"] = reward(
+                p, alpha=0.0, sas=0.0, demote=flagged[threshold] & ~gate
+            )
+    # The temperature fitted to the given labels under symmetric noise: maximise the mean log-likelihood of
+    # (1 - eta) P@f + eta / (C - 1) (1 - P@f) over f and eta. Under symmetric noise the chance that a label is right
+    # rises with the calibrated posterior, so that ranking is the Bayes ranking at every ratio.
+    num_classes = pred_probs.shape[1]
+
+    def nll(params):
+        q = at(params[0]).numpy()
+        return -np.log((1 - params[1]) * q + params[1] / (num_classes - 1) * (1 - q) + 1e-12).mean()
+
+    fit = minimize(nll, x0=[0.75, 0.2], bounds=[(0.05, 4.0), (0.0, 0.95)], method="L-BFGS-B")
+    print(f"fitted temperature: f = {fit.x[0]:.3f}, eta = {fit.x[1]:.3f}")
+    for threshold in (3.5, 4.0, None):
+        out[f"P@fit alone, thr {threshold}"] = reward(at(fit.x[0]), alpha=0.0, sas=0.0, threshold=threshold)
+        out[f"P@fit + gated div, thr {threshold}"] = reward(at(fit.x[0]), sas=0.0, threshold=threshold)
+        out[f"P@1.5 alone, thr {threshold}"] = reward(at(1.5), alpha=0.0, sas=0.0, threshold=threshold)
+        out[f"P@0.9 alone, thr {threshold}"] = reward(at(0.9), alpha=0.0, sas=0.0, threshold=threshold)
+        out[f"P@0.9 + gated div, thr {threshold}"] = reward(at(0.9), sas=0.0, threshold=threshold)
     default = selection.damage_threshold
     out[f"sigmoid P alone, thr {default}"] = reward(sigmoid_posterior, alpha=0.0, sas=0.0, threshold=default)
     out[f"sigmoid P + gated div, thr {default}"] = reward(sigmoid_posterior, sas=0.0, threshold=default)
@@ -98,6 +147,10 @@ def candidates(
     gap = np.abs(at(0.5).numpy() - saved).max()
     print(f"softmax link P@0.5 here vs the run's class_posterior: max |difference| {gap:.2e}")
     print("flagged rows per threshold:", {t: int(d.sum()) for t, d in demoted.items() if d is not None})
+    print(
+        "of which CLIP's class is not the label:",
+        {t: int((d & ~gate).sum()) for t, d in demoted.items() if d is not None},
+    )
     return out
 
 
@@ -110,6 +163,16 @@ def sigmoid_link_posterior(config, cosine_at_label: np.ndarray) -> torch.Tensor:
     return torch.sigmoid(logits + logit_bias(model))
 
 
+def standard_error(values: np.ndarray) -> float:
+    """The standard error of the mean of ``values`` (nan for a single draw)."""
+    return values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+
+
+def case_and_draw(case_dir: Path) -> tuple[str, int]:
+    """(case name, noise seed) of a bench_quality.py pool key, e.g. ``sym0.4-pool10000-seed0-noiseseed3``."""
+    return case_dir.name.split("-")[0], int(case_dir.name.rpartition("-noiseseed")[2])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default="/tmp/quality/work")
@@ -119,11 +182,23 @@ def main() -> None:
         help="Whose scores to rank: a selector's run folder, e.g. sas_zero_shot (the zero-shot features: what the "
         "default would keep had the adapter check fallen back).",
     )
+    parser.add_argument(
+        "--noise_seeds",
+        type=int,
+        nargs="*",
+        default=None,
+        help="The noise draws to rank (bench_quality.py --noise_seed, one run each); default: every draw the "
+        "work_dir holds. With several, each cell is the mean over the draws and the second table gives the mean "
+        "difference to cleanlab's with its standard error.",
+    )
     args = parser.parse_args()
     work_dir = Path(args.work_dir)
-    summary = {}  # {candidate: {case: [kept share per ratio]}}
+    kept = {}  # {candidate: {case: {draw: [kept share per ratio]}}}
     for model_dir in sorted((work_dir / "runs").iterdir()):
         for case_dir in sorted(model_dir.iterdir()):
+            case, draw = case_and_draw(case_dir)
+            if args.noise_seeds is not None and draw not in args.noise_seeds:
+                continue
             run_dir = next(case_dir.iterdir())
             pool_file = next((work_dir / "pools" / case_dir.name / "pool").glob("*.parquet"))
             noisy = np.asarray(pq.read_table(pool_file, columns=["is_noisy"]).column(0).to_pylist(), dtype=bool)
@@ -136,17 +211,38 @@ def main() -> None:
             sigmoid_posterior = sigmoid_link_posterior(config, table["semantic_alignment"])
             for name, score in candidates(table, pred_probs, labels, config.selection, sigmoid_posterior).items():
                 masks = top_rows(score, RATIOS)
-                summary.setdefault(name, {})[case_dir.name.split("-")[0]] = [noisy[masks[r]].mean() for r in RATIOS]
-    reference = summary["cleanlab self_confidence"]
+                kept.setdefault(name, {}).setdefault(case, {})[draw] = [noisy[masks[r]].mean() for r in RATIOS]
+    reference = kept["cleanlab self_confidence"]
     cases = list(reference)
-    print("\n| ranking | " + " | ".join(f"{c} {r}" for c in cases for r in RATIOS) + " | cells above cleanlab |")
+    draws = {case: sorted(reference[case]) for case in cases}
+    print("\nnoise draws per case:", {case: draws[case] for case in cases})
+
+    def differences(name) -> list[np.ndarray]:
+        """Per case and ratio: [draws] kept share minus cleanlab's (points), for the draws both have."""
+        return [
+            100 * np.array([kept[name][c][d][i] - reference[c][d][i] for d in draws[c] if d in kept[name][c]])
+            for c in cases
+            for i in range(len(RATIOS))
+        ]
+
+    def above(name) -> int:
+        return sum(diff.mean() > 0 for diff in differences(name))
+
+    header = " | ".join(f"{c} {r}" for c in cases for r in RATIOS)
+    print(f"\nmean kept share over the draws\n\n| ranking | {header} | cells above cleanlab (mean) |")
     print("|---|" + "---|" * (len(cases) * len(RATIOS) + 1))
-    for name, shares in sorted(
-        summary.items(), key=lambda item: sum(s > c for k in cases for s, c in zip(item[1][k], reference[k]))
-    ):
-        worse = sum(s > c for k in cases for s, c in zip(shares[k], reference[k]))
-        cells = " | ".join(f"{s:.2%}" for k in cases for s in shares[k])
-        print(f"| {name} | {cells} | {worse} |")
+    for name in sorted(kept, key=above):
+        means = [np.mean([kept[name][c][d][i] for d in kept[name][c]]) for c in cases for i in range(len(RATIOS))]
+        print(f"| {name} | {' | '.join(f'{m:.2%}' for m in means)} | {above(name)} |")
+    print(
+        "\nkept share minus cleanlab's, points: mean ± standard error over the draws (draws above cleanlab)\n\n"
+        f"| ranking | {header} | cells above (mean) | draw-cells above |"
+    )
+    print("|---|" + "---|" * (len(cases) * len(RATIOS) + 2))
+    for name in sorted(kept, key=above):
+        diffs = differences(name)
+        cells = " | ".join(f"{d.mean():+.2f} ± {standard_error(d):.2f} ({(d > 0).sum()})" for d in diffs)
+        print(f"| {name} | {cells} | {above(name)} | {sum(int((d > 0).sum()) for d in diffs)} |")
 
 
 if __name__ == "__main__":
