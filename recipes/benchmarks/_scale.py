@@ -132,6 +132,7 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
             statistics=statistics,
         )
         columns = score_values(inputs)
+    del inputs, statistics  # as scores_table.score_stage lets them go before it builds the table
     scored = time.perf_counter()
     names = [f"c{i}" for i in range(int(labels.max()) + 1)]
     scores = arrow_dataset(  # the columns hf_clipsel.scores_table.scores_table writes, built as it builds them
