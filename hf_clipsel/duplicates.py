@@ -42,7 +42,7 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from torch import Tensor
 
-from .features import Share, class_assignment
+from .features import BLOCK_BYTES, Share, class_assignment
 from .scoring import group_rows_by_label
 
 # Without thumbnails: centred cosine of two image features at or above which two rows are near-duplicates. Measured
@@ -259,9 +259,17 @@ def find_duplicates(
     dim = image_features.shape[1]
     share = share or Share()
 
+    # A class is read in blocks of a feature store's pass (BLOCK_BYTES of features): memory bounded by a block, not
+    # by the class (one of 3M rows would be 9 GiB at 768-d). A class of one block sums as one read did, bit for bit.
+    block_rows = max(1, BLOCK_BYTES // (4 * dim))
+
     def read_class(rows: Tensor) -> tuple[Tensor, Tensor]:  # its features' sum, and the class the model prefers
-        normalised = F.normalize(image_features[rows].to(torch.float32), dim=-1)
-        return normalised.sum(dim=0), (normalised @ text.T).argmax(dim=-1)
+        total, preferred = torch.zeros(dim), []
+        for start in range(0, rows.numel(), block_rows):
+            normalised = F.normalize(image_features[rows[start : start + block_rows]].to(torch.float32), dim=-1)
+            total += normalised.sum(dim=0)
+            preferred.append((normalised @ text.T).argmax(dim=-1))
+        return total, torch.cat(preferred) if preferred else torch.zeros(0, dtype=torch.int64)
 
     # The mean direction of the usable rows: a CLIP's features share a large common component, which puts distinct
     # images at cosines near 1; centred, a copy stays near 1 and distinct images spread out. Summed in class order
