@@ -33,6 +33,8 @@ connected components, which chain look-alikes); a group's id is its smallest row
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,7 +42,7 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from torch import Tensor
 
-from .features import Share, class_assignment
+from .features import BLOCK_BYTES, Share, class_assignment
 from .scoring import group_rows_by_label
 
 # Without thumbnails: centred cosine of two image features at or above which two rows are near-duplicates. Measured
@@ -243,17 +245,31 @@ def find_duplicates(
     num_rows = labels.shape[0]
     same_class = torch.full((num_rows,), -1.0)
     other_class = torch.full((num_rows,), -1.0)
-    same_row = torch.full((num_rows,), NONE, dtype=torch.int64)
-    other_row = torch.full((num_rows,), NONE, dtype=torch.int64)
-    predicted = torch.full((num_rows,), NONE, dtype=torch.int64)
+    # [N] arrays are what grows with N here (ImageNet-21k: 13M rows), so each is as narrow as its values allow: row
+    # ids and classes fit int32 below 2**31, and the nearest row of each side is only needed without thumbnails
+    # (with them, the nearest partner comes from the pairs found).
+    index_dtype = torch.int32 if num_rows < 2**31 else torch.int64
+    same_row = other_row = None
+    if thumbnails is None:
+        same_row = torch.full((num_rows,), NONE, dtype=index_dtype)
+        other_row = torch.full((num_rows,), NONE, dtype=index_dtype)
+    predicted = torch.full((num_rows,), NONE, dtype=torch.int32)  # a class index
     text = class_features.to(torch.float32)
     classes = group_rows_by_label(labels, valid.nonzero().squeeze(1))
     dim = image_features.shape[1]
     share = share or Share()
 
+    # A class is read in blocks of a feature store's pass (BLOCK_BYTES of features): memory bounded by a block, not
+    # by the class (one of 3M rows would be 9 GiB at 768-d). A class of one block sums as one read did, bit for bit.
+    block_rows = max(1, BLOCK_BYTES // (4 * dim))
+
     def read_class(rows: Tensor) -> tuple[Tensor, Tensor]:  # its features' sum, and the class the model prefers
-        normalised = F.normalize(image_features[rows].to(torch.float32), dim=-1)
-        return normalised.sum(dim=0), (normalised @ text.T).argmax(dim=-1)
+        total, preferred = torch.zeros(dim), []
+        for start in range(0, rows.numel(), block_rows):
+            normalised = F.normalize(image_features[rows[start : start + block_rows]].to(torch.float32), dim=-1)
+            total += normalised.sum(dim=0)
+            preferred.append((normalised @ text.T).argmax(dim=-1))
+        return total, torch.cat(preferred) if preferred else torch.zeros(0, dtype=torch.int64)
 
     # The mean direction of the usable rows: a CLIP's features share a large common component, which puts distinct
     # images at cosines near 1; centred, a copy stays near 1 and distinct images spread out. Summed in class order
@@ -261,7 +277,7 @@ def find_duplicates(
     mean = torch.zeros(dim)
     for rows, (total, preferred) in zip(classes, each_group(classes, read_class, share, cost=len)):
         mean += total
-        predicted[rows] = preferred
+        predicted[rows] = preferred.to(predicted.dtype)
     mean /= max(int(valid.sum()), 1)
 
     generator = torch.Generator().manual_seed(0)  # the same projection every run: the same groups
@@ -288,19 +304,26 @@ def find_duplicates(
     for rows, (similarity, neighbour, found) in zip(
         classes, each_group(classes, lambda rows: search(rows, None), share)
     ):
-        same_class[rows], same_row[rows] = similarity, _row_ids(rows, neighbour)
+        same_class[rows] = similarity
+        if same_row is not None:
+            same_row[rows] = _row_ids(rows, neighbour).to(same_row.dtype)
         pairs.append(rows[found])
+    del classes  # the given classes' row ids (8 bytes a row): the predicted classes' take their place
     predicted_classes = group_rows_by_label(predicted, valid.nonzero().squeeze(1))
     for rows, (similarity, neighbour, found) in zip(
         predicted_classes, each_group(predicted_classes, lambda rows: search(rows, labels[rows]), share)
     ):
-        other_class[rows], other_row[rows] = similarity, _row_ids(rows, neighbour)
+        other_class[rows] = similarity
+        if other_row is not None:
+            other_row[rows] = _row_ids(rows, neighbour).to(other_row.dtype)
         pairs.append(rows[found])
+    del predicted_classes, predicted
     pairs = torch.cat(pairs) if pairs else torch.zeros((0, 2), dtype=torch.int64)
     if thumbnails is None:
         nearest_is_same = same_class >= other_class
         best = torch.where(nearest_is_same, same_class, other_class)
-        nearest = torch.where(best >= threshold, torch.where(nearest_is_same, same_row, other_row), NONE).numpy()
+        nearest = torch.where(best >= threshold, torch.where(nearest_is_same, same_row, other_row), NONE)
+        nearest = nearest.to(torch.int64).numpy()
     else:  # the most similar row it is joined to (a closer one may have failed the features' check)
         vectors = thumbnail_vectors(thumbnails[pairs.flatten()]).reshape(len(pairs), 2, thumbnails.shape[1])
         nearest = nearest_partner(pairs.numpy(), (vectors[:, 0] * vectors[:, 1]).sum(dim=1).numpy(), num_rows)
@@ -323,11 +346,12 @@ def nearest_partner(pairs: np.ndarray, similarity: np.ndarray, num_rows: int) ->
     return nearest
 
 
-def each_group(groups: list[Tensor], function, share: Share, cost=lambda rows: len(rows) ** 2) -> list:
-    """``[function(rows) for rows in groups]``, each group computed by one process of ``share`` (longest processing
-    time first on ``cost``: a search's rows squared) and the results gathered, in ``groups`` order, on every one."""
+def each_group(groups: list[Tensor], function, share: Share, cost=lambda rows: len(rows) ** 2) -> Iterable:
+    """``function(rows)`` for each of ``groups``, in ``groups`` order, each group computed by one process of
+    ``share`` (longest processing time first on ``cost``: a search's rows squared) and the results gathered on every
+    one. One process: a generator, so that one group's results are held at a time, not every row's at once."""
     if share.num_processes == 1:
-        return [function(rows) for rows in groups]
+        return (function(rows) for rows in groups)
     costs = np.array([cost(rows) for rows in groups], dtype=np.float64)
     mine = class_assignment(costs, share.num_processes)[share.process_index]
     results: list = [None] * len(groups)
@@ -356,7 +380,9 @@ def groups_of_pairs(pairs: np.ndarray, num_rows: int) -> np.ndarray:
     graph = coo_matrix((ones, both), shape=(num_rows, num_rows)).tocsr()  # symmetric; repeated pairs summed
     degree = np.diff(graph.indptr)
     grouped = np.zeros(num_rows, dtype=bool)
-    for centre in np.lexsort((np.arange(num_rows), -degree))[: int((degree > 0).sum())]:
+    # the paired rows only: a sort of all N rows (and its [N] keys) would cost more than the pairs at 13M rows
+    paired = np.flatnonzero(degree)
+    for centre in paired[np.lexsort((paired, -degree[paired]))]:
         if grouped[centre]:
             continue
         partners = graph.indices[graph.indptr[centre] : graph.indptr[centre + 1]]

@@ -22,7 +22,7 @@ import heapq
 import logging
 import os
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,8 +223,8 @@ class FeatureStore:
         default :attr:`block_rows`), on every process of ``share`` (each computes its blocks; the parts are
         gathered)."""
         share = share or Share()
-        part = [(rows, np.asarray(function(rows, features))) for rows, features in self.chunks(block_rows, share)]
-        return _assembled(share.gather(part), self.num_rows)
+        values = ((rows, np.asarray(function(rows, features))) for rows, features in self.chunks(block_rows, share))
+        return _assembled(values if share.num_processes == 1 else share.gather(list(values)), self.num_rows)
 
     def map_classes(
         self, function: Callable[[np.ndarray], np.ndarray], valid: np.ndarray, share: Share | None = None
@@ -243,23 +243,28 @@ class FeatureStore:
                 share.process_index, share.num_processes, len(mine), int((sizes > 0).sum()), int(sizes[mine].sum()),
                 100 * work_here / max(int((sizes**2).sum()), 1),
             )  # fmt: skip
-        part = []
-        for label in sorted(mine):  # storage order: one forward sweep over the file
-            rows = self.order[self.class_starts[label] : self.class_starts[label + 1]].astype(np.int64)
-            rows = rows[valid[rows]]
-            if rows.size:
-                part.append((rows, np.asarray(function(rows), dtype=np.float32)))
-        values = _assembled(share.gather(part), self.num_rows, default=np.float32)
-        return values.astype(np.float32, copy=False)
+
+        def part():
+            for label in sorted(mine):  # storage order: one forward sweep over the file
+                rows = self.order[self.class_starts[label] : self.class_starts[label + 1]].astype(np.int64)
+                rows = rows[valid[rows]]
+                if rows.size:
+                    yield rows, np.asarray(function(rows), dtype=np.float32)
+
+        parts = part() if share.num_processes == 1 else share.gather(list(part()))
+        return _assembled(parts, self.num_rows, default=np.float32).astype(np.float32, copy=False)
 
 
-def _assembled(parts: list[tuple[np.ndarray, np.ndarray]], num_rows: int, default=None) -> np.ndarray:
-    """One ``[N]`` array from ``(row ids, values)`` parts; rows no part names are 0."""
-    dtype = parts[0][1].dtype if parts else (default or np.float32)
-    out = np.zeros(num_rows, dtype=dtype)
+def _assembled(parts: Iterable[tuple[np.ndarray, np.ndarray]], num_rows: int, default=None) -> np.ndarray:
+    """One ``[N]`` array from ``(row ids, values)`` parts (of the first part's dtype); rows no part names are 0.
+    ``parts`` may be a generator (one process): each part is written as it comes and let go, so the row ids of
+    every part (8 bytes a row) are never held at once."""
+    out = None
     for rows, values in parts:
+        if out is None:
+            out = np.zeros(num_rows, dtype=values.dtype)
         out[rows] = values
-    return out
+    return np.zeros(num_rows, dtype=default or np.float32) if out is None else out
 
 
 def _write_all(fd: int, data: memoryview, offset: int) -> None:

@@ -121,6 +121,7 @@ def score_stage(context, model, embeddings: Dataset, together: bool = False) -> 
             share=share,
         )
         columns = score_values(inputs)
+    del inputs  # its pixel statistics (76 bytes a row) are not in the table: let them go before it is built
     if share.process_index != 0:
         return None, store
     return scores_table(context, embeddings, columns), store
@@ -271,7 +272,7 @@ def select_stage(scores: Dataset, config: ClipselConfig, image_features: Feature
     # read once (the inputs, the flags and the reasons come from it), less the text no selection reads: at 13M rows
     # their Python strings would cost gigabytes
     unread = {PATH, "given_label"}
-    table = scores.select_columns([c for c in scores.column_names if c not in unread]).with_format("numpy")[:]
+    table = numpy_columns(scores, [c for c in scores.column_names if c not in unread])
     flags = score_flags(table, config.selection)
     inputs = selection_inputs(table, config.selection, flags, image_features)
     # Each column becomes Arrow as soon as it exists, and what no later step reads is let go: an object array holds
@@ -301,6 +302,17 @@ def select_stage(scores: Dataset, config: ClipselConfig, image_features: Feature
     columns = Features({column: feature for column, (_, feature) in added.items()})
     selection = arrow_dataset({column: values for column, (values, _) in added.items()}, columns)
     return masks, concatenate_datasets([without_selection(scores), selection], axis=1)
+
+
+def numpy_columns(dataset: Dataset, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    """``{column: [N] numpy array}`` of ``dataset``'s ``columns`` (default: all), read through Arrow: a number
+    column is a read-only view of the table's own buffer (no copy), a text column an object array. (The ``numpy``
+    format of `datasets` builds a Python object per row and value first, then copies them into an array: at a
+    million rows, seconds and tens of bytes a row for every column.)"""
+    if columns is not None:
+        dataset = dataset.select_columns(columns)
+    table = dataset.with_format("arrow")[:]
+    return {name: table.column(name).to_numpy() for name in table.column_names}
 
 
 def arrow_dataset(columns: dict, features: Features) -> Dataset:

@@ -132,6 +132,7 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
             statistics=statistics,
         )
         columns = score_values(inputs)
+    del inputs, statistics  # as scores_table.score_stage lets them go before it builds the table
     scored = time.perf_counter()
     names = [f"c{i}" for i in range(int(labels.max()) + 1)]
     scores = arrow_dataset(  # the columns hf_clipsel.scores_table.scores_table writes, built as it builds them
@@ -148,7 +149,7 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
         features=scores_features(names),
     )
     config = ClipselConfig.from_flat({"selection_ratios": [0.1, 0.3, 0.5, 0.7, 0.9]})
-    masks, _ = select_stage(scores, config, store)
+    masks, selection = select_stage(scores, config, store)
     selected = time.perf_counter()
     assert isinstance(store, FeatureStore) and all(masks[r].any() for r in masks)
     figures = {
@@ -158,6 +159,9 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
         "scores s": scored - projected,
         "table + select s": selected - scored,
         "seconds": selected - started,
+        # what stays in memory per row: the scores table, and the same with the selection's columns (Arrow's bytes)
+        "scores table bytes a row": scores.data.nbytes / rows,
+        "selected table bytes a row": selection.data.nbytes / rows,
     }
     print(json.dumps(figures))
 
