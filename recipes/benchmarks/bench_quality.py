@@ -118,7 +118,8 @@ def parse_args(argv=None):
         "--proxy_family",
         choices=tuple(FAMILIES),
         default="clip",
-        help="The proxy's model family (proxy_clip.py): clip, siglip (sigmoid loss), metaclip2.",
+        help="The proxy's model family (proxy_clip.py): clip, siglip (sigmoid loss), siglip2 (NaFlex, sigmoid loss), "
+        "metaclip2.",
     )
     p.add_argument("--proxy_rows", type=int, default=8000, help="Test rows 0..N-1 train the proxy.")
     p.add_argument(

@@ -11,7 +11,10 @@ Other families (``family``, :data:`FAMILIES`), same data, size, schedule and aug
 (MAP head, no projections; a Gemma-style character tokenizer returning ``input_ids`` only, prompts padded to
 ``max_position_embeddings``; SiglipImageProcessor, mean and std 0.5) trained with SigLIP's pairwise sigmoid loss:
 every (image, class prompt) pair an independent binary decision on ``exp(logit_scale) * cosine + logit_bias``, both
-learned, initialised as the paper (scale 10, bias -10), summed over the prompts, averaged over the images; and
+learned, initialised as the paper (scale 10, bias -10), summed over the prompts, averaged over the images;
+``siglip2``, the NaFlex SigLIP 2: a Siglip2Model of the siglip proxy's size, tokenizer and loss, whose image tower
+reads patch sequences (Siglip2ImageProcessor, patch 8 and at most 16 patches, so a 32x32 image is the siglip proxy's
+4x4 tokens); the training batches are patchified in torch as that processor does (:func:`naflex_patches`); and
 ``metaclip2``, a MetaClip2Model (CLIP's architecture, XLM-R tokenizer) trained as the CLIP proxy.
 
 The proxy trains on rows the downstream evaluation never sees (bench_quality: test rows 0..7999; evaluation on
@@ -36,6 +39,10 @@ from transformers import (
     CLIPProcessor,
     MetaClip2Config,
     MetaClip2Model,
+    Siglip2Config,
+    Siglip2ImageProcessor,
+    Siglip2Model,
+    Siglip2Processor,
     SiglipConfig,
     SiglipImageProcessor,
     SiglipModel,
@@ -150,16 +157,31 @@ def build_config(spec: ProxySpec, tokenizer) -> CLIPConfig:
     )
 
 
+def siglip_text_tower(spec: ProxySpec, tokenizer) -> dict:
+    return text_tower(
+        spec,
+        tokenizer,
+        SIGLIP_TEXT_LENGTH,
+        projection_size=spec.vision_hidden,  # text_model.head maps onto the image embedding's width
+        **special_tokens(tokenizer),
+    )
+
+
 def build_siglip_config(spec: ProxySpec, tokenizer) -> SiglipConfig:
-    return SiglipConfig(
-        text_config=text_tower(
-            spec,
-            tokenizer,
-            SIGLIP_TEXT_LENGTH,
-            projection_size=spec.vision_hidden,  # text_model.head maps onto the image embedding's width
-            **special_tokens(tokenizer),
-        ),
-        vision_config=vision_tower(spec),
+    return SiglipConfig(text_config=siglip_text_tower(spec, tokenizer), vision_config=vision_tower(spec))
+
+
+def naflex_patch_budget(spec: ProxySpec) -> int:
+    """NaFlex's ``max_num_patches``: the fixed-size towers' token count at ``image_size``, so a square image is cut
+    into the same grid."""
+    return (spec.image_size // spec.patch_size) ** 2
+
+
+def build_siglip2_config(spec: ProxySpec, tokenizer) -> Siglip2Config:
+    vision = {key: value for key, value in vision_tower(spec).items() if key != "image_size"}  # NaFlex: no fixed size
+    return Siglip2Config(
+        text_config=siglip_text_tower(spec, tokenizer),
+        vision_config=dict(vision, num_patches=naflex_patch_budget(spec)),
     )
 
 
@@ -175,8 +197,34 @@ def build_metaclip2_config(spec: ProxySpec, tokenizer) -> MetaClip2Config:
 SIGLIP_TEXT_LENGTH = 64
 
 
-def clip_embeds(model, pixels, text_inputs):
-    image_embeds = F.normalize(model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output))
+def image_batch(pixels: torch.Tensor, spec: ProxySpec) -> dict:
+    """The image tower's inputs of the fixed-resolution families: the normalised batch itself."""
+    return {"pixel_values": pixels}
+
+
+def naflex_patches(pixels: torch.Tensor, spec: ProxySpec) -> dict:
+    """A normalised batch [B, 3, H, W] as Siglip2ImageProcessor returns it (tests/test_proxy_families.py checks
+    the equality): pixel_values [B, (H/p)(W/p), p*p*3], each patch's pixels row by row with the channels last;
+    every patch real (``pixel_attention_mask`` all ones); ``spatial_shapes`` the (H/p, W/p) grid. ``H`` and ``W``
+    are multiples of the patch size whose grid is the whole budget, as for the proxy's 32x32 crops, so the
+    processor's resize and padding have nothing to do."""
+    batch, channels, height, width = pixels.shape
+    size = spec.patch_size
+    rows, cols = height // size, width // size
+    if rows * size != height or cols * size != width or rows * cols != naflex_patch_budget(spec):
+        raise ValueError(
+            f"a {height}x{width} batch is not a whole {size}-pixel grid of {naflex_patch_budget(spec)} patches."
+        )
+    patches = pixels.reshape(batch, channels, rows, size, cols, size).permute(0, 2, 4, 3, 5, 1)
+    return {
+        "pixel_values": patches.reshape(batch, rows * cols, size * size * channels),
+        "pixel_attention_mask": torch.ones(batch, rows * cols, dtype=torch.int32),
+        "spatial_shapes": torch.tensor([[rows, cols]] * batch),
+    }
+
+
+def clip_embeds(model, vision_inputs, text_inputs):
+    image_embeds = F.normalize(model.visual_projection(model.vision_model(**vision_inputs).pooler_output))
     text_embeds = F.normalize(model.text_projection(model.text_model(**text_inputs).pooler_output))
     return image_embeds, text_embeds
 
@@ -185,8 +233,8 @@ def clip_logits(model, image_embeds, text_embeds):
     return model.logit_scale.exp().clamp(max=100) * image_embeds @ text_embeds.T
 
 
-def siglip_embeds(model, pixels, text_inputs):
-    image_embeds = F.normalize(model.vision_model(pixel_values=pixels).pooler_output)  # after the MAP head
+def siglip_embeds(model, vision_inputs, text_inputs):
+    image_embeds = F.normalize(model.vision_model(**vision_inputs).pooler_output)  # after the MAP head
     text_embeds = F.normalize(model.text_model(**text_inputs).pooler_output)  # text_model.head on the last token
     return image_embeds, text_embeds
 
@@ -211,8 +259,9 @@ def init_siglip(model):
 
 @dataclass(frozen=True)
 class ProxyFamily:
-    """What differs between the proxies of the families: model, config, tokenizer and processor, prompt padding, the
-    embeddings the loss sees, the logits, the loss."""
+    """What differs between the proxies of the families: model, config, tokenizer and image processor (from the
+    ProxySpec), processor, prompt padding, the embeddings the loss sees, the logits, the loss, the initialisation,
+    and the image tower's inputs made from a normalised batch (``vision_inputs(pixels, spec)``)."""
 
     model_class: type
     build_config: object
@@ -224,6 +273,7 @@ class ProxyFamily:
     logits: object
     loss: object
     init: object = None
+    vision_inputs: object = image_batch
 
 
 def clip_like(model_class: type, build_config, tokenizer) -> ProxyFamily:
@@ -233,7 +283,9 @@ def clip_like(model_class: type, build_config, tokenizer) -> ProxyFamily:
         model_class,
         build_config,
         tokenizer,
-        lambda size: CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+        lambda spec: CLIPImageProcessor(
+            size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size}
+        ),
         CLIPProcessor,
         dict(padding=True),
         clip_embeds,
@@ -248,13 +300,26 @@ FAMILIES = {
         SiglipModel,
         build_siglip_config,
         lambda: gemma_tokenizer(input_ids_only=True),
-        lambda size: SiglipImageProcessor(size={"height": size, "width": size}),
+        lambda spec: SiglipImageProcessor(size={"height": spec.image_size, "width": spec.image_size}),
         SiglipProcessor,
         dict(padding="max_length", max_length=SIGLIP_TEXT_LENGTH),
         siglip_embeds,
         siglip_logits,
         sigmoid_loss,
         init_siglip,
+    ),
+    "siglip2": ProxyFamily(
+        Siglip2Model,
+        build_siglip2_config,
+        lambda: gemma_tokenizer(input_ids_only=True),
+        lambda spec: Siglip2ImageProcessor(patch_size=spec.patch_size, max_num_patches=naflex_patch_budget(spec)),
+        Siglip2Processor,
+        dict(padding="max_length", max_length=SIGLIP_TEXT_LENGTH),
+        siglip_embeds,
+        siglip_logits,
+        sigmoid_loss,
+        init_siglip,
+        naflex_patches,
     ),
     "metaclip2": clip_like(MetaClip2Model, build_metaclip2_config, xlm_roberta_tokenizer),
 }
@@ -281,7 +346,7 @@ def train_proxy(
     kind = FAMILIES[family]
     output_dir, started = Path(output_dir), time.perf_counter()
     tokenizer = kind.tokenizer()
-    processor = kind.processor_class(image_processor=kind.image_processor(spec.image_size), tokenizer=tokenizer)
+    processor = kind.processor_class(image_processor=kind.image_processor(spec), tokenizer=tokenizer)
     mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
     torch.manual_seed(spec.seed)
@@ -321,7 +386,7 @@ def train_proxy(
         for step in range(steps_per_epoch):
             batch = order[step * spec.batch_size : (step + 1) * spec.batch_size]
             pixels = (random_crop_flip(images[batch], generator) / 255.0 - mean) / std
-            image_embeds, text_embeds = kind.embeds(model, pixels, text_inputs)
+            image_embeds, text_embeds = kind.embeds(model, kind.vision_inputs(pixels, spec), text_inputs)
             logits = kind.logits(model, image_embeds, text_embeds)
             loss = kind.loss(logits, labels[batch])
             optimizer.zero_grad(set_to_none=True)
@@ -379,10 +444,11 @@ def zero_shot_accuracy(
         logits = []
         for start in range(0, len(dataset), 256):
             rows = dataset[start : start + 256]
-            pixels = processor.image_processor(
+            # the whole output: NaFlex's patch sequences come with their mask and grid shapes
+            inputs = processor.image_processor(
                 images=[in_view(image, view) for image in rows[image_column]], return_tensors="pt"
-            ).pixel_values
-            features = F.normalize(image_features(model, vision_tower_outputs(model, pixels)), dim=-1)
+            )
+            features = F.normalize(image_features(model, vision_tower_outputs(model, inputs)), dim=-1)
             logits.append(features @ class_features.T)
     metric = load_accuracy_metric(keep_in_memory=True)
     result = metric.compute(predictions=torch.cat(logits).numpy(), references=np.asarray(dataset["label"]), top_k=[1])
