@@ -14,7 +14,11 @@ label, against the ``softmax`` link (P@0.5, the package's): the measurement behi
 (recipes/benchmarks/README.md, "Other families: a SigLIP proxy"); "SAS + gated div": no posterior term. "unless
 agreed" / "unless sure": the damage check demotes a flagged row only where CLIP doubts its label too (its class is
 not the label; or that, or its posterior below its class's median). P@fit: the temperature fitted to the given labels
-under symmetric noise (printed per pool).
+under symmetric noise (printed per pool). "kNN k": the share of a row's k nearest neighbours (cosine on the image
+features the run scored with, every valid row of the pool, itself left out) that carry its given label, a second
+label-noise signal beside CLIP's probabilities ("deep kNN"); "P@f + w kNN k": (1 - w) min-max(P@f) + w min-max(kNN k)
+as the alignment term (w 0.5: their mean), "P@f x kNN k": their product, "kNN k/class": the agreement over its
+class's mean agreement (as confident learning's per-class thresholds) (``--knn`` picks k, empty: none).
 
 Several noise draws (bench_quality.py --noise_seed, one run each in the same --work_dir): every draw found is ranked,
 the first table gives each cell's mean over the draws, the second the mean difference to cleanlab's ranking of the
@@ -38,8 +42,13 @@ import torch
 from cleanlab.rank import get_label_quality_scores
 from quality_cleanlab import label_quality, top_rows, zero_shot_probabilities
 from scipy.optimize import minimize
+from sklearn.neighbors import NearestNeighbors
 
-from hf_clipsel.modeling import load_model, logit_bias, logit_scale
+from hf_clipsel import scoring
+from hf_clipsel.adaptation import scoring_embeddings, trained_model
+from hf_clipsel.context import load_context, valid_rows
+from hf_clipsel.embedding import embed_stage, pooled_matrix
+from hf_clipsel.modeling import image_features, load_model, logit_bias, logit_scale
 from hf_clipsel.parser import parse_config
 from hf_clipsel.runs.load import read_scores
 from hf_clipsel.scores_table import score_flags
@@ -49,12 +58,20 @@ from hf_clipsel.selection import SelectionInputs
 RATIOS = (0.3, 0.5, 0.8)
 THRESHOLDS = (3.0, 3.5, 4.0, 4.5, None)
 FRACTIONS = (0.5, 0.75, 1.0, 1.25)
+KNN_THRESHOLDS = (3.5, 4.0, None)
+KNN_WEIGHTS = (0.03, 0.1, 0.25, 0.5)
 
 
 def candidates(
-    table: dict, pred_probs: np.ndarray, labels: np.ndarray, selection, sigmoid_posterior: torch.Tensor
+    table: dict,
+    pred_probs: np.ndarray,
+    labels: np.ndarray,
+    selection,
+    sigmoid_posterior: torch.Tensor,
+    agreement: dict[int, np.ndarray],
 ) -> dict[str, np.ndarray]:
-    """{name: score [N], higher kept first}. ``sigmoid_posterior``: the sigmoid link's class posterior [N]."""
+    """{name: score [N], higher kept first}. ``sigmoid_posterior``: the sigmoid link's class posterior [N];
+    ``agreement``: {k: kNN label agreement [N]} (:func:`knn_label_agreement`)."""
     rows = np.arange(len(labels))
     demoted = {}
     for threshold in [t for t in THRESHOLDS if t]:
@@ -139,6 +156,24 @@ def candidates(
         out[f"P@1.5 alone, thr {threshold}"] = reward(at(1.5), alpha=0.0, sas=0.0, threshold=threshold)
         out[f"P@0.9 alone, thr {threshold}"] = reward(at(0.9), alpha=0.0, sas=0.0, threshold=threshold)
         out[f"P@0.9 + gated div, thr {threshold}"] = reward(at(0.9), sas=0.0, threshold=threshold)
+    # The kNN label agreement, alone and with the posterior (both min-max scaled, as the reward scales its terms).
+    for k, share in agreement.items():
+        a = min_max(torch.from_numpy(share))
+        # Per class, as confident learning thresholds: agreement over its class's mean agreement.
+        class_mean = np.array(
+            [share[labels == j].mean() if (labels == j).any() else 1.0 for j in range(len(thresholds))]
+        )
+        a_class = min_max(torch.from_numpy(share / np.maximum(class_mean[labels], 1e-12)))
+        for threshold in KNN_THRESHOLDS:
+            out[f"kNN {k} alone, thr {threshold}"] = reward(a, alpha=0.0, sas=0.0, threshold=threshold)
+            for fraction in (0.5, 0.9):
+                p = min_max(at(fraction))
+                mixed = {f"+ {w:g} kNN": (1 - w) * p + w * a for w in KNN_WEIGHTS} | {"x kNN": p * a}
+                mixed |= {f"+ {w:g} kNN/class": (1 - w) * p + w * a_class for w in KNN_WEIGHTS[:2]}
+                for how, combined in mixed.items():
+                    name = f"P@{fraction:g} {how} {k}"
+                    out[f"{name} alone, thr {threshold}"] = reward(combined, alpha=0.0, sas=0.0, threshold=threshold)
+                    out[f"{name} + gated div, thr {threshold}"] = reward(combined, sas=0.0, threshold=threshold)
     default = selection.damage_threshold
     out[f"sigmoid P alone, thr {default}"] = reward(sigmoid_posterior, alpha=0.0, sas=0.0, threshold=default)
     out[f"sigmoid P + gated div, thr {default}"] = reward(sigmoid_posterior, sas=0.0, threshold=default)
@@ -161,6 +196,34 @@ def sigmoid_link_posterior(config, cosine_at_label: np.ndarray) -> torch.Tensor:
     model, _ = load_model(config.model)
     logits = logit_scale(model) * torch.from_numpy(np.asarray(cosine_at_label, dtype=np.float32))
     return torch.sigmoid(logits + logit_bias(model))
+
+
+def knn_label_agreement(config, table: dict, ks) -> dict[int, np.ndarray]:
+    """{k: [N] share of each row's k nearest neighbours (cosine, among the valid rows, itself left out) whose given
+    label is its own}; invalid rows get 0. The image features are the run's: its embedding cache through the model
+    it scored with (saved adapters or zero-shot), checked by recomputing the run's sample_diversity from them."""
+    if not ks:
+        return {}
+    context = load_context(config)
+    embeddings = embed_stage(context)  # the run's embedding cache: nothing is encoded again
+    model = trained_model(context)
+    embeddings = scoring_embeddings(context, model, embeddings)
+    with torch.no_grad():
+        features = image_features(model, pooled_matrix(embeddings)).cpu()
+    valid = valid_rows(context, embeddings)
+    labels = np.clip(np.asarray(context.source.labels, dtype=np.int64), 0, None)
+    again = scoring.sample_diversity(features, torch.from_numpy(labels), config.scoring.knn_k, torch.from_numpy(valid))
+    if not np.allclose(again.numpy(), np.asarray(table["sample_diversity"]), atol=1e-4):
+        raise RuntimeError("the recomputed features give another sample_diversity than the run's.")
+    rows = np.flatnonzero(valid)
+    search = NearestNeighbors(n_neighbors=max(ks), metric="cosine", algorithm="brute").fit(features[rows].numpy())
+    _, index = search.kneighbors()  # no query given: each row's neighbours without itself
+    same = labels[rows][index] == labels[rows][:, None]
+    out = {}
+    for k in ks:
+        out[k] = np.zeros(len(labels))
+        out[k][rows] = same[:, :k].mean(axis=1)
+    return out
 
 
 def standard_error(values: np.ndarray) -> float:
@@ -191,6 +254,13 @@ def main() -> None:
         "work_dir holds. With several, each cell is the mean over the draws and the second table gives the mean "
         "difference to cleanlab's with its standard error.",
     )
+    parser.add_argument(
+        "--knn",
+        type=int,
+        nargs="*",
+        default=[10, 25, 50, 100],
+        help="Neighbour counts k of the kNN label-agreement candidates (none: skip them and the feature pass).",
+    )
     args = parser.parse_args()
     work_dir = Path(args.work_dir)
     kept = {}  # {candidate: {case: {draw: [kept share per ratio]}}}
@@ -209,7 +279,12 @@ def main() -> None:
             pred_probs, labels, _ = zero_shot_probabilities(config, table["semantic_alignment"])
             print(f"\n{model_dir.name} {case_dir.name}: {noisy.mean():.1%} injected")
             sigmoid_posterior = sigmoid_link_posterior(config, table["semantic_alignment"])
-            for name, score in candidates(table, pred_probs, labels, config.selection, sigmoid_posterior).items():
+            agreement = knn_label_agreement(config, table, args.knn)
+            for k, share in agreement.items():
+                untouched, injected = share[~noisy].mean(), share[noisy].mean()
+                print(f"kNN {k} agreement: mean {untouched:.3f} on untouched rows, {injected:.3f} on injected")
+            ranked = candidates(table, pred_probs, labels, config.selection, sigmoid_posterior, agreement)
+            for name, score in ranked.items():
                 masks = top_rows(score, RATIOS)
                 kept.setdefault(name, {}).setdefault(case, {})[draw] = [noisy[masks[r]].mean() for r in RATIOS]
     reference = kept["cleanlab self_confidence"]
