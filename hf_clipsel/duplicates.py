@@ -42,7 +42,7 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from torch import Tensor
 
-from .features import BLOCK_BYTES, Share, class_assignment
+from .features import Share, class_assignment, rows_per_block
 from .scoring import group_rows_by_label
 
 # Without thumbnails: centred cosine of two image features at or above which two rows are near-duplicates. Measured
@@ -261,7 +261,7 @@ def find_duplicates(
 
     # A class is read in blocks of a feature store's pass (BLOCK_BYTES of features): memory bounded by a block, not
     # by the class (one of 3M rows would be 9 GiB at 768-d). A class of one block sums as one read did, bit for bit.
-    block_rows = max(1, BLOCK_BYTES // (4 * dim))
+    block_rows = rows_per_block(dim)
 
     def read_class(rows: Tensor) -> tuple[Tensor, Tensor]:  # its features' sum, and the class the model prefers
         total, preferred = torch.zeros(dim), []

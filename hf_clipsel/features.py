@@ -45,6 +45,11 @@ BLOCK_BYTES = 48 * 1024**2
 _GAP_ROWS = 64
 
 
+def rows_per_block(dim: int) -> int:
+    """Rows of ``dim`` float32 features in one block of a pass (:data:`BLOCK_BYTES`, whatever the width)."""
+    return max(1, BLOCK_BYTES // (4 * dim))
+
+
 def _gather_locally(part: list) -> list:
     return list(part)
 
@@ -104,8 +109,7 @@ class FeatureStore:
         self.class_starts = np.concatenate([[0], np.cumsum(np.bincount(labels))]).astype(np.int64)
         self.path = None if path is None else Path(path)
         self._row_bytes = self.dim * 4
-        # rows per block of a pass (chunks, map_rows): BLOCK_BYTES of features whatever the width
-        self.block_rows = max(1, BLOCK_BYTES // self._row_bytes)
+        self.block_rows = rows_per_block(self.dim)
         if self.path is None:
             self._array = np.zeros((self.num_rows, self.dim), dtype=np.float32)
             return

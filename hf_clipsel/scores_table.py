@@ -44,7 +44,7 @@ from .core.names import (
     selected_column,
 )
 from .embedding import VISION_POOLED
-from .features import BLOCK_BYTES, FEATURES_DIR, FeatureStore, Share
+from .features import FEATURES_DIR, FeatureStore, Share, rows_per_block
 from .reasons import drop_reasons
 from .scores import ScoreInputs, flag_columns, measured_columns, registered_scores, score_columns
 from .scoring import logit_block_rows
@@ -160,7 +160,7 @@ def feature_store(
     first = next(pooled_blocks(embeddings, 1))[1]
     dim = project(first).shape[1]
     store = FeatureStore(labels, dim, path, owner=owner)
-    block_rows = max(1, BLOCK_BYTES // (4 * max(first.shape[1], dim)))  # as the store's passes: BLOCK_BYTES a block
+    block_rows = rows_per_block(max(first.shape[1], dim))  # the wider of the pooled and the projected rows
     for start, pooled in pooled_blocks(embeddings, block_rows, share):
         store.write(start, project(pooled).numpy())
     store.flush()
