@@ -79,8 +79,8 @@ def candidates(
         demoted[threshold] = np.any([v != "" for v in flags.values()], axis=0)
     demoted[None] = None
     gate = table["predicted_label"] == table["label"]
-    flagged = demoted
-    thresholds = np.array([pred_probs[labels == j, j].mean() for j in range(pred_probs.shape[1])])[labels]
+    num_classes = pred_probs.shape[1]
+    thresholds = np.array([pred_probs[labels == j, j].mean() for j in range(num_classes)])[labels]
     logits = np.log(pred_probs)  # log-softmax: the logits up to a per-row constant
 
     def at(fraction: float) -> torch.Tensor:
@@ -89,7 +89,7 @@ def candidates(
 
     def below_class_median(posterior: torch.Tensor) -> np.ndarray:
         p = posterior.numpy()
-        medians = np.array([np.median(p[labels == j]) if (labels == j).any() else 0.0 for j in range(len(thresholds))])
+        medians = np.array([np.median(p[labels == j]) if (labels == j).any() else 0.0 for j in range(num_classes)])
         return p < medians[labels]
 
     def reward(posterior, alpha=0.1, sas=1.0, gated=True, threshold=3.0, demote=None):
@@ -131,19 +131,18 @@ def candidates(
         for fraction in (0.5, 0.75, 1.0):
             p = at(fraction)
             out[f"P@{fraction:g} + gated div, thr {threshold} unless agreed"] = reward(
-                p, sas=0.0, demote=flagged[threshold] & ~gate
+                p, sas=0.0, demote=demoted[threshold] & ~gate
             )
             out[f"P@{fraction:g} + gated div, thr {threshold} unless sure"] = reward(
-                p, sas=0.0, demote=flagged[threshold] & (~gate | below_class_median(p))
+                p, sas=0.0, demote=demoted[threshold] & (~gate | below_class_median(p))
             )
             out[f"P@{fraction:g} alone, thr {threshold} unless agreed"] = reward(
-                p, alpha=0.0, sas=0.0, demote=flagged[threshold] & ~gate
+                p, alpha=0.0, sas=0.0, demote=demoted[threshold] & ~gate
             )
+
     # The temperature fitted to the given labels under symmetric noise: maximise the mean log-likelihood of
     # (1 - eta) P@f + eta / (C - 1) (1 - P@f) over f and eta. Under symmetric noise the chance that a label is right
     # rises with the calibrated posterior, so that ranking is the Bayes ranking at every ratio.
-    num_classes = pred_probs.shape[1]
-
     def nll(params):
         q = at(params[0]).numpy()
         return -np.log((1 - params[1]) * q + params[1] / (num_classes - 1) * (1 - q) + 1e-12).mean()
@@ -160,9 +159,7 @@ def candidates(
     for k, share in agreement.items():
         a = min_max(torch.from_numpy(share))
         # Per class, as confident learning thresholds: agreement over its class's mean agreement.
-        class_mean = np.array(
-            [share[labels == j].mean() if (labels == j).any() else 1.0 for j in range(len(thresholds))]
-        )
+        class_mean = np.array([share[labels == j].mean() if (labels == j).any() else 1.0 for j in range(num_classes)])
         a_class = min_max(torch.from_numpy(share / np.maximum(class_mean[labels], 1e-12)))
         for threshold in KNN_THRESHOLDS:
             out[f"kNN {k} alone, thr {threshold}"] = reward(a, alpha=0.0, sas=0.0, threshold=threshold)
