@@ -100,8 +100,8 @@ def injected_noise(dataset, scores: Dataset, masks: dict, config: ClipselConfig)
     if isinstance(dataset, IterableDataset) or "is_noisy" not in dataset.column_names:
         return None
     present = [name for name in NOISE_COLUMNS if name in dataset.column_names]
-    table = scores.with_format("numpy")[:]
-    columns = {**dataset.select_columns(present).with_format("numpy")[:], "label": table["label"]}
+    table = numpy_columns(scores)
+    columns = {**numpy_columns(dataset, present), "label": table["label"]}
     random_config = dataclasses.replace(config.selection, selection_method="random", class_balanced=False)
     # the flags select_stage found and wrote, not found again: the random draw sees the same valid rows
     flags = {column: table[column].astype(object) for column in flag_columns() if column in table}
