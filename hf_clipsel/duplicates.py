@@ -87,8 +87,9 @@ def thumbnail(image: Image.Image | None) -> list[int]:
 def thumbnail_vectors(thumbnails: Tensor) -> Tensor:
     """``[n, side**2]`` float32 unit vectors of :func:`thumbnail` grids after their mean is removed (a blank grid:
     zeros, near-duplicate of nothing)."""
-    grids = thumbnails.to(torch.float32)
-    return F.normalize(grids - grids.mean(dim=1, keepdim=True), dim=-1)
+    grids = thumbnails.to(torch.float32, copy=True)  # centred and scaled in place: one [n, 64] copy, not three
+    grids -= grids.mean(dim=1, keepdim=True)
+    return F.normalize(grids, dim=-1, out=grids)
 
 
 def nearest_in_group(
@@ -231,7 +232,9 @@ def find_duplicates(
             ``thumbnails``, else of the features); default :data:`THUMBNAIL_SIMILARITY` or
             :data:`DUPLICATE_SIMILARITY`.
         share: this process's part of the work (default: all of it).
-        thumbnails: ``[N, THUMBNAIL_SIDE**2]`` :func:`thumbnail` grids (any number type), or None.
+        thumbnails: ``[N, THUMBNAIL_SIDE**2]`` :func:`thumbnail` grids (any number type), or None: a tensor, or
+            anything that reads them by row ids as one (``thumbnails[rows]``: the score stage's
+            :class:`~hf_clipsel.features.FeatureStore` of them, read a class at a time).
         feature_agreement: centred feature cosine in ``[-1, 1]`` a thumbnail pair needs too.
 
     Returns:

@@ -6,6 +6,10 @@ that matrix is 37 GiB, so it is never held: :class:`FeatureStore` keeps it in on
 projection runs over the embedding cache, with its rows **sorted by class** (by label, then row id), so that a class
 is one contiguous read and a pass over all rows is a sequential one. Memory is bounded by a block, not by N.
 
+A store holds rows of any number type: the duplicate score's uint8 pixel thumbnails (64 bytes a row, 0.8 GiB at
+13M rows) sit in a second store that shares the features' order (``FeatureStore(features, 64, path,
+dtype=np.uint8)``), so that they are read class by class too, not held through all of scoring.
+
 Reads are explicit (``os.preadv`` into a fresh buffer), writes are ``os.pwrite``: the file is never memory-mapped,
 so its pages live in the kernel's page cache and are not counted in (or held by) the process's resident memory,
 which :mod:`recipes/benchmarks/bench_selection.py` ``--parts scale`` measures. A store built without a path holds
@@ -45,9 +49,10 @@ BLOCK_BYTES = 48 * 1024**2
 _GAP_ROWS = 64
 
 
-def rows_per_block(dim: int) -> int:
-    """Rows of ``dim`` float32 features in one block of a pass (:data:`BLOCK_BYTES`, whatever the width)."""
-    return max(1, BLOCK_BYTES // (4 * dim))
+def rows_per_block(dim: int, itemsize: int = 4) -> int:
+    """Rows of ``dim`` values of ``itemsize`` bytes (float32 features by default) in one block of a pass
+    (:data:`BLOCK_BYTES`, whatever the width)."""
+    return max(1, BLOCK_BYTES // (itemsize * dim))
 
 
 def _gather_locally(part: list) -> list:
@@ -83,22 +88,51 @@ def class_assignment(costs: np.ndarray, num_processes: int) -> list[list[int]]:
 
 
 class FeatureStore:
-    """``[N, d]`` float32 features, stored class-sorted in a file (or, without ``path``, in memory).
+    """``[N, d]`` float32 features (or rows of another ``dtype``), stored class-sorted in a file (or, without
+    ``path``, in memory).
 
     Args:
         labels: ``int[N]`` class of each row, ``>= 0`` (the store's order; rows whose label is unusable go to any
-            class, e.g. 0, and are left out by the ``valid`` masks of the passes).
-        dim: feature dimension ``d >= 1``.
-        path: the file (created, or opened by the other processes of a run, at ``N * d * 4`` bytes); None: memory.
+            class, e.g. 0, and are left out by the ``valid`` masks of the passes); or another store, whose order
+            this one shares (the same arrays, not a copy: 8 bytes a row).
+        dim: values a row, ``d >= 1``.
+        path: the file (created, or opened by the other processes of a run, at ``N * d`` values); None: memory.
         owner: whether this store deletes the file when it is garbage (the process that created the name).
+        dtype: the values' number type (reads give tensors of it).
     """
 
-    def __init__(self, labels: np.ndarray, dim: int, path: str | Path | None = None, owner: bool = True):
+    def __init__(
+        self,
+        labels: np.ndarray | FeatureStore,
+        dim: int,
+        path: str | Path | None = None,
+        owner: bool = True,
+        dtype=np.float32,
+    ):
+        if isinstance(labels, FeatureStore):
+            self.labels, self.num_rows = labels.labels, labels.num_rows
+            self.order, self.position, self.class_starts = labels.order, labels.position, labels.class_starts
+        else:
+            self._sort(labels)
+        self.dim = int(dim)
+        self.dtype = np.dtype(dtype)
+        self.path = None if path is None else Path(path)
+        self.owner = owner
+        self._row_bytes = self.dim * self.dtype.itemsize
+        self.block_rows = rows_per_block(self.dim, self.dtype.itemsize)
+        if self.path is None:
+            self._array = np.zeros((self.num_rows, self.dim), dtype=self.dtype)
+            return
+        self._array = None
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(self._fd, self.num_rows * self._row_bytes)  # the same size from every process: no data lost
+        self._finalizer = weakref.finalize(self, _close, self._fd, self.path if owner else None)
+
+    def _sort(self, labels: np.ndarray) -> None:
         labels = np.asarray(labels, dtype=np.int64)
         if labels.ndim != 1 or (labels.size and labels.min() < 0):
             raise ValueError("the feature store's labels must be one non-negative class per row.")
         self.labels = labels
-        self.dim = int(dim)
         self.num_rows = labels.shape[0]
         # Row ids in storage order (by label, then row id), each row's storage position, and each class's span; int32
         # below 2**31 rows: they stay in memory for the whole run, 8 bytes a row instead of 16 (handed out as int64).
@@ -107,17 +141,6 @@ class FeatureStore:
         self.position = np.empty_like(self.order)
         self.position[self.order] = np.arange(self.num_rows, dtype=index_dtype)
         self.class_starts = np.concatenate([[0], np.cumsum(np.bincount(labels))]).astype(np.int64)
-        self.path = None if path is None else Path(path)
-        self._row_bytes = self.dim * 4
-        self.block_rows = rows_per_block(self.dim)
-        if self.path is None:
-            self._array = np.zeros((self.num_rows, self.dim), dtype=np.float32)
-            return
-        self._array = None
-        self._owner = owner
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        os.ftruncate(self._fd, self.num_rows * self._row_bytes)  # the same size from every process: no data lost
-        self._finalizer = weakref.finalize(self, _close, self._fd, self.path if owner else None)
 
     @classmethod
     def from_tensor(cls, features: torch.Tensor, labels: np.ndarray | None = None) -> FeatureStore:
@@ -138,7 +161,7 @@ class FeatureStore:
 
     def write(self, start: int, block: np.ndarray) -> None:
         """Store rows ``start .. start + len(block)`` (row order) of the features: ``block`` is ``[b, d]``."""
-        block = np.ascontiguousarray(block, dtype=np.float32)
+        block = np.ascontiguousarray(block, dtype=self.dtype)
         if block.ndim != 2 or block.shape[1] != self.dim or start + len(block) > self.num_rows:
             raise ValueError(f"a block of shape {block.shape} does not fit rows {start}.. of a {self.shape} store.")
         destination = self.position[start : start + len(block)].astype(np.int64)
@@ -165,32 +188,36 @@ class FeatureStore:
             self._finalizer.detach()
             os.close(self._fd)
             self._fd = os.open(self.path, os.O_RDWR)
-            self._finalizer = weakref.finalize(self, _close, self._fd, self.path if self._owner else None)
+            self._finalizer = weakref.finalize(self, _close, self._fd, self.path if self.owner else None)
 
     # ----- reading
 
     def read(self, start: int, stop: int) -> torch.Tensor:
-        """Rows at storage positions ``[start, stop)`` as a float32 ``[stop - start, d]`` tensor (a fresh buffer)."""
+        """Rows at storage positions ``[start, stop)`` as a ``[stop - start, d]`` tensor of the store's dtype (a fresh
+        buffer)."""
         if self._array is not None:
             return torch.from_numpy(self._array[start:stop].copy())
-        out = np.empty((max(stop - start, 0), self.dim), dtype=np.float32)
+        out = np.empty((max(stop - start, 0), self.dim), dtype=self.dtype)
         _read_all(self._fd, memoryview(out).cast("B"), start * self._row_bytes)
         return torch.from_numpy(out)
 
     def rows(self, index) -> torch.Tensor:
-        """The features of the rows ``index`` (row ids, any order, repeats allowed), ``[len(index), d]`` float32, in
-        the order asked. Rows that are close in storage (a class's rows) are read together: a class is one read."""
+        """The rows ``index`` (row ids, any order, repeats allowed), ``[len(index), d]``, in the order asked. Rows
+        that are close in storage (a class's rows) are read together: a class is one read. Scattered rows (another
+        grouping than the store's) are read in spans that skip long gaps and hold at most :attr:`block_rows` rows,
+        so a read is never much larger than what was asked, nor than a block."""
         index = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64).reshape(-1)
         if index.size == 0:
-            return torch.empty((0, self.dim), dtype=torch.float32)
+            return torch.from_numpy(np.empty((0, self.dim), dtype=self.dtype))
         positions = self.position[index].astype(np.int64)
         first, last = int(positions.min()), int(positions.max())
         if last - first + 1 <= len(positions) + _GAP_ROWS:
             return self.read(first, last + 1)[torch.from_numpy(positions - first)]
         by_position = np.argsort(positions, kind="stable")
         sorted_positions = positions[by_position]
-        breaks = np.flatnonzero(np.diff(sorted_positions) > _GAP_ROWS) + 1
-        out = torch.empty((len(index), self.dim), dtype=torch.float32)
+        blocks = sorted_positions // self.block_rows
+        breaks = np.flatnonzero((np.diff(sorted_positions) > _GAP_ROWS) | (np.diff(blocks) != 0)) + 1
+        out = torch.from_numpy(np.empty((len(index), self.dim), dtype=self.dtype))
         for run in np.split(np.arange(len(index)), breaks):
             low, high = int(sorted_positions[run[0]]), int(sorted_positions[run[-1]])
             out[torch.from_numpy(by_position[run])] = self.read(low, high + 1)[

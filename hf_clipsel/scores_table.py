@@ -46,7 +46,7 @@ from .core.names import (
 from .embedding import VISION_POOLED
 from .features import FEATURES_DIR, FeatureStore, Share, rows_per_block
 from .reasons import drop_reasons
-from .scores import ScoreInputs, flag_columns, measured_columns, registered_scores, score_columns
+from .scores import ScoreInputs, flag_columns, measured_specs, registered_scores, score_columns
 from .scoring import logit_block_rows
 from .selection import SelectionConfig, SelectionInputs, select, selector_spec
 
@@ -117,11 +117,11 @@ def score_stage(context, model, embeddings: Dataset, together: bool = False) -> 
             posterior_link=posterior_link(model),
             knn_k=context.config.scoring.knn_k,
             knn_block_rows=context.config.scoring.knn_block_rows,
-            statistics={name: measured_values(embeddings, name) for name in measured_columns()},
+            statistics=measured_statistics(embeddings, store, share),
             share=share,
         )
         columns = score_values(inputs)
-    del inputs  # its pixel statistics (76 bytes a row) are not in the table: let them go before it is built
+    del inputs  # its pixel statistics (12 bytes a row, and the thumbnails' store) are not in the table
     if share.process_index != 0:
         return None, store
     return scores_table(context, embeddings, columns), store
@@ -161,8 +161,25 @@ def feature_store(
     dim = project(first).shape[1]
     store = FeatureStore(labels, dim, path, owner=owner)
     block_rows = rows_per_block(max(first.shape[1], dim))  # the wider of the pooled and the projected rows
-    for start, pooled in pooled_blocks(embeddings, block_rows, share):
-        store.write(start, project(pooled).numpy())
+    blocks = ((start, project(pooled).numpy()) for start, pooled in pooled_blocks(embeddings, block_rows, share))
+    return _filled(store, blocks, share)
+
+
+def descriptor_store(embeddings: Dataset, spec, features: FeatureStore, share: Share | None = None) -> FeatureStore:
+    """A pixel descriptor the embed stage cached (``spec``: a :class:`~hf_clipsel.scores.Column` with a ``length``,
+    such as the duplicate score's uint8 thumbnail) in a store of its own dtype beside ``features`` (a file named
+    after theirs, or memory), sorted as they are: a score reads it class by class, and it is never held whole (64
+    bytes a row: 0.8 GiB at 13M rows). The processes of ``share`` write their blocks each, as for the features."""
+    share = share or Share()
+    path = None if features.path is None else features.path.with_name(f"{features.path.stem}-{spec.name}.bin")
+    store = FeatureStore(features, spec.length, path, owner=features.owner, dtype=np.dtype(spec.dtype))
+    return _filled(store, pooled_blocks(embeddings, store.block_rows, share, spec.name, store.dtype), share)
+
+
+def _filled(store: FeatureStore, blocks: Iterator[tuple[int, np.ndarray]], share: Share) -> FeatureStore:
+    """``store`` with this process's ``(first row, [b, d])`` ``blocks`` written, once every process's are."""
+    for start, block in blocks:
+        store.write(start, block)
     store.flush()
     share.gather([])  # a barrier: every block is written and flushed before anyone reads
     if share.num_processes > 1:
@@ -170,19 +187,32 @@ def feature_store(
     return store
 
 
+def measured_statistics(embeddings: Dataset, features: FeatureStore, share: Share | None = None) -> dict:
+    """:attr:`~hf_clipsel.scores.ScoreInputs.statistics`: what the pixel-measuring scores measured while embedding,
+    a number per row as float32 ``[N]`` (:func:`measured_values`), a descriptor in a store beside ``features``
+    (:func:`descriptor_store`)."""
+    return {
+        spec.name: measured_values(embeddings, spec.name)
+        if spec.length is None
+        else descriptor_store(embeddings, spec, features, share)
+        for spec in measured_specs()
+    }
+
+
 def pooled_blocks(
-    embeddings: Dataset, block_rows: int, share: Share | None = None
+    embeddings: Dataset, block_rows: int, share: Share | None = None, column: str = VISION_POOLED, dtype=np.float32
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """``(first row, float32 [b, hidden])`` blocks of the cached vectors, in row order (this process's blocks of
-    ``share``). The cache's Arrow files are read with plain reads, not through their memory maps: pages of a mapped
-    file would count in this process's resident memory while they stay cached."""
+    """``(first row, [b, hidden])`` blocks of the cached vectors (or of another fixed-length ``column`` of the
+    cache, such as a pixel descriptor), as ``dtype``, in row order (this process's blocks of ``share``). The cache's
+    Arrow files are read with plain reads, not through their memory maps: pages of a mapped file would count in this
+    process's resident memory while they stay cached."""
     share = share or Share()
-    files = _pooled_files(embeddings)
+    files = _column_files(embeddings, column)
     if files is None:  # not a plain concatenation of cache files (a dataset in memory, a selection of rows)
-        table = embeddings.with_format("numpy", columns=[VISION_POOLED])
+        table = embeddings.with_format("numpy", columns=[column])
         for block, start in enumerate(range(0, len(embeddings), block_rows)):
             if block % share.num_processes == share.process_index:
-                yield start, np.asarray(table[start : start + block_rows][VISION_POOLED], dtype=np.float32)
+                yield start, np.asarray(table[start : start + block_rows][column], dtype=dtype)
         return
     first = 0
     for index, (path, num_rows) in enumerate(files):
@@ -191,26 +221,26 @@ def pooled_blocks(
                 reader, done = pa.ipc.open_stream(handle), 0
                 pending: list[np.ndarray] = []
                 for batch in reader:
-                    column = batch.column(VISION_POOLED)
-                    pending.append(column.flatten().to_numpy(zero_copy_only=False).reshape(len(batch), -1))
+                    values = batch.column(column)
+                    pending.append(values.flatten().to_numpy(zero_copy_only=False).reshape(len(batch), -1))
                     if sum(len(part) for part in pending) >= block_rows or done + len(batch) == num_rows:
-                        block = np.concatenate(pending).astype(np.float32, copy=False)
+                        block = np.concatenate(pending).astype(dtype, copy=False)
                         yield first + done + len(batch) - len(block), block
                         pending = []
                     done += len(batch)
         first += num_rows
 
 
-def _pooled_files(embeddings: Dataset) -> list[tuple[str, int]] | None:
-    """``(path, rows)`` of the cache files holding the cached vectors, in row order, when ``embeddings`` is exactly
-    their concatenation; else None."""
+def _column_files(embeddings: Dataset, column: str) -> list[tuple[str, int]] | None:
+    """``(path, rows)`` of the cache files holding ``column``, in row order, when ``embeddings`` is exactly their
+    concatenation (the cached vectors' files; the pixel statistics' files beside them); else None."""
     if embeddings._indices is not None or not embeddings.cache_files:
         return None
     files = []
     for cache_file in embeddings.cache_files:
         with pa.memory_map(cache_file["filename"]) as source:  # headers only: no page of the data is touched
             reader = pa.ipc.open_stream(source)
-            if VISION_POOLED in reader.schema.names:
+            if column in reader.schema.names:
                 files.append((cache_file["filename"], sum(batch.num_rows for batch in reader)))
     return files if files and sum(rows for _, rows in files) == len(embeddings) else None
 

@@ -216,3 +216,26 @@ def test_the_cross_class_search_of_a_few_queries_finds_what_the_full_search_find
     assert len(few[2]) > 0
     near = full[0] >= 0.97
     torch.testing.assert_close((vectors * vectors[few[1]]).sum(1)[near], full[0][near])
+
+
+def test_thumbnails_read_from_the_class_sorted_store_give_what_the_grids_in_memory_give(tmp_path):
+    """The score stage keeps the thumbnails in a uint8 store beside the features, sorted by the features' classes,
+    not in memory; the search reads them by row ids, a class at a time (here another grouping than the store's,
+    so its reads are scattered), and finds the same values."""
+    from hf_clipsel.features import FeatureStore
+
+    features, text, labels = synthetic(num_rows=120, classes=3, seed=3)
+    grids = torch.randint(0, 256, (120, 64), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    grids[40:50], features[40:50] = grids[0:10], features[0:10]  # copies, within and across labels
+    valid = torch.ones(120, dtype=torch.bool)
+    valid[7] = False
+    expected = find_duplicates(features, text, labels, valid, thumbnails=grids)
+    assert (expected["group"] >= 0).sum() >= 18
+    order = FeatureStore((labels.numpy() * 7 + np.arange(120)) % 5, 32)  # the features' store: another order
+    store = FeatureStore(order, 64, tmp_path / "thumbnails.bin", dtype=np.uint8)
+    assert store.order is order.order and store.block_rows == 48 * 1024**2 // 64
+    for start in range(0, 120, 7):
+        store.write(start, grids[start : start + 7].numpy())
+    found = find_duplicates(features, text, labels, valid, thumbnails=store)
+    for name, values in expected.items():
+        np.testing.assert_array_equal(found[name], values, err_msg=name)

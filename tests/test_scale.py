@@ -44,6 +44,31 @@ def test_store_reads_back_rows_in_any_order(tmp_path, on_disk):
         assert not path.exists()  # the owner's file goes with it
 
 
+def test_a_store_of_another_dtype_shares_the_order_and_reads_scattered_rows_a_block_at_most(tmp_path):
+    """A uint8 store beside the features (the duplicate score's thumbnails) shares their order, not a copy of it,
+    and reads back in its dtype; rows scattered over the file (another grouping than the store's) are read in
+    spans that never cross a block: a read is bounded by a block, not by the file."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, 1000)
+    grids = rng.integers(0, 256, (1000, 64), dtype=np.uint8)
+    features = FeatureStore(labels, 8)
+    store = FeatureStore(features, 64, tmp_path / "grids.bin", dtype=np.uint8)
+    assert store.order is features.order and store.position is features.position
+    for start in range(0, 1000, 300):
+        store.write(start, grids[start : start + 300])
+    assert (tmp_path / "grids.bin").stat().st_size == grids.nbytes
+    store.block_rows = 50
+    reads = []
+    read = store.read
+    store.read = lambda start, stop: reads.append((start, stop)) or read(start, stop)
+    scattered = store.order[::3].astype(np.int64)  # every third row of the file: gaps below _GAP_ROWS
+    got = store.rows(scattered[::-1])
+    assert got.dtype == torch.uint8
+    np.testing.assert_array_equal(got.numpy(), grids[scattered[::-1]])
+    assert all(start // 50 == (stop - 1) // 50 for start, stop in reads) and len(reads) == 20
+    assert store.rows([]).dtype == torch.uint8
+
+
 def test_shares_split_the_work_and_gather_it_whole():
     """Two shares computed one after the other, gathered by hand, give what one process gives; classes are spread
     by cost, costliest first to the least loaded process."""
@@ -101,7 +126,9 @@ def test_out_of_core_scores_equal_the_in_memory_path(cifar_slice, tiny_clip_path
     from hf_clipsel.context import load_context, valid_rows
     from hf_clipsel.embedding import embed_class_prompts, embed_stage, pooled_matrix
     from hf_clipsel.modeling import class_text_features, image_features, logit_bias, logit_scale, posterior_link
-    from hf_clipsel.scores_table import score_stage
+    from hf_clipsel.duplicates import find_duplicates
+    from hf_clipsel.scores.duplicate import THUMBNAIL
+    from hf_clipsel.scores_table import measured_values, score_stage
     from tests.conftest import run_config
 
     config = run_config(cifar_slice, tiny_clip_path, tmp_path / "run")
@@ -133,6 +160,12 @@ def test_out_of_core_scores_equal_the_in_memory_path(cifar_slice, tiny_clip_path
     predicted = torch.where(valid, (F.normalize(features, dim=-1) @ classes.T).argmax(dim=-1), -1)
     np.testing.assert_array_equal(np.asarray(scores["predicted_label"][:]), predicted.numpy())
     np.testing.assert_array_equal(store.rows(np.arange(len(features))).numpy(), features.numpy())
+    # the duplicate score read its thumbnails from a store beside the features: what the grids in memory give
+    thumbnails = torch.from_numpy(measured_values(embeddings, THUMBNAIL))
+    found = find_duplicates(features, classes, labels, valid, thumbnails=thumbnails)
+    for name, column in DUPLICATE_COLUMNS.items():
+        np.testing.assert_array_equal(np.asarray(scores[column][:]), found[name], err_msg=column)
+    assert not list(store.path.parent.glob(f"*{THUMBNAIL}*")), "the thumbnails' store goes with the score stage"
 
     # today's table: the same rows with the in-memory columns, selected with the in-memory features
     today = scores
@@ -148,6 +181,14 @@ def test_out_of_core_scores_equal_the_in_memory_path(cifar_slice, tiny_clip_path
         masks_today, _ = select_stage(today, run, features)
         for ratio in (0.3, 0.5):
             np.testing.assert_array_equal(masks[ratio], masks_today[ratio], err_msg=f"{method} {ratio}")
+
+
+DUPLICATE_COLUMNS = {
+    "same_class": "duplicate_similarity_same_class",
+    "other_class": "duplicate_similarity_other_class",
+    "group": "duplicate_group",
+    "nearest": "nearest_duplicate",
+}
 
 
 def _prompts(context):

@@ -61,8 +61,10 @@ class ScoreInputs:
             scoring.class_posterior).
         knn_k: neighbours per row for scores that compare a row with its class.
         knn_block_rows: rows of a class held at once by such a comparison (larger classes go in blocks), ``>= 2``.
-        statistics: ``{column: float32[N]}`` (``[N, length]`` for a measured descriptor) what the scores'
-            :meth:`Score.measure` found while decoding.
+        statistics: ``{column: float32[N]}`` what the scores' :meth:`Score.measure` found while decoding; a
+            measured descriptor (``length`` values a row, the duplicate score's uint8 thumbnails) is a
+            :class:`~hf_clipsel.features.FeatureStore` of its dtype sorted as ``features`` (the score stage's: read
+            by row ids, a class at a time, never held whole) or an ``[N, length]`` array (inputs built by hand).
         share: this process's part of the work (one process: all of it).
     """
 

@@ -24,6 +24,7 @@ from ..duplicates import (
     find_duplicates,
     thumbnail,
 )
+from ..features import FeatureStore
 from ..selection.registry import alignment_term
 from .base import Column, Score, ScoreInputs, register_score
 
@@ -159,9 +160,7 @@ class NearDuplicates(Score):
         return (thumbnail(image),)
 
     def compute(self, inputs: ScoreInputs) -> dict[str, np.ndarray]:
-        grids = np.asarray(inputs.statistics.get(THUMBNAIL, ()))
-        # Inputs without thumbnails (built by hand, e.g. a benchmark's synthetic statistics): the features alone.
-        thumbnails = torch.from_numpy(grids) if grids.shape[1:] == (THUMBNAIL_SIDE**2,) else None
+        thumbnails = _thumbnails(inputs.statistics.get(THUMBNAIL))
         found = find_duplicates(
             inputs.image_features,
             inputs.class_features,
@@ -181,6 +180,16 @@ class NearDuplicates(Score):
         """``"duplicate: row <r> kept"`` for every copy of a group and label but its best ``r``."""
         found = findings(table, selection)
         return None if found is None else found[0]
+
+
+def _thumbnails(grids) -> torch.Tensor | FeatureStore | None:
+    """The thumbnails as the search reads them, by row ids: the class-sorted store the score stage writes (read a
+    class at a time), or ``[N, 64]`` grids in memory (inputs built by hand). None where there are none (inputs
+    without them, e.g. a benchmark's synthetic statistics): the features alone decide."""
+    if isinstance(grids, FeatureStore):
+        return grids if grids.dim == THUMBNAIL_SIDE**2 else None
+    grids = np.asarray(() if grids is None else grids)
+    return torch.from_numpy(grids) if grids.shape[1:] == (THUMBNAIL_SIDE**2,) else None
 
 
 @register_score

@@ -83,6 +83,7 @@ def build_cache(work: Path, rows: int, dim: int, classes: int, largest: int, see
         ) as writer:
             writer.write_table(pa.table(columns, schema=features.arrow_schema))
             writer.finalize()
+    write_statistics(work, rows, seed + 1)
     build_tiny_clip(work / "model", hidden_size=dim, projection_dim=dim, num_layers=1)
     weights = sizes.astype(np.float64)
     return {
@@ -92,6 +93,32 @@ def build_cache(work: Path, rows: int, dim: int, classes: int, largest: int, see
     }
 
 
+def write_statistics(work: Path, rows: int, seed: int) -> None:
+    """The pixel statistics beside the cache, as the embed stage caches them (one Arrow file per chunk of ``row_id``
+    and every measured column): synthetic, a gamma-distributed number per row, or a random uint8 descriptor (the
+    duplicate score's thumbnail: random grids, so it finds next to no duplicates, but compares every pair)."""
+    from hf_clipsel.embedding import statistics_features
+    from hf_clipsel.scores import measured_specs
+
+    (work / "statistics").mkdir(exist_ok=True)
+    features = statistics_features()
+    rng = np.random.default_rng(seed)
+    num_chunks = -(-rows // CHUNK_ROWS)
+    for index, start in enumerate(range(0, rows, CHUNK_ROWS)):
+        stop = min(start + CHUNK_ROWS, rows)
+        columns = {"row_id": pa.array(np.arange(start, stop))}
+        for spec in measured_specs():
+            if spec.length is None:
+                columns[spec.name] = pa.array(rng.gamma(4.0, 0.05, stop - start).astype(np.float32))
+            else:
+                grids = rng.integers(0, 256, (stop - start) * spec.length, dtype=np.uint8)
+                columns[spec.name] = pa.FixedSizeListArray.from_arrays(pa.array(grids), spec.length)
+        path = work / "statistics" / f"chunk-{index:05d}-of-{num_chunks:05d}.arrow"
+        with ArrowWriter(features=features, path=str(path)) as writer:
+            writer.write_table(pa.table(columns, schema=features.arrow_schema))
+            writer.finalize()
+
+
 def child(work: Path, text_classes: int, knn_k: int) -> None:
     """Score and select on the cache of ``work`` (a fresh process); prints one JSON line."""
     from transformers import CLIPModel
@@ -99,28 +126,34 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
     from hf_clipsel.configs import ClipselConfig
     from hf_clipsel.features import FeatureStore
     from hf_clipsel.modeling import image_features
-    from hf_clipsel.scores import ScoreInputs, measured_specs, score_columns
-    from hf_clipsel.scores_table import arrow_dataset, feature_store, score_values, scores_features, select_stage
+    from hf_clipsel.scores import ScoreInputs, score_columns
+    from hf_clipsel.scores_table import (
+        arrow_dataset,
+        feature_store,
+        measured_statistics,
+        score_values,
+        scores_features,
+        select_stage,
+    )
 
     labels = np.load(work / "labels.npy")
     rows = len(labels)
     model = CLIPModel.from_pretrained(work / "model").eval()
-    embeddings = concatenate_datasets([Dataset.from_file(str(p)) for p in sorted((work / "cache").glob("*.arrow"))])
+
+    def files(folder: str) -> Dataset:
+        return concatenate_datasets([Dataset.from_file(str(p)) for p in sorted((work / folder).glob("*.arrow"))])
+
+    # the cached vectors and the pixel statistics beside them, as the embed stage returns them
+    embeddings = concatenate_datasets([files("cache"), files("statistics").remove_columns("row_id")], axis=1)
     text = torch.nn.functional.normalize(torch.randn(text_classes, model.config.projection_dim), dim=-1)
-    rng = np.random.default_rng(1)
-    # as the embed stage caches them: a number per row, or a uint8 descriptor (the duplicate score's thumbnail)
-    statistics = {
-        spec.name: rng.gamma(4.0, 0.05, rows).astype(np.float32)
-        if spec.length is None
-        else rng.integers(0, 256, (rows, spec.length), dtype=np.uint8)
-        for spec in measured_specs()
-    }
     resident_before = _status_gib("VmRSS")
     _reset_peak()
     started = time.perf_counter()
     with torch.no_grad():
         path = work / "features.f32"
         store = feature_store(embeddings, lambda pooled: image_features(model, torch.from_numpy(pooled)), labels, path)
+        # as scores_table.score_stage reads them: numbers per row in memory, the thumbnails in a store beside
+        statistics = measured_statistics(embeddings, store)
         projected = time.perf_counter()
         inputs = ScoreInputs(
             features=store,

@@ -77,7 +77,10 @@ class Phases:
                 peak.update(rss=rss, live=live, free=free, split=resident_split())
             time.sleep(0.02)
 
-    def wrap(self, name: str, function):
+    def wrap(self, name: str, function, quiet: bool = False):
+        """``function`` run as the phase ``name``; ``quiet``: a step called many times (the duplicate search's, once
+        per class), whose peak is kept but whose calls are not printed."""
+
         @functools.wraps(function)
         def wrapped(*args, **kwargs):
             outer, self.current = self.current, name
@@ -86,11 +89,12 @@ class Phases:
                 return function(*args, **kwargs)
             finally:
                 live, free = heap()
-                print(
-                    f"phase {name}: {time.perf_counter() - started:.1f} s, RSS {start / GiB:.3f} -> "
-                    f"{resident() / GiB:.3f} GiB, live {live / GiB:.3f}, free {free / GiB:.3f}",
-                    flush=True,
-                )
+                if not quiet:
+                    print(
+                        f"phase {name}: {time.perf_counter() - started:.1f} s, RSS {start / GiB:.3f} -> "
+                        f"{resident() / GiB:.3f} GiB, live {live / GiB:.3f}, free {free / GiB:.3f}",
+                        flush=True,
+                    )
                 self.current = outer
 
         return wrapped
@@ -106,6 +110,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     import _scale
 
+    import hf_clipsel.duplicates as duplicates
     import hf_clipsel.scores_table as scores_table
     from hf_clipsel.scores import registered_scores
 
@@ -116,6 +121,12 @@ def main() -> None:
              "select", "drop_reasons", "concatenate_datasets", "select_stage")  # fmt: skip
     for name in steps:  # looked up in the module when called: the child and select_stage call the wrapped ones
         setattr(scores_table, name, phases.wrap(name, getattr(scores_table, name)))
+    # the duplicate search's steps (hf_clipsel.duplicates looks them up in its module when it calls them): what
+    # find_duplicates holds between them is its own phase, "score duplicate"
+    for name in ("group_rows_by_label", "read_thumbnails", "thumbnail_vectors", "nearest_in_group", "nearest_across",
+                 "groups_of_pairs", "nearest_partner"):  # fmt: skip
+        if hasattr(duplicates, name):
+            setattr(duplicates, name, phases.wrap("search: " + name, getattr(duplicates, name), quiet=True))
     _scale.child(Path(args.work), args.text_classes, args.knn_k)  # prints its JSON line
     print("peak RSS per phase (innermost phase; GiB): rss, live and free malloc bytes at that moment, RssAnon/RssFile")
     for name, peak in phases.peaks.items():
