@@ -258,7 +258,8 @@ def find_duplicates(
         other_row = torch.full((num_rows,), NONE, dtype=index_dtype)
     predicted = torch.full((num_rows,), NONE, dtype=torch.int32)  # a class index
     text = class_features.to(torch.float32)
-    classes = group_rows_by_label(labels, valid.nonzero().squeeze(1))
+    # the usable rows' ids, grouped by class: held through a pass, so int32 too
+    classes = group_rows_by_label(labels, valid.nonzero().squeeze(1).to(index_dtype))
     dim = image_features.shape[1]
     share = share or Share()
 
@@ -311,8 +312,8 @@ def find_duplicates(
         if same_row is not None:
             same_row[rows] = _row_ids(rows, neighbour).to(same_row.dtype)
         pairs.append(rows[found])
-    del classes  # the given classes' row ids (8 bytes a row): the predicted classes' take their place
-    predicted_classes = group_rows_by_label(predicted, valid.nonzero().squeeze(1))
+    del classes  # the given classes' row ids (4 bytes a row): the predicted classes' take their place
+    predicted_classes = group_rows_by_label(predicted, valid.nonzero().squeeze(1).to(index_dtype))
     for rows, (similarity, neighbour, found) in zip(
         predicted_classes, each_group(predicted_classes, lambda rows: search(rows, labels[rows]), share)
     ):
