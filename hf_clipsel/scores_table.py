@@ -66,19 +66,6 @@ def scores_features(class_names: list[str]) -> Features:
     )
 
 
-def measured_values(embeddings: Dataset, name: str) -> np.ndarray:
-    """A column measured on the pixels while embedding, read through Arrow: float32 ``[N]``, or ``[N, length]`` in
-    its own dtype for a descriptor (a uint8 thumbnail stays 64 bytes a row; as Python lists, or as numpy's default
-    int64, it would take many times that at millions of rows)."""
-    column = embeddings.with_format("arrow")[name].combine_chunks()
-    if pa.types.is_fixed_size_list(column.type):
-        values = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
-    else:
-        values = column.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    # a view of Arrow's buffer is read-only, which torch.from_numpy warns about; the copy frees the Arrow array
-    return values if values.flags.writeable else values.copy()
-
-
 def score_stage(context, model, embeddings: Dataset, together: bool = False) -> tuple[Dataset | None, FeatureStore]:
     """The score stage: the scores table of every row (every registered score), and the image features it was
     computed from (a :class:`~hf_clipsel.features.FeatureStore` in the run's cache, deleted with it). ``embeddings``
@@ -165,17 +152,6 @@ def feature_store(
     return _filled(store, blocks, share)
 
 
-def descriptor_store(embeddings: Dataset, spec, features: FeatureStore, share: Share | None = None) -> FeatureStore:
-    """A pixel descriptor the embed stage cached (``spec``: a :class:`~hf_clipsel.scores.Column` with a ``length``,
-    such as the duplicate score's uint8 thumbnail) in a store of its own dtype beside ``features`` (a file named
-    after theirs, or memory), sorted as they are: a score reads it class by class, and it is never held whole (64
-    bytes a row: 0.8 GiB at 13M rows). The processes of ``share`` write their blocks each, as for the features."""
-    share = share or Share()
-    path = None if features.path is None else features.path.with_name(f"{features.path.stem}-{spec.name}.bin")
-    store = FeatureStore(features, spec.length, path, owner=features.owner, dtype=np.dtype(spec.dtype))
-    return _filled(store, pooled_blocks(embeddings, store.block_rows, share, spec.name, store.dtype), share)
-
-
 def _filled(store: FeatureStore, blocks: Iterator[tuple[int, np.ndarray]], share: Share) -> FeatureStore:
     """``store`` with this process's ``(first row, [b, d])`` ``blocks`` written, once every process's are."""
     for start, block in blocks:
@@ -188,15 +164,22 @@ def _filled(store: FeatureStore, blocks: Iterator[tuple[int, np.ndarray]], share
 
 
 def measured_statistics(embeddings: Dataset, features: FeatureStore, share: Share | None = None) -> dict:
-    """:attr:`~hf_clipsel.scores.ScoreInputs.statistics`: what the pixel-measuring scores measured while embedding,
-    a number per row as float32 ``[N]`` (:func:`measured_values`), a descriptor in a store beside ``features``
-    (:func:`descriptor_store`)."""
-    return {
-        spec.name: measured_values(embeddings, spec.name)
-        if spec.length is None
-        else descriptor_store(embeddings, spec, features, share)
-        for spec in measured_specs()
-    }
+    """:attr:`~hf_clipsel.scores.ScoreInputs.statistics`: what the pixel-measuring scores measured while embedding.
+    A number per row is float32 ``[N]``, read through Arrow. A descriptor (the duplicate score's uint8 thumbnail: 64
+    bytes a row, 0.8 GiB at 13M rows) goes to a store of its dtype beside ``features`` (a file named after theirs,
+    or memory), sorted as they are, so that a score reads it class by class and it is never held whole; the
+    processes of ``share`` write their blocks each, as for the features."""
+    share = share or Share()
+    statistics = {}
+    for spec in measured_specs():
+        if spec.length is None:  # a copy of Arrow's read-only buffer (torch.from_numpy warns about those)
+            statistics[spec.name] = np.array(embeddings.with_format("arrow")[spec.name].to_numpy(), np.float32)
+            continue
+        path = None if features.path is None else features.path.with_name(f"{features.path.stem}-{spec.name}.bin")
+        store = FeatureStore(features, spec.length, path, owner=features.owner, dtype=spec.dtype)
+        blocks = pooled_blocks(embeddings, store.block_rows, share, spec.name, store.dtype)
+        statistics[spec.name] = _filled(store, blocks, share)
+    return statistics
 
 
 def pooled_blocks(

@@ -119,13 +119,27 @@ def logit_block_rows(num_classes: int) -> int:
 
 
 def group_rows_by_label(labels: Tensor, rows: Tensor) -> list[Tensor]:
-    """Split ``rows`` (indices) into one index tensor per value of ``labels[rows]`` (ascending), each in ascending
-    row order."""
+    """Split ``rows`` (ascending indices, such as a mask's ``nonzero()``) into one index tensor per value of
+    ``labels[rows]`` (ascending), each in ascending row order and of ``rows``' dtype."""
     if rows.numel() == 0:
         return []
-    order = torch.argsort(labels[rows], stable=True)
+    keys = labels[rows].to(torch.int64)
+    keys -= keys.min()
+    if keys.device.type == "cpu" and int(keys.max()) < 2**31 and 0 <= int(rows.min()) and int(rows.max()) < 2**32:
+        # (label, row id) packed in one int64 and sorted in place: no [N] index array and no stable sort's buffers,
+        # about 20 bytes a row at the peak instead of 44 (13M rows: 0.3 GiB less, measured with mallinfo2)
+        keys <<= 32
+        keys += rows
+        packed = keys.numpy()
+        packed.sort()
+        high = packed >> 32
+        sizes = np.diff(np.flatnonzero(np.r_[True, high[1:] != high[:-1], True]))
+        del high
+        packed &= 0xFFFFFFFF
+        return list(torch.split(torch.from_numpy(packed).to(rows.dtype), sizes.tolist()))
+    order = torch.argsort(keys, stable=True)
     rows = rows[order]
-    _, counts = torch.unique_consecutive(labels[rows], return_counts=True)
+    _, counts = torch.unique_consecutive(keys[order], return_counts=True)
     return list(torch.split(rows, counts.tolist()))
 
 

@@ -124,11 +124,11 @@ def test_out_of_core_scores_equal_the_in_memory_path(cifar_slice, tiny_clip_path
 
     from hf_clipsel.configs import SelectionConfig
     from hf_clipsel.context import load_context, valid_rows
+    from hf_clipsel.duplicates import find_duplicates
     from hf_clipsel.embedding import embed_class_prompts, embed_stage, pooled_matrix
     from hf_clipsel.modeling import class_text_features, image_features, logit_bias, logit_scale, posterior_link
-    from hf_clipsel.duplicates import find_duplicates
     from hf_clipsel.scores.duplicate import THUMBNAIL
-    from hf_clipsel.scores_table import measured_values, score_stage
+    from hf_clipsel.scores_table import score_stage
     from tests.conftest import run_config
 
     config = run_config(cifar_slice, tiny_clip_path, tmp_path / "run")
@@ -161,7 +161,7 @@ def test_out_of_core_scores_equal_the_in_memory_path(cifar_slice, tiny_clip_path
     np.testing.assert_array_equal(np.asarray(scores["predicted_label"][:]), predicted.numpy())
     np.testing.assert_array_equal(store.rows(np.arange(len(features))).numpy(), features.numpy())
     # the duplicate score read its thumbnails from a store beside the features: what the grids in memory give
-    thumbnails = torch.from_numpy(measured_values(embeddings, THUMBNAIL))
+    thumbnails = torch.tensor(embeddings.with_format("numpy")[THUMBNAIL], dtype=torch.uint8)
     found = find_duplicates(features, classes, labels, valid, thumbnails=thumbnails)
     for name, column in DUPLICATE_COLUMNS.items():
         np.testing.assert_array_equal(np.asarray(scores[column][:]), found[name], err_msg=column)

@@ -1,7 +1,9 @@
 """Where the scale benchmark's memory goes: its child (``bench_selection.py --scale-child``) under a phase profiler.
 
 Runs the same child on a cache that ``bench_selection.py --parts scale --keep --work-dir WORK`` built, with each
-registered score's ``compute`` and each step of ``scores_table.select_stage`` wrapped as a phase, and a thread that
+registered score's ``compute``, each step of the duplicate search (``hf_clipsel.duplicates``: grouping the rows by
+class, the thumbnails' vectors, the searches within and across classes, the groups; called once per class, so not
+printed, only their peak kept) and each step of ``scores_table.select_stage`` wrapped as a phase, and a thread that
 samples every 20 ms the process's resident memory and glibc malloc's own accounting (``mallinfo2``: bytes handed out
 and not freed, "live", and bytes freed but kept in its heap, "free"). Prints, per phase, its RSS at start and end and
 at its peak, with the live and free bytes and the kernel's split of resident memory (``RssAnon``: heap, mmaps,
@@ -123,10 +125,9 @@ def main() -> None:
         setattr(scores_table, name, phases.wrap(name, getattr(scores_table, name)))
     # the duplicate search's steps (hf_clipsel.duplicates looks them up in its module when it calls them): what
     # find_duplicates holds between them is its own phase, "score duplicate"
-    for name in ("group_rows_by_label", "read_thumbnails", "thumbnail_vectors", "nearest_in_group", "nearest_across",
-                 "groups_of_pairs", "nearest_partner"):  # fmt: skip
-        if hasattr(duplicates, name):
-            setattr(duplicates, name, phases.wrap("search: " + name, getattr(duplicates, name), quiet=True))
+    for name in ("group_rows_by_label", "thumbnail_vectors", "nearest_in_group", "nearest_across", "groups_of_pairs",
+                 "nearest_partner"):  # fmt: skip
+        setattr(duplicates, name, phases.wrap("search: " + name, getattr(duplicates, name), quiet=True))
     _scale.child(Path(args.work), args.text_classes, args.knn_k)  # prints its JSON line
     print("peak RSS per phase (innermost phase; GiB): rss, live and free malloc bytes at that moment, RssAnon/RssFile")
     for name, peak in phases.peaks.items():
