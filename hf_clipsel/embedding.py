@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -33,6 +34,7 @@ from datasets import Dataset, Features, Image, IterableDataset, List, Value, con
 from datasets.arrow_writer import ArrowWriter
 
 from .data import ROW_ID
+from .features import rows_per_block
 from .modeling import cached_size, clip_of, normalises_on_device, text_tower_outputs, vision_tower_outputs
 from .preprocessing import ChunkWork, Preprocessing, prepared_chunks
 from .scores import measured_columns, measured_specs, measurement_versions
@@ -117,11 +119,33 @@ def embed_chunk(
             new_fingerprint=fingerprint,
             desc=desc,
         )
+        _in_blocks(embeddings_path, rows_per_block(hidden_size))
     else:
         for _ in prepared:  # the statistics alone are missing: decode, measure, no forward
             pass
     if chunk.measure:
         _write_statistics(statistics_path, chunk.rows[ROW_ID], statistics)
+
+
+def _in_blocks(path: Path, block_rows: int) -> None:
+    """Rewrite an Arrow cache file in record batches of about ``block_rows`` (a block of features) instead of the
+    forward's ``batch_size`` rows that `datasets.map` writes: opening a file touches every batch's header, and the
+    kernel maps about 64 KiB of file around each into the process for as long as it is open. At 64-row batches that
+    was 1 KiB a row resident while scoring (13 GiB at 13M rows; recipes/benchmarks/README.md, "Where the per-row
+    memory goes"). Written beside and renamed in, as the chunk's own files are."""
+    partial = path.with_name(f"tmp-{path.name}")
+    with pa.OSFile(str(path)) as source, pa.OSFile(str(partial), "wb") as sink:
+        reader = pa.ipc.open_stream(source)
+        with pa.ipc.new_stream(sink, reader.schema) as writer:
+            pending, rows = [], 0
+            for batch in reader:
+                pending, rows = [*pending, batch], rows + batch.num_rows
+                if rows >= block_rows:
+                    writer.write_table(pa.Table.from_batches(pending, reader.schema).combine_chunks())
+                    pending, rows = [], 0
+            if pending:
+                writer.write_table(pa.Table.from_batches(pending, reader.schema).combine_chunks())
+    os.replace(partial, path)
 
 
 def _collecting(batches: Iterator[dict], statistics: list) -> Iterator[dict]:
@@ -137,7 +161,10 @@ def _write_statistics(path: Path, row_ids: list[int], statistics: list) -> None:
         raise RuntimeError("the pixel statistics went out of step with the rows being embedded.")
     columns = {name: [row[i] for row in statistics] for i, name in enumerate(measured_columns())}
     partial = path.with_name(f"tmp-{path.name}")  # `tmp*`: swept up with datasets' own leftovers
-    with ArrowWriter(features=statistics_features(), path=str(partial)) as writer:
+    # one record batch: each maps 64 KiB when the file is opened (_in_blocks)
+    with ArrowWriter(
+        features=statistics_features(), path=str(partial), writer_batch_size=max(len(row_ids), 1)
+    ) as writer:
         writer.write_batch({ROW_ID: list(row_ids), **columns})
         writer.finalize()
     os.replace(partial, path)

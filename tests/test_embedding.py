@@ -251,3 +251,24 @@ def test_one_loader_serves_every_chunk_so_its_workers_start_once(cifar_slice, ti
             assert torch.equal(ready["pixel_values"], expected["pixel_values"])
             assert ready["statistics"] == [list(row) for row in expected["statistics"]]  # the loader makes lists
         assert len(workers) == 2 and os.getpid() not in workers
+
+
+def test_a_chunk_is_one_record_batch_in_its_cache_files(cifar_slice, tiny_clip_path, tmp_path):
+    """Opening an Arrow file touches every record batch's header, and the kernel maps about 64 KiB around each for
+    the whole run: at datasets' 1,000-row batches, about 70 bytes a row of each cache stay resident while scoring
+    (recipes/benchmarks/README.md, "Where the per-row memory goes"). A chunk of 1,200 rows is one batch (up to a
+    block of features, hf_clipsel.features.rows_per_block), in the embeddings' file and in the statistics'."""
+    import pyarrow as pa
+
+    dataset = load_dataset("parquet", data_files=str(cifar_slice), split="train")
+    dataset = with_row_ids(dataset.select([row % len(dataset) for row in range(1200)]))
+    config = ModelConfig(model_name_or_path=str(tiny_clip_path))
+    model, processor = load_clip(config)
+    kwargs = dict(model_fingerprint=model_fingerprint(config, model), cache_dir=tmp_path, accelerator=Accelerator(),
+                  batch_size=200, chunk_size=1200)  # fmt: skip
+    embed_images(dataset, "img", model, processor.image_processor, **kwargs)
+    files = embedding_chunks(tmp_path) + sorted(tmp_path.glob(STATISTICS_DIR_PREFIX + "*/chunk-*.arrow"))
+    assert len(files) == 2
+    for path in files:
+        with pa.memory_map(str(path)) as source:
+            assert [batch.num_rows for batch in pa.ipc.open_stream(source)] == [1200], path.parent.name

@@ -161,7 +161,7 @@ def test_out_of_core_scores_equal_the_in_memory_path(cifar_slice, tiny_clip_path
     np.testing.assert_array_equal(np.asarray(scores["predicted_label"][:]), predicted.numpy())
     np.testing.assert_array_equal(store.rows(np.arange(len(features))).numpy(), features.numpy())
     # the duplicate score read its thumbnails from a store beside the features: what the grids in memory give
-    thumbnails = torch.tensor(embeddings.with_format("numpy")[THUMBNAIL], dtype=torch.uint8)
+    thumbnails = torch.from_numpy(np.array(embeddings[THUMBNAIL], dtype=np.uint8))
     found = find_duplicates(features, classes, labels, valid, thumbnails=thumbnails)
     for name, column in DUPLICATE_COLUMNS.items():
         np.testing.assert_array_equal(np.asarray(scores[column][:]), found[name], err_msg=column)

@@ -57,6 +57,7 @@ def class_sizes(rows: int, classes: int, largest: int) -> np.ndarray:
 def build_cache(work: Path, rows: int, dim: int, classes: int, largest: int, seed: int = 0) -> dict:
     """The synthetic cache (class centre plus noise, rows in shuffled class order), its labels and a tiny CLIP."""
     from hf_clipsel.embedding import VISION_POOLED, embedding_features
+    from hf_clipsel.features import rows_per_block
     from hf_clipsel.tiny import build_tiny_clip
 
     shutil.rmtree(work, ignore_errors=True)
@@ -80,9 +81,9 @@ def build_cache(work: Path, rows: int, dim: int, classes: int, largest: int, see
             "decode_ok": pa.array(np.ones(stop - start, dtype=bool)),
             "decode_error": pa.array([""] * (stop - start)),
         }
-        with ArrowWriter(
-            features=features, path=str(work / "cache" / f"chunk-{index:05d}-of-{num_chunks:05d}.arrow")
-        ) as writer:
+        path = work / "cache" / f"chunk-{index:05d}-of-{num_chunks:05d}.arrow"
+        # record batches of a block of features, as hf_clipsel.embedding leaves its cache files
+        with ArrowWriter(features=features, path=str(path), writer_batch_size=rows_per_block(dim)) as writer:
             writer.write_table(pa.table(columns, schema=features.arrow_schema))
             writer.finalize()
     write_statistics(work, rows, seed + 1)
@@ -116,7 +117,7 @@ def write_statistics(work: Path, rows: int, seed: int) -> None:
                 grids = rng.integers(0, 256, (stop - start) * spec.length, dtype=np.uint8)
                 columns[spec.name] = pa.FixedSizeListArray.from_arrays(pa.array(grids), spec.length)
         path = work / "statistics" / f"chunk-{index:05d}-of-{num_chunks:05d}.arrow"
-        with ArrowWriter(features=features, path=str(path)) as writer:
+        with ArrowWriter(features=features, path=str(path), writer_batch_size=CHUNK_ROWS) as writer:  # one batch
             writer.write_table(pa.table(columns, schema=features.arrow_schema))
             writer.finalize()
 
