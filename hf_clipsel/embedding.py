@@ -131,8 +131,8 @@ def _in_blocks(path: Path, block_rows: int) -> None:
     """Rewrite an Arrow cache file in record batches of about ``block_rows`` (a block of features) instead of the
     forward's ``batch_size`` rows that `datasets.map` writes: opening a file touches every batch's header, and the
     kernel maps about 64 KiB of file around each into the process for as long as it is open. At 64-row batches that
-    was 1 KiB a row resident while scoring (13 GiB at 13M rows; recipes/benchmarks/README.md, "Where the per-row
-    memory goes"). Written beside and renamed in, as the chunk's own files are."""
+    was 1 KiB a row resident while scoring (measured; 13 GiB at 13M rows, EXTRAPOLATED: recipes/benchmarks/README.md,
+    "The thumbnails out of memory"). Written beside and renamed in, as the chunk's own files are."""
     partial = path.with_name(f"tmp-{path.name}")
     with pa.OSFile(str(path)) as source, pa.OSFile(str(partial), "wb") as sink:
         reader = pa.ipc.open_stream(source)
