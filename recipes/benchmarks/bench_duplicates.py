@@ -113,6 +113,7 @@ def ensure_model(args, test) -> str:
         return args.model_name_or_path
     path = Path(args.work_dir) / f"proxy-rows8000-epochs{args.proxy_epochs}"
     if not (path / "model.safetensors").exists():
+        path.parent.mkdir(parents=True, exist_ok=True)  # the training state is saved beside the model
         rows = test.select(range(8000))
         spec = ProxySpec(epochs=args.proxy_epochs)
         names = test.features["label"].names
@@ -143,7 +144,8 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """The pool's and the run's flags (explore_duplicate_crops.py reads the same pool and run)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data_dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--work_dir", default="/tmp/duplicates/work")
@@ -152,17 +154,14 @@ def main(argv=None):
     p.add_argument("--pool_size", type=int, default=3000, help="Base rows drawn from the training split.")
     p.add_argument("--copies", type=int, default=30, help="Within-class copies per kind.")
     p.add_argument("--cross_copies", type=int, default=10, help="Cross-class copies per kind.")
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.95, 0.96, 0.97, 0.98, 0.99])
-    p.add_argument("--agreements", type=float, nargs="+", default=[-1.0, 0.7, 0.8, 0.9])
-    p.add_argument("--feature_thresholds", type=float, nargs="+", default=[0.99, 0.995])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
-    print(f"command: {command}", flush=True)
-    started = time.perf_counter()
+    return p
+
+
+def prepare(args) -> dict:
+    """The pool (built once under ``work_dir``) and one default run on it (cached there: a second call reads the
+    run's embeddings): its scores, the copies' record, the run's image features, class features and thumbnails."""
     cifar = load_cifar10(args.data_dir)
     model = ensure_model(args, cifar["test"])
     key = f"pool{args.pool_size}-copies{args.copies}-cross{args.cross_copies}-seed{args.seed}"
@@ -184,13 +183,42 @@ def main(argv=None):
     state, _ = drive(config, "run")
     scores = state.scores.with_format("numpy")[:]
     record = state.context.source.dataset.select_columns(["copy_of", "copy_kind", "cross_class"])[:]
-    copy_of, kinds, cross = (np.asarray(record[name]) for name in ("copy_of", "copy_kind", "cross_class"))
-    labels, valid = scores["label"].astype(np.int64), scores["flag_reason"] == ""
     with torch.no_grad():
         text = embed_class_prompts(state.model, state.context.processor.tokenizer, prompts_of(state.context))
         class_features = class_text_features(state.model, text).cpu()
     _, features = score_stage(state.context, state.model, state.scoring)  # the run's store went with its selection
-    thumbnails = torch.from_numpy(np.asarray(state.scoring[THUMBNAIL][:], dtype=np.uint8))
+    return {
+        "model": model,
+        "pool_file": pool_file,
+        "config": config,
+        "scores": scores,
+        "copy_of": np.asarray(record["copy_of"]),
+        "kinds": np.asarray(record["copy_kind"]),
+        "cross": np.asarray(record["cross_class"]),
+        "labels": scores["label"].astype(np.int64),
+        "valid": scores["flag_reason"] == "",
+        "class_features": class_features,
+        "features": features,
+        "thumbnails": torch.from_numpy(np.asarray(state.scoring[THUMBNAIL][:], dtype=np.uint8)),
+    }
+
+
+def main(argv=None):
+    p = parser()
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.95, 0.96, 0.97, 0.98, 0.99])
+    p.add_argument("--agreements", type=float, nargs="+", default=[-1.0, 0.7, 0.8, 0.9])
+    p.add_argument("--feature_thresholds", type=float, nargs="+", default=[0.99, 0.995])
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    print(f"command: {command}", flush=True)
+    started = time.perf_counter()
+    run = prepare(args)
+    model, config, scores, features, class_features, thumbnails = (
+        run[name] for name in ("model", "config", "scores", "features", "class_features", "thumbnails")
+    )
+    copy_of, kinds, cross, labels, valid = (run[name] for name in ("copy_of", "kinds", "cross", "labels", "valid"))
     labels_t, valid_t = torch.from_numpy(labels), torch.from_numpy(valid)
     copies = np.nonzero(copy_of >= 0)[0]
     truth_conflict = np.zeros(len(labels), dtype=bool)
