@@ -139,7 +139,8 @@ def _in_blocks(path: Path, block_rows: int) -> None:
         with pa.ipc.new_stream(sink, reader.schema) as writer:
             pending, rows = [], 0
             for batch in reader:
-                pending, rows = [*pending, batch], rows + batch.num_rows
+                pending.append(batch)
+                rows += batch.num_rows
                 if rows >= block_rows:
                     writer.write_table(pa.Table.from_batches(pending, reader.schema).combine_chunks())
                     pending, rows = [], 0

@@ -35,9 +35,9 @@ def drop_reasons(
     codes = np.zeros(len(selected), dtype=np.min_scalar_type(len(names)))
     for code, (_, rows) in enumerate(explained, start=1):
         codes[np.asarray(rows, dtype=bool)] = code
-    codes[np.asarray(flagged, dtype=bool)] = len(names) - 3
-    codes[~np.asarray(decode_ok, dtype=bool)] = len(names) - 2
-    codes[np.asarray(selected, dtype=bool)] = len(names) - 1
+    codes[np.asarray(flagged, dtype=bool)] = names.index(UNUSABLE_LABEL)
+    codes[~np.asarray(decode_ok, dtype=bool)] = names.index(UNDECODABLE)
+    codes[np.asarray(selected, dtype=bool)] = names.index(KEPT)
     table = np.empty(len(names), dtype=object)
     table[:] = names
     return table[codes]
