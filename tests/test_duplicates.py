@@ -239,3 +239,27 @@ def test_thumbnails_read_from_the_class_sorted_store_give_what_the_grids_in_memo
     found = find_duplicates(features, text, labels, valid, thumbnails=store)
     for name, values in expected.items():
         np.testing.assert_array_equal(found[name], values, err_msg=name)
+
+
+def test_the_findings_of_a_selection_go_with_its_table():
+    """Both duplicate scores' flags come from one search per (table, selection), cached: the cache must not hold its
+    two object arrays of N after the table it was computed from is gone (16 bytes a row at the selection's end)."""
+    import gc
+
+    from hf_clipsel.scores import duplicate
+    from hf_clipsel.selection import SelectionConfig
+
+    table = {
+        "duplicate_group": np.array([0, 0, -1, 3, 3], dtype=np.int64),
+        "label": np.array([1, 1, 0, 0, 1], dtype=np.int64),
+        "flag_reason": np.array([""] * 5, dtype=object),
+        "semantic_alignment_normalized": np.array([0.9, 0.5, 0.2, 0.4, 0.8], dtype=np.float32),
+        "class_posterior_normalized": np.array([0.9, 0.5, 0.2, 0.4, 0.8], dtype=np.float32),
+    }
+    selection = SelectionConfig(duplicate_check=True)
+    duplicates, conflicts = duplicate.findings(table, selection)
+    assert list(duplicates) == ["", "duplicate: row 0 kept", "", "", ""]
+    assert conflicts[3].startswith("conflicting labels") and duplicate.findings(table, selection)[0] is duplicates
+    del table
+    gc.collect()
+    assert duplicate._LAST.found is None and duplicate._LAST.references is None

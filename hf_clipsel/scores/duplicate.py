@@ -55,7 +55,8 @@ def preference(table: dict, selection) -> np.ndarray:
 class _LastFindings:
     """The findings of the last (table, selection): both scores' flags (and their drop reasons) come from one
     search of the groups per selection. Keyed on the identity of the columns read (weak references, so no table is
-    kept alive) and on the selection's settings."""
+    kept alive) and on the selection's settings, and let go with the table's group column: two object arrays of N
+    (16 bytes a row) are not held after the selection that read them."""
 
     def __init__(self):
         self.references: list | None = None
@@ -79,7 +80,12 @@ class _LastFindings:
         except TypeError:  # a column that cannot be referenced weakly (a list): nothing to key on
             return compute()
         self.references, self.settings, self.found = references, settings, compute()
+        weakref.finalize(columns[0], self._forget, references)  # columns[0]: the group column, never None here
         return self.found
+
+    def _forget(self, references: list) -> None:
+        if self.references is references:  # not a later table's findings
+            self.references = self.settings = self.found = None
 
 
 _READ_COLUMNS = (GROUP_COLUMN, "label", "flag_reason", "semantic_alignment_normalized", "class_posterior_normalized")
