@@ -130,6 +130,23 @@ def pair_scores(group: np.ndarray, copy_of: np.ndarray, copies: np.ndarray) -> t
     return found, copy_pairs, int((sizes * (sizes - 1) // 2).sum())
 
 
+def kind_cells(
+    group: np.ndarray, copy_of: np.ndarray, copies: np.ndarray, kinds: np.ndarray, cross: np.ndarray
+) -> tuple[list[str], np.ndarray]:
+    """One table row's cells for the groups ``group``: recall / pair precision of each kind of copy, within its class
+    then across, and the precision of all pairs; and, for each copy, whether it joined its original's group."""
+    found, _, all_pairs = pair_scores(group, copy_of, copies)
+    cells = []
+    for kind in KINDS:
+        for across in (False, True):
+            chosen = copies[(kinds[copies] == kind) & (cross[copies] == across)]
+            kind_found, kind_pairs, _ = pair_scores(group, copy_of, chosen)
+            precision = kind_found.sum() / kind_pairs if kind_pairs else float("nan")
+            cells.append(f"{kind_found.mean():.2f} / {precision:.2f}")
+    cells.append(f"{found.sum() / max(all_pairs, 1):.2f} ({all_pairs} pairs)")
+    return cells, found
+
+
 def conflict_rows(group: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """bool ``[N]``: rows in a group of several labels."""
     result = np.zeros(len(group), dtype=bool)
@@ -239,16 +256,8 @@ def main(argv=None):
             )
             name = f"{threshold:g} / {agreement:g}"
         group = found["group"]
-        found, _, all_pairs = pair_scores(group, copy_of, copies)
-        cells = [name]
-        for kind in KINDS:
-            for across in (False, True):
-                chosen = copies[(kinds[copies] == kind) & (cross[copies] == across)]
-                kind_found, kind_pairs, _ = pair_scores(group, copy_of, chosen)
-                precision = kind_found.sum() / kind_pairs if kind_pairs else float("nan")
-                cells.append(f"{kind_found.mean():.2f} / {precision:.2f}")
-        cells.append(f"{found.sum() / max(all_pairs, 1):.2f} ({all_pairs} pairs)")
-        rows.append(cells)
+        cells, found = kind_cells(group, copy_of, copies, kinds, cross)
+        rows.append([name, *cells])
         conflicts = conflict_rows(group, labels)
         hit = (conflicts & truth_conflict).sum()
         groups_found = np.unique(group[copies[cross[copies]]][found[cross[copies]]])

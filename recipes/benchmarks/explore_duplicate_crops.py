@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _common import interleaved, load_average, median
-from bench_duplicates import KINDS, RATIOS, conflict_rows, pair_scores, parser, prepare, table
+from bench_duplicates import KINDS, RATIOS, conflict_rows, kind_cells, parser, prepare, table
 from datasets import Dataset
 from PIL import Image
 from torch import Tensor
@@ -280,17 +280,9 @@ def main(argv=None):
                     for threshold in args.thresholds:
                         chosen = pairs[align >= threshold].numpy()
                         group = groups_of_pairs(chosen, num_rows)
-                        found, _, all_pairs = pair_scores(group, copy_of, copies)
                         setting = f"{threshold:g} / {agreement:g}"
-                        row = [setting]
-                        for kind in KINDS:
-                            for across in (False, True):
-                                subset = copies[(kinds[copies] == kind) & (cross[copies] == across)]
-                                kind_found, kind_pairs, _ = pair_scores(group, copy_of, subset)
-                                precision = kind_found.sum() / kind_pairs if kind_pairs else float("nan")
-                                row.append(f"{kind_found.mean():.2f} / {precision:.2f}")
-                        row.append(f"{found.sum() / max(all_pairs, 1):.2f} ({all_pairs} pairs)")
-                        verify_table.append(row)
+                        kind_row, found = kind_cells(group, copy_of, copies, kinds, cross)
+                        verify_table.append([setting, *kind_row])
                         conflicts = conflict_rows(group, labels)
                         hit = (conflicts & truth_conflict).sum()
                         once = []
