@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from hf_clipsel.duplicates import THUMBNAIL_SIDE
+
 
 def setup(threads: int | None) -> None:
     """Fix torch's intra-op thread count (default: torch's own choice, one per core) before any work."""
@@ -92,6 +94,20 @@ def interleaved(variants: dict, repeats: int) -> dict[str, list[float]]:
         for name in names if round_index % 2 == 0 else names[::-1]:
             times[name].append(timed(variants[name])[0])
     return times
+
+
+def imagenet_class_shape(num_classes: int, rows_per_class: int, generator: torch.Generator, dim: int = 512) -> tuple:
+    """Synthetic scoring inputs of ImageNet-1k's class shape (``rows_per_class`` rows a class): ``(labels, features,
+    text, valid, thumbnails)``, the features near their class centre and the text features near the centres (most
+    rows are predicted in their own class), random uint8 thumbnails (hf_clipsel.duplicates.thumbnail's shape);
+    drawn from ``generator`` in that order."""
+    labels = torch.arange(num_classes).repeat_interleave(rows_per_class)
+    centres = torch.randn(num_classes, dim, generator=generator)
+    features = torch.randn(len(labels), dim, generator=generator).mul_(0.5) + centres[labels]
+    text = torch.nn.functional.normalize(centres + 0.5 * torch.randn(num_classes, dim, generator=generator), dim=-1)
+    valid = torch.ones(len(labels), dtype=torch.bool)
+    thumbnails = torch.randint(0, 256, (len(labels), THUMBNAIL_SIDE**2), dtype=torch.uint8, generator=generator)
+    return labels, features, text, valid, thumbnails
 
 
 def median(values) -> float:

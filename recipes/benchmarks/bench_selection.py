@@ -34,13 +34,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import footer, header, interleaved, load_average, median, setup, table, timed
+from _common import footer, header, imagenet_class_shape, interleaved, load_average, median, setup, table, timed
 from _scale import big_class_child, part_scale
 from _scale import child as scale_child
 
 from hf_clipsel import scoring
 from hf_clipsel.configs import SelectionConfig, budget
-from hf_clipsel.duplicates import THUMBNAIL_SIDE, find_duplicates
+from hf_clipsel.duplicates import find_duplicates
 from hf_clipsel.selection import SelectionInputs, SgdOptions, select
 from hf_clipsel.selection.sgd import run_released_sgd
 
@@ -208,12 +208,7 @@ def part_duplicate_cost(num_classes: int, repeats: int, knn_k: int = 50, dim: in
     1000 is ImageNet-1k itself)."""
     rows_per_class = IMAGENET_ROWS // 1000
     generator = torch.Generator().manual_seed(0)
-    labels = torch.arange(num_classes).repeat_interleave(rows_per_class)
-    centres = torch.randn(num_classes, dim, generator=generator)
-    features = torch.randn(len(labels), dim, generator=generator).mul_(0.5) + centres[labels]
-    text = torch.nn.functional.normalize(centres + 0.5 * torch.randn(num_classes, dim, generator=generator), dim=-1)
-    valid = torch.ones(len(labels), dtype=torch.bool)
-    thumbnails = torch.randint(0, 256, (len(labels), THUMBNAIL_SIDE**2), dtype=torch.uint8, generator=generator)
+    labels, features, text, valid, thumbnails = imagenet_class_shape(num_classes, rows_per_class, generator, dim)
     print(f"\n## 5. Duplicate score cost: {num_classes} classes x {rows_per_class} rows, {dim}-d (ImageNet-1k shape)")
     print(load_average())
     variants = {

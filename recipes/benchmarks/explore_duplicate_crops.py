@@ -31,7 +31,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import interleaved, load_average, median
+from _common import imagenet_class_shape, interleaved, load_average, median
 from bench_duplicates import KINDS, RATIOS, conflict_rows, kind_cells, parser, prepare, table
 from datasets import Dataset
 from PIL import Image
@@ -122,12 +122,7 @@ def cost_at_imagenet_shape(args, thetas: Tensor, side: int, compare: int, rows_p
     measured on the pool above) their features, their box views and one pair each. Interleaved, median."""
     dim, num_classes = 512, args.cost_classes
     generator = torch.Generator().manual_seed(0)
-    labels = torch.arange(num_classes).repeat_interleave(rows_per_class)
-    centres = torch.randn(num_classes, dim, generator=generator)
-    features = torch.randn(len(labels), dim, generator=generator).mul_(0.5) + centres[labels]
-    text = F.normalize(centres + 0.5 * torch.randn(num_classes, dim, generator=generator), dim=-1)
-    valid = torch.ones(len(labels), dtype=torch.bool)
-    small = torch.randint(0, 256, (len(labels), 64), dtype=torch.uint8, generator=generator)
+    labels, features, text, valid, small = imagenet_class_shape(num_classes, rows_per_class, generator, dim)
     grids = torch.randint(0, 256, (len(labels), side, side), generator=generator).to(torch.float32)
     matrix, whole_matrix = box_matrix(thetas, side, compare), box_matrix(boxes([1.0], 1), side, compare)
     classes = [torch.arange(c * rows_per_class, (c + 1) * rows_per_class) for c in range(num_classes)]
