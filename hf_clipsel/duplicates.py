@@ -23,9 +23,11 @@ Without thumbnails both passes are n^2 on a :data:`SKETCH_DIM`-dimensional rando
 run blockwise (at most 2**24 similarities held at once, 64 MiB) and keep at most :data:`EDGES_PER_ROW` pairs per
 row, so memory is O(N) beyond one group's thumbnails (measured with recipes/benchmarks/bench_selection.py --parts 5:
 0.15 of SAS + SDS at ImageNet-1k's class shape). At ImageNet-21k shape (13M rows, 21k classes, ~620 rows a class)
-the first pass is about 13M x 620 x 64 multiply-adds (~5e11, minutes on a CPU); a model whose predictions pile many
-rows of other labels into a few classes makes those groups quadratic, where k-means partitions (SemDeDup) would
-bound them instead.
+the first pass is about 13M x 620 x 64 multiply-adds (~5e11, minutes on a CPU). A group of more than
+:data:`GROUP_ROWS` rows (a class of millions, or a predicted class where a model piles many rows of other labels) is
+searched in k-means cells of about that many rows (:func:`cells`, SemDeDup's partition), so no row is compared with
+more than about :data:`GROUP_ROWS` others: the search's time is linear in N whatever the groups' sizes, at the price
+of the copies that a cell boundary separates.
 
 Pairs that pass are joined into groups: a centre and the rows paired with it directly (:func:`groups_of_pairs`; not
 connected components, which chain look-alikes); a group's id is its smallest row id.
@@ -69,6 +71,13 @@ SKETCH_DIM = 32
 SKETCH_SLACK = 4.0
 # Similarities held at once per block: 2**24 float32 = 64 MiB.
 _BLOCK_ELEMENTS = 1 << 24
+# A class (or predicted class) of more rows than this is searched in cells of about this many rows (:func:`cells`), so
+# the search costs at most N x GROUP_ROWS comparisons, not the sum of its groups' squares: a model that puts a tenth
+# of a dataset in one predicted class, or a class of 3M rows, would otherwise cost hours. Above ImageNet's classes
+# (1,300 rows) and CIFAR-10's (5,000), so their searches are whole.
+GROUP_ROWS = 8192
+# Spherical k-means iterations of :func:`cells`.
+_CELL_ITERATIONS = 10
 NONE = -1  # no neighbour / no group
 
 
@@ -204,6 +213,32 @@ def nearest_across(
     return similarity, neighbour, torch.cat(pairs)
 
 
+def cells(vectors: Tensor, max_rows: int) -> list[Tensor]:
+    """Positions of the rows of ``vectors`` (``[n, s]`` unit vectors, or zeros) in cells of about ``max_rows`` rows,
+    for a search that compares a row with its own cell only: seeded spherical k-means (SemDeDup's partition) with
+    ``ceil(n / max_rows)`` centres, a cell split again while it holds more than ``max_rows`` rows and splitting still
+    divides it (identical rows, e.g. blank images, stay together). Near-duplicates (cosine near 1) share a cell unless
+    they sit on either side of a boundary (measured: recipes/benchmarks/README.md). One cell when ``n <= max_rows``."""
+    num_rows = vectors.shape[0]
+    if num_rows <= max_rows:
+        return [torch.arange(num_rows)]
+    count = -(-num_rows // max_rows)
+    generator = torch.Generator().manual_seed(0)  # the same cells every run: the same groups
+    centres = vectors[torch.randperm(num_rows, generator=generator)[:count]]
+    block = max(1, _BLOCK_ELEMENTS // count)
+    for _ in range(_CELL_ITERATIONS):
+        nearest = torch.cat([(vectors[start : start + block] @ centres.T).argmax(dim=1)
+                             for start in range(0, num_rows, block)])  # fmt: skip
+        centres = F.normalize(torch.zeros_like(centres).index_add_(0, nearest, vectors), dim=-1)
+    found = []
+    for cell in ((nearest == centre).nonzero().squeeze(1) for centre in range(count)):
+        if max_rows < cell.numel() < num_rows:
+            found.extend(cell[part] for part in cells(vectors[cell], max_rows))
+        elif cell.numel():
+            found.append(cell)
+    return found
+
+
 def find_duplicates(
     image_features: Tensor,
     class_features: Tensor,
@@ -213,6 +248,7 @@ def find_duplicates(
     share: Share | None = None,
     thumbnails: Tensor | None = None,
     feature_agreement: float = FEATURE_AGREEMENT,
+    group_rows: int = GROUP_ROWS,
 ) -> dict[str, np.ndarray]:
     """Nearest neighbours within and across classes, and the near-duplicate groups, of every usable row.
 
@@ -236,6 +272,7 @@ def find_duplicates(
             anything that reads them by row ids as one (``thumbnails[rows]``: the score stage's
             :class:`~hf_clipsel.features.FeatureStore` of them, read a class at a time).
         feature_agreement: centred feature cosine in ``[-1, 1]`` a thumbnail pair needs too.
+        group_rows: a class or predicted class of more rows is searched in :func:`cells` of about this many rows.
 
     Returns:
         ``same_class`` / ``other_class``: float32 ``[N]`` cosine (of the thumbnails, or of the features) of the
@@ -304,9 +341,34 @@ def find_duplicates(
             found = found[(features[position[:, 0]] * features[position[:, 1]]).sum(dim=1) >= feature_agreement]
         return similarity, neighbour, found
 
+    def descriptors(rows: Tensor) -> Tensor:  # what the search compares, as unit vectors: what cells divide
+        if thumbnails is not None:
+            return thumbnail_vectors(thumbnails[rows])
+        return torch.cat([centred(rows[start : start + block_rows]) @ sketch if sketch is not None
+                          else centred(rows[start : start + block_rows])
+                          for start in range(0, rows.numel(), block_rows)])  # fmt: skip
+
+    def search_in_cells(rows: Tensor, other_labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        if rows.numel() <= group_rows:
+            return search(rows, other_labels)
+        similarity = torch.full((rows.numel(),), -1.0)
+        neighbour = torch.full((rows.numel(),), NONE, dtype=torch.int64)
+        found = [torch.zeros((0, 2), dtype=torch.int64)]
+        for cell in cells(F.normalize(descriptors(rows), dim=-1), group_rows):
+            cell_similarity, cell_neighbour, cell_found = search(
+                rows[cell], None if other_labels is None else other_labels[cell]
+            )
+            similarity[cell] = cell_similarity
+            neighbour[cell] = torch.where(cell_neighbour >= 0, cell[cell_neighbour.clamp(min=0)], NONE)
+            found.append(cell[cell_found])
+        return similarity, neighbour, torch.cat(found)
+
+    def cost(rows: Tensor) -> int:  # comparisons of a group's search
+        return len(rows) * min(len(rows), group_rows)
+
     pairs = []
     for rows, (similarity, neighbour, found) in zip(
-        classes, each_group(classes, lambda rows: search(rows, None), share)
+        classes, each_group(classes, lambda rows: search_in_cells(rows, None), share, cost)
     ):
         same_class[rows] = similarity
         if same_row is not None:
@@ -315,7 +377,7 @@ def find_duplicates(
     del classes  # the given classes' row ids (4 bytes a row): the predicted classes' take their place
     predicted_classes = group_rows_by_label(predicted, valid.nonzero().squeeze(1).to(index_dtype))
     for rows, (similarity, neighbour, found) in zip(
-        predicted_classes, each_group(predicted_classes, lambda rows: search(rows, labels[rows]), share)
+        predicted_classes, each_group(predicted_classes, lambda rows: search_in_cells(rows, labels[rows]), share, cost)
     ):
         other_class[rows] = similarity
         if other_row is not None:
@@ -352,7 +414,7 @@ def nearest_partner(pairs: np.ndarray, similarity: np.ndarray, num_rows: int) ->
 
 def each_group(groups: list[Tensor], function, share: Share, cost=lambda rows: len(rows) ** 2) -> Iterable:
     """``function(rows)`` for each of ``groups``, in ``groups`` order, each group computed by one process of
-    ``share`` (longest processing time first on ``cost``: a search's rows squared) and the results gathered on every
+    ``share`` (longest processing time first on ``cost``: a search's comparisons) and the results gathered on every
     one. One process: a generator, so that one group's results are held at a time, not every row's at once."""
     if share.num_processes == 1:
         return (function(rows) for rows in groups)

@@ -263,3 +263,38 @@ def test_the_findings_of_a_selection_go_with_its_table():
     del table
     gc.collect()
     assert duplicate._LAST.found is None and duplicate._LAST.references is None
+
+
+def test_a_group_larger_than_the_bound_is_searched_in_cells_and_still_finds_its_copies():
+    """A class (or predicted class) above ``group_rows`` rows is searched in k-means cells, so the search is linear
+    in N; copies share their cell, and a cell finds nothing the whole search would not."""
+    from hf_clipsel.duplicates import cells, thumbnail_vectors
+
+    generator = torch.Generator().manual_seed(4)
+    grids = torch.randint(0, 256, (1200, 64), generator=generator, dtype=torch.uint8)
+    grids[600:640] = grids[0:40]  # exact copies
+    grids[640:660] = (grids[40:60].to(torch.int16) + torch.randint(-3, 4, (20, 64), generator=generator)).clamp(
+        0, 255
+    )  # near copies
+    grids[1100:] = 0  # blank rows: all alike, never split
+    labels = torch.zeros(1200, dtype=torch.int64)
+    labels[640:650] = 1  # near copies under another label: the cross-class (predicted class) search
+    features, text, _ = synthetic(num_rows=1200, classes=2, seed=5)
+    features[600:660] = features[0:60]
+    text = F.normalize(torch.ones(2, 32), dim=-1)  # one predicted class for every row: a group of 1,200
+    valid = torch.ones(1200, dtype=torch.bool)
+
+    parts = cells(thumbnail_vectors(grids), 100)
+    assert sorted(torch.cat(parts).tolist()) == list(range(1200)), "every row in exactly one cell"
+    blank = [part for part in parts if (part >= 1100).any()]
+    assert len(blank) == 1 and (blank[0] >= 1100).sum() == 100, "identical rows cannot be divided: one cell"
+    assert all(part.numel() <= 100 for part in parts if part is not blank[0]), "other cells: at most the bound"
+
+    whole = find_duplicates(features, text, labels, valid, thumbnails=grids, group_rows=10_000)
+    split = find_duplicates(features, text, labels, valid, thumbnails=grids, group_rows=100)
+    assert (whole["group"][600:660] >= 0).all()
+    np.testing.assert_array_equal(split["group"][:60], whole["group"][:60])  # every copy found in its cell
+    np.testing.assert_array_equal(split["group"][600:660], whole["group"][600:660])
+    assert (split["same_class"] <= whole["same_class"] + 1e-6).all()  # a cell's nearest is never nearer
+    assert (split["same_class"] < whole["same_class"] - 1e-3).sum() > 100, "the cells were searched apart"
+    assert (split["other_class"] <= whole["other_class"] + 1e-6).all()

@@ -125,8 +125,8 @@ def main() -> None:
         setattr(scores_table, name, phases.wrap(name, getattr(scores_table, name)))
     # the duplicate search's steps (hf_clipsel.duplicates looks them up in its module when it calls them): what
     # find_duplicates holds between them is its own phase, "score duplicate"
-    for name in ("group_rows_by_label", "thumbnail_vectors", "nearest_in_group", "nearest_across", "groups_of_pairs",
-                 "nearest_partner"):  # fmt: skip
+    for name in ("group_rows_by_label", "thumbnail_vectors", "cells", "nearest_in_group", "nearest_across",
+                 "groups_of_pairs", "nearest_partner"):  # fmt: skip
         setattr(duplicates, name, phases.wrap("search: " + name, getattr(duplicates, name), quiet=True))
     _scale.child(Path(args.work), args.text_classes, args.knn_k)  # prints its JSON line
     print("peak RSS per phase (innermost phase; GiB): rss, live and free malloc bytes at that moment, RssAnon/RssFile")
