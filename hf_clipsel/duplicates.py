@@ -1,14 +1,13 @@
 """Near-duplicate search, and the groups it joins (the ``duplicate`` score, hf_clipsel.scores).
 
-Two images are near-duplicates when their pixel *thumbnails* (:func:`thumbnail`: grey levels averaged over an 8x8
+Two images are near-duplicates when their pixel *thumbnails* (hf_clipsel.thumbnails: grey levels averaged over an 8x8
 grid, measured while embedding) have cosine at least :data:`THUMBNAIL_SIMILARITY` after each grid's mean is removed,
 and the *centred cosine* of their image features (the cosine of the L2-normalised features after the mean of the
 usable rows' normalised features is subtracted, normalised again) is at least :data:`FEATURE_AGREEMENT`. Without
 thumbnails (inputs built by hand), the centred feature cosine alone decides, at :data:`DUPLICATE_SIMILARITY`. The
 thumbnail is what finds copies: a weak CLIP puts distinct look-alikes closer than its re-encoded or recoloured
 copies, while an area-average grid is unchanged by re-encoding, resizing and channel gains (it is changed by a
-shifted crop, which it does not find); the features keep apart distinct images of the same layout. Each row is
-compared with
+shifted crop); the features keep apart distinct images of the same layout. Each row is compared with
 
 - every other row of its *given* class (exact: the nearest same-class neighbour), and
 - the rows of other given classes that the model puts in the same *predicted* class: a copy of an image has nearly
@@ -22,10 +21,15 @@ instead of a top-k; the features are read once for the mean and the predicted cl
 Without thumbnails both passes are n^2 on a :data:`SKETCH_DIM`-dimensional random projection of the features. Both
 run blockwise (at most 2**24 similarities held at once, 64 MiB) and keep at most :data:`EDGES_PER_ROW` pairs per
 row, so memory is O(N) beyond one group's thumbnails (measured with recipes/benchmarks/bench_selection.py --parts 5:
-0.15 of SAS + SDS at ImageNet-1k's class shape). At ImageNet-21k shape (13M rows, 21k classes, ~620 rows a class)
+0.15-0.18 of SAS + SDS at ImageNet-1k's class shape). At ImageNet-21k shape (13M rows, 21k classes, ~620 rows a class)
 the first pass is about 13M x 620 x 64 multiply-adds (~5e11, minutes on a CPU); a model whose predictions pile many
 rows of other labels into a few classes makes those groups quadratic, where k-means partitions (SemDeDup) would
 bound them instead.
+
+*Cropped copies* (``crop_thumbnails``: scoring's ``duplicate_crops``, off by default): each row's nearest row by
+thumbnail cosine (the row maximum the passes find anyway) is a candidate from :data:`CROP_CANDIDATE` on if the
+features agree, and a near-duplicate when its boxes align (hf_clipsel.thumbnails) at :data:`CROP_SIMILARITY`; 0.44 of
+SAS + SDS at ImageNet-1k's class shape with 0.6 of the rows candidates, as on the pool (0.18 without; budget 0.20).
 
 Pairs that pass are joined into groups: a centre and the rows paired with it directly (:func:`groups_of_pairs`; not
 connected components, which chain look-alikes); a group's id is its smallest row id.
@@ -38,19 +42,17 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from scipy.sparse import coo_matrix
 from torch import Tensor
 
 from .features import Share, class_assignment, rows_per_block
 from .scoring import group_rows_by_label
+from .thumbnails import crop_alignment, crop_views, thumbnail_vectors
 
 # Without thumbnails: centred cosine of two image features at or above which two rows are near-duplicates. Measured
 # with recipes/benchmarks/bench_duplicates.py on the proxy CLIP (README there): exact, JPEG and resized copies found
 # at recall >= 0.9; below it, distinct images of that weak model join groups (pair precision 0.52 at 0.99).
 DUPLICATE_SIMILARITY = 0.99
-# The thumbnail's grid side (64 values a row, 64 bytes in the cache).
-THUMBNAIL_SIDE = 8
 # Cosine of two zero-mean thumbnails at or above which two rows may be near-duplicates. Measured on the benchmark's
 # pool: copies scored >= 0.979 (resized), >= 0.999 (JPEG, colour gains); the closest of 4.5M distinct CIFAR-10 pairs
 # 0.974 (a real near-duplicate). At 0.97 with the agreement below: pair precision 0.99, recall 0.97-1.00 for exact,
@@ -59,6 +61,10 @@ THUMBNAIL_SIMILARITY = 0.97
 # Centred feature cosine such a pair also needs: distinct images of the same layout do not pass (pair precision 0.93
 # without it at thumbnail cosine 0.95, 0.95 with it); low, as a weak model scored one colour copy at 0.41.
 FEATURE_AGREEMENT = 0.7
+# Crop candidates: nearest-row thumbnail cosine from this up (a crop's went down to 0.56 on the pool); the alignment
+# score in [-1, 1] at which they join (0.97 / 0.7 / 0.96: crops R 0.90, P 1.00; conflicting labels P 0.98, R 0.90).
+CROP_CANDIDATE = 0.6
+CROP_SIMILARITY = 0.96
 # Pairs above the threshold kept per row: bounds the edges at N x 8 even where many rows are alike (blank images).
 EDGES_PER_ROW = 8
 # Features wider than this are searched on a seeded random projection to this many dimensions (Johnson-Lindenstrauss:
@@ -72,32 +78,13 @@ _BLOCK_ELEMENTS = 1 << 24
 NONE = -1  # no neighbour / no group
 
 
-def thumbnail(image: Image.Image | None) -> list[int]:
-    """The pixel descriptor of one decoded RGB image: its grey levels averaged over an
-    :data:`THUMBNAIL_SIDE` x :data:`THUMBNAIL_SIDE` grid of the whole image (``THUMBNAIL_SIDE**2`` ints in
-    ``[0, 255]``, row-major). An area average, so a resized or re-encoded copy gives nearly the same grid, and the
-    search compares grids after removing their mean, so a uniform brightness or colour change does not count.
-    ``None`` (an image that did not decode): zeros."""
-    if image is None:
-        return [0] * THUMBNAIL_SIDE**2
-    grey = image.convert("L").resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BOX)
-    return list(grey.tobytes())
-
-
-def thumbnail_vectors(thumbnails: Tensor) -> Tensor:
-    """``[n, side**2]`` float32 unit vectors of :func:`thumbnail` grids after their mean is removed (a blank grid:
-    zeros, near-duplicate of nothing)."""
-    grids = thumbnails.to(torch.float32, copy=True)  # centred and scaled in place: one [n, 64] copy, not three
-    grids -= grids.mean(dim=1, keepdim=True)
-    return F.normalize(grids, dim=-1, out=grids)
-
-
 def nearest_in_group(
     features: Tensor,
     labels: Tensor | None,
     threshold: float,
     sketch: Tensor | None = None,
     edges_per_row: int = EDGES_PER_ROW,
+    every_nearest: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Each row's most similar other row of one group, and the pairs at or above ``threshold``.
 
@@ -109,12 +96,13 @@ def nearest_in_group(
             (:data:`SKETCH_SLACK`) are found there, at s/d of the cost, and their cosines computed on ``features``.
             None: the search runs on ``features``.
         edges_per_row: at most this many pairs per row (its most similar ones).
+        every_nearest: the nearest row's position for every row (crop candidates), not only near ``threshold``.
 
     Returns:
         ``(similarity, neighbour, pairs)``: ``[n]`` float32 cosine in ``[-1, 1]`` of the most similar candidate
         (-1 where there is none; with a sketch, the projection's cosine for a row with no candidate within the slack,
-        and the full features' for the others), ``[n]`` int64 its position in the group (-1: none, or no candidate
-        within the slack), ``[m, 2]`` int64 positions of the pairs at or above ``threshold``.
+        and the full features' for the others), ``[n]`` int64 its position in the group (-1: none, or not near
+        ``threshold`` without ``every_nearest``), ``[m, 2]`` int64 positions of the pairs at or above ``threshold``.
     """
     num_rows = features.shape[0]
     similarity = torch.full((num_rows,), -1.0)
@@ -133,10 +121,11 @@ def nearest_in_group(
         if labels is not None:
             cosines.masked_fill_(labels[start:stop, None] == labels[None, :], -torch.inf)
         # The row maxima alone are cheap; indices, pairs and exact cosines only for rows near a duplicate.
-        best = cosines.amax(dim=1)
+        best, index = cosines.max(dim=1) if every_nearest else (cosines.amax(dim=1), None)
         near = (best >= bound).nonzero().squeeze(1)
-        index = torch.full((stop - start,), NONE, dtype=torch.int64)
-        index[near] = cosines[near].argmax(dim=1)
+        if index is None:
+            index = torch.full((stop - start,), NONE, dtype=torch.int64)
+            index[near] = cosines[near].argmax(dim=1)
         query, candidate = (cosines[near] >= bound).nonzero(as_tuple=True)
         if query.numel() > edges_per_row * near.numel():  # many alike rows (blank images): each row's closest only
             top, nearest = torch.topk(cosines[near], min(edges_per_row, num_rows - 1), dim=1)
@@ -213,6 +202,8 @@ def find_duplicates(
     share: Share | None = None,
     thumbnails: Tensor | None = None,
     feature_agreement: float = FEATURE_AGREEMENT,
+    crop_thumbnails: Tensor | None = None,
+    crop_similarity: float = CROP_SIMILARITY,
 ) -> dict[str, np.ndarray]:
     """Nearest neighbours within and across classes, and the near-duplicate groups, of every usable row.
 
@@ -232,10 +223,13 @@ def find_duplicates(
             ``thumbnails``, else of the features); default :data:`THUMBNAIL_SIMILARITY` or
             :data:`DUPLICATE_SIMILARITY`.
         share: this process's part of the work (default: all of it).
-        thumbnails: ``[N, THUMBNAIL_SIDE**2]`` :func:`thumbnail` grids (any number type), or None: a tensor, or
+        thumbnails: ``[N, 64]`` 8x8 grids (hf_clipsel.thumbnails; any number type), or None: a tensor, or
             anything that reads them by row ids as one (``thumbnails[rows]``: the score stage's
             :class:`~hf_clipsel.features.FeatureStore` of them, read a class at a time).
         feature_agreement: centred feature cosine in ``[-1, 1]`` a thumbnail pair needs too.
+        crop_thumbnails: ``[N, CROP_SIDE**2]`` finer grids (hf_clipsel.thumbnails; read as ``thumbnails`` is), or
+            None: cropped copies are not searched (the module docstring says how they are).
+        crop_similarity: alignment score in ``[-1, 1]`` at or above which a crop candidate is a near-duplicate.
 
     Returns:
         ``same_class`` / ``other_class``: float32 ``[N]`` cosine (of the thumbnails, or of the features) of the
@@ -290,18 +284,30 @@ def find_duplicates(
     def centred(rows: Tensor) -> Tensor:
         return F.normalize(F.normalize(image_features[rows].to(torch.float32), dim=-1) - mean, dim=-1)
 
+    crops = thumbnails is not None and crop_thumbnails is not None
+
     def search(rows: Tensor, other_labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         if thumbnails is None:
             return nearest_in_group(centred(rows), other_labels, threshold, sketch)
         vectors = thumbnail_vectors(thumbnails[rows])
         if other_labels is None:
-            similarity, neighbour, found = nearest_in_group(vectors, None, threshold)
+            similarity, neighbour, found = nearest_in_group(vectors, None, threshold, every_nearest=crops)
         else:
             similarity, neighbour, found = nearest_across(vectors, other_labels, threshold)
+        num_found = len(found)  # candidate crops: each row and its nearest row, close but below the threshold
+        if crops:
+            query = ((similarity >= CROP_CANDIDATE) & (similarity < threshold) & (neighbour >= 0)).nonzero()[:, 0]
+            candidates = torch.stack([query, neighbour[query]], dim=1).sort(dim=1).values
+            found = torch.cat([found, torch.unique(candidates, dim=0)])  # each unordered pair once
         if found.numel():  # the features must agree: distinct images with the same layout do not
             involved, position = torch.unique(found, return_inverse=True)
             features = centred(rows[involved])
-            found = found[(features[position[:, 0]] * features[position[:, 1]]).sum(dim=1) >= feature_agreement]
+            agree = (features[position[:, 0]] * features[position[:, 1]]).sum(dim=1) >= feature_agreement
+            found, candidates = found[:num_found][agree[:num_found]], found[num_found:][agree[num_found:]]
+            if len(candidates):  # and their crop boxes aligned
+                involved, position = torch.unique(candidates, return_inverse=True)
+                aligned = crop_alignment(crop_views(crop_thumbnails[rows[involved]]), position) >= crop_similarity
+                found = torch.cat([found, candidates[aligned]])
         return similarity, neighbour, found
 
     pairs = []

@@ -104,6 +104,7 @@ def score_stage(context, model, embeddings: Dataset, together: bool = False) -> 
             posterior_link=posterior_link(model),
             knn_k=context.config.scoring.knn_k,
             knn_block_rows=context.config.scoring.knn_block_rows,
+            duplicate_crops=context.config.scoring.duplicate_crops,
             statistics=measured_statistics(embeddings, store, share),
             share=share,
         )

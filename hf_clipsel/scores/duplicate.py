@@ -10,22 +10,23 @@ every other row, so a selection takes a second copy only when the budget exceeds
 from __future__ import annotations
 
 import dataclasses
+import logging
 import weakref
 
 import numpy as np
 import torch
 
 from ..duplicates import (
+    CROP_SIMILARITY,
     DUPLICATE_SIMILARITY,
     FEATURE_AGREEMENT,
-    THUMBNAIL_SIDE,
     THUMBNAIL_SIMILARITY,
     duplicate_findings,
     find_duplicates,
-    thumbnail,
 )
 from ..features import FeatureStore
 from ..selection.registry import alignment_term
+from ..thumbnails import CROP_SIDE, THUMBNAIL_SIDE, thumbnail
 from .base import Column, Score, ScoreInputs, register_score
 
 # In a group of several labels, keep the copies of the label the model prefers (True) or none (False). Measured on
@@ -34,8 +35,11 @@ from .base import Column, Score, ScoreInputs, register_score
 # keeping none costs one correct image per group and keeps no wrong label.
 KEEP_PREFERRED_LABEL = False
 
+logger = logging.getLogger(__name__)
+
 GROUP_COLUMN = "duplicate_group"
 THUMBNAIL = "pixel_thumbnail"
+CROP_THUMBNAIL = "pixel_thumbnail_fine"
 
 
 def preference(table: dict, selection) -> np.ndarray:
@@ -132,7 +136,8 @@ class NearDuplicates(Score):
         ),
         Column(
             GROUP_COLUMN,
-            "near-duplicate group (rows joined by thumbnail and feature cosine): its smallest row_id",
+            "near-duplicate group (rows joined by thumbnail and feature cosine, and with the scoring setting "
+            f"duplicate_crops, crops whose boxes align at >= {CROP_SIMILARITY}): its smallest row_id",
             "a row_id; -1: no near-duplicate",
             dtype="int64",
         ),
@@ -154,7 +159,15 @@ class NearDuplicates(Score):
             dtype="uint8",
             length=THUMBNAIL_SIDE**2,
         ),
+        Column(
+            CROP_THUMBNAIL,
+            f"the same over a {CROP_SIDE}x{CROP_SIDE} grid: the crop search's boxes are cut from it",
+            "[0, 255] each",
+            dtype="uint8",
+            length=CROP_SIDE**2,
+        ),
     )
+    version = 2  # 2: the finer thumbnail
     # A dropped copy of an image whose group keeps a better copy of the same label.
     # Between misaligned (20) and damaged (30): which copy a group keeps says more than "misaligned" does, and a pixel
     # defect (or a score another package adds at 25) says more than that the image has a copy.
@@ -162,11 +175,19 @@ class NearDuplicates(Score):
     reason_rank = 22
     flag_column = "duplicate"
 
-    def measure(self, image) -> tuple[list[int]]:
-        return (thumbnail(image),)
+    def measure(self, image) -> tuple[list[int], list[int]]:
+        grey = None if image is None else image.convert("L")  # converted once for both grids
+        return thumbnail(grey), thumbnail(grey, CROP_SIDE)
 
     def compute(self, inputs: ScoreInputs) -> dict[str, np.ndarray]:
-        thumbnails = _thumbnails(inputs.statistics.get(THUMBNAIL))
+        thumbnails = _thumbnails(inputs.statistics.get(THUMBNAIL), THUMBNAIL_SIDE**2)
+        crop_thumbnails = None
+        if inputs.duplicate_crops:
+            crop_thumbnails = _thumbnails(inputs.statistics.get(CROP_THUMBNAIL), CROP_SIDE**2)
+            if thumbnails is None or crop_thumbnails is None:
+                logger.warning(
+                    "duplicate_crops: no pixel thumbnails in these statistics, cropped copies not searched."
+                )
         found = find_duplicates(
             inputs.image_features,
             inputs.class_features,
@@ -174,6 +195,7 @@ class NearDuplicates(Score):
             inputs.valid,
             share=inputs.share,
             thumbnails=thumbnails,
+            crop_thumbnails=crop_thumbnails,
         )
         return {
             "duplicate_similarity_same_class": found["same_class"],
@@ -188,14 +210,15 @@ class NearDuplicates(Score):
         return None if found is None else found[0]
 
 
-def _thumbnails(grids) -> torch.Tensor | FeatureStore | None:
-    """The thumbnails as the search reads them, by row ids: the class-sorted store the score stage writes (read a
-    class at a time), or ``[N, 64]`` grids in memory (inputs built by hand). None where there are none (inputs
-    without them, e.g. a benchmark's synthetic statistics): the features alone decide."""
+def _thumbnails(grids, length: int) -> torch.Tensor | FeatureStore | None:
+    """Thumbnails of ``length`` values as the search reads them, by row ids: the class-sorted store the score stage
+    writes (read a class at a time), or ``[N, length]`` grids in memory (inputs built by hand). None where there are
+    none (inputs without them, e.g. a benchmark's synthetic statistics): the features alone decide, or without the
+    finer grids, crops are not searched."""
     if isinstance(grids, FeatureStore):
-        return grids if grids.dim == THUMBNAIL_SIDE**2 else None
+        return grids if grids.dim == length else None
     grids = np.asarray(() if grids is None else grids)
-    return torch.from_numpy(grids) if grids.shape[1:] == (THUMBNAIL_SIDE**2,) else None
+    return torch.from_numpy(grids) if grids.shape[1:] == (length,) else None
 
 
 @register_score
