@@ -28,8 +28,8 @@ bound them instead.
 
 *Cropped copies* (``crop_thumbnails``: scoring's ``duplicate_crops``, off by default): each row's nearest row by
 thumbnail cosine (the row maximum the passes find anyway) is a candidate from :data:`CROP_CANDIDATE` on if the
-features agree, and a near-duplicate when its boxes align (hf_clipsel.thumbnails) at :data:`CROP_SIMILARITY`; 0.44 of
-SAS + SDS at ImageNet-1k's class shape with 0.6 of the rows candidates, as on the pool (0.18 without; budget 0.20).
+features agree, and a near-duplicate when its boxes align (hf_clipsel.thumbnails) at :data:`CROP_SIMILARITY`: 0.39-0.44
+of SAS + SDS at ImageNet-1k's class shape with 0.6 of the rows candidates, as on the pool (0.17-0.18 without; 0.20).
 
 Pairs that pass are joined into groups: a centre and the rows paired with it directly (:func:`groups_of_pairs`; not
 connected components, which chain look-alikes); a group's id is its smallest row id.
