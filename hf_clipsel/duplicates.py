@@ -17,19 +17,17 @@ shifted crop); the features keep apart distinct images of the same layout. Each 
 
 Cost: the search compares every pair of thumbnails of a class (sum over classes of n_c^2 x 64), then the m rows of
 each predicted class outside its common label with all of its n_p rows (sum of m_p x n_p x 64), with a row max
-instead of a top-k; the features are read once for the mean and the predicted class, and again for the pairs found.
-Without thumbnails both passes are n^2 on a :data:`SKETCH_DIM`-dimensional random projection of the features. Both
-run blockwise (at most 2**24 similarities held at once, 64 MiB) and keep at most :data:`EDGES_PER_ROW` pairs per
-row, so memory is O(N) beyond one group's thumbnails (measured with recipes/benchmarks/bench_selection.py --parts 5:
-0.15-0.18 of SAS + SDS at ImageNet-1k's class shape). At ImageNet-21k shape (13M rows, 21k classes, ~620 rows a class)
-the first pass is about 13M x 620 x 64 multiply-adds (~5e11, minutes on a CPU); a model whose predictions pile many
-rows of other labels into a few classes makes those groups quadratic, where k-means partitions (SemDeDup) would
-bound them instead.
+instead of a top-k; the features are read once for the mean (and the predicted classes, N x C x d, unless the score
+stage gives them) and again for the pairs found. Without thumbnails both passes are n^2 on a :data:`SKETCH_DIM`-
+dimensional random projection of the features. Both run blockwise (at most 2**24 similarities held at once) and keep
+at most :data:`EDGES_PER_ROW` pairs per row, so memory is O(N) beyond one group's thumbnails (time: recipes/
+benchmarks/bench_selection.py --parts 5). At ImageNet-21k shape (13M rows, 21k classes, ~620 rows a class) the first
+pass is about 13M x 620 x 64 multiply-adds (~5e11, minutes on a CPU); a model whose predictions pile many rows of
+other labels into a few classes makes those groups quadratic, where k-means partitions (SemDeDup) would bound them.
 
 *Cropped copies* (``crop_thumbnails``: scoring's ``duplicate_crops``, off by default): each row's nearest row by
-thumbnail cosine (the row maximum the passes find anyway) is a candidate from :data:`CROP_CANDIDATE` on if the
-features agree, and a near-duplicate when its boxes align (hf_clipsel.thumbnails) at :data:`CROP_SIMILARITY`: 0.39-0.44
-of SAS + SDS at ImageNet-1k's class shape with 0.6 of the rows candidates, as on the pool (0.17-0.18 without; 0.20).
+thumbnail cosine (the row maximum the passes find anyway) is a candidate from :data:`CROP_CANDIDATE` on, and joins
+it when their features agree and their boxes align (hf_clipsel.thumbnails) at :data:`CROP_SIMILARITY`.
 
 Pairs that pass are joined into groups: a centre and the rows paired with it directly (:func:`groups_of_pairs`; not
 connected components, which chain look-alikes); a group's id is its smallest row id.
@@ -61,9 +59,8 @@ THUMBNAIL_SIMILARITY = 0.97
 # Centred feature cosine such a pair also needs: distinct images of the same layout do not pass (pair precision 0.93
 # without it at thumbnail cosine 0.95, 0.95 with it); low, as a weak model scored one colour copy at 0.41.
 FEATURE_AGREEMENT = 0.7
-# Crop candidates: nearest-row thumbnail cosine from this up (a crop's went down to 0.56 on the pool); the alignment
-# score in [-1, 1] at which they join (0.97 / 0.7 / 0.96: crops R 0.90, P 1.00; conflicting labels P 0.98, R 0.90).
-CROP_CANDIDATE = 0.6
+CROP_CANDIDATE = 0.6  # crop candidates: nearest-row thumbnail cosine from this up (a crop's: down to 0.56 on the pool)
+# Alignment score in [-1, 1] at which they join (0.97 / 0.7 / 0.96: crops R 0.90, P 1.00; conflicts P 0.98, R 0.90).
 CROP_SIMILARITY = 0.96
 # Pairs above the threshold kept per row: bounds the edges at N x 8 even where many rows are alike (blank images).
 EDGES_PER_ROW = 8
@@ -204,6 +201,7 @@ def find_duplicates(
     feature_agreement: float = FEATURE_AGREEMENT,
     crop_thumbnails: Tensor | None = None,
     crop_similarity: float = CROP_SIMILARITY,
+    predicted_classes: Tensor | None = None,
 ) -> dict[str, np.ndarray]:
     """Nearest neighbours within and across classes, and the near-duplicate groups, of every usable row.
 
@@ -216,7 +214,8 @@ def find_duplicates(
 
     Args:
         image_features: ``[N, d]`` image features (any float dtype; not necessarily normalised).
-        class_features: ``[C, d]`` L2-normalised class text features: they give each row's predicted class.
+        class_features: ``[C, d]`` L2-normalised class text features: they give each row's predicted class, unless
+            ``predicted_classes`` (``[N]``, the score stage's: at 1000 classes this search's costliest product) does.
         labels: ``[N]`` int64 given labels in ``[0, C)``.
         valid: ``[N]`` bool usable rows; the others are neither queries nor candidates.
         threshold: cosine in ``[-1, 1]`` at or above which two rows are near-duplicates (of the thumbnails with
@@ -227,8 +226,7 @@ def find_duplicates(
             anything that reads them by row ids as one (``thumbnails[rows]``: the score stage's
             :class:`~hf_clipsel.features.FeatureStore` of them, read a class at a time).
         feature_agreement: centred feature cosine in ``[-1, 1]`` a thumbnail pair needs too.
-        crop_thumbnails: ``[N, CROP_SIDE**2]`` finer grids (hf_clipsel.thumbnails; read as ``thumbnails`` is), or
-            None: cropped copies are not searched (the module docstring says how they are).
+        crop_thumbnails: ``[N, 256]`` 16x16 grids (read as ``thumbnails`` is), or None: crops are not searched.
         crop_similarity: alignment score in ``[-1, 1]`` at or above which a crop candidate is a near-duplicate.
 
     Returns:
@@ -266,8 +264,10 @@ def find_duplicates(
         for start in range(0, rows.numel(), block_rows):
             normalised = F.normalize(image_features[rows[start : start + block_rows]].to(torch.float32), dim=-1)
             total += normalised.sum(dim=0)
-            preferred.append((normalised @ text.T).argmax(dim=-1))
-        return total, torch.cat(preferred) if preferred else torch.zeros(0, dtype=torch.int64)
+            if predicted_classes is None:
+                preferred.append((normalised @ text.T).argmax(dim=-1))
+        preferred = torch.cat(preferred) if preferred else torch.zeros(0, dtype=torch.int64)
+        return total, preferred if predicted_classes is None else predicted_classes[rows]
 
     # The mean direction of the usable rows: a CLIP's features share a large common component, which puts distinct
     # images at cosines near 1; centred, a copy stays near 1 and distinct images spread out. Summed in class order
@@ -319,15 +319,15 @@ def find_duplicates(
             same_row[rows] = _row_ids(rows, neighbour).to(same_row.dtype)
         pairs.append(rows[found])
     del classes  # the given classes' row ids (4 bytes a row): the predicted classes' take their place
-    predicted_classes = group_rows_by_label(predicted, valid.nonzero().squeeze(1).to(index_dtype))
+    predicted_groups = group_rows_by_label(predicted, valid.nonzero().squeeze(1).to(index_dtype))
     for rows, (similarity, neighbour, found) in zip(
-        predicted_classes, each_group(predicted_classes, lambda rows: search(rows, labels[rows]), share)
+        predicted_groups, each_group(predicted_groups, lambda rows: search(rows, labels[rows]), share)
     ):
         other_class[rows] = similarity
         if other_row is not None:
             other_row[rows] = _row_ids(rows, neighbour).to(other_row.dtype)
         pairs.append(rows[found])
-    del predicted_classes, predicted
+    del predicted_groups, predicted
     pairs = torch.cat(pairs) if pairs else torch.zeros((0, 2), dtype=torch.int64)
     if thumbnails is None:
         nearest_is_same = same_class >= other_class

@@ -327,3 +327,20 @@ def test_a_run_with_duplicate_crops_finds_a_cropped_copy(cifar_slice, tiny_clip_
     assert (found["duplicate_group"][1:60] == -1).all()
     pipeline.run(run_config(path, tiny_clip_path, tmp_path / "off", **settings))  # the default: crops not searched
     assert (read_scores(tmp_path / "off").with_format("numpy")["duplicate_group"][:] == -1).all()
+
+
+def test_the_search_groups_rows_by_the_predicted_classes_the_score_stage_gives():
+    """The score stage computes each row's predicted class once (N x C x d, at 1000 classes the search's costliest
+    product) and hands it to the search: the same values as the search's own prediction, and the ones it uses."""
+    features, text, labels = synthetic(num_rows=120, classes=3, seed=3)
+    grids = torch.randint(0, 256, (120, 64), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    grids[40:50], features[40:50] = grids[0:10], features[0:10]  # copies, some under another label
+    valid = torch.ones(120, dtype=torch.bool)
+    alone = find_duplicates(features, text, labels, valid, thumbnails=grids)
+    predicted = (F.normalize(features, dim=-1) @ text.T).argmax(dim=-1)
+    given = find_duplicates(features, text, labels, valid, thumbnails=grids, predicted_classes=predicted)
+    for name, values in alone.items():
+        np.testing.assert_array_equal(given[name], values, err_msg=name)
+    assert (alone["other_class"] > -1).sum() > 0
+    apart = find_duplicates(features, text, labels, valid, thumbnails=grids, predicted_classes=labels)
+    assert (apart["other_class"] == -1).all(), "each predicted class holds one label: no row of another"

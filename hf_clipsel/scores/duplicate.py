@@ -196,6 +196,7 @@ class NearDuplicates(Score):
             share=inputs.share,
             thumbnails=thumbnails,
             crop_thumbnails=crop_thumbnails,
+            predicted_classes=inputs.predicted,
         )
         return {
             "duplicate_similarity_same_class": found["same_class"],
