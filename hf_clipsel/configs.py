@@ -290,7 +290,7 @@ class ScoringConfig:
     )
 
     duplicate_crops: bool = field(
-        default=False, metadata={"help": "The duplicate score finds cropped copies too; over twice its time."}
+        default=False, metadata={"help": "The duplicate score finds cropped copies too; about triples its time."}
     )
 
     def __post_init__(self):

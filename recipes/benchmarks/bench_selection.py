@@ -15,7 +15,8 @@ Four parts, all through the library's public API (hf_clipsel.selection.select):
    duplicate score's search (hf_clipsel.duplicates.find_duplicates), timed apart and as a share of SAS + SDS.
 5. What the duplicate score adds to scoring time: SAS + SDS against the duplicate search, interleaved, at ImageNet-1k's
    class shape (1,281 rows a class, 512-d) on --cost-classes classes (default 1000; the cost is linear in classes),
-   without and with the crop search (duplicate_crops) verifying --crop-share of the rows.
+   without and with the crop search (duplicate_crops) verifying --crop-share of the rows; the rows' classes among
+   --cost-text-classes class texts (default 1000: the search predicts each row's class among them).
 scale (only when named: `--parts scale --rows N --dim D [--classes C]`): the library's out-of-core score stage and
    selection of five ratios on a synthetic embedding cache in its own format, ImageNet-21k-shaped (recipes/benchmarks/
    _scale.py says how); the last line printed is one JSON object (rows, dim, peak_rss_gib, seconds, ...).
@@ -215,7 +216,7 @@ def part_large(repeats: int, sgd_cap: int, sgd_ratios: list[float], slopes: dict
 
 
 def part_duplicate_cost(
-    num_classes: int, repeats: int, crop_share: float = 0.6, knn_k: int = 50, dim: int = 512
+    num_classes: int, repeats: int, crop_share: float = 0.6, text_classes: int = 1000, knn_k: int = 50, dim: int = 512
 ) -> None:
     """What the duplicate score adds to scoring at ImageNet-1k's class shape (1,281 rows a class, 512-d): SAS + SDS
     against hf_clipsel.duplicates.find_duplicates on ``num_classes`` classes (all three cost linearly in the classes:
@@ -225,17 +226,45 @@ def part_duplicate_cost(
     generator = torch.Generator().manual_seed(0)
     labels, features, text, valid, thumbnails = imagenet_class_shape(num_classes, rows_per_class, generator, dim)
     look_alikes, crop_thumbnails = crop_candidate_thumbnails(labels, crop_share, generator)
-    print(f"\n## 5. Duplicate score cost: {num_classes} classes x {rows_per_class} rows, {dim}-d (ImageNet-1k shape)")
+    # ImageNet-1k's 1000 class texts whatever the classes of rows: the search predicts each row's class among them
+    # (N x 1000 x d; with --cost-classes 50 texts alone, that term was 20 times too small)
+    others = torch.randn(max(0, text_classes - num_classes), dim, generator=generator)
+    text = torch.cat([text, torch.nn.functional.normalize(others, dim=-1)])
+    # the classes the model prefers: the score stage computes them once for the table and hands them to the search
+    predicted = (torch.nn.functional.normalize(features, dim=-1) @ text.T).argmax(dim=-1)
+    print(
+        f"\n## 5. Duplicate score cost: {num_classes} classes x {rows_per_class} rows, {dim}-d, {len(text)} class "
+        "texts (ImageNet-1k shape)"
+    )
     print(load_average())
     variants = {
         "SAS + SDS (K = 50)": lambda: (
             scoring.semantic_alignment(features, text, labels),
             scoring.sample_diversity(features, labels, knn_k),
         ),
-        "duplicate search": lambda: find_duplicates(features, text, labels, valid, thumbnails=thumbnails),
-        "features alone (scores without thumbnails)": lambda: find_duplicates(features, text, labels, valid),
+        "class posterior (scoring's work over every class text)": lambda: scoring.class_posterior(
+            features, text, labels, 100.0, 0.0, "softmax"
+        ),
+        "predicted classes (the table's predicted_label)": lambda: (
+            torch.nn.functional.normalize(features, dim=-1) @ text.T
+        ).argmax(dim=-1),
+        "duplicate search": lambda: find_duplicates(
+            features, text, labels, valid, thumbnails=thumbnails, predicted_classes=predicted
+        ),
+        "duplicate search predicting the classes itself": lambda: find_duplicates(
+            features, text, labels, valid, thumbnails=thumbnails
+        ),
+        "features alone (scores without thumbnails)": lambda: find_duplicates(
+            features, text, labels, valid, predicted_classes=predicted
+        ),
         f"duplicate search with crops ({crop_share:g} of the rows verified)": lambda: find_duplicates(
-            features, text, labels, valid, thumbnails=look_alikes, crop_thumbnails=crop_thumbnails
+            features,
+            text,
+            labels,
+            valid,
+            thumbnails=look_alikes,
+            crop_thumbnails=crop_thumbnails,
+            predicted_classes=predicted,
         ),
     }
     times = interleaved(variants, repeats)
@@ -244,6 +273,19 @@ def part_duplicate_cost(
     print(f"duplicate search / (SAS + SDS) = {share:.3f} (median of {repeats} interleaved runs; target <= 0.20)")
     crops = median(times[f"duplicate search with crops ({crop_share:g} of the rows verified)"])
     print(f"with crops / (SAS + SDS) = {crops / median(times['SAS + SDS (K = 50)']):.3f}")
+    scoring_time = sum(
+        median(times[name])
+        for name in (
+            "SAS + SDS (K = 50)",
+            "class posterior (scoring's work over every class text)",
+            "predicted classes (the table's predicted_label)",
+        )
+    )
+    without = median(times["duplicate search"])
+    print(
+        f"against SAS + SDS + class posterior + predicted classes: {without / scoring_time:.3f} without crops, "
+        f"{crops / scoring_time:.3f} with"
+    )
     print(load_average())
 
 
@@ -335,6 +377,7 @@ def main() -> None:
     parser.add_argument(
         "--crop-share", type=float, default=0.6, help="part 5: share of the rows the crop search verifies"
     )
+    parser.add_argument("--cost-text-classes", type=int, default=1000, help="part 5: class texts (ImageNet-1k: 1000)")
     parser.add_argument("--rows", type=int, default=1_000_000, help="scale: rows of the synthetic cache")
     parser.add_argument("--dim", type=int, default=768, help="scale: width of the cached vectors and the features")
     parser.add_argument(
@@ -375,7 +418,7 @@ def main() -> None:
     if "4" in args.parts:
         part_memory(args.threads)
     if "5" in args.parts:
-        part_duplicate_cost(args.cost_classes, args.repeats, args.crop_share)
+        part_duplicate_cost(args.cost_classes, args.repeats, args.crop_share, args.cost_text_classes)
     result = part_scale(__file__, args) if "scale" in args.parts else None
     footer(started)
     if result is not None:  # the last line: one JSON object
