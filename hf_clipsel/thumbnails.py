@@ -48,7 +48,7 @@ def _resamplers(scale: float, places: int, side: int = CROP_SIDE, compare: int =
     """``[places * compare, side]``: spans of ``scale`` times a ``side``-long axis at ``places`` evenly spread
     places, each resampled to ``compare`` values (bilinear at twice that, then pairs averaged: an area average, as
     the thumbnail is). A box's view of a grid is ``R_y @ grid @ R_x.T``: bilinear sampling and the 2x2 average are
-    separable, so the two 1-D maps give the 2-D box (a fifth of the multiply-adds of one [side**2, 64] map a box)."""
+    separable, so the two 1-D maps give the 2-D box (a ninth of the multiply-adds of a [side**2, 64] map a box)."""
     points = (2 * torch.arange(2 * compare) + 1) / (2 * compare) - 1  # sample centres (align_corners=False)
     centres = torch.linspace(-(1 - scale), 1 - scale, places) if places > 1 else torch.zeros(1)
     x = (scale * points[None, :] + centres[:, None]).reshape(-1)
@@ -66,7 +66,7 @@ _RESAMPLERS = [_resamplers(scale, places) for scale, places in _BOXES]
 def crop_views(grids: Tensor) -> Tensor:
     """``[n, K, THUMBNAIL_SIDE**2]`` zero-mean unit vectors: the K crop boxes of each :data:`CROP_SIDE` grid
     (``[n, CROP_SIDE**2]``, any number type), each resampled to :data:`THUMBNAIL_SIDE` x :data:`THUMBNAIL_SIDE`;
-    the last is the whole image. Two matrix products a box scale (about 30k multiply-adds a row)."""
+    the last is the whole image. Two matrix products a box scale (about 50k multiply-adds a row)."""
     num_rows, compare = grids.shape[0], THUMBNAIL_SIDE
     grids = grids.to(torch.float32).reshape(num_rows, CROP_SIDE, CROP_SIDE)
     across = grids @ torch.cat(_RESAMPLERS).T  # [n, y, every box's x values]: one product for every scale
