@@ -1,14 +1,13 @@
 """Near-duplicate search, and the groups it joins (the ``duplicate`` score, hf_clipsel.scores).
 
-Two images are near-duplicates when their pixel *thumbnails* (:func:`thumbnail`: grey levels averaged over an 8x8
+Two images are near-duplicates when their pixel *thumbnails* (hf_clipsel.thumbnails: grey levels averaged over an 8x8
 grid, measured while embedding) have cosine at least :data:`THUMBNAIL_SIMILARITY` after each grid's mean is removed,
 and the *centred cosine* of their image features (the cosine of the L2-normalised features after the mean of the
 usable rows' normalised features is subtracted, normalised again) is at least :data:`FEATURE_AGREEMENT`. Without
 thumbnails (inputs built by hand), the centred feature cosine alone decides, at :data:`DUPLICATE_SIMILARITY`. The
 thumbnail is what finds copies: a weak CLIP puts distinct look-alikes closer than its re-encoded or recoloured
 copies, while an area-average grid is unchanged by re-encoding, resizing and channel gains (it is changed by a
-shifted crop, which it does not find); the features keep apart distinct images of the same layout. Each row is
-compared with
+shifted crop); the features keep apart distinct images of the same layout. Each row is compared with
 
 - every other row of its *given* class (exact: the nearest same-class neighbour), and
 - the rows of other given classes that the model puts in the same *predicted* class: a copy of an image has nearly
@@ -18,16 +17,20 @@ compared with
 
 Cost: the search compares every pair of thumbnails of a class (sum over classes of n_c^2 x 64), then the m rows of
 each predicted class outside its common label with all of its n_p rows (sum of m_p x n_p x 64), with a row max
-instead of a top-k; the features are read once for the mean and the predicted class, and again for the pairs found.
-Without thumbnails both passes are n^2 on a :data:`SKETCH_DIM`-dimensional random projection of the features. Both
-run blockwise (at most 2**24 similarities held at once, 64 MiB) and keep at most :data:`EDGES_PER_ROW` pairs per
-row, so memory is O(N) beyond one group's thumbnails (measured with recipes/benchmarks/bench_selection.py --parts 5:
-0.15 of SAS + SDS at ImageNet-1k's class shape). At ImageNet-21k shape (13M rows, 21k classes, ~620 rows a class)
-the first pass is about 13M x 620 x 64 multiply-adds (~5e11, minutes on a CPU). A group of more than
-:data:`GROUP_ROWS` rows (a class of millions, or a predicted class where a model piles many rows of other labels) is
-searched in k-means cells of about that many rows (:func:`cells`, SemDeDup's partition), so no row is compared with
-more than about :data:`GROUP_ROWS` others: the search's time is linear in N whatever the groups' sizes, at the price
-of the copies that a cell boundary separates.
+instead of a top-k; the features are read once for the mean (and the predicted classes, N x C x d, unless the score
+stage gives them) and again for the pairs found. Without thumbnails both passes are n^2 on a :data:`SKETCH_DIM`-
+dimensional random projection of the features. Both run blockwise (at most 2**24 similarities held at once) and keep
+at most :data:`EDGES_PER_ROW` pairs per row, so memory is O(N) beyond one group's thumbnails (time: recipes/
+benchmarks/bench_selection.py --parts 5). At ImageNet-21k shape (13M rows, 21k classes, ~620 rows a class) the first
+pass is about 13M x 620 x 64 multiply-adds (~5e11, minutes on a CPU). A group of more than :data:`GROUP_ROWS` rows (a
+class of millions, or a predicted class where a model piles many rows of other labels) is searched in k-means cells
+of about that many rows (hf_clipsel.partition, SemDeDup's partition), so no row is compared with more than about
+:data:`GROUP_ROWS` others: the search's time is linear in N whatever the groups' sizes, at the price of the copies
+that a cell boundary separates.
+
+*Cropped copies* (``crop_thumbnails``: scoring's ``duplicate_crops``, off by default): each row's nearest row by
+thumbnail cosine (the row maximum the passes find anyway) is a candidate from :data:`CROP_CANDIDATE` on, and joins
+it when their features agree and their boxes align (hf_clipsel.thumbnails) at :data:`CROP_SIMILARITY`.
 
 Pairs that pass are joined into groups: a centre and the rows paired with it directly (:func:`groups_of_pairs`; not
 connected components, which chain look-alikes); a group's id is its smallest row id.
@@ -40,19 +43,18 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from scipy.sparse import coo_matrix
 from torch import Tensor
 
 from .features import Share, class_assignment, rows_per_block
+from .partition import cells
 from .scoring import group_rows_by_label
+from .thumbnails import crop_alignment, crop_views, thumbnail_vectors
 
 # Without thumbnails: centred cosine of two image features at or above which two rows are near-duplicates. Measured
 # with recipes/benchmarks/bench_duplicates.py on the proxy CLIP (README there): exact, JPEG and resized copies found
 # at recall >= 0.9; below it, distinct images of that weak model join groups (pair precision 0.52 at 0.99).
 DUPLICATE_SIMILARITY = 0.99
-# The thumbnail's grid side (64 values a row, 64 bytes in the cache).
-THUMBNAIL_SIDE = 8
 # Cosine of two zero-mean thumbnails at or above which two rows may be near-duplicates. Measured on the benchmark's
 # pool: copies scored >= 0.979 (resized), >= 0.999 (JPEG, colour gains); the closest of 4.5M distinct CIFAR-10 pairs
 # 0.974 (a real near-duplicate). At 0.97 with the agreement below: pair precision 0.99, recall 0.97-1.00 for exact,
@@ -61,6 +63,9 @@ THUMBNAIL_SIMILARITY = 0.97
 # Centred feature cosine such a pair also needs: distinct images of the same layout do not pass (pair precision 0.93
 # without it at thumbnail cosine 0.95, 0.95 with it); low, as a weak model scored one colour copy at 0.41.
 FEATURE_AGREEMENT = 0.7
+CROP_CANDIDATE = 0.6  # crop candidates: nearest-row thumbnail cosine from this up (a crop's: down to 0.56 on the pool)
+# Alignment score in [-1, 1] at which they join (0.97 / 0.7 / 0.96: crops R 0.90, P 1.00; conflicts P 0.98, R 0.90).
+CROP_SIMILARITY = 0.96
 # Pairs above the threshold kept per row: bounds the edges at N x 8 even where many rows are alike (blank images).
 EDGES_PER_ROW = 8
 # Features wider than this are searched on a seeded random projection to this many dimensions (Johnson-Lindenstrauss:
@@ -71,34 +76,12 @@ SKETCH_DIM = 32
 SKETCH_SLACK = 4.0
 # Similarities held at once per block: 2**24 float32 = 64 MiB.
 _BLOCK_ELEMENTS = 1 << 24
-# A class (or predicted class) of more rows than this is searched in cells of about this many rows (:func:`cells`), so
-# the search costs at most N x GROUP_ROWS comparisons, not the sum of its groups' squares: a model that puts a tenth
-# of a dataset in one predicted class, or a class of 3M rows, would otherwise cost hours. Above ImageNet's classes
-# (1,300 rows) and CIFAR-10's (5,000), so their searches are whole.
+# A class (or predicted class) of more rows than this is searched in cells of about this many rows
+# (partition.cells), so the search costs at most N x GROUP_ROWS comparisons, not the sum of its groups' squares: a
+# model that puts a tenth of a dataset in one predicted class, or a class of 3M rows, would otherwise cost hours.
+# Above ImageNet's classes (1,300 rows) and CIFAR-10's (5,000), so their searches are whole.
 GROUP_ROWS = 8192
-# Spherical k-means iterations of :func:`cells`.
-_CELL_ITERATIONS = 10
 NONE = -1  # no neighbour / no group
-
-
-def thumbnail(image: Image.Image | None) -> list[int]:
-    """The pixel descriptor of one decoded RGB image: its grey levels averaged over an
-    :data:`THUMBNAIL_SIDE` x :data:`THUMBNAIL_SIDE` grid of the whole image (``THUMBNAIL_SIDE**2`` ints in
-    ``[0, 255]``, row-major). An area average, so a resized or re-encoded copy gives nearly the same grid, and the
-    search compares grids after removing their mean, so a uniform brightness or colour change does not count.
-    ``None`` (an image that did not decode): zeros."""
-    if image is None:
-        return [0] * THUMBNAIL_SIDE**2
-    grey = image.convert("L").resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BOX)
-    return list(grey.tobytes())
-
-
-def thumbnail_vectors(thumbnails: Tensor) -> Tensor:
-    """``[n, side**2]`` float32 unit vectors of :func:`thumbnail` grids after their mean is removed (a blank grid:
-    zeros, near-duplicate of nothing)."""
-    grids = thumbnails.to(torch.float32, copy=True)  # centred and scaled in place: one [n, 64] copy, not three
-    grids -= grids.mean(dim=1, keepdim=True)
-    return F.normalize(grids, dim=-1, out=grids)
 
 
 def nearest_in_group(
@@ -107,6 +90,7 @@ def nearest_in_group(
     threshold: float,
     sketch: Tensor | None = None,
     edges_per_row: int = EDGES_PER_ROW,
+    every_nearest: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Each row's most similar other row of one group, and the pairs at or above ``threshold``.
 
@@ -118,12 +102,13 @@ def nearest_in_group(
             (:data:`SKETCH_SLACK`) are found there, at s/d of the cost, and their cosines computed on ``features``.
             None: the search runs on ``features``.
         edges_per_row: at most this many pairs per row (its most similar ones).
+        every_nearest: the nearest row's position for every row (crop candidates), not only near ``threshold``.
 
     Returns:
         ``(similarity, neighbour, pairs)``: ``[n]`` float32 cosine in ``[-1, 1]`` of the most similar candidate
         (-1 where there is none; with a sketch, the projection's cosine for a row with no candidate within the slack,
-        and the full features' for the others), ``[n]`` int64 its position in the group (-1: none, or no candidate
-        within the slack), ``[m, 2]`` int64 positions of the pairs at or above ``threshold``.
+        and the full features' for the others), ``[n]`` int64 its position in the group (-1: none, or not near
+        ``threshold`` without ``every_nearest``), ``[m, 2]`` int64 positions of the pairs at or above ``threshold``.
     """
     num_rows = features.shape[0]
     similarity = torch.full((num_rows,), -1.0)
@@ -142,10 +127,11 @@ def nearest_in_group(
         if labels is not None:
             cosines.masked_fill_(labels[start:stop, None] == labels[None, :], -torch.inf)
         # The row maxima alone are cheap; indices, pairs and exact cosines only for rows near a duplicate.
-        best = cosines.amax(dim=1)
+        best, index = cosines.max(dim=1) if every_nearest else (cosines.amax(dim=1), None)
         near = (best >= bound).nonzero().squeeze(1)
-        index = torch.full((stop - start,), NONE, dtype=torch.int64)
-        index[near] = cosines[near].argmax(dim=1)
+        if index is None:
+            index = torch.full((stop - start,), NONE, dtype=torch.int64)
+            index[near] = cosines[near].argmax(dim=1)
         query, candidate = (cosines[near] >= bound).nonzero(as_tuple=True)
         if query.numel() > edges_per_row * near.numel():  # many alike rows (blank images): each row's closest only
             top, nearest = torch.topk(cosines[near], min(edges_per_row, num_rows - 1), dim=1)
@@ -213,32 +199,6 @@ def nearest_across(
     return similarity, neighbour, torch.cat(pairs)
 
 
-def cells(vectors: Tensor, max_rows: int) -> list[Tensor]:
-    """Positions of the rows of ``vectors`` (``[n, s]`` unit vectors, or zeros) in cells of about ``max_rows`` rows,
-    for a search that compares a row with its own cell only: seeded spherical k-means (SemDeDup's partition) with
-    ``ceil(n / max_rows)`` centres, a cell split again while it holds more than ``max_rows`` rows and splitting still
-    divides it (identical rows, e.g. blank images, stay together). Near-duplicates (cosine near 1) share a cell unless
-    they sit on either side of a boundary (measured: recipes/benchmarks/README.md). One cell when ``n <= max_rows``."""
-    num_rows = vectors.shape[0]
-    if num_rows <= max_rows:
-        return [torch.arange(num_rows)]
-    count = -(-num_rows // max_rows)
-    generator = torch.Generator().manual_seed(0)  # the same cells every run: the same groups
-    centres = vectors[torch.randperm(num_rows, generator=generator)[:count]]
-    block = max(1, _BLOCK_ELEMENTS // count)
-    for _ in range(_CELL_ITERATIONS):
-        nearest = torch.cat([(vectors[start : start + block] @ centres.T).argmax(dim=1)
-                             for start in range(0, num_rows, block)])  # fmt: skip
-        centres = F.normalize(torch.zeros_like(centres).index_add_(0, nearest, vectors), dim=-1)
-    found = []
-    for cell in ((nearest == centre).nonzero().squeeze(1) for centre in range(count)):
-        if max_rows < cell.numel() < num_rows:
-            found.extend(cell[part] for part in cells(vectors[cell], max_rows))
-        elif cell.numel():
-            found.append(cell)
-    return found
-
-
 def find_duplicates(
     image_features: Tensor,
     class_features: Tensor,
@@ -248,6 +208,9 @@ def find_duplicates(
     share: Share | None = None,
     thumbnails: Tensor | None = None,
     feature_agreement: float = FEATURE_AGREEMENT,
+    crop_thumbnails: Tensor | None = None,
+    crop_similarity: float = CROP_SIMILARITY,
+    predicted_classes: Tensor | None = None,
     group_rows: int = GROUP_ROWS,
 ) -> dict[str, np.ndarray]:
     """Nearest neighbours within and across classes, and the near-duplicate groups, of every usable row.
@@ -261,18 +224,22 @@ def find_duplicates(
 
     Args:
         image_features: ``[N, d]`` image features (any float dtype; not necessarily normalised).
-        class_features: ``[C, d]`` L2-normalised class text features: they give each row's predicted class.
+        class_features: ``[C, d]`` L2-normalised class text features: they give each row's predicted class, unless
+            ``predicted_classes`` (``[N]``, the score stage's: at 1000 classes this search's costliest product) does.
         labels: ``[N]`` int64 given labels in ``[0, C)``.
         valid: ``[N]`` bool usable rows; the others are neither queries nor candidates.
         threshold: cosine in ``[-1, 1]`` at or above which two rows are near-duplicates (of the thumbnails with
             ``thumbnails``, else of the features); default :data:`THUMBNAIL_SIMILARITY` or
             :data:`DUPLICATE_SIMILARITY`.
         share: this process's part of the work (default: all of it).
-        thumbnails: ``[N, THUMBNAIL_SIDE**2]`` :func:`thumbnail` grids (any number type), or None: a tensor, or
+        thumbnails: ``[N, 64]`` 8x8 grids (hf_clipsel.thumbnails; any number type), or None: a tensor, or
             anything that reads them by row ids as one (``thumbnails[rows]``: the score stage's
             :class:`~hf_clipsel.features.FeatureStore` of them, read a class at a time).
         feature_agreement: centred feature cosine in ``[-1, 1]`` a thumbnail pair needs too.
-        group_rows: a class or predicted class of more rows is searched in :func:`cells` of about this many rows.
+        crop_thumbnails: ``[N, 256]`` 16x16 grids (read as ``thumbnails`` is), or None: crops are not searched.
+        crop_similarity: alignment score in ``[-1, 1]`` at or above which a crop candidate is a near-duplicate.
+        group_rows: a class or predicted class of more rows is searched in cells of about this many rows
+            (:func:`hf_clipsel.partition.cells`).
 
     Returns:
         ``same_class`` / ``other_class``: float32 ``[N]`` cosine (of the thumbnails, or of the features) of the
@@ -309,8 +276,10 @@ def find_duplicates(
         for start in range(0, rows.numel(), block_rows):
             normalised = F.normalize(image_features[rows[start : start + block_rows]].to(torch.float32), dim=-1)
             total += normalised.sum(dim=0)
-            preferred.append((normalised @ text.T).argmax(dim=-1))
-        return total, torch.cat(preferred) if preferred else torch.zeros(0, dtype=torch.int64)
+            if predicted_classes is None:
+                preferred.append((normalised @ text.T).argmax(dim=-1))
+        preferred = torch.cat(preferred) if preferred else torch.zeros(0, dtype=torch.int64)
+        return total, preferred if predicted_classes is None else predicted_classes[rows]
 
     # The mean direction of the usable rows: a CLIP's features share a large common component, which puts distinct
     # images at cosines near 1; centred, a copy stays near 1 and distinct images spread out. Summed in class order
@@ -327,18 +296,30 @@ def find_duplicates(
     def centred(rows: Tensor) -> Tensor:
         return F.normalize(F.normalize(image_features[rows].to(torch.float32), dim=-1) - mean, dim=-1)
 
+    crops = thumbnails is not None and crop_thumbnails is not None
+
     def search(rows: Tensor, other_labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         if thumbnails is None:
             return nearest_in_group(centred(rows), other_labels, threshold, sketch)
         vectors = thumbnail_vectors(thumbnails[rows])
         if other_labels is None:
-            similarity, neighbour, found = nearest_in_group(vectors, None, threshold)
+            similarity, neighbour, found = nearest_in_group(vectors, None, threshold, every_nearest=crops)
         else:
             similarity, neighbour, found = nearest_across(vectors, other_labels, threshold)
+        num_found = len(found)  # candidate crops: each row and its nearest row, close but below the threshold
+        if crops:
+            query = ((similarity >= CROP_CANDIDATE) & (similarity < threshold) & (neighbour >= 0)).nonzero()[:, 0]
+            candidates = torch.stack([query, neighbour[query]], dim=1).sort(dim=1).values
+            found = torch.cat([found, torch.unique(candidates, dim=0)])  # each unordered pair once
         if found.numel():  # the features must agree: distinct images with the same layout do not
             involved, position = torch.unique(found, return_inverse=True)
             features = centred(rows[involved])
-            found = found[(features[position[:, 0]] * features[position[:, 1]]).sum(dim=1) >= feature_agreement]
+            agree = (features[position[:, 0]] * features[position[:, 1]]).sum(dim=1) >= feature_agreement
+            found, candidates = found[:num_found][agree[:num_found]], found[num_found:][agree[num_found:]]
+            if len(candidates):  # and their crop boxes aligned
+                involved, position = torch.unique(candidates, return_inverse=True)
+                aligned = crop_alignment(crop_views(crop_thumbnails[rows[involved]]), position) >= crop_similarity
+                found = torch.cat([found, candidates[aligned]])
         return similarity, neighbour, found
 
     def descriptors(rows: Tensor) -> Tensor:  # what the search compares, as unit vectors: what cells divide
@@ -375,15 +356,15 @@ def find_duplicates(
             same_row[rows] = _row_ids(rows, neighbour).to(same_row.dtype)
         pairs.append(rows[found])
     del classes  # the given classes' row ids (4 bytes a row): the predicted classes' take their place
-    predicted_classes = group_rows_by_label(predicted, valid.nonzero().squeeze(1).to(index_dtype))
+    predicted_groups = group_rows_by_label(predicted, valid.nonzero().squeeze(1).to(index_dtype))
     for rows, (similarity, neighbour, found) in zip(
-        predicted_classes, each_group(predicted_classes, lambda rows: search_in_cells(rows, labels[rows]), share, cost)
+        predicted_groups, each_group(predicted_groups, lambda rows: search_in_cells(rows, labels[rows]), share, cost)
     ):
         other_class[rows] = similarity
         if other_row is not None:
             other_row[rows] = _row_ids(rows, neighbour).to(other_row.dtype)
         pairs.append(rows[found])
-    del predicted_classes, predicted
+    del predicted_groups, predicted
     pairs = torch.cat(pairs) if pairs else torch.zeros((0, 2), dtype=torch.int64)
     if thumbnails is None:
         nearest_is_same = same_class >= other_class
@@ -457,50 +438,3 @@ def groups_of_pairs(pairs: np.ndarray, num_rows: int) -> np.ndarray:
             grouped[members] = True
             group[members] = members.min()
     return group
-
-
-def duplicate_findings(
-    group: np.ndarray, labels: np.ndarray, preference: np.ndarray, usable: np.ndarray, keep_preferred_label: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """What a selection flags in the near-duplicate groups: copies within a class, and labels that conflict.
-
-    Args:
-        group: int64 ``[N]`` group ids (-1: none), as :func:`find_duplicates` gives them.
-        labels: ``[N]`` given labels.
-        preference: ``[N]`` float, higher is better: the row a group keeps of each label is its best.
-        usable: ``[N]`` bool; other rows are in no group.
-        keep_preferred_label: in a group of several labels, keep the copies of the label of its best row (the one
-            the model prefers) and flag the others; False: flag every copy of such a group.
-
-    Returns:
-        ``(duplicate, conflict)``: object ``[N]`` of ``""`` or ``"duplicate: row <r> kept"`` (every row of a group
-        and label but its best ``r``), and ``""`` or ``"conflicting labels: row <r> is labelled <label>"``.
-    """
-    num_rows = len(group)
-    duplicate = np.full(num_rows, "", dtype=object)
-    conflict = np.full(num_rows, "", dtype=object)
-    members = np.nonzero(usable & (group >= 0))[0]
-    if members.size == 0:
-        return duplicate, conflict
-    # Sorted by group, then label, then best first (ties: lowest row id): each (group, label) run starts at its best.
-    members = members[np.lexsort((members, -preference[members], labels[members], group[members]))]
-    member_group, member_label = group[members], labels[members]
-    new_group = np.r_[True, member_group[1:] != member_group[:-1]]
-    new_run = new_group | np.r_[True, member_label[1:] != member_label[:-1]]
-    run_best = members[new_run][np.cumsum(new_run) - 1]
-    for row, best in zip(members[~new_run], run_best[~new_run]):
-        duplicate[row] = f"duplicate: row {best} kept"
-    # Groups of several labels: every run's best row, and the group's best of them (the label the model prefers).
-    group_bounds = np.r_[np.nonzero(new_group)[0], len(members)]
-    labels_per_group = np.add.reduceat(new_run.astype(np.int64), group_bounds[:-1])
-    for index in np.nonzero(labels_per_group > 1)[0]:
-        begin, end = group_bounds[index], group_bounds[index + 1]
-        bests = members[begin:end][new_run[begin:end]]
-        preferred = bests[np.lexsort((bests, -preference[bests]))[0]]
-        for row in members[begin:end]:
-            if keep_preferred_label and labels[row] == labels[preferred]:
-                continue
-            # name a copy under another label: the preferred one, or for its own copies the best of another label
-            other = preferred if labels[row] != labels[preferred] else bests[bests != preferred][0]
-            conflict[row] = f"conflicting labels: row {other} is labelled {labels[other]}"
-    return duplicate, conflict

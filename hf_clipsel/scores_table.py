@@ -20,6 +20,7 @@ Columns (README.md, "Outputs", has the same table for users):
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -104,6 +105,7 @@ def score_stage(context, model, embeddings: Dataset, together: bool = False) -> 
             posterior_link=posterior_link(model),
             knn_k=context.config.scoring.knn_k,
             knn_block_rows=context.config.scoring.knn_block_rows,
+            duplicate_crops=context.config.scoring.duplicate_crops,
             statistics=measured_statistics(embeddings, store, share),
             share=share,
         )
@@ -231,16 +233,18 @@ def _column_files(embeddings: Dataset, column: str) -> list[tuple[str, int]] | N
 def score_values(inputs: ScoreInputs) -> dict[str, np.ndarray]:
     """``{column: values[N]}``: every registered score's columns, and ``predicted_label`` (the class the model
     prefers, -1 for a row that is not valid). Every process of ``inputs.share`` calls it and gets all of them."""
-    columns = {}
-    for score in registered_scores():
-        columns.update(score.compute(inputs))
 
     def preferred(rows: np.ndarray, features: torch.Tensor) -> np.ndarray:
         return (F.normalize(features, dim=-1) @ inputs.class_features.T).argmax(dim=-1).numpy()
 
-    # The class the (adapted) model prefers: where it differs from the given label, the row is a suspect.
+    # The class the (adapted) model prefers: where it differs from the given label, the row is a suspect. Computed
+    # first, once (N x C x d), and handed to the scores: the duplicate score groups rows by it.
     block_rows = min(logit_block_rows(inputs.class_features.shape[0]), inputs.features.block_rows)
     predicted = inputs.features.map_rows(preferred, inputs.share, block_rows)
+    inputs = dataclasses.replace(inputs, predicted=torch.from_numpy(np.asarray(predicted, dtype=np.int64)))
+    columns = {}
+    for score in registered_scores():
+        columns.update(score.compute(inputs))
     columns["predicted_label"] = np.where(inputs.valid.numpy(), predicted, -1).astype(np.int64)
     return columns
 

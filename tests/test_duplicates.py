@@ -6,13 +6,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_config
+from conftest import CIFAR10, run_config
 
 from hf_clipsel import pipeline
 from hf_clipsel.core.names import drop_reason_column, selected_column
-from hf_clipsel.duplicates import DUPLICATE_SIMILARITY, duplicate_findings, find_duplicates, groups_of_pairs
+from hf_clipsel.duplicates import DUPLICATE_SIMILARITY, find_duplicates, groups_of_pairs
 from hf_clipsel.runs.load import read_scores
 from hf_clipsel.scores import SCORES
+from hf_clipsel.scores.duplicate import duplicate_findings
 from hf_clipsel.summary import RunSummary
 
 
@@ -170,7 +171,7 @@ def test_thumbnails_join_resized_recoded_and_recoloured_copies_and_not_look_alik
 
     from PIL import Image
 
-    from hf_clipsel.duplicates import thumbnail
+    from hf_clipsel.thumbnails import thumbnail
 
     rng = np.random.default_rng(0)
     # smooth random images (distinct layouts), 48 px: what a small photo's grey levels look like at 8x8
@@ -202,7 +203,8 @@ def test_thumbnails_join_resized_recoded_and_recoloured_copies_and_not_look_alik
 
 
 def test_the_cross_class_search_of_a_few_queries_finds_what_the_full_search_finds():
-    from hf_clipsel.duplicates import nearest_across, nearest_in_group, thumbnail_vectors
+    from hf_clipsel.duplicates import nearest_across, nearest_in_group
+    from hf_clipsel.thumbnails import thumbnail_vectors
 
     generator = torch.Generator().manual_seed(1)
     labels = torch.where(
@@ -268,7 +270,8 @@ def test_the_findings_of_a_selection_go_with_its_table():
 def test_a_group_larger_than_the_bound_is_searched_in_cells_and_still_finds_its_copies():
     """A class (or predicted class) above ``group_rows`` rows is searched in k-means cells, so the search is linear
     in N; copies share their cell, and a cell finds nothing the whole search would not."""
-    from hf_clipsel.duplicates import cells, thumbnail_vectors
+    from hf_clipsel.partition import cells
+    from hf_clipsel.thumbnails import thumbnail_vectors
 
     generator = torch.Generator().manual_seed(4)
     grids = torch.randint(0, 256, (1200, 64), generator=generator, dtype=torch.uint8)
@@ -298,3 +301,83 @@ def test_a_group_larger_than_the_bound_is_searched_in_cells_and_still_finds_its_
     assert (split["same_class"] <= whole["same_class"] + 1e-6).all()  # a cell's nearest is never nearer
     assert (split["same_class"] < whole["same_class"] - 1e-3).sum() > 100, "the cells were searched apart"
     assert (split["other_class"] <= whole["other_class"] + 1e-6).all()
+
+
+def test_a_cropped_copy_is_found_by_the_alignment_of_its_boxes_and_a_distinct_image_is_not():
+    """A crop of 90% at a corner moves the 8x8 grid below the threshold; each row's nearest row is verified on the
+    16x16 grids: the crop's whole grid matches one of its original's crop boxes, a distinct image's does not."""
+    import io
+
+    from PIL import Image
+
+    from hf_clipsel.duplicates import THUMBNAIL_SIMILARITY
+    from hf_clipsel.thumbnails import CROP_SIDE, crop_alignment, crop_views, thumbnail, thumbnail_vectors
+
+    table = pq.read_table(CIFAR10 / "train-00000-of-00001.parquet", columns=["img"]).slice(0, 40)
+    images = [Image.open(io.BytesIO(cell["bytes"])).convert("RGB") for cell in table.column("img").to_pylist()]
+    crops = [images[0].crop((3, 0, 32, 29)), images[3].crop((0, 0, 29, 29))]  # rows 40, 41: 29 of 32 px a side
+    everything = images + crops
+    grids = torch.tensor([thumbnail(image) for image in everything], dtype=torch.uint8)
+    fine = torch.tensor([thumbnail(image, CROP_SIDE) for image in everything], dtype=torch.uint8)
+    vectors = thumbnail_vectors(grids)
+    assert (vectors[[40, 41]] * vectors[[0, 3]]).sum(1).max() < THUMBNAIL_SIMILARITY, "the 8x8 grids alone miss it"
+    views = crop_views(fine)
+    assert views.shape == (42, 28, 64)
+    pairs = torch.tensor([[0, 40], [3, 41], [0, 2], [5, 40]])
+    alignment = crop_alignment(views, pairs)
+    assert alignment[:2].min() >= 0.96 and alignment[2:].max() < 0.9, alignment
+
+    features, text, _ = synthetic(num_rows=42, classes=1)
+    features[40:42] = features[[0, 3]] + 0.1 * torch.randn(2, 32, generator=torch.Generator().manual_seed(5))
+    labels, valid = torch.zeros(42, dtype=torch.int64), torch.ones(42, dtype=torch.bool)
+    labels[41] = 1  # the second crop under another label: found by the cross-class search
+    text = torch.cat([text, F.normalize(torch.randn(1, 32, generator=torch.Generator().manual_seed(6)), dim=-1)])
+    found = find_duplicates(features, text, labels, valid, thumbnails=grids, crop_thumbnails=fine)
+    assert found["group"][40] == found["group"][0] == 0 and found["nearest"][40] == 0
+    assert found["group"][41] == found["group"][3] == 3
+    assert (np.delete(found["group"][:40], [0, 3]) == -1).all(), "no distinct image of the fixture joins a group"
+    without = find_duplicates(features, text, labels, valid, thumbnails=grids)
+    assert (without["group"] == -1).all()
+
+
+def test_a_run_with_duplicate_crops_finds_a_cropped_copy(cifar_slice, tiny_clip_path, tmp_path):
+    """The scoring setting reaches the score: the embed stage measured the 16x16 thumbnails, the score stage read
+    them from their store, and the crop (8x8 cosine below the threshold) joins its original's group."""
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    table = pq.read_table(cifar_slice).slice(0, 60)
+    image = Image.open(io.BytesIO(table.column("img")[0].as_py()["bytes"])).convert("RGB")
+    buffer = io.BytesIO()
+    image.crop((3, 0, 32, 29)).save(buffer, format="PNG")
+    copy = table.slice(0, 1).to_pydict()
+    copy["img"] = [{"bytes": buffer.getvalue(), "path": None}]
+    path = tmp_path / "pool.parquet"
+    pq.write_table(pa.concat_tables([table, pa.Table.from_pydict(copy, schema=table.schema)]), path)
+    settings = {"adapter_preset": "none", "selection_ratios": [0.9], "duplicate_check": True}
+    pipeline.run(run_config(path, tiny_clip_path, tmp_path / "run", duplicate_crops=True, **settings))
+    found = read_scores(tmp_path / "run").with_format("numpy")[:]
+    assert found["duplicate_similarity_same_class"][60] < 0.97, "the 8x8 thumbnails alone do not join them"
+    assert found["duplicate_group"][60] == found["duplicate_group"][0] == 0 and found["nearest_duplicate"][60] == 0
+    assert (found["duplicate_group"][1:60] == -1).all()
+    pipeline.run(run_config(path, tiny_clip_path, tmp_path / "off", **settings))  # the default: crops not searched
+    assert (read_scores(tmp_path / "off").with_format("numpy")["duplicate_group"][:] == -1).all()
+
+
+def test_the_search_groups_rows_by_the_predicted_classes_the_score_stage_gives():
+    """The score stage computes each row's predicted class once (N x C x d, at 1000 classes the search's costliest
+    product) and hands it to the search: the same values as the search's own prediction, and the ones it uses."""
+    features, text, labels = synthetic(num_rows=120, classes=3, seed=3)
+    grids = torch.randint(0, 256, (120, 64), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    grids[40:50], features[40:50] = grids[0:10], features[0:10]  # copies, some under another label
+    valid = torch.ones(120, dtype=torch.bool)
+    alone = find_duplicates(features, text, labels, valid, thumbnails=grids)
+    predicted = (F.normalize(features, dim=-1) @ text.T).argmax(dim=-1)
+    given = find_duplicates(features, text, labels, valid, thumbnails=grids, predicted_classes=predicted)
+    for name, values in alone.items():
+        np.testing.assert_array_equal(given[name], values, err_msg=name)
+    assert (alone["other_class"] > -1).sum() > 0
+    apart = find_duplicates(features, text, labels, valid, thumbnails=grids, predicted_classes=labels)
+    assert (apart["other_class"] == -1).all(), "each predicted class holds one label: no row of another"

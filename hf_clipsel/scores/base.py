@@ -61,6 +61,10 @@ class ScoreInputs:
             scoring.class_posterior).
         knn_k: neighbours per row for scores that compare a row with its class.
         knn_block_rows: rows of a class held at once by such a comparison (larger classes go in blocks), ``>= 2``.
+        duplicate_crops: the duplicate score searches cropped copies too (``ScoringConfig.duplicate_crops``).
+        predicted: ``[N]`` int64 class the model prefers (argmax of the cosines with ``class_features``), computed
+            once by the score stage for the table and for the scores that need it; None (inputs built by hand): a
+            score that needs it computes it.
         statistics: ``{column: float32[N]}`` what the scores' :meth:`Score.measure` found while decoding; a
             measured descriptor (``length`` values a row, the duplicate score's uint8 thumbnails) is a
             :class:`~hf_clipsel.features.FeatureStore` of its dtype sorted as ``features`` (the score stage's: read
@@ -77,6 +81,8 @@ class ScoreInputs:
     posterior_link: str = "softmax"
     knn_k: int = 100
     knn_block_rows: int = 8192
+    duplicate_crops: bool = False
+    predicted: torch.Tensor | None = None
     statistics: dict[str, np.ndarray] = field(default_factory=dict)
     share: Share = field(default_factory=Share)
 

@@ -10,22 +10,22 @@ every other row, so a selection takes a second copy only when the budget exceeds
 from __future__ import annotations
 
 import dataclasses
+import logging
 import weakref
 
 import numpy as np
 import torch
 
 from ..duplicates import (
+    CROP_SIMILARITY,
     DUPLICATE_SIMILARITY,
     FEATURE_AGREEMENT,
-    THUMBNAIL_SIDE,
     THUMBNAIL_SIMILARITY,
-    duplicate_findings,
     find_duplicates,
-    thumbnail,
 )
 from ..features import FeatureStore
 from ..selection.registry import alignment_term
+from ..thumbnails import CROP_SIDE, THUMBNAIL_SIDE, thumbnail
 from .base import Column, Score, ScoreInputs, register_score
 
 # In a group of several labels, keep the copies of the label the model prefers (True) or none (False). Measured on
@@ -34,8 +34,11 @@ from .base import Column, Score, ScoreInputs, register_score
 # keeping none costs one correct image per group and keeps no wrong label.
 KEEP_PREFERRED_LABEL = False
 
+logger = logging.getLogger(__name__)
+
 GROUP_COLUMN = "duplicate_group"
 THUMBNAIL = "pixel_thumbnail"
+CROP_THUMBNAIL = "pixel_thumbnail_fine"
 
 
 def preference(table: dict, selection) -> np.ndarray:
@@ -93,7 +96,7 @@ _LAST = _LastFindings()
 
 
 def findings(table: dict, selection) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(duplicate, conflict)`` flags of :func:`hf_clipsel.duplicates.duplicate_findings` (all ``""`` when
+    """``(duplicate, conflict)`` flags of :func:`duplicate_findings` (all ``""`` when
     ``selection.duplicate_check`` is off); None for scores without the group column (from an older hf_clipsel).
     Computed once per table and selection settings, however many of the two scores' flags ask."""
     if GROUP_COLUMN not in table:
@@ -132,7 +135,8 @@ class NearDuplicates(Score):
         ),
         Column(
             GROUP_COLUMN,
-            "near-duplicate group (rows joined by thumbnail and feature cosine): its smallest row_id",
+            "near-duplicate group (rows joined by thumbnail and feature cosine, and with the scoring setting "
+            f"duplicate_crops, crops whose boxes align at >= {CROP_SIMILARITY}): its smallest row_id",
             "a row_id; -1: no near-duplicate",
             dtype="int64",
         ),
@@ -154,7 +158,15 @@ class NearDuplicates(Score):
             dtype="uint8",
             length=THUMBNAIL_SIDE**2,
         ),
+        Column(
+            CROP_THUMBNAIL,
+            f"the same over a {CROP_SIDE}x{CROP_SIDE} grid: the crop search's boxes are cut from it",
+            "[0, 255] each",
+            dtype="uint8",
+            length=CROP_SIDE**2,
+        ),
     )
+    version = 2  # 2: the finer thumbnail
     # A dropped copy of an image whose group keeps a better copy of the same label.
     # Between misaligned (20) and damaged (30): which copy a group keeps says more than "misaligned" does, and a pixel
     # defect (or a score another package adds at 25) says more than that the image has a copy.
@@ -162,11 +174,19 @@ class NearDuplicates(Score):
     reason_rank = 22
     flag_column = "duplicate"
 
-    def measure(self, image) -> tuple[list[int]]:
-        return (thumbnail(image),)
+    def measure(self, image) -> tuple[list[int], list[int]]:
+        grey = None if image is None else image.convert("L")  # converted once for both grids
+        return thumbnail(grey), thumbnail(grey, CROP_SIDE)
 
     def compute(self, inputs: ScoreInputs) -> dict[str, np.ndarray]:
-        thumbnails = _thumbnails(inputs.statistics.get(THUMBNAIL))
+        thumbnails = _thumbnails(inputs.statistics.get(THUMBNAIL), THUMBNAIL_SIDE**2)
+        crop_thumbnails = None
+        if inputs.duplicate_crops:
+            crop_thumbnails = _thumbnails(inputs.statistics.get(CROP_THUMBNAIL), CROP_SIDE**2)
+            if thumbnails is None or crop_thumbnails is None:
+                logger.warning(
+                    "duplicate_crops: no pixel thumbnails in these statistics, cropped copies not searched."
+                )
         found = find_duplicates(
             inputs.image_features,
             inputs.class_features,
@@ -174,6 +194,8 @@ class NearDuplicates(Score):
             inputs.valid,
             share=inputs.share,
             thumbnails=thumbnails,
+            crop_thumbnails=crop_thumbnails,
+            predicted_classes=inputs.predicted,
         )
         return {
             "duplicate_similarity_same_class": found["same_class"],
@@ -188,14 +210,15 @@ class NearDuplicates(Score):
         return None if found is None else found[0]
 
 
-def _thumbnails(grids) -> torch.Tensor | FeatureStore | None:
-    """The thumbnails as the search reads them, by row ids: the class-sorted store the score stage writes (read a
-    class at a time), or ``[N, 64]`` grids in memory (inputs built by hand). None where there are none (inputs
-    without them, e.g. a benchmark's synthetic statistics): the features alone decide."""
+def _thumbnails(grids, length: int) -> torch.Tensor | FeatureStore | None:
+    """Thumbnails of ``length`` values as the search reads them, by row ids: the class-sorted store the score stage
+    writes (read a class at a time), or ``[N, length]`` grids in memory (inputs built by hand). None where there are
+    none (inputs without them, e.g. a benchmark's synthetic statistics): the features alone decide, or without the
+    finer grids, crops are not searched."""
     if isinstance(grids, FeatureStore):
-        return grids if grids.dim == THUMBNAIL_SIDE**2 else None
+        return grids if grids.dim == length else None
     grids = np.asarray(() if grids is None else grids)
-    return torch.from_numpy(grids) if grids.shape[1:] == (THUMBNAIL_SIDE**2,) else None
+    return torch.from_numpy(grids) if grids.shape[1:] == (length,) else None
 
 
 @register_score
@@ -210,3 +233,50 @@ class ConflictingLabels(Score):
         """``"conflicting labels: row <r> is labelled <label>"`` for the copies of an image under several labels."""
         found = findings(table, selection)
         return None if found is None else found[1]
+
+
+def duplicate_findings(
+    group: np.ndarray, labels: np.ndarray, preference: np.ndarray, usable: np.ndarray, keep_preferred_label: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """What a selection flags in the near-duplicate groups: copies within a class, and labels that conflict.
+
+    Args:
+        group: int64 ``[N]`` group ids (-1: none), as :func:`find_duplicates` gives them.
+        labels: ``[N]`` given labels.
+        preference: ``[N]`` float, higher is better: the row a group keeps of each label is its best.
+        usable: ``[N]`` bool; other rows are in no group.
+        keep_preferred_label: in a group of several labels, keep the copies of the label of its best row (the one
+            the model prefers) and flag the others; False: flag every copy of such a group.
+
+    Returns:
+        ``(duplicate, conflict)``: object ``[N]`` of ``""`` or ``"duplicate: row <r> kept"`` (every row of a group
+        and label but its best ``r``), and ``""`` or ``"conflicting labels: row <r> is labelled <label>"``.
+    """
+    num_rows = len(group)
+    duplicate = np.full(num_rows, "", dtype=object)
+    conflict = np.full(num_rows, "", dtype=object)
+    members = np.nonzero(usable & (group >= 0))[0]
+    if members.size == 0:
+        return duplicate, conflict
+    # Sorted by group, then label, then best first (ties: lowest row id): each (group, label) run starts at its best.
+    members = members[np.lexsort((members, -preference[members], labels[members], group[members]))]
+    member_group, member_label = group[members], labels[members]
+    new_group = np.r_[True, member_group[1:] != member_group[:-1]]
+    new_run = new_group | np.r_[True, member_label[1:] != member_label[:-1]]
+    run_best = members[new_run][np.cumsum(new_run) - 1]
+    for row, best in zip(members[~new_run], run_best[~new_run]):
+        duplicate[row] = f"duplicate: row {best} kept"
+    # Groups of several labels: every run's best row, and the group's best of them (the label the model prefers).
+    group_bounds = np.r_[np.nonzero(new_group)[0], len(members)]
+    labels_per_group = np.add.reduceat(new_run.astype(np.int64), group_bounds[:-1])
+    for index in np.nonzero(labels_per_group > 1)[0]:
+        begin, end = group_bounds[index], group_bounds[index + 1]
+        bests = members[begin:end][new_run[begin:end]]
+        preferred = bests[np.lexsort((bests, -preference[bests]))[0]]
+        for row in members[begin:end]:
+            if keep_preferred_label and labels[row] == labels[preferred]:
+                continue
+            # name a copy under another label: the preferred one, or for its own copies the best of another label
+            other = preferred if labels[row] != labels[preferred] else bests[bests != preferred][0]
+            conflict[row] = f"conflicting labels: row {other} is labelled {labels[other]}"
+    return duplicate, conflict

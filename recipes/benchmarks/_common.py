@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from hf_clipsel.duplicates import THUMBNAIL_SIDE
+from hf_clipsel.thumbnails import CROP_SIDE, THUMBNAIL_SIDE
 
 
 def setup(threads: int | None) -> None:
@@ -99,7 +99,7 @@ def interleaved(variants: dict, repeats: int) -> dict[str, list[float]]:
 def imagenet_class_shape(num_classes: int, rows_per_class: int, generator: torch.Generator, dim: int = 512) -> tuple:
     """Synthetic scoring inputs of ImageNet-1k's class shape (``rows_per_class`` rows a class): ``(labels, features,
     text, valid, thumbnails)``, the features near their class centre and the text features near the centres (most
-    rows are predicted in their own class), random uint8 thumbnails (hf_clipsel.duplicates.thumbnail's shape);
+    rows are predicted in their own class), random uint8 thumbnails (hf_clipsel.thumbnails.thumbnail's shape);
     drawn from ``generator`` in that order."""
     labels = torch.arange(num_classes).repeat_interleave(rows_per_class)
     centres = torch.randn(num_classes, dim, generator=generator)
@@ -108,6 +108,26 @@ def imagenet_class_shape(num_classes: int, rows_per_class: int, generator: torch
     valid = torch.ones(len(labels), dtype=torch.bool)
     thumbnails = torch.randint(0, 256, (len(labels), THUMBNAIL_SIDE**2), dtype=torch.uint8, generator=generator)
     return labels, features, text, valid, thumbnails
+
+
+def crop_candidate_thumbnails(labels: torch.Tensor, share: float, generator: torch.Generator) -> tuple:
+    """``(thumbnails, crop_thumbnails)``: uint8 grey grids of hf_clipsel.thumbnails' two sides (8x8 the 2x2 averages
+    of the 16x16 ones, as an area average gives them) where a ``share`` of each class's rows come in pairs of
+    look-alikes: one grid of the pair is the other's plus noise (thumbnail cosine about 0.7, so that each is the
+    other's nearest row and a crop candidate: the share the crop search verifies), the rest random (nearest cosine
+    about 0.45 in a class of 1,281: no candidate)."""
+    fine = torch.randint(0, 256, (len(labels), CROP_SIDE**2), generator=generator).to(torch.float32)
+    _, counts = torch.unique_consecutive(labels, return_counts=True)
+    start = 0
+    for count in counts.tolist():
+        paired = 2 * round(share * count / 2)
+        first = torch.arange(start, start + paired, 2)
+        noise = 45.0 * torch.randn(len(first), CROP_SIDE**2, generator=generator)
+        fine[first + 1] = (fine[first] + noise).clamp(0, 255)
+        start += count
+    side = CROP_SIDE // THUMBNAIL_SIDE
+    small = fine.reshape(-1, THUMBNAIL_SIDE, side, THUMBNAIL_SIDE, side).mean(dim=(2, 4)).reshape(len(labels), -1)
+    return small.round().to(torch.uint8), fine.round().to(torch.uint8)
 
 
 def median(values) -> float:

@@ -7,15 +7,18 @@ re-encoded (quality 60-90), resized (0.7-1.3x), cropped (85-95% of each side, ra
 channel scaled by 0.9-1.1). Each original is copied once. One `hf_clipsel` run (the default selection, the given
 CLIP or the proxy of proxy_clip.py) embeds, adapts, scores and selects it at ratios 0.3..0.9. Printed:
 
-- per kind, threshold and feature agreement (groups found again by hf_clipsel.duplicates: the cosine of the rows'
-  zero-mean 8x8 grey thumbnails at or above the threshold, and the centred cosine of that run's image features at
-  or above the agreement; and, as the fallback for scores without thumbnails, the features alone): recall (the copy
+- per kind, threshold, feature agreement and crop alignment (groups found again by hf_clipsel.duplicates: the cosine
+  of the rows' zero-mean 8x8 grey thumbnails at or above the threshold, and the centred cosine of that run's image
+  features at or above the agreement; with an alignment threshold, not 'off', the crop search of duplicate_crops
+  too; and, as the fallback for scores without thumbnails, the features alone): recall (the copy
   joins its original's group) and precision (of the pairs a copy's group makes with it, the share that are its
   original); overall pair precision (every pair of every group, including groups of two rows of the base pool:
   CIFAR-10's own near-duplicates or false finds);
 - conflicting labels: precision and recall of the rows in groups of several labels against the cross-class copies
   and their originals, and how often the copy the model prefers carries the true label (what keeping it would keep);
-- per ratio: the share of injected groups the default selection keeps at most once.
+- per ratio: the share of injected groups the default selection keeps at most once (with --duplicate_crops, the
+  run's scores search crops too);
+- the share of rows that are crop candidates, and the search's time per row with and without crops.
 
     python recipes/benchmarks/bench_duplicates.py --data_dir /path/to/cifar10 --threads 1
 """
@@ -38,11 +41,17 @@ from proxy_clip import ProxySpec, decode_uint8, train_proxy
 from hf_clipsel.configs import ClipselConfig
 from hf_clipsel.context import prompts_of
 from hf_clipsel.core.names import selected_column
-from hf_clipsel.duplicates import FEATURE_AGREEMENT, THUMBNAIL_SIMILARITY, find_duplicates
+from hf_clipsel.duplicates import (
+    CROP_CANDIDATE,
+    CROP_SIMILARITY,
+    FEATURE_AGREEMENT,
+    THUMBNAIL_SIMILARITY,
+    find_duplicates,
+)
 from hf_clipsel.embedding import embed_class_prompts
 from hf_clipsel.modeling import class_text_features
 from hf_clipsel.runs.stages import drive
-from hf_clipsel.scores.duplicate import GROUP_COLUMN, KEEP_PREFERRED_LABEL, THUMBNAIL, preference
+from hf_clipsel.scores.duplicate import CROP_THUMBNAIL, GROUP_COLUMN, KEEP_PREFERRED_LABEL, THUMBNAIL, preference
 from hf_clipsel.scores_table import score_stage
 
 KINDS = ("exact", "jpeg", "resize", "crop", "colour")
@@ -173,6 +182,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cross_copies", type=int, default=10, help="Cross-class copies per kind.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--duplicate_crops", action="store_true", help="The run searches cropped copies (scoring's duplicate_crops)."
+    )
     return p
 
 
@@ -193,6 +205,7 @@ def prepare(args) -> dict:
             "model_name_or_path": model,
             "selection_ratios": list(RATIOS),
             "duplicate_check": True,
+            "duplicate_crops": args.duplicate_crops,
             "output_dir": str(Path(args.work_dir) / key / Path(model).name / "run"),
             "overwrite_output_dir": True,
         }
@@ -217,6 +230,7 @@ def prepare(args) -> dict:
         "class_features": class_features,
         "features": features,
         "thumbnails": torch.from_numpy(np.asarray(state.scoring[THUMBNAIL][:], dtype=np.uint8)),
+        "crop_thumbnails": torch.from_numpy(np.asarray(state.scoring[CROP_THUMBNAIL][:], dtype=np.uint8)),
     }
 
 
@@ -225,6 +239,13 @@ def main(argv=None):
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.95, 0.96, 0.97, 0.98, 0.99])
     p.add_argument("--agreements", type=float, nargs="+", default=[-1.0, 0.7, 0.8, 0.9])
     p.add_argument("--feature_thresholds", type=float, nargs="+", default=[0.99, 0.995])
+    p.add_argument(
+        "--crop_similarities",
+        type=lambda value: None if value == "off" else float(value),
+        nargs="+",
+        default=[None, CROP_SIMILARITY],
+        help="Alignment scores of the crop search, per thumbnail setting ('off': no crop search).",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -232,8 +253,9 @@ def main(argv=None):
     print(f"command: {command}", flush=True)
     started = time.perf_counter()
     run = prepare(args)
-    model, config, scores, features, class_features, thumbnails = (
-        run[name] for name in ("model", "config", "scores", "features", "class_features", "thumbnails")
+    model, config, scores, features, class_features, thumbnails, crop_thumbnails = (
+        run[name]
+        for name in ("model", "config", "scores", "features", "class_features", "thumbnails", "crop_thumbnails")
     )
     copy_of, kinds, cross, labels, valid = (run[name] for name in ("copy_of", "kinds", "cross", "labels", "valid"))
     labels_t, valid_t = torch.from_numpy(labels), torch.from_numpy(valid)
@@ -244,17 +266,32 @@ def main(argv=None):
 
     print(f"\npool: {args.pool_size} CIFAR-10 training rows + {len(copies)} copies; model {model}")
     rows, conflict_table = [], []
-    settings = [(t, a) for a in args.agreements for t in args.thresholds]
-    settings += [(t, None) for t in args.feature_thresholds]
-    for threshold, agreement in settings:
+    settings = [(t, a, c) for a in args.agreements for t in args.thresholds for c in args.crop_similarities]
+    settings += [(t, None, None) for t in args.feature_thresholds]
+    seconds = {}
+    for threshold, agreement, crop in settings:
+        clock = time.perf_counter()
         if agreement is None:  # the fallback: features alone
             found = find_duplicates(features, class_features, labels_t, valid_t, threshold)
             name = f"features {threshold:g}"
         else:
             found = find_duplicates(
-                features, class_features, labels_t, valid_t, threshold, None, thumbnails, agreement
+                features,
+                class_features,
+                labels_t,
+                valid_t,
+                threshold,
+                None,
+                thumbnails,
+                agreement,
+                None if crop is None else crop_thumbnails,
+                CROP_SIMILARITY if crop is None else crop,
             )
-            name = f"{threshold:g} / {agreement:g}"
+            name = f"{threshold:g} / {agreement:g} / {'off' if crop is None else f'{crop:g}'}"
+            seconds.setdefault(crop is not None, []).append(time.perf_counter() - clock)
+            if crop is not None and len(seconds[True]) == 1:  # the rows whose nearest row is a crop candidate
+                nearest = np.maximum(found["same_class"], found["other_class"])
+                share = ((nearest >= CROP_CANDIDATE) & (nearest < threshold)).mean()
         group = found["group"]
         cells, found = kind_cells(group, copy_of, copies, kinds, cross)
         rows.append([name, *cells])
@@ -271,13 +308,22 @@ def main(argv=None):
                 f"{np.mean(prefers_true) if prefers_true else float('nan'):.2f} ({len(prefers_true)} groups)",
             ]
         )
-    header = ["thumbnail / features"] + [
+    header = ["thumbnail / features / crops"] + [
         f"{k} {'across' if a else 'within'} R / P" for k in KINDS for a in (False, True)
     ]
     print("\nRecall / precision per kind of copy (R: copy joins its original's group; P: of its group's pairs)")
     print(table(header + ["all pairs P"], rows))
     print("\nConflicting labels (rows in groups of several labels)")
-    print(table(["thumbnail / features", "precision", "recall", "model prefers the true label"], conflict_table))
+    print(
+        table(["thumbnail / features / crops", "precision", "recall", "model prefers the true label"], conflict_table)
+    )
+    if True in seconds:
+        off, on = (1e6 * np.median(seconds[crops]) / len(labels) for crops in (False, True))
+        print(
+            f"\nrows whose nearest row is a crop candidate (thumbnail cosine in [{CROP_CANDIDATE}, "
+            f"{args.thresholds[0]:g}), before the features' check): at most {share:.2f}; search us a row (median "
+            f"over settings): crops off {off:.1f}, on {on:.1f}"
+        )
 
     group = scores[GROUP_COLUMN].astype(np.int64)
     selection_rows = []
@@ -296,6 +342,7 @@ def main(argv=None):
         )
     print("\nInjected groups kept at most once by the default selection (thumbnail cosine ", end="")
     print(f">= {THUMBNAIL_SIMILARITY}, features >= {FEATURE_AGREEMENT}; ", end="")
+    print(f"crops: {f'alignment >= {CROP_SIMILARITY}' if args.duplicate_crops else 'not searched'}; ", end="")
     print(f"conflicting labels: {'keep the preferred label' if KEEP_PREFERRED_LABEL else 'keep none'})")
     print(table(["ratio", "within class", "across classes", "all", "kept rows"], selection_rows))
     base_groups = np.unique(group[: args.pool_size][group[: args.pool_size] >= 0])

@@ -14,7 +14,9 @@ Four parts, all through the library's public API (hf_clipsel.selection.select):
    SAS against 1000 class features, SDS by per-class kNN (K = 50), min-max, exact selection at five ratios; then the
    duplicate score's search (hf_clipsel.duplicates.find_duplicates), timed apart and as a share of SAS + SDS.
 5. What the duplicate score adds to scoring time: SAS + SDS against the duplicate search, interleaved, at ImageNet-1k's
-   class shape (1,281 rows a class, 512-d) on --cost-classes classes (default 1000; the cost is linear in classes).
+   class shape (1,281 rows a class, 512-d) on --cost-classes classes (default 1000; the cost is linear in classes),
+   without and with the crop search (duplicate_crops) verifying --crop-share of the rows; the rows' classes among
+   --cost-text-classes class texts (default 1000: the search predicts each row's class among them).
 scale (only when named: `--parts scale --rows N --dim D [--classes C]`): the library's out-of-core score stage and
    selection of five ratios on a synthetic embedding cache in its own format, ImageNet-21k-shaped (recipes/benchmarks/
    _scale.py says how); the last line printed is one JSON object (rows, dim, peak_rss_gib, seconds, ...).
@@ -34,7 +36,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import footer, header, imagenet_class_shape, interleaved, load_average, median, setup, table, timed
+from _common import (
+    crop_candidate_thumbnails,
+    footer,
+    header,
+    imagenet_class_shape,
+    interleaved,
+    load_average,
+    median,
+    setup,
+    table,
+    timed,
+)
 from _scale import big_class_child, part_scale
 from _scale import child as scale_child
 
@@ -202,27 +215,77 @@ def part_large(repeats: int, sgd_cap: int, sgd_ratios: list[float], slopes: dict
     print(load_average())
 
 
-def part_duplicate_cost(num_classes: int, repeats: int, knn_k: int = 50, dim: int = 512) -> None:
+def part_duplicate_cost(
+    num_classes: int, repeats: int, crop_share: float = 0.6, text_classes: int = 1000, knn_k: int = 50, dim: int = 512
+) -> None:
     """What the duplicate score adds to scoring at ImageNet-1k's class shape (1,281 rows a class, 512-d): SAS + SDS
     against hf_clipsel.duplicates.find_duplicates on ``num_classes`` classes (all three cost linearly in the classes:
-    1000 is ImageNet-1k itself)."""
+    1000 is ImageNet-1k itself), without and with the crop search (``duplicate_crops``; thumbnails where a
+    ``crop_share`` of each class's rows are crop candidates whose features agree, as the benchmark's pool had)."""
     rows_per_class = IMAGENET_ROWS // 1000
     generator = torch.Generator().manual_seed(0)
     labels, features, text, valid, thumbnails = imagenet_class_shape(num_classes, rows_per_class, generator, dim)
-    print(f"\n## 5. Duplicate score cost: {num_classes} classes x {rows_per_class} rows, {dim}-d (ImageNet-1k shape)")
+    look_alikes, crop_thumbnails = crop_candidate_thumbnails(labels, crop_share, generator)
+    # ImageNet-1k's 1000 class texts whatever the classes of rows: the search predicts each row's class among them
+    # (N x 1000 x d; with --cost-classes 50 texts alone, that term was 20 times too small)
+    others = torch.randn(max(0, text_classes - num_classes), dim, generator=generator)
+    text = torch.cat([text, torch.nn.functional.normalize(others, dim=-1)])
+    # the classes the model prefers: the score stage computes them once for the table and hands them to the search
+    predicted = (torch.nn.functional.normalize(features, dim=-1) @ text.T).argmax(dim=-1)
+    print(
+        f"\n## 5. Duplicate score cost: {num_classes} classes x {rows_per_class} rows, {dim}-d, {len(text)} class "
+        "texts (ImageNet-1k shape)"
+    )
     print(load_average())
     variants = {
         "SAS + SDS (K = 50)": lambda: (
             scoring.semantic_alignment(features, text, labels),
             scoring.sample_diversity(features, labels, knn_k),
         ),
-        "duplicate search": lambda: find_duplicates(features, text, labels, valid, thumbnails=thumbnails),
-        "features alone (scores without thumbnails)": lambda: find_duplicates(features, text, labels, valid),
+        "class posterior (scoring's work over every class text)": lambda: scoring.class_posterior(
+            features, text, labels, 100.0, 0.0, "softmax"
+        ),
+        "predicted classes (the table's predicted_label)": lambda: (
+            torch.nn.functional.normalize(features, dim=-1) @ text.T
+        ).argmax(dim=-1),
+        "duplicate search": lambda: find_duplicates(
+            features, text, labels, valid, thumbnails=thumbnails, predicted_classes=predicted
+        ),
+        "duplicate search predicting the classes itself": lambda: find_duplicates(
+            features, text, labels, valid, thumbnails=thumbnails
+        ),
+        "features alone (scores without thumbnails)": lambda: find_duplicates(
+            features, text, labels, valid, predicted_classes=predicted
+        ),
+        f"duplicate search with crops ({crop_share:g} of the rows verified)": lambda: find_duplicates(
+            features,
+            text,
+            labels,
+            valid,
+            thumbnails=look_alikes,
+            crop_thumbnails=crop_thumbnails,
+            predicted_classes=predicted,
+        ),
     }
     times = interleaved(variants, repeats)
     table([{"part": name, "median s": median(t), "min s": min(t), "max s": max(t)} for name, t in times.items()])
     share = median(times["duplicate search"]) / median(times["SAS + SDS (K = 50)"])
     print(f"duplicate search / (SAS + SDS) = {share:.3f} (median of {repeats} interleaved runs; target <= 0.20)")
+    crops = median(times[f"duplicate search with crops ({crop_share:g} of the rows verified)"])
+    print(f"with crops / (SAS + SDS) = {crops / median(times['SAS + SDS (K = 50)']):.3f}")
+    scoring_time = sum(
+        median(times[name])
+        for name in (
+            "SAS + SDS (K = 50)",
+            "class posterior (scoring's work over every class text)",
+            "predicted classes (the table's predicted_label)",
+        )
+    )
+    without = median(times["duplicate search"])
+    print(
+        f"against SAS + SDS + class posterior + predicted classes: {without / scoring_time:.3f} without crops, "
+        f"{crops / scoring_time:.3f} with"
+    )
     print(load_average())
 
 
@@ -311,6 +374,10 @@ def main() -> None:
         "--parts", nargs="+", default=["1", "2", "3", "4", "5"], choices=["1", "2", "3", "4", "5", "scale"]
     )
     parser.add_argument("--cost-classes", type=int, default=1000, help="part 5: classes (1000: ImageNet-1k)")
+    parser.add_argument(
+        "--crop-share", type=float, default=0.6, help="part 5: share of the rows the crop search verifies"
+    )
+    parser.add_argument("--cost-text-classes", type=int, default=1000, help="part 5: class texts (ImageNet-1k: 1000)")
     parser.add_argument("--rows", type=int, default=1_000_000, help="scale: rows of the synthetic cache")
     parser.add_argument("--dim", type=int, default=768, help="scale: width of the cached vectors and the features")
     parser.add_argument(
@@ -351,7 +418,7 @@ def main() -> None:
     if "4" in args.parts:
         part_memory(args.threads)
     if "5" in args.parts:
-        part_duplicate_cost(args.cost_classes, args.repeats)
+        part_duplicate_cost(args.cost_classes, args.repeats, args.crop_share, args.cost_text_classes)
     result = part_scale(__file__, args) if "scale" in args.parts else None
     footer(started)
     if result is not None:  # the last line: one JSON object

@@ -39,13 +39,14 @@ from torch import Tensor
 
 from hf_clipsel import scoring
 from hf_clipsel.core.names import selected_column
-from hf_clipsel.duplicates import find_duplicates, groups_of_pairs, thumbnail_vectors
+from hf_clipsel.duplicates import find_duplicates, groups_of_pairs
 from hf_clipsel.scoring import group_rows_by_label
+from hf_clipsel.thumbnails import thumbnail_vectors
 
 
 def grey_grids(images, side: int) -> Tensor:
     """float32 ``[n, side, side]``: grey levels of each image averaged over a side x side grid (as
-    hf_clipsel.duplicates.thumbnail, finer)."""
+    hf_clipsel.thumbnails.thumbnail, finer)."""
     grids = [np.asarray(image.convert("L").resize((side, side), Image.Resampling.BOX)) for image in images]
     return torch.from_numpy(np.stack(grids).astype(np.float32))
 
