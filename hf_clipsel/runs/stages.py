@@ -31,7 +31,7 @@ from ..embedding import cache_keys, embed_stage
 from ..features import FeatureStore
 from ..outputs import write_run_config, write_scores, write_subsets
 from ..report import write_report
-from ..scores_table import score_stage, select_stage
+from ..scores_table import TABLES_DIR, score_stage, select_stage
 from ..stability import seed_overlap
 from ..streaming import write_subsets_from_stream
 from ..summary import RunSummary, summarize
@@ -77,7 +77,8 @@ def _score(state: RunState, staging: Path | None) -> None:
 
 
 def _select(state: RunState, staging: Path | None) -> None:
-    state.masks, state.scores = select_stage(state.scores, state.context.config, state.features)
+    directory = state.context.cache_dir / TABLES_DIR
+    state.masks, state.scores = select_stage(state.scores, state.context.config, state.features, directory)
     state.features = None  # the store's file in the cache goes with its last reference
 
 
