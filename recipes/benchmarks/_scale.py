@@ -199,8 +199,8 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
         "scores s": scored - projected,
         "table + select s": selected - scored,
         "seconds": selected - started,
-        # per row: the scores table (in memory), and the same with the selection's columns (in the files the
-        # selection wrote, mapped: resident only while read), Arrow's bytes
+        # per row (Arrow's bytes): the scores table, and the same with the selection's columns; both in files this
+        # process maps, resident only while read
         "scores table bytes a row": scores.data.nbytes / rows,
         "selected table bytes a row": selection.data.nbytes / rows,
     }
