@@ -34,9 +34,10 @@ from .runs.folder import RunFolder, held_by_main_process
 from .runs.load import read_scores
 from .runs.record import SELECT_KEYS, STAGES, read_record, unused_caches, verify
 from .runs.stages import drive, write_stage
-from .scores_table import TABLES_DIR, check_scores_belong_to, select_stage
+from .scores_table import check_scores_belong_to, select_stage
 from .selection import selector_spec
 from .summary import RunSummary
+from .tables import TABLES_DIR
 
 STAGE_FUNCTIONS = ["load_context", "embed_stage", "adapt_stage", "score_stage", "select_stage", "write_stage"]
 COMMANDS = ["run", "embed", "adapt", "score", "select_from_scores", "push", "report", "clean"]

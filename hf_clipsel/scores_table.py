@@ -21,7 +21,7 @@ Columns (README.md, "Outputs", has the same table for users):
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +29,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from accelerate.utils import broadcast_object_list, gather_object
-from datasets import ClassLabel, Dataset, DatasetInfo, Features, Image, IterableDataset, Value, concatenate_datasets
-from datasets.fingerprint import generate_random_fingerprint
+from datasets import ClassLabel, Dataset, Features, Image, IterableDataset, Value, concatenate_datasets
 from datasets.table import InMemoryTable
 
 from .configs import ClipselConfig
@@ -49,11 +48,7 @@ from .reasons import drop_reasons
 from .scores import ScoreInputs, flag_columns, measured_specs, registered_scores, score_columns
 from .scoring import logit_block_rows
 from .selection import SelectionConfig, SelectionInputs, select, selector_spec
-
-# The folder of a run's cache (hf_clipsel.context.RunContext.cache_dir) where the score and select stages write their
-# tables' columns, read back through the files' memory maps (each file is deleted once mapped: the folder stays
-# empty).
-TABLES_DIR = "tables"
+from .tables import TABLES_DIR, arrow_dataset, mapped_table, numpy_columns
 
 
 def scores_features(class_names: list[str]) -> Features:
@@ -342,49 +337,6 @@ def _columns(columns: dict[str, tuple], directory: str | Path | None) -> Dataset
     return arrow_dataset(values, Features({name: feature for name, (_, feature) in columns.items()}), directory)
 
 
-def numpy_columns(dataset: Dataset, columns: list[str] | None = None) -> dict[str, np.ndarray]:
-    """``{column: [N] numpy array}`` of ``dataset``'s ``columns`` (default: all), read through Arrow: a number
-    column is a read-only view of the table's own buffer (no copy), a text column an object array. (The ``numpy``
-    format of `datasets` builds a Python object per row and value first, then copies them into an array: at a
-    million rows, seconds and tens of bytes a row for every column.)"""
-    if columns is not None:
-        dataset = dataset.select_columns(columns)
-    table = dataset.with_format("arrow")[:]
-    return {name: table.column(name).to_numpy() for name in table.column_names}
-
-
-def arrow_dataset(columns: dict, features: Features, directory: str | Path | None = None) -> Dataset:
-    """A `Dataset` of ``columns`` (numpy or Arrow arrays or lists, N values each) typed by ``features``, built as one
-    Arrow table: ``Dataset.from_dict`` and ``add_column`` encode each ClassLabel value in Python and hash every
-    column, minutes at ImageNet-21k's size. With ``directory``, the table is written to an Arrow file there and read
-    back through its memory map: its bytes are the kernel's page cache (written back and dropped under pressure),
-    in this process's resident memory only while they are read."""
-    arrays = {name: values if isinstance(values, pa.Array) else pa.array(values) for name, values in columns.items()}
-    table = pa.table(arrays).cast(features.arrow_schema)
-    if directory is not None:
-        table = _mapped(table.schema, table.to_batches(), Path(directory))  # one batch: one array per column
-    return Dataset(
-        InMemoryTable(table), info=DatasetInfo(features=features), fingerprint=generate_random_fingerprint()
-    )
-
-
-def _mapped(schema: pa.Schema, batches: Iterable[pa.RecordBatch], directory: Path) -> pa.Table:
-    """``batches`` written to a file in ``directory`` and read back zero-copy from its memory map. The file is deleted
-    once mapped: the map keeps its bytes until the table is let go, and a run that is killed leaves nothing behind.
-    (So the table is wrapped as datasets' InMemoryTable, which pickles its values, not as a MemoryMappedTable,
-    which would open its file again by name.) Few, large batches: opening the stream maps the pages around each
-    batch's header (about 64 KiB each)."""
-    path = directory / f"tmp-table-{uuid.uuid4().hex}.arrow"
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            for batch in batches:
-                writer.write_batch(batch)
-        return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
-    finally:
-        path.unlink(missing_ok=True)
-
-
 def explained_drops(table: dict, selection: SelectionConfig) -> list[tuple[str, np.ndarray]]:
     """``(drop reason, bool[N] rows it explains)`` of every registered score that explains drops, weakest first (its
     ``reason_rank``), as :func:`~hf_clipsel.reasons.drop_reasons` takes them."""
@@ -421,7 +373,7 @@ def read_scores_in(directory: str | Path, into: str | Path | None = None) -> Dat
         return Dataset(InMemoryTable(pa.concat_tables([pq.read_table(shard) for shard in shards])))
     files = [pq.ParquetFile(shard) for shard in shards]
     batches = (batch for file in files for batch in file.iter_batches())  # 65,536 rows each
-    return Dataset(InMemoryTable(_mapped(files[0].schema_arrow, batches, Path(into))))
+    return Dataset(InMemoryTable(mapped_table(files[0].schema_arrow, batches, Path(into))))
 
 
 def check_scores_belong_to(scores: Dataset, source, location) -> None:

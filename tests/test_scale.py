@@ -226,7 +226,8 @@ def test_the_select_stage_writes_its_columns_out_and_gives_the_same_table(tmp_pa
     from hf_clipsel.configs import ClipselConfig
     from hf_clipsel.outputs import write_scores
     from hf_clipsel.scores import score_columns
-    from hf_clipsel.scores_table import arrow_dataset, read_scores_in, scores_features
+    from hf_clipsel.scores_table import read_scores_in, scores_features
+    from hf_clipsel.tables import arrow_dataset
 
     rng = np.random.default_rng(0)
     rows, classes = 3000, 12

@@ -31,10 +31,11 @@ from ..embedding import cache_keys, embed_stage
 from ..features import FeatureStore
 from ..outputs import write_run_config, write_scores, write_subsets
 from ..report import write_report
-from ..scores_table import TABLES_DIR, score_stage, select_stage
+from ..scores_table import score_stage, select_stage
 from ..stability import seed_overlap
 from ..streaming import write_subsets_from_stream
 from ..summary import RunSummary, summarize
+from ..tables import TABLES_DIR
 from .folder import held_by_main_process
 from .record import STAGE_ARTEFACTS, STAGE_SETTINGS
 

@@ -130,8 +130,7 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
     from hf_clipsel.features import FeatureStore
     from hf_clipsel.modeling import image_features
     from hf_clipsel.scores import ScoreInputs, score_columns
-    from hf_clipsel.scores_table import (
-        TABLES_DIR,
+    from hf_clipsel.scores_table import (  # arrow_dataset as scores_table has it: explore_scale_phases wraps it there
         arrow_dataset,
         feature_store,
         measured_statistics,
@@ -139,6 +138,7 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
         scores_features,
         select_stage,
     )
+    from hf_clipsel.tables import TABLES_DIR
 
     labels = np.load(work / "labels.npy")
     rows = len(labels)
@@ -188,7 +188,7 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
     )
     del columns  # as score_stage lets them go when it returns the table (which holds its own copy, in its file)
     config = ClipselConfig.from_flat({"selection_ratios": [0.1, 0.3, 0.5, 0.7, 0.9]})
-    # as the pipeline selects: the selection's columns go to files in the run's cache (scores_table.TABLES_DIR)
+    # as the pipeline selects: the selection's columns go to files in the run's cache (tables.TABLES_DIR)
     masks, selection = select_stage(scores, config, store, work / TABLES_DIR)
     selected = time.perf_counter()
     assert isinstance(store, FeatureStore) and all(masks[r].any() for r in masks)
