@@ -37,7 +37,12 @@ class RunContext:
 
     @property
     def cache_dir(self) -> Path:
-        return Path(self.config.run.cache_dir or self.output_dir / EMBEDDINGS_DIR)
+        return cache_dir_of(self.config)
+
+
+def cache_dir_of(config: ClipselConfig) -> Path:
+    """The run's cache: ``cache_dir``, or ``embeddings/`` in its folder."""
+    return Path(config.run.cache_dir or Path(config.run.output_dir) / EMBEDDINGS_DIR)
 
 
 def make_accelerator() -> Accelerator:

@@ -24,7 +24,7 @@ from datasets import Dataset, IterableDataset
 from .adaptation import scoring_embeddings, trained_model
 from .cards import render_dataset_card
 from .configs import ClipselConfig
-from .context import check_budgets, make_accelerator
+from .context import cache_dir_of, check_budgets, make_accelerator
 from .data import load_source, prepare_source, with_row_ids
 from .hub import push_outputs
 from .hub_access import check_hub_reachable
@@ -37,6 +37,7 @@ from .runs.stages import drive, write_stage
 from .scores_table import check_scores_belong_to, select_stage
 from .selection import selector_spec
 from .summary import RunSummary
+from .tables import TABLES_DIR
 
 STAGE_FUNCTIONS = ["load_context", "embed_stage", "adapt_stage", "score_stage", "select_stage", "write_stage"]
 COMMANDS = ["run", "embed", "adapt", "score", "select_from_scores", "push", "report", "clean"]
@@ -136,12 +137,12 @@ def select_from_scores(config, command=None, scores=None, image_features=None, d
         )
     config = _with_added_ratios(config)
     with held_by_main_process(config, Accelerator(cpu=True), "select") as (folder, record):
-        location = config.run.scores_from or config.run.output_dir
-        scores = scores if scores is not None else read_scores(location)
+        location, tables = config.run.scores_from or config.run.output_dir, cache_dir_of(config) / TABLES_DIR
+        scores = scores if scores is not None else read_scores(location, into=tables)
         source = prepare_source(load_source(config.data, dataset), config.data)
         check_scores_belong_to(scores, source, location)
         check_budgets(config, len(scores))
-        masks, scores = select_stage(scores, config, image_features)
+        masks, scores = select_stage(scores, config, image_features, tables)
         staging = folder.stage(keep=record.artefacts_of_stages())
         record = record.done(config, "select", scores_from=config.run.scores_from)
         record = record.described(source if not record.source else None, command)

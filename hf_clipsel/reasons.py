@@ -14,6 +14,7 @@ A score's reason describes the row, whatever the method that dropped it.
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
 KEPT, UNDECODABLE, UNUSABLE_LABEL, OUTSIDE_BUDGET = "", "undecodable", "unusable label", "outside the budget"
 
@@ -25,12 +26,13 @@ def reason_order(score_reasons: list[str]) -> tuple[str, ...]:
 
 def drop_reasons(
     selected: np.ndarray, decode_ok: np.ndarray, flagged: np.ndarray, explained: list[tuple[str, np.ndarray]]
-) -> np.ndarray:
-    """One reason per row (object array of the strings above). ``flagged`` marks rows kept out of selection;
-    ``explained`` lists ``(reason, bool[N] rows it explains)`` weakest first, so a stronger reason wins."""
-    # Each row's reason as an index into the reasons, then the reasons themselves: every row shares one Python string
-    # per reason. (Strings put into an object array by np.full or a mask each became a new string object: about 90
-    # bytes a row at the selection's peak, measured at 2M rows.)
+) -> pa.StringArray:
+    """One reason per row (an Arrow string array of the reasons above). ``flagged`` marks rows kept out of
+    selection; ``explained`` lists ``(reason, bool[N] rows it explains)`` weakest first, so a stronger reason wins."""
+    # Each row's reason as an index into the reasons, which Arrow then turns into the strings: no Python object per
+    # row. (Strings put into an object array by np.full or a mask each became a new string object, about 90 bytes a
+    # row at 2M rows; an object array sharing one string per reason still cost 8 bytes a row and Arrow's conversion
+    # of it 55 more at its peak.)
     names = [OUTSIDE_BUDGET, *(reason for reason, _ in explained), UNUSABLE_LABEL, UNDECODABLE, KEPT]
     codes = np.zeros(len(selected), dtype=np.min_scalar_type(len(names)))
     for code, (_, rows) in enumerate(explained, start=1):
@@ -38,6 +40,4 @@ def drop_reasons(
     codes[np.asarray(flagged, dtype=bool)] = names.index(UNUSABLE_LABEL)
     codes[~np.asarray(decode_ok, dtype=bool)] = names.index(UNDECODABLE)
     codes[np.asarray(selected, dtype=bool)] = names.index(KEPT)
-    table = np.empty(len(names), dtype=object)
-    table[:] = names
-    return table[codes]
+    return pa.array(names, pa.string()).take(pa.array(codes))

@@ -30,8 +30,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from accelerate.utils import broadcast_object_list, gather_object
-from datasets import ClassLabel, Dataset, DatasetInfo, Features, Image, IterableDataset, Value, concatenate_datasets
-from datasets.fingerprint import generate_random_fingerprint
+from datasets import ClassLabel, Dataset, Features, Image, IterableDataset, Value, concatenate_datasets
 from datasets.table import InMemoryTable
 
 from .configs import ClipselConfig
@@ -50,6 +49,7 @@ from .reasons import drop_reasons
 from .scores import ScoreInputs, flag_columns, measured_specs, registered_scores, score_columns
 from .scoring import logit_block_rows
 from .selection import SelectionConfig, SelectionInputs, select, selector_spec
+from .tables import TABLES_DIR, arrow_dataset, mapped_table, numpy_columns
 
 
 def scores_features(class_names: list[str]) -> Features:
@@ -250,7 +250,9 @@ def score_values(inputs: ScoreInputs) -> dict[str, np.ndarray]:
 
 
 def scores_table(context, embeddings: Dataset, columns: dict[str, np.ndarray]) -> Dataset:
-    """The scores table of the run's source from :func:`score_values`' ``columns``."""
+    """The scores table of the run's source from :func:`score_values`' ``columns``, in a file of the run's cache
+    (:data:`TABLES_DIR`) that it reads through the file's memory map: the selection reads a few of its columns, and
+    the rest (the image paths, the raw scores) need not be in memory."""
     flag_reason = [
         label_problem or (f"{error}" if not ok else "")
         for label_problem, ok, error in zip(
@@ -269,6 +271,7 @@ def scores_table(context, embeddings: Dataset, columns: dict[str, np.ndarray]) -
             **{column.name: np.asarray(columns[column.name], dtype=column.dtype) for column in score_columns()},
         },
         features=scores_features(context.source.class_names),
+        directory=context.cache_dir / TABLES_DIR,
     )
 
 
@@ -283,18 +286,29 @@ def image_paths(source) -> list[str]:
     return ["" if path is None else path for path in column.field("path").to_pylist()]
 
 
-def select_stage(scores: Dataset, config: ClipselConfig, image_features: FeatureStore | torch.Tensor | None = None):
+def select_stage(
+    scores: Dataset,
+    config: ClipselConfig,
+    image_features: FeatureStore | torch.Tensor | None = None,
+    directory: str | Path | None = None,
+):
     """The select stage: masks per ratio, and the scores with the selection's columns for every ratio: the scores'
-    flags, and per ratio the reward (for selectors that rank by it), the mask and each row's drop reason."""
+    flags, and per ratio the reward (for selectors that rank by it), the mask and each row's drop reason.
+    ``directory`` (:data:`TABLES_DIR` of a run's cache): the selection's columns are written there as they are made
+    and the table reads them from the files' memory maps (:func:`arrow_dataset`), so that they are not held in
+    memory (78 bytes a row at five ratios, 1 GiB at 13M rows); None: in memory."""
     # read once (the inputs, the flags and the reasons come from it), less the text no selection reads: at 13M rows
     # their Python strings would cost gigabytes
     unread = {PATH, "given_label"}
     table = numpy_columns(scores, [c for c in scores.column_names if c not in unread])
     flags = score_flags(table, config.selection)
     inputs = selection_inputs(table, config.selection, flags, image_features)
-    # Each column becomes Arrow as soon as it exists, and what no later step reads is let go: an object array holds
-    # 8 bytes a row, so the flags and the reasons of five ratios held as objects would cost more than the table.
-    added = {column: (pa.array(values, pa.string()), Value("string")) for column, values in flags.items()}
+    # Each group of columns becomes Arrow (and goes to ``directory``) as soon as it exists, and what no later step
+    # reads is let go: the flags and the reasons of five ratios held as Python objects would cost more than the table.
+    parts = [without_selection(scores)]
+    if flags:
+        strings = {column: (pa.array(values, pa.string()), Value("string")) for column, values in flags.items()}
+        parts.append(_columns(strings, directory))
     del flags
     explained = explained_drops(table, config.selection)
     decode_ok = table["decode_ok"]
@@ -311,36 +325,20 @@ def select_stage(scores: Dataset, config: ClipselConfig, image_features: Feature
     not_valid = ~inputs.valid
     del inputs
     for ratio in config.selection.selection_ratios:
+        added = {}
         if ranks_by_reward:
             added[reward_column(ratio)] = (rewards[config.selection.alpha_for(ratio)], Value("float32"))
-        reasons = pa.array(drop_reasons(masks[ratio], decode_ok, not_valid, explained), pa.string())
         added[selected_column(ratio)] = (masks[ratio], Value("bool"))
+        reasons = drop_reasons(masks[ratio], decode_ok, not_valid, explained)
         added[drop_reason_column(ratio)] = (reasons, Value("string"))
-    columns = Features({column: feature for column, (_, feature) in added.items()})
-    selection = arrow_dataset({column: values for column, (values, _) in added.items()}, columns)
-    return masks, concatenate_datasets([without_selection(scores), selection], axis=1)
+        parts.append(_columns(added, directory))
+    return masks, concatenate_datasets(parts, axis=1)
 
 
-def numpy_columns(dataset: Dataset, columns: list[str] | None = None) -> dict[str, np.ndarray]:
-    """``{column: [N] numpy array}`` of ``dataset``'s ``columns`` (default: all), read through Arrow: a number
-    column is a read-only view of the table's own buffer (no copy), a text column an object array. (The ``numpy``
-    format of `datasets` builds a Python object per row and value first, then copies them into an array: at a
-    million rows, seconds and tens of bytes a row for every column.)"""
-    if columns is not None:
-        dataset = dataset.select_columns(columns)
-    table = dataset.with_format("arrow")[:]
-    return {name: table.column(name).to_numpy() for name in table.column_names}
-
-
-def arrow_dataset(columns: dict, features: Features) -> Dataset:
-    """A `Dataset` of ``columns`` (numpy or Arrow arrays or lists, N values each) typed by ``features``, built as one
-    Arrow table: ``Dataset.from_dict`` and ``add_column`` encode each ClassLabel value in Python and hash every
-    column, minutes at ImageNet-21k's size."""
-    arrays = {name: values if isinstance(values, pa.Array) else pa.array(values) for name, values in columns.items()}
-    table = pa.table(arrays).cast(features.arrow_schema)
-    return Dataset(
-        InMemoryTable(table), info=DatasetInfo(features=features), fingerprint=generate_random_fingerprint()
-    )
+def _columns(columns: dict[str, tuple], directory: str | Path | None) -> Dataset:
+    """A `Dataset` of ``{name: (values, feature)}`` (:func:`arrow_dataset`)."""
+    values = {name: value for name, (value, _) in columns.items()}
+    return arrow_dataset(values, Features({name: feature for name, (_, feature) in columns.items()}), directory)
 
 
 def explained_drops(table: dict, selection: SelectionConfig) -> list[tuple[str, np.ndarray]]:
@@ -362,13 +360,12 @@ def score_flags(table: dict, selection: SelectionConfig) -> dict[str, np.ndarray
     return found
 
 
-def read_scores_in(directory: str | Path) -> Dataset:
-    """The scores table written in ``directory`` (a run folder, or one being built), read in memory with pyarrow:
-    nothing is copied into the datasets cache. :func:`hf_clipsel.runs.load.read_scores` checks a finished
-    folder first."""
-    import pyarrow as pa
+def read_scores_in(directory: str | Path, into: str | Path | None = None) -> Dataset:
+    """The scores table written in ``directory`` (a run folder, or one being built), read with pyarrow: nothing is
+    copied into the datasets cache. In memory, or with ``into`` (:data:`TABLES_DIR` of a run's cache) copied there
+    batch by batch and read from the copy's memory map (:func:`arrow_dataset`): at 13M rows the table is 1.3 GiB
+    and more with real image paths. :func:`hf_clipsel.runs.load.read_scores` checks a finished folder first."""
     import pyarrow.parquet as pq
-    from datasets.table import InMemoryTable
 
     shards = sorted((Path(directory) / SCORES_DIR).glob("*.parquet"))  # one file or several, in row order by name
     if not shards:
@@ -376,7 +373,11 @@ def read_scores_in(directory: str | Path) -> Dataset:
             f"no scores in {Path(directory) / SCORES_DIR}; run `hf-clipsel score` (or `run`) first, or pass "
             "--scores_from."
         )
-    return Dataset(InMemoryTable(pa.concat_tables([pq.read_table(shard) for shard in shards])))
+    if into is None:
+        return Dataset(InMemoryTable(pa.concat_tables([pq.read_table(shard) for shard in shards])))
+    files = [pq.ParquetFile(shard) for shard in shards]
+    batches = (batch for file in files for batch in file.iter_batches())  # 65,536 rows each
+    return Dataset(InMemoryTable(mapped_table(files[0].schema_arrow, batches, Path(into))))
 
 
 def check_scores_belong_to(scores: Dataset, source, location) -> None:

@@ -22,9 +22,10 @@ from .outputs import ADAPTER_DIR, EMBEDDINGS_DIR, RUN_SUMMARY, directory_bytes, 
 from .reasons import reason_order
 from .scores import drop_reason_order, flag_columns
 from .scores.duplicate import GROUP_COLUMN
-from .scores_table import numpy_columns, selection_inputs
+from .scores_table import selection_inputs
 from .selection import select
 from .selection.registry import kept_share
+from .tables import numpy_columns
 
 
 @dataclass

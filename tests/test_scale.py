@@ -4,6 +4,7 @@ and the score stage built on it gives today's in-memory numbers and selections o
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
@@ -215,3 +216,63 @@ def test_below_class_median_is_numpys_median_per_class():
             members = usable & (labels == label)
             expected[members] = values[members] < np.median(values[members])
         np.testing.assert_array_equal(below_class_median(values, labels, usable), expected)
+
+
+def test_the_select_stage_writes_its_columns_out_and_gives_the_same_table(tmp_path):
+    """With a directory, the selection's columns (flags, and per ratio reward, mask and drop reason) are written
+    there as they are made and read back through their memory maps, not held in memory: the same table (columns,
+    order, features, values) and the same written scores as in memory, and no file left behind; and the written
+    scores read back the same way."""
+    from hf_clipsel.configs import ClipselConfig
+    from hf_clipsel.outputs import write_scores
+    from hf_clipsel.scores import score_columns
+    from hf_clipsel.scores_table import read_scores_in, scores_features
+    from hf_clipsel.tables import arrow_dataset
+
+    rng = np.random.default_rng(0)
+    rows, classes = 3000, 12
+    labels = rng.integers(0, classes, rows)
+    group = np.where(rng.random(rows) < 0.05, np.arange(rows) // 2 * 2, -1)  # pairs of rows: near-duplicates
+    columns = {
+        column.name: group if column.dtype == "int64" else rng.random(rows, dtype=np.float32)
+        for column in score_columns()
+    }
+    scores = arrow_dataset(
+        {
+            "row_id": np.arange(rows),
+            "label": labels,
+            "given_label": labels.astype(str),
+            "path": [f"{i}.jpg" for i in range(rows)],
+            "predicted_label": np.where(rng.random(rows) < 0.1, rng.integers(0, classes, rows), labels),
+            "decode_ok": rng.random(rows) > 0.01,
+            "flag_reason": np.where(rng.random(rows) < 0.01, "label missing", ""),
+            **columns,
+        },
+        scores_features([f"c{i}" for i in range(classes)]),
+    )
+    config = ClipselConfig.from_flat({"selection_ratios": [0.1, 0.5, 0.9]})
+    allocated = pa.total_allocated_bytes()
+    masks, in_memory = select_stage(scores, config)
+    held_in_memory = pa.total_allocated_bytes() - allocated
+    allocated = pa.total_allocated_bytes()
+    masks_out, written_out = select_stage(scores, config, directory=tmp_path / "tables")
+    held_out = pa.total_allocated_bytes() - allocated
+    for ratio in masks:
+        np.testing.assert_array_equal(masks_out[ratio], masks[ratio])
+    assert written_out.features == in_memory.features and written_out.column_names == in_memory.column_names
+    assert written_out.to_pandas().equals(in_memory.to_pandas())  # NaN rewards (unusable rows) compare equal
+    selection = [c for c in written_out.column_names if c not in scores.column_names]
+    assert len(selection) == 3 + 3 * 3  # three flags; per ratio reward, mask and reason
+    # the flags' and the reasons' strings are Arrow's allocations in memory; read from the files' maps, none
+    assert held_in_memory > 3000 * 4 * 6 and held_out == 0
+    assert not list((tmp_path / "tables").iterdir()), "each file is deleted once mapped"
+    write_scores(tmp_path / "memory", in_memory)
+    write_scores(tmp_path / "files", written_out)
+    [shard] = (tmp_path / "memory" / "scores").glob("*.parquet")
+    assert (tmp_path / "files" / "scores" / shard.name).read_bytes() == shard.read_bytes()
+    # the written scores read back (select_from_scores) the same way: copied into the folder, read from the map
+    allocated = pa.total_allocated_bytes()
+    mapped = read_scores_in(tmp_path / "files", into=tmp_path / "tables")
+    assert pa.total_allocated_bytes() == allocated and not list((tmp_path / "tables").iterdir())
+    in_memory = read_scores_in(tmp_path / "files")
+    assert mapped.features == in_memory.features and mapped.to_pandas().equals(in_memory.to_pandas())

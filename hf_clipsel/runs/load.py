@@ -30,12 +30,15 @@ def is_local(location: str | Path) -> bool:
     return False
 
 
-def read_scores(location: str | Path, revision: str | None = None, token: str | None = None) -> Dataset:
+def read_scores(
+    location: str | Path, revision: str | None = None, token: str | None = None, into: str | Path | None = None
+) -> Dataset:
     """The scores of a run: from its ``output_dir``, or from the Hub dataset repo it was pushed to, checked against
-    the run's record (the pushed one on the Hub) first."""
+    the run's record (the pushed one on the Hub) first. ``into``: a folder where a local run's scores are copied and
+    read from the copy's memory map rather than held in memory (:func:`~hf_clipsel.scores_table.read_scores_in`)."""
     if is_local(location):
         verify(location, deep=(SCORES_DIR,), need_selection=False)
-        return read_scores_in(location)
+        return read_scores_in(location, into)
     fetch = _hub_fetch(str(location), revision, token)
     return _read_entry(SCORES_DIR, _pushed_record(fetch, str(location)), str(location), fetch)
 

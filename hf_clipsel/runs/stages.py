@@ -35,6 +35,7 @@ from ..scores_table import score_stage, select_stage
 from ..stability import seed_overlap
 from ..streaming import write_subsets_from_stream
 from ..summary import RunSummary, summarize
+from ..tables import TABLES_DIR
 from .folder import held_by_main_process
 from .record import STAGE_ARTEFACTS, STAGE_SETTINGS
 
@@ -77,7 +78,8 @@ def _score(state: RunState, staging: Path | None) -> None:
 
 
 def _select(state: RunState, staging: Path | None) -> None:
-    state.masks, state.scores = select_stage(state.scores, state.context.config, state.features)
+    directory = state.context.cache_dir / TABLES_DIR
+    state.masks, state.scores = select_stage(state.scores, state.context.config, state.features, directory)
     state.features = None  # the store's file in the cache goes with its last reference
 
 

@@ -130,7 +130,7 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
     from hf_clipsel.features import FeatureStore
     from hf_clipsel.modeling import image_features
     from hf_clipsel.scores import ScoreInputs, score_columns
-    from hf_clipsel.scores_table import (
+    from hf_clipsel.scores_table import (  # arrow_dataset as scores_table has it: explore_scale_phases wraps it there
         arrow_dataset,
         feature_store,
         measured_statistics,
@@ -138,6 +138,7 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
         scores_features,
         select_stage,
     )
+    from hf_clipsel.tables import TABLES_DIR
 
     labels = np.load(work / "labels.npy")
     rows = len(labels)
@@ -183,9 +184,12 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
             **{column.name: columns[column.name] for column in score_columns()},
         },
         features=scores_features(names),
+        directory=work / TABLES_DIR,  # as scores_table writes it: a file in the run's cache, read through its map
     )
+    del columns  # as score_stage lets them go when it returns the table (which holds its own copy, in its file)
     config = ClipselConfig.from_flat({"selection_ratios": [0.1, 0.3, 0.5, 0.7, 0.9]})
-    masks, selection = select_stage(scores, config, store)
+    # as the pipeline selects: the selection's columns go to files in the run's cache (tables.TABLES_DIR)
+    masks, selection = select_stage(scores, config, store, work / TABLES_DIR)
     selected = time.perf_counter()
     assert isinstance(store, FeatureStore) and all(masks[r].any() for r in masks)
     figures = {
@@ -195,7 +199,8 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
         "scores s": scored - projected,
         "table + select s": selected - scored,
         "seconds": selected - started,
-        # what stays in memory per row: the scores table, and the same with the selection's columns (Arrow's bytes)
+        # per row (Arrow's bytes): the scores table, and the same with the selection's columns; both in files this
+        # process maps, resident only while read
         "scores table bytes a row": scores.data.nbytes / rows,
         "selected table bytes a row": selection.data.nbytes / rows,
     }
