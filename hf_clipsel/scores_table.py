@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from accelerate.utils import broadcast_object_list, gather_object
@@ -365,8 +366,6 @@ def read_scores_in(directory: str | Path, into: str | Path | None = None) -> Dat
     copied into the datasets cache. In memory, or with ``into`` (:data:`TABLES_DIR` of a run's cache) copied there
     batch by batch and read from the copy's memory map (:func:`arrow_dataset`): at 13M rows the table is 1.3 GiB
     and more with real image paths. :func:`hf_clipsel.runs.load.read_scores` checks a finished folder first."""
-    import pyarrow.parquet as pq
-
     shards = sorted((Path(directory) / SCORES_DIR).glob("*.parquet"))  # one file or several, in row order by name
     if not shards:
         raise FileNotFoundError(
