@@ -23,7 +23,8 @@ import torch
 from _common import footer, header, load_cifar10, setup, table
 from bench_duplicates import copy_image
 
-from hf_clipsel.duplicates import find_duplicates, thumbnail
+from hf_clipsel.duplicates import find_duplicates
+from hf_clipsel.thumbnails import thumbnail
 
 KINDS = ("exact", "jpeg", "resize", "colour")
 
