@@ -354,6 +354,7 @@ def render_dataset_card(
             "alignment": config.get("alignment", "sas"),
             "gated": config.get("diversity_gate", "none") == "agreement",
             "damage_check": config.get("damage_check", False),
+            "duplicate_check": config.get("duplicate_check", False),
         },
         counts={"num_rows": num_rows, "num_valid": num_valid, "num_flagged": num_rows - num_valid},
         ratios=ratio_rows,

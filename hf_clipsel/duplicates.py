@@ -28,7 +28,7 @@ of about that many rows (hf_clipsel.partition, SemDeDup's partition), so no row 
 :data:`GROUP_ROWS` others: the search's time is linear in N whatever the groups' sizes, at the price of the copies
 that a cell boundary separates.
 
-*Cropped copies* (``crop_thumbnails``: scoring's ``duplicate_crops``, off by default): each row's nearest row by
+*Cropped copies* (``crop_thumbnails``: scoring's ``duplicate_crops``, on by default): each row's nearest row by
 thumbnail cosine (the row maximum the passes find anyway) is a candidate from :data:`CROP_CANDIDATE` on, and joins
 it when their features agree and their boxes align (hf_clipsel.thumbnails) at :data:`CROP_SIMILARITY`.
 
@@ -49,7 +49,7 @@ from torch import Tensor
 from .features import Share, class_assignment, rows_per_block
 from .partition import cells
 from .scoring import group_rows_by_label
-from .thumbnails import crop_alignment, crop_views, thumbnail_vectors
+from .thumbnails import crop_alignment, thumbnail_vectors
 
 # Without thumbnails: centred cosine of two image features at or above which two rows are near-duplicates. Measured
 # with recipes/benchmarks/bench_duplicates.py on the proxy CLIP (README there): exact, JPEG and resized copies found
@@ -90,7 +90,7 @@ def nearest_in_group(
     threshold: float,
     sketch: Tensor | None = None,
     edges_per_row: int = EDGES_PER_ROW,
-    every_nearest: bool = False,
+    nearest_from: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Each row's most similar other row of one group, and the pairs at or above ``threshold``.
 
@@ -102,13 +102,14 @@ def nearest_in_group(
             (:data:`SKETCH_SLACK`) are found there, at s/d of the cost, and their cosines computed on ``features``.
             None: the search runs on ``features``.
         edges_per_row: at most this many pairs per row (its most similar ones).
-        every_nearest: the nearest row's position for every row (crop candidates), not only near ``threshold``.
+        nearest_from: the nearest row's position also for the rows whose nearest is at least this similar (crop
+            candidates), not only near ``threshold``.
 
     Returns:
         ``(similarity, neighbour, pairs)``: ``[n]`` float32 cosine in ``[-1, 1]`` of the most similar candidate
         (-1 where there is none; with a sketch, the projection's cosine for a row with no candidate within the slack,
         and the full features' for the others), ``[n]`` int64 its position in the group (-1: none, or not near
-        ``threshold`` without ``every_nearest``), ``[m, 2]`` int64 positions of the pairs at or above ``threshold``.
+        ``threshold`` nor ``nearest_from``), ``[m, 2]`` int64 positions of the pairs at or above ``threshold``.
     """
     num_rows = features.shape[0]
     similarity = torch.full((num_rows,), -1.0)
@@ -126,12 +127,13 @@ def nearest_in_group(
         cosines[local, local + start] = -torch.inf  # self excluded by index, so an exact copy still counts
         if labels is not None:
             cosines.masked_fill_(labels[start:stop, None] == labels[None, :], -torch.inf)
-        # The row maxima alone are cheap; indices, pairs and exact cosines only for rows near a duplicate.
-        best, index = cosines.max(dim=1) if every_nearest else (cosines.amax(dim=1), None)
+        # The row maxima alone are cheap (with their indices, 18x dearer); indices, pairs and exact cosines only for
+        # rows near a duplicate (or a crop candidate: nearest_from).
+        best = cosines.amax(dim=1)
         near = (best >= bound).nonzero().squeeze(1)
-        if index is None:
-            index = torch.full((stop - start,), NONE, dtype=torch.int64)
-            index[near] = cosines[near].argmax(dim=1)
+        indexed = near if nearest_from is None else (best >= min(bound, nearest_from)).nonzero().squeeze(1)
+        index = torch.full((stop - start,), NONE, dtype=torch.int64)
+        index[indexed] = cosines[indexed].argmax(dim=1)
         query, candidate = (cosines[near] >= bound).nonzero(as_tuple=True)
         if query.numel() > edges_per_row * near.numel():  # many alike rows (blank images): each row's closest only
             top, nearest = torch.topk(cosines[near], min(edges_per_row, num_rows - 1), dim=1)
@@ -303,7 +305,9 @@ def find_duplicates(
             return nearest_in_group(centred(rows), other_labels, threshold, sketch)
         vectors = thumbnail_vectors(thumbnails[rows])
         if other_labels is None:
-            similarity, neighbour, found = nearest_in_group(vectors, None, threshold, every_nearest=crops)
+            similarity, neighbour, found = nearest_in_group(
+                vectors, None, threshold, nearest_from=CROP_CANDIDATE if crops else None
+            )
         else:
             similarity, neighbour, found = nearest_across(vectors, other_labels, threshold)
         num_found = len(found)  # candidate crops: each row and its nearest row, close but below the threshold
@@ -317,8 +321,8 @@ def find_duplicates(
             agree = (features[position[:, 0]] * features[position[:, 1]]).sum(dim=1) >= feature_agreement
             found, candidates = found[:num_found][agree[:num_found]], found[num_found:][agree[num_found:]]
             if len(candidates):  # and their crop boxes aligned
-                involved, position = torch.unique(candidates, return_inverse=True)
-                aligned = crop_alignment(crop_views(crop_thumbnails[rows[involved]]), position) >= crop_similarity
+                grids = crop_thumbnails[rows[candidates.reshape(-1)]].reshape(len(candidates), 2, -1)
+                aligned = crop_alignment(grids[:, 0], grids[:, 1], crop_similarity) >= crop_similarity
                 found = torch.cat([found, candidates[aligned]])
         return similarity, neighbour, found
 

@@ -22,6 +22,8 @@ THUMBNAIL_SIDE = 8
 CROP_SIDE = 16
 CROP_SCALES = (0.85, 0.9, 0.95)
 CROP_PLACES = 3
+# Pairs whose views are cut and compared at once (crop_alignment): their views (2 x 7 KiB a pair) stay in the caches.
+CROP_CHUNK_ROWS = 1024
 
 
 def thumbnail(image: Image.Image | None, side: int = THUMBNAIL_SIDE) -> list[int]:
@@ -61,17 +63,26 @@ def _resamplers(scale: float, places: int, side: int = CROP_SIDE, compare: int =
 # (scale, places) of the boxes, the whole image last: 3 x 9 + 1 = 28 boxes
 _BOXES = [(scale, CROP_PLACES) for scale in CROP_SCALES] + [(1.0, 1)]
 _RESAMPLERS = [_resamplers(scale, places) for scale, places in _BOXES]
+ALL_BOXES = tuple(range(len(_BOXES)))
+# The screen's boxes (crop_alignment): the middle scale's places and the whole image, 10 of the 28 boxes at about a
+# third of the multiply-adds. A subset, so its score is a lower bound of the full one. On bench_duplicates.py's pool
+# (1,265 candidate pairs, 34 of them crops): every pair at >= 0.96 in full scored >= 0.935 on the screen; the
+# screen's threshold (the full one less CROP_SCREEN_SLACK) passed 12-17% of the candidates on to the full boxes.
+SCREEN_BOXES = (CROP_SCALES.index(0.9), len(_BOXES) - 1)
+CROP_SCREEN_SLACK = 0.07
 
 
-def crop_views(grids: Tensor) -> Tensor:
+def crop_views(grids: Tensor, boxes: tuple[int, ...] = ALL_BOXES) -> Tensor:
     """``[n, K, THUMBNAIL_SIDE**2]`` zero-mean unit vectors: the K crop boxes of each :data:`CROP_SIDE` grid
     (``[n, CROP_SIDE**2]``, any number type), each resampled to :data:`THUMBNAIL_SIDE` x :data:`THUMBNAIL_SIDE`;
-    the last is the whole image. Two matrix products a box scale (about 50k multiply-adds a row)."""
+    the last is the whole image. ``boxes``: which (scale, places) sets of ``_BOXES`` (default all: K = 28; the
+    whole image's must be last). Two matrix products a box scale (about 50k multiply-adds a row for all)."""
     num_rows, compare = grids.shape[0], THUMBNAIL_SIDE
     grids = grids.to(torch.float32).reshape(num_rows, CROP_SIDE, CROP_SIDE)
-    across = grids @ torch.cat(_RESAMPLERS).T  # [n, y, every box's x values]: one product for every scale
+    across = grids @ torch.cat([_RESAMPLERS[box] for box in boxes]).T  # [n, y, every box's x values]: one product
     views, start = [], 0
-    for (_, places), resampler in zip(_BOXES, _RESAMPLERS):
+    for box in boxes:
+        (_, places), resampler = _BOXES[box], _RESAMPLERS[box]
         width = places * compare
         # [n, x, y] @ [y, places * compare]: the second axis, as one product of n * width rows
         both = across[:, :, start : start + width].transpose(1, 2) @ resampler.T
@@ -83,10 +94,34 @@ def crop_views(grids: Tensor) -> Tensor:
     return F.normalize(views, dim=-1, out=views)
 
 
-def crop_alignment(views: Tensor, pairs: Tensor) -> Tensor:
-    """``[m]`` alignment score of each of ``pairs`` (``[m, 2]`` positions in ``views``, :func:`crop_views`): the
-    best cosine of one row's boxes with the other's whole image, either way, in ``[-1, 1]``."""
-    first, second = views[pairs[:, 0]], views[pairs[:, 1]]
-    forward = (first @ second[:, -1, :, None]).amax(dim=(1, 2))
-    backward = (second @ first[:, -1, :, None]).amax(dim=(1, 2))
-    return torch.maximum(forward, backward)
+def _aligned(first: Tensor, second: Tensor, boxes: tuple[int, ...], chunk_rows: int) -> Tensor:
+    alignment = torch.empty(len(first))
+    for start in range(0, len(first), chunk_rows):
+        one = crop_views(first[start : start + chunk_rows], boxes)
+        other = crop_views(second[start : start + chunk_rows], boxes)
+        # products and sums, not a batched matrix product: m products of [K, 64] by [64] are 4x slower as a bmm
+        forward = (one * other[:, -1:]).sum(dim=-1).amax(dim=1)
+        backward = (other * one[:, -1:]).sum(dim=-1).amax(dim=1)
+        alignment[start : start + chunk_rows] = torch.maximum(forward, backward)
+    return alignment
+
+
+def crop_alignment(
+    first: Tensor, second: Tensor, at_least: float | None = None, chunk_rows: int = CROP_CHUNK_ROWS
+) -> Tensor:
+    """``[m]`` alignment score of each pair of :data:`CROP_SIDE` grids (``first[i]`` with ``second[i]``, ``[m,
+    CROP_SIDE**2]`` each, any number type): the best cosine of one grid's boxes (:func:`crop_views`) with the other's
+    whole image, either way, in ``[-1, 1]``.
+
+    With ``at_least`` (the threshold the caller compares with), the pairs are screened first on
+    :data:`SCREEN_BOXES`: a pair below ``at_least - CROP_SCREEN_SLACK`` there keeps its screen score (a lower bound
+    of the full one) and is not cut into all 28 boxes; most candidates are distinct images, so this halves the
+    search's cost. The pairs go ``chunk_rows`` at a time, views cut and compared at once (all of them at once would
+    be 7 KiB a row written out and gathered back, memory traffic that cost more than the arithmetic)."""
+    if at_least is None:
+        return _aligned(first, second, ALL_BOXES, chunk_rows)
+    alignment = _aligned(first, second, SCREEN_BOXES, chunk_rows)
+    passed = (alignment >= at_least - CROP_SCREEN_SLACK).nonzero()[:, 0]
+    if len(passed):
+        alignment[passed] = _aligned(first[passed], second[passed], ALL_BOXES, chunk_rows)
+    return alignment

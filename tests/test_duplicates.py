@@ -324,8 +324,21 @@ def test_a_cropped_copy_is_found_by_the_alignment_of_its_boxes_and_a_distinct_im
     views = crop_views(fine)
     assert views.shape == (42, 28, 64)
     pairs = torch.tensor([[0, 40], [3, 41], [0, 2], [5, 40]])
-    alignment = crop_alignment(views, pairs)
+    alignment = crop_alignment(fine[pairs[:, 0]], fine[pairs[:, 1]])
     assert alignment[:2].min() >= 0.96 and alignment[2:].max() < 0.9, alignment
+    # either way round, and in chunks of any size: the same scores as the views compared whole
+    first, second = views[pairs[:, 0]], views[pairs[:, 1]]
+    whole = torch.maximum(
+        (first @ second[:, -1, :, None]).amax(dim=(1, 2)), (second @ first[:, -1, :, None]).amax(dim=(1, 2))
+    )
+    torch.testing.assert_close(alignment, whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        crop_alignment(fine[pairs[:, 1]], fine[pairs[:, 0]], chunk_rows=3), whole, rtol=0, atol=1e-6
+    )
+    # screened (the threshold given): the crops keep their full score, the others a lower bound of it
+    screened = crop_alignment(fine[pairs[:, 0]], fine[pairs[:, 1]], at_least=0.96)
+    torch.testing.assert_close(screened[:2], whole[:2], rtol=0, atol=1e-6)
+    assert (screened[2:] <= whole[2:] + 1e-6).all() and (screened[2:] < 0.96 - 0.07).all()
 
     features, text, _ = synthetic(num_rows=42, classes=1)
     features[40:42] = features[[0, 3]] + 0.1 * torch.randn(2, 32, generator=torch.Generator().manual_seed(5))
@@ -340,9 +353,10 @@ def test_a_cropped_copy_is_found_by_the_alignment_of_its_boxes_and_a_distinct_im
     assert (without["group"] == -1).all()
 
 
-def test_a_run_with_duplicate_crops_finds_a_cropped_copy(cifar_slice, tiny_clip_path, tmp_path):
-    """The scoring setting reaches the score: the embed stage measured the 16x16 thumbnails, the score stage read
-    them from their store, and the crop (8x8 cosine below the threshold) joins its original's group."""
+def test_a_default_run_finds_a_cropped_copy_and_duplicate_crops_false_does_not(cifar_slice, tiny_clip_path, tmp_path):
+    """The scoring setting (on by default) reaches the score: the embed stage measured the 16x16 thumbnails, the
+    score stage read them from their store, and the crop (8x8 cosine below the threshold) joins its original's
+    group; with ``duplicate_crops: false`` it does not."""
     import io
 
     import pyarrow as pa
@@ -357,12 +371,12 @@ def test_a_run_with_duplicate_crops_finds_a_cropped_copy(cifar_slice, tiny_clip_
     path = tmp_path / "pool.parquet"
     pq.write_table(pa.concat_tables([table, pa.Table.from_pydict(copy, schema=table.schema)]), path)
     settings = {"adapter_preset": "none", "selection_ratios": [0.9], "duplicate_check": True}
-    pipeline.run(run_config(path, tiny_clip_path, tmp_path / "run", duplicate_crops=True, **settings))
+    pipeline.run(run_config(path, tiny_clip_path, tmp_path / "run", **settings))  # the default: crops searched
     found = read_scores(tmp_path / "run").with_format("numpy")[:]
     assert found["duplicate_similarity_same_class"][60] < 0.97, "the 8x8 thumbnails alone do not join them"
     assert found["duplicate_group"][60] == found["duplicate_group"][0] == 0 and found["nearest_duplicate"][60] == 0
     assert (found["duplicate_group"][1:60] == -1).all()
-    pipeline.run(run_config(path, tiny_clip_path, tmp_path / "off", **settings))  # the default: crops not searched
+    pipeline.run(run_config(path, tiny_clip_path, tmp_path / "off", duplicate_crops=False, **settings))
     assert (read_scores(tmp_path / "off").with_format("numpy")["duplicate_group"][:] == -1).all()
 
 

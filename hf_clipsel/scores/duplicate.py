@@ -183,9 +183,10 @@ class NearDuplicates(Score):
         crop_thumbnails = None
         if inputs.duplicate_crops:
             crop_thumbnails = _thumbnails(inputs.statistics.get(CROP_THUMBNAIL), CROP_SIDE**2)
-            if thumbnails is None or crop_thumbnails is None:
+            if thumbnails is not None and crop_thumbnails is None:  # without thumbnails, the features decide
                 logger.warning(
-                    "duplicate_crops: no pixel thumbnails in these statistics, cropped copies not searched."
+                    f"duplicate_crops: no {CROP_THUMBNAIL} (16x16 thumbnails) in these statistics, cropped copies "
+                    "not searched."
                 )
         found = find_duplicates(
             inputs.image_features,

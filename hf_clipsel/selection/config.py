@@ -75,13 +75,12 @@ class SelectionConfig:
         },
     )
     duplicate_check: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "Rank every copy of a near-duplicate group but the best one of each label, and every copy of an "
             "image filed under several labels, after every other row (exact and sgd): dropped ones get the reason "
-            "'duplicate' or 'conflicting labels'. Off by default: it joins exact, re-encoded, resized and "
-            "recoloured copies (8x8 grey thumbnails, pair precision 0.99), but not cropped ones "
-            "(recipes/benchmarks/README.md)."
+            "'duplicate' or 'conflicting labels'. Groups join exact, re-encoded, resized, recoloured and (with the "
+            "scoring setting duplicate_crops) cropped copies; measured in recipes/benchmarks/README.md."
         },
     )
     class_balanced: bool = field(

@@ -16,8 +16,8 @@ CLIP or the proxy of proxy_clip.py) embeds, adapts, scores and selects it at rat
   CIFAR-10's own near-duplicates or false finds);
 - conflicting labels: precision and recall of the rows in groups of several labels against the cross-class copies
   and their originals, and how often the copy the model prefers carries the true label (what keeping it would keep);
-- per ratio: the share of injected groups the default selection keeps at most once (with --duplicate_crops, the
-  run's scores search crops too);
+- per ratio: the share of injected groups the default selection keeps at most once (the run's scores search crops
+  too, unless --no_duplicate_crops);
 - the share of rows that are crop candidates, and the search's time per row with and without crops.
 
     python recipes/benchmarks/bench_duplicates.py --data_dir /path/to/cifar10 --threads 1
@@ -183,7 +183,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
-        "--duplicate_crops", action="store_true", help="The run searches cropped copies (scoring's duplicate_crops)."
+        "--no_duplicate_crops",
+        dest="duplicate_crops",
+        action="store_false",
+        help="The run does not search cropped copies (scoring's duplicate_crops, on by default).",
     )
     return p
 
