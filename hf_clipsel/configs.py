@@ -291,11 +291,7 @@ class ScoringConfig:
     )
 
     duplicate_crops: bool = field(
-        default=True,
-        metadata={
-            "help": "The duplicate score finds cropped copies too (0.85-0.95 of each side): about 2.5x its time, under a "
-            "fifth of the score stage's. False: exact, re-encoded, resized and recoloured copies only."
-        },
+        default=True, metadata={"help": "The duplicate score finds cropped copies too (0.85-0.95 of each side)."}
     )
 
     def __post_init__(self):

@@ -115,9 +115,9 @@ def crop_alignment(
 
     With ``at_least`` (the threshold the caller compares with), the pairs are screened first on
     :data:`SCREEN_BOXES`: a pair below ``at_least - CROP_SCREEN_SLACK`` there keeps its screen score (a lower bound
-    of the full one) and is not cut into all 28 boxes; most candidates are distinct images, so this halves the
-    search's cost. The pairs go ``chunk_rows`` at a time, views cut and compared at once (all of them at once would
-    be 7 KiB a row written out and gathered back, memory traffic that cost more than the arithmetic)."""
+    of the full one) and is not cut into all 28 boxes (most candidates are distinct images, and stop there). The
+    pairs go ``chunk_rows`` at a time, views cut and compared at once (all of them at once would be 7 KiB a row
+    written out and gathered back, memory traffic that cost more than the arithmetic)."""
     if at_least is None:
         return _aligned(first, second, ALL_BOXES, chunk_rows)
     alignment = _aligned(first, second, SCREEN_BOXES, chunk_rows)
