@@ -6,8 +6,9 @@ statistics beside them: synthetic numbers and random uint8 thumbnails) with Zipf
 ``--largest`` rows, and a tiny CLIP whose projection is D x D. A fresh child process then runs the library's score
 stage on it, out of core: hf_clipsel.scores_table.feature_store (projection per block into the class-sorted feature
 store), measured_statistics (the thumbnails into a uint8 store beside it), score_values (every registered score and
-the predicted label) and select_stage (exact, five ratios), and reports the kernel's high-water mark of its resident
-memory (VmHWM, reset before scoring).
+the predicted label), scores_table (the table, on a Source whose labels hf_clipsel.data.resolve_labels resolved, held
+through scoring as a run holds it) and select_stage (exact, five ratios), and reports the kernel's high-water mark of
+its resident memory (VmHWM, reset before scoring).
 
 The class-text terms (alignment, class posterior, predicted label) need ``[N, C]`` logits: at C = 21,000 and d = 768
 that is 2 N C d = 3.2e16 FLOP per million rows, days on 2 CPU cores. They run with ``--text-classes`` text classes
