@@ -237,7 +237,8 @@ def resolve_labels(dataset: Dataset, label_column: str, class_names: list[str] |
         else:
             problems.append("")
             array[row] = label
-    return names, array, problems, ["" if value is None else str(value) for value in raw]
+    texts = {}  # one string object per distinct label: at 13M rows a pointer a row, not a string a row (0.7 GiB)
+    return names, array, problems, ["" if value is None else texts.setdefault(value, str(value)) for value in raw]
 
 
 def prepare_source(dataset: Dataset, config: DataConfig, warn: bool = True) -> Source:

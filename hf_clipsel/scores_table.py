@@ -254,12 +254,9 @@ def scores_table(context, embeddings: Dataset, columns: dict[str, np.ndarray]) -
     """The scores table of the run's source from :func:`score_values`' ``columns``, in a file of the run's cache
     (:data:`TABLES_DIR`) that it reads through the file's memory map: the selection reads a few of its columns, and
     the rest (the image paths, the raw scores) need not be in memory."""
-    flag_reason = [
-        label_problem or (f"{error}" if not ok else "")
-        for label_problem, ok, error in zip(
-            context.source.label_problems, embeddings["decode_ok"][:], embeddings["decode_error"][:]
-        )
-    ]
+    decoded = numpy_columns(embeddings, ["decode_ok", "decode_error"])  # read once, not as Python lists
+    problems = zip(context.source.label_problems, decoded["decode_ok"], decoded["decode_error"])
+    flag_reason = [problem or (f"{error}" if not ok else "") for problem, ok, error in problems]
     return arrow_dataset(
         {
             ROW_ID: np.arange(len(embeddings), dtype=np.int64),
@@ -267,7 +264,7 @@ def scores_table(context, embeddings: Dataset, columns: dict[str, np.ndarray]) -
             "given_label": context.source.given_labels,
             PATH: image_paths(context.source),
             "predicted_label": columns["predicted_label"],
-            "decode_ok": np.asarray(embeddings["decode_ok"][:], dtype=bool),
+            "decode_ok": decoded["decode_ok"],
             "flag_reason": flag_reason,
             **{column.name: np.asarray(columns[column.name], dtype=column.dtype) for column in score_columns()},
         },
@@ -276,15 +273,15 @@ def scores_table(context, embeddings: Dataset, columns: dict[str, np.ndarray]) -
     )
 
 
-def image_paths(source) -> list[str]:
+def image_paths(source) -> pa.Array:
     """Each row's image file as the source (a :class:`~hf_clipsel.data.Source`) names it ("" where a cell holds bytes
-    only or no image): the answer a user acts on. Read from the undecoded Arrow column (no image is decoded, no bytes
-    become Python objects); a stream is not read again for it (all "")."""
+    only or no image): the answer a user acts on. Arrow text read from the undecoded Arrow column: no image is
+    decoded, and no path becomes a Python string (at 13M rows, an object per row of a gigabyte or more). A stream is
+    not read again for it (all "")."""
     if isinstance(source.dataset, IterableDataset):
-        return [""] * source.num_rows
+        return pa.repeat("", source.num_rows)
     cells = source.dataset.select_columns([source.image_column]).cast_column(source.image_column, Image(decode=False))
-    column = cells.with_format("arrow")[:].column(source.image_column).combine_chunks()
-    return ["" if path is None else path for path in column.field("path").to_pylist()]
+    return cells.with_format("arrow")[:].column(source.image_column).combine_chunks().field("path").fill_null("")
 
 
 def select_stage(

@@ -25,9 +25,21 @@ def arrow_dataset(columns: dict, features: Features, directory: str | Path | Non
     Arrow table: ``Dataset.from_dict`` and ``add_column`` encode each ClassLabel value in Python and hash every
     column, minutes at ImageNet-21k's size. With ``directory``, the table is written to an Arrow file there and read
     back through its memory map: its bytes are the kernel's page cache (written back and dropped under pressure),
-    in this process's resident memory only while they are read."""
-    arrays = {name: values if isinstance(values, pa.Array) else pa.array(values) for name, values in columns.items()}
-    table = pa.table(arrays).cast(features.arrow_schema)
+    in this process's resident memory only while they are read.
+
+    ``columns`` is emptied as the table is built, one column at a time in the order of ``features``: a column the
+    caller holds nowhere else is let go as soon as it is Arrow, so that a column of Python strings (the image paths:
+    an object and a pointer per row) and its Arrow copy are alive together for that column alone. (A number column
+    without nulls becomes Arrow without a copy: Arrow reads the numpy array's own buffer.)"""
+    arrays = []
+    for field in features.arrow_schema:
+        values = columns.pop(field.name)
+        arrays.append((values if isinstance(values, pa.Array) else pa.array(values)).cast(field.type))
+        del values
+    if columns:
+        raise ValueError(f"columns {sorted(columns)} are not in the table's features")
+    table = pa.Table.from_arrays(arrays, schema=features.arrow_schema)
+    del arrays
     if directory is not None:
         table = mapped_table(table.schema, table.to_batches(), Path(directory))  # one batch: one array per column
     return Dataset(

@@ -363,6 +363,18 @@ def test_an_empty_string_label_names_no_class():
     assert names == ["cat", "dog"] and labels.tolist() == [0, -1, 1, -1] and problems[1] == "label missing"
 
 
+def test_the_given_labels_are_one_string_per_distinct_label():
+    """Each row's label as text is held for the whole run: equal labels share one string object, so the list costs
+    a pointer a row and not a string a row (0.7 GiB at ImageNet-21k's 13M rows)."""
+    from datasets import ClassLabel, Dataset, Features
+
+    from hf_clipsel.data import resolve_labels
+
+    rows = Dataset.from_dict({"label": [1000, 1001, 1000, 1001]}, features=Features({"label": ClassLabel(2000)}))
+    *_, given = resolve_labels(rows, "label", None)
+    assert given == ["1000", "1001", "1000", "1001"] and given[0] is given[2] and given[1] is given[3]
+
+
 def test_a_write_error_names_the_folder_being_written(tmp_path):
     import errno
 

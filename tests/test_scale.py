@@ -276,3 +276,37 @@ def test_the_select_stage_writes_its_columns_out_and_gives_the_same_table(tmp_pa
     assert pa.total_allocated_bytes() == allocated and not list((tmp_path / "tables").iterdir())
     in_memory = read_scores_in(tmp_path / "files")
     assert mapped.features == in_memory.features and mapped.to_pandas().equals(in_memory.to_pandas())
+
+
+def test_a_table_built_one_column_at_a_time_is_the_table_cast_at_once(tmp_path):
+    """arrow_dataset turns one column at a time into Arrow and lets it go: the table (every value, type and the
+    features' metadata, one chunk per column so that the selection reads numbers without a copy) is the one
+    ``pa.table(columns).cast(schema)`` gives, in memory and through its file, and the columns it was handed are let
+    go (the dict is emptied)."""
+    from hf_clipsel.scores import score_columns
+    from hf_clipsel.scores_table import scores_features
+    from hf_clipsel.tables import arrow_dataset
+
+    rng = np.random.default_rng(0)
+    rows, classes = 1000, 7
+    labels = rng.integers(0, classes, rows)
+    columns = {
+        "row_id": np.arange(rows),
+        "label": labels.tolist(),
+        "given_label": labels.astype(str),
+        "path": pa.array([f"{i}.jpg" for i in range(rows)]),
+        "predicted_label": np.where(rng.random(rows) < 0.1, -1, labels),
+        "decode_ok": rng.random(rows) > 0.01,
+        "flag_reason": [("label missing" if i % 97 == 0 else "") for i in range(rows)],
+        **{column.name: rng.random(rows).astype(column.dtype) for column in score_columns()},
+    }
+    features = scores_features([f"c{i}" for i in range(classes)])
+    expected = pa.table(dict(columns)).cast(features.arrow_schema)
+    for directory in (None, tmp_path / "tables"):
+        handed = dict(columns)
+        table = arrow_dataset(handed, features, directory).data.table
+        assert handed == {}
+        assert table.equals(expected, check_metadata=True) and table.schema.metadata == expected.schema.metadata
+        assert all(column.num_chunks == 1 for column in table.columns)
+    with pytest.raises(ValueError, match="not in the table's features"):
+        arrow_dataset({**columns, "extra": np.zeros(rows)}, features)

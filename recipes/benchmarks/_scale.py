@@ -6,8 +6,9 @@ statistics beside them: synthetic numbers and random uint8 thumbnails) with Zipf
 ``--largest`` rows, and a tiny CLIP whose projection is D x D. A fresh child process then runs the library's score
 stage on it, out of core: hf_clipsel.scores_table.feature_store (projection per block into the class-sorted feature
 store), measured_statistics (the thumbnails into a uint8 store beside it), score_values (every registered score and
-the predicted label) and select_stage (exact, five ratios), and reports the kernel's high-water mark of its resident
-memory (VmHWM, reset before scoring).
+the predicted label), scores_table (the table, on a Source whose labels hf_clipsel.data.resolve_labels resolved, held
+through scoring as a run holds it) and select_stage (exact, five ratios), and reports the kernel's high-water mark of
+its resident memory (VmHWM, reset before scoring).
 
 The class-text terms (alignment, class posterior, predicted label) need ``[N, C]`` logits: at C = 21,000 and d = 768
 that is 2 N C d = 3.2e16 FLOP per million rows, days on 2 CPU cores. They run with ``--text-classes`` text classes
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -129,15 +131,8 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
     from hf_clipsel.configs import ClipselConfig
     from hf_clipsel.features import FeatureStore
     from hf_clipsel.modeling import image_features
-    from hf_clipsel.scores import ScoreInputs, score_columns
-    from hf_clipsel.scores_table import (  # arrow_dataset as scores_table has it: explore_scale_phases wraps it there
-        arrow_dataset,
-        feature_store,
-        measured_statistics,
-        score_values,
-        scores_features,
-        select_stage,
-    )
+    from hf_clipsel.scores import ScoreInputs
+    from hf_clipsel.scores_table import feature_store, measured_statistics, score_values, scores_table, select_stage
     from hf_clipsel.tables import TABLES_DIR
 
     labels = np.load(work / "labels.npy")
@@ -150,6 +145,7 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
     # the cached vectors and the pixel statistics beside them, as the embed stage returns them
     embeddings = concatenate_datasets([files("cache"), files("statistics").remove_columns("row_id")], axis=1)
     text = torch.nn.functional.normalize(torch.randn(text_classes, model.config.projection_dim), dim=-1)
+    source = synthetic_source(labels)  # held for the whole run, as the pipeline's Source is
     resident_before = _status_gib("VmRSS")
     _reset_peak()
     started = time.perf_counter()
@@ -171,21 +167,8 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
         columns = score_values(inputs)
     del inputs, statistics  # as scores_table.score_stage lets them go before it builds the table
     scored = time.perf_counter()
-    names = [f"c{i}" for i in range(int(labels.max()) + 1)]
-    scores = arrow_dataset(  # the columns hf_clipsel.scores_table.scores_table writes, built as it builds them
-        {
-            "row_id": np.arange(rows, dtype=np.int64),
-            "label": labels,
-            "given_label": labels.astype(str),
-            "path": np.full(rows, "", dtype=object),
-            "predicted_label": columns["predicted_label"] % len(names),
-            "decode_ok": np.ones(rows, dtype=bool),
-            "flag_reason": np.full(rows, "", dtype=object),
-            **{column.name: columns[column.name] for column in score_columns()},
-        },
-        features=scores_features(names),
-        directory=work / TABLES_DIR,  # as scores_table writes it: a file in the run's cache, read through its map
-    )
+    # the library's own table: a file in the run's cache (tables.TABLES_DIR), read through its memory map
+    scores = scores_table(SimpleNamespace(source=source, cache_dir=work), embeddings, columns)
     del columns  # as score_stage lets them go when it returns the table (which holds its own copy, in its file)
     config = ClipselConfig.from_flat({"selection_ratios": [0.1, 0.3, 0.5, 0.7, 0.9]})
     # as the pipeline selects: the selection's columns go to files in the run's cache (tables.TABLES_DIR)
@@ -205,6 +188,22 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
         "selected table bytes a row": selection.data.nbytes / rows,
     }
     print(json.dumps(figures))
+
+
+def synthetic_source(labels: np.ndarray):
+    """A :class:`hf_clipsel.data.Source` of ``labels`` (a ClassLabel column): its labels, label problems and given
+    labels as the library resolves them (hf_clipsel.data.resolve_labels); a stream, so that the table's image paths
+    are all "" as the library writes them for one (the synthetic cache has no image files)."""
+    from datasets import ClassLabel, DatasetInfo, Features
+    from datasets.table import InMemoryTable
+
+    from hf_clipsel.data import Source, resolve_labels
+
+    info = DatasetInfo(features=Features({"label": ClassLabel(names=[f"c{i}" for i in range(int(labels.max()) + 1)])}))
+    column = Dataset(InMemoryTable(pa.table({"label": labels})), info=info)
+    names, resolved, problems, given = resolve_labels(column, "label", None)
+    stream = Dataset.from_dict({"image": [None]}).to_iterable_dataset()
+    return Source(stream, "image", "label", names, resolved, problems, given)
 
 
 def big_class_child(work: Path, rows: int, dim: int, knn_k: int, block_rows: int) -> None:

@@ -3,10 +3,12 @@
 Runs the same child on a cache that ``bench_selection.py --parts scale --keep --work-dir WORK`` built, with each
 registered score's ``compute``, each step of the duplicate search (``hf_clipsel.duplicates``: grouping the rows by
 class, the thumbnails' vectors, the searches within and across classes, the groups; called once per class, so not
-printed, only their peak kept) and each step of ``scores_table.select_stage`` wrapped as a phase, and a thread that
-samples every 20 ms the process's resident memory and glibc malloc's own accounting (``mallinfo2``: bytes handed out
-and not freed, "live", and bytes freed but kept in its heap, "free"). Prints, per phase, its RSS at start and end and
-at its peak, with the live and free bytes and the kernel's split of resident memory (``RssAnon``: heap, mmaps,
+printed, only their peak and summed time kept), the projection and the stores' writes (``modeling.image_features``,
+``FeatureStore.write``: per block, likewise), the table's build (``scores_table.scores_table``) and each step of
+``scores_table.select_stage`` wrapped as a phase, and a thread that samples every 20 ms the process's resident
+memory and glibc malloc's own accounting (``mallinfo2``: bytes handed out and not freed, "live", and bytes freed but
+kept in its heap, "free"). Prints, per phase, its RSS at start and end and at its peak, and its seconds summed over
+its calls, with the live and free bytes and the kernel's split of resident memory (``RssAnon``: heap, mmaps,
 Python's and Arrow's allocators; ``RssFile``: mapped files, mostly shared libraries) at that peak. Live bytes that
 track RSS mean arrays alive at the peak; free bytes that grow with N would mean the heap keeps freed arrays.
 
@@ -68,6 +70,7 @@ class Phases:
     def __init__(self):
         self.current = "outside"
         self.peaks: dict[str, dict] = {}
+        self.seconds: dict[str, float] = {}  # every call's, summed: the quiet steps' time
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:
@@ -81,7 +84,7 @@ class Phases:
 
     def wrap(self, name: str, function, quiet: bool = False):
         """``function`` run as the phase ``name``; ``quiet``: a step called many times (the duplicate search's, once
-        per class), whose peak is kept but whose calls are not printed."""
+        per class), whose peak and summed time are kept but whose calls are not printed."""
 
         @functools.wraps(function)
         def wrapped(*args, **kwargs):
@@ -90,6 +93,7 @@ class Phases:
             try:
                 return function(*args, **kwargs)
             finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
                 live, free = heap()
                 if not quiet:
                     print(
@@ -113,14 +117,17 @@ def main() -> None:
     import _scale
 
     import hf_clipsel.duplicates as duplicates
+    import hf_clipsel.modeling as modeling
     import hf_clipsel.scores_table as scores_table
+    from hf_clipsel.features import FeatureStore
     from hf_clipsel.scores import registered_scores
 
     phases = Phases()
     for score in registered_scores():
         type(score).compute = phases.wrap("score " + score.name, type(score).compute)
-    steps = ("feature_store", "score_values", "arrow_dataset", "score_flags", "selection_inputs", "explained_drops",
-             "select", "drop_reasons", "concatenate_datasets", "select_stage")  # fmt: skip
+    steps = ("feature_store", "measured_statistics", "score_values", "scores_table", "arrow_dataset", "score_flags",
+             "selection_inputs", "explained_drops", "select", "drop_reasons", "concatenate_datasets",
+             "select_stage")  # fmt: skip
     for name in steps:  # looked up in the module when called: the child and select_stage call the wrapped ones
         setattr(scores_table, name, phases.wrap(name, getattr(scores_table, name)))
     # the duplicate search's steps (hf_clipsel.duplicates looks them up in its module when it calls them): what
@@ -128,7 +135,13 @@ def main() -> None:
     for name in ("group_rows_by_label", "thumbnail_vectors", "cells", "nearest_in_group", "nearest_across",
                  "groups_of_pairs", "nearest_partner"):  # fmt: skip
         setattr(duplicates, name, phases.wrap("search: " + name, getattr(duplicates, name), quiet=True))
+    # per block: the projection (the child imports it when called) and every store's writes (features, thumbnails)
+    modeling.image_features = phases.wrap("projection", modeling.image_features, quiet=True)
+    FeatureStore.write = phases.wrap("store: write", FeatureStore.write, quiet=True)
     _scale.child(Path(args.work), args.text_classes, args.knn_k)  # prints its JSON line
+    print("seconds per phase, all its calls (a step inside another phase counts in both):")
+    for name, seconds in phases.seconds.items():
+        print(f"  {name:28s} {seconds:8.1f}")
     print("peak RSS per phase (innermost phase; GiB): rss, live and free malloc bytes at that moment, RssAnon/RssFile")
     for name, peak in phases.peaks.items():
         if "live" in peak:
