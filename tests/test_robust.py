@@ -141,6 +141,11 @@ def test_paper_preset_sets_defaults_that_flags_override():
     assert (paper.selection.alignment, paper.selection.damage_check) == ("sas", False)
     defaults = parse_config([]).selection  # issue 28: the posterior alone, threshold 3.5 (benchmarks README)
     assert (defaults.alignment, defaults.damage_check, defaults.damage_threshold) == ("posterior", True, 3.5)
+    # issue 25: copies found (crops too) and one kept by default; the paper's method has no duplicate check
+    assert (
+        defaults.duplicate_check and parse_config([]).scoring.duplicate_crops and not paper.selection.duplicate_check
+    )
+    assert not parse_config(["--no_duplicate_crops"]).scoring.duplicate_crops
     with pytest.raises(ValueError, match="preset='fast' is not valid"):
         ClipselConfig.from_flat({"preset": "fast"})
 
