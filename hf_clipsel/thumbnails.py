@@ -70,6 +70,9 @@ ALL_BOXES = tuple(range(len(_BOXES)))
 # screen's threshold (the full one less CROP_SCREEN_SLACK) passed 12-17% of the candidates on to the full boxes.
 SCREEN_BOXES = (CROP_SCALES.index(0.9), len(_BOXES) - 1)
 CROP_SCREEN_SLACK = 0.07
+# What a pair that passes the screen is cut into next: the other scales (and the whole image, which every set ends
+# with); the best of both sets is the best of all 28 boxes.
+_REST_BOXES = tuple(box for box in ALL_BOXES if box not in SCREEN_BOXES) + (len(_BOXES) - 1,)
 
 
 def crop_views(grids: Tensor, boxes: tuple[int, ...] = ALL_BOXES) -> Tensor:
@@ -115,7 +118,7 @@ def crop_alignment(
 
     With ``at_least`` (the threshold the caller compares with), the pairs are screened first on
     :data:`SCREEN_BOXES`: a pair below ``at_least - CROP_SCREEN_SLACK`` there keeps its screen score (a lower bound
-    of the full one) and is not cut into all 28 boxes (most candidates are distinct images, and stop there). The
+    of the full one) and is not cut into the other 18 (most candidates are distinct images, and stop there). The
     pairs go ``chunk_rows`` at a time, views cut and compared at once (all of them at once would be 7 KiB a row
     written out and gathered back, memory traffic that cost more than the arithmetic)."""
     if at_least is None:
@@ -123,5 +126,6 @@ def crop_alignment(
     alignment = _aligned(first, second, SCREEN_BOXES, chunk_rows)
     passed = (alignment >= at_least - CROP_SCREEN_SLACK).nonzero()[:, 0]
     if len(passed):
-        alignment[passed] = _aligned(first[passed], second[passed], ALL_BOXES, chunk_rows)
+        rest = _aligned(first[passed], second[passed], _REST_BOXES, chunk_rows)
+        alignment[passed] = torch.maximum(alignment[passed], rest)
     return alignment
