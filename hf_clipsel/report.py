@@ -198,7 +198,9 @@ def damage_check_text(run_config: dict, summary: RunSummary) -> str:
     if not run_config.get("damage_check", False):
         return "off"
     found = ", ".join(f"{count} {kind}" for kind, count in summary.flags.get("damage", {}).items()) or "none"
-    return f"on (threshold {run_config.get('damage_threshold', 'n/a')} robust SD): images flagged: {found}"
+    share = run_config.get("damage_false_discovery")
+    beyond = "" if share is None else f", a tail only beyond its mirror at {share:g}"
+    return f"on (threshold {run_config.get('damage_threshold', 'n/a')} robust SD{beyond}): images flagged: {found}"
 
 
 def adapter_check_text(check: dict) -> str:

@@ -106,6 +106,7 @@ def test_the_float_settings_are_the_ones_checked_below():
         "adapter_learning_rate",
         "alpha",
         "beta",
+        "damage_false_discovery",
         "damage_threshold",
         "lora_alpha",
         "lora_dropout",
@@ -124,7 +125,15 @@ def test_every_float_setting_refuses_nan_and_infinity_naming_the_key(key, value)
 
 
 @pytest.mark.parametrize(
-    "key, value", [("lora_dropout", 1.0), ("lora_dropout", -0.1), ("lora_alpha", 0.0), ("damage_threshold", 0.0)]
+    "key, value",
+    [
+        ("lora_dropout", 1.0),
+        ("lora_dropout", -0.1),
+        ("lora_alpha", 0.0),
+        ("damage_threshold", 0.0),
+        ("damage_false_discovery", 0.0),
+        ("damage_false_discovery", 1.01),
+    ],
 )
 def test_float_settings_outside_their_documented_range_are_refused(key, value):
     with pytest.raises(ValueError, match=re.escape(key)):

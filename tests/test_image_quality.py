@@ -17,6 +17,7 @@ from hf_clipsel.image_quality import (
     LOW_CONTRAST,
     MAX_ASPECT,
     NOISY,
+    beyond_mirror,
     damage_flags,
     flag_share_warning,
     pixel_statistics,
@@ -130,6 +131,41 @@ def test_flags_name_the_noisy_and_the_blank_images_and_nothing_else():
     # a rerun of the same rows with one more unusable row: that row is never flagged
     usable[3] = False
     assert damage_flags(*statistics, usable, threshold=3.0)[3] == ""
+
+
+def test_the_mirror_check_flags_no_heavy_tail_of_clean_images_and_a_damaged_minority_beyond_it():
+    # Clean images' log noise levels with tails heavier than a normal's on both sides (Student t, 3 degrees of
+    # freedom): the fixed threshold flags their upper tail; the mirror check finds it no heavier than the lower one.
+    rng = np.random.default_rng(0)
+    log_noise = np.log(0.01) + 0.3 * rng.standard_t(3, 10_000)
+    contrast, sharpness = rng.uniform(0.15, 0.25, 10_000), np.exp(rng.normal(0.5, 0.05, 10_000))
+    usable = np.ones(10_000, dtype=bool)
+    clean = np.exp(log_noise), contrast, sharpness
+    assert (damage_flags(*clean, usable, threshold=3.5) == NOISY).sum() > 50
+    for share in (0.1, 0.25):
+        assert (damage_flags(*clean, usable, threshold=3.5, false_discovery=share) == "").all()
+    # 100 damaged images far out (noise 20 times the median): they are flagged, with the clean rows as far out, and
+    # never more clean rows than the fixed threshold flags.
+    damaged = log_noise.copy()
+    damaged[:100] = np.log(0.2) + 0.1 * rng.standard_normal(100)
+    flags = damage_flags(np.exp(damaged), contrast, sharpness, usable, threshold=3.5, false_discovery=0.25)
+    assert (flags[:100] == NOISY).all()
+    fixed = damage_flags(np.exp(damaged), contrast, sharpness, usable, threshold=3.5)
+    assert 0 < (flags[100:] != "").sum() <= (fixed[100:] != "").sum()
+
+
+def test_beyond_mirror_cuts_at_the_lowest_passing_value_and_counts_usable_rows_only():
+    z = np.array([0.0, 0.1, -0.1, 4.0, 5.0, 6.0, 6.5, 7.0, -4.5, -20.0])
+    usable = np.ones(10, dtype=bool)
+    # beyond 4: 5 rows, mirrored 2 (-4.5, -20): 1 + 2 > 0.5 * 5; beyond 5: 4 rows, 1 + 1 <= 0.5 * 4 passes
+    np.testing.assert_array_equal(np.flatnonzero(beyond_mirror(z, usable, 3.0, 0.5)), [4, 5, 6, 7])
+    # at 0.4 no cut passes (beyond 7: 1 row, 1 + 1 > 0.4): a handful of rows is never flagged
+    assert not beyond_mirror(z, usable, 3.0, 0.4).any()
+    usable[9] = False  # an unusable row is neither flagged nor counted in the mirror: beyond 4, 1 + 1 <= 0.4 * 5
+    np.testing.assert_array_equal(np.flatnonzero(beyond_mirror(z, usable, 3.0, 0.4)), [3, 4, 5, 6, 7])
+    # the cut is never at or below the threshold, and without a share it is the threshold itself
+    assert not beyond_mirror(z, usable, 5.0, 0.5)[4]
+    np.testing.assert_array_equal(np.flatnonzero(beyond_mirror(z, usable, 3.0, None)), [3, 4, 5, 6, 7])
 
 
 def test_a_blank_or_tiny_image_is_low_contrast_whatever_the_dataset():

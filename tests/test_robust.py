@@ -141,6 +141,11 @@ def test_paper_preset_sets_defaults_that_flags_override():
     assert (paper.selection.alignment, paper.selection.damage_check) == ("sas", False)
     defaults = parse_config([]).selection  # issue 28: the posterior alone, threshold 3.5 (benchmarks README)
     assert (defaults.alignment, defaults.damage_check, defaults.damage_threshold) == ("posterior", True, 3.5)
+    # issue 28: a tail flagged only beyond its mirror; null (in a config file) flags every row beyond 3.5
+    assert defaults.damage_false_discovery == 0.25
+    assert ClipselConfig.from_flat({"damage_false_discovery": None}).selection.damage_false_discovery is None
+    with pytest.raises(ValueError, match="damage_false_discovery must be in"):
+        parse_config(["--damage_false_discovery", "1.5"])
     # issue 25: copies found (crops too) and one kept by default; the paper's method has no duplicate check
     assert (
         defaults.duplicate_check and parse_config([]).scoring.duplicate_crops and not paper.selection.duplicate_check

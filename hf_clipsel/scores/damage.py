@@ -51,7 +51,7 @@ class DamageCheck(Score):
             )
         statistics = [table[column.name] for column in self.columns]
         usable = np.asarray(table["flag_reason"]) == ""
-        flags = damage_flags(*statistics, usable, selection.damage_threshold)
+        flags = damage_flags(*statistics, usable, selection.damage_threshold, selection.damage_false_discovery)
         warning = flag_share_warning(flags, usable)
         # A check meant for a damaged minority that flags many rows: say so, and how to turn it off; once (the
         # stability stage selects again with each seed, from the same statistics).

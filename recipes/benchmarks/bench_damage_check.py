@@ -4,7 +4,8 @@ clean images it flags, on real CIFAR-10 images.
 For each of the five corruptions of hf_clipsel.benchmarking.noise (Hendrycks & Dietterich's CIFAR-10-C parameters)
 at each severity, 5% of a pool of CIFAR-10 training images (seeded) are corrupted, the pixel statistics of every image
 are measured (hf_clipsel.image_quality, as the pipeline does while embedding) and flagged against the pool's own
-median and spread with the package's default threshold. No model is involved.
+median and spread with the package's default threshold and damage_false_discovery (--false_discovery; --fractions
+repeats the table for several shares of damaged images). No model is involved.
 
 Then mixed sizes, as a user's folder holds them: each image of a second pool (seeded) is saved at one of five sizes
 in turn (32x32 PNG, the native size; 64x48, 224x224, 500x375 and 375x500 JPEG, quality 90, upscaled bicubic), 5% of
@@ -16,6 +17,7 @@ image at two photo sizes.
 
     python recipes/benchmarks/bench_damage_check.py            # about 30 seconds on one core
     python recipes/benchmarks/bench_damage_check.py --pool_size 2000 --threshold 2.5 --sides 32 64 96 224
+    python recipes/benchmarks/bench_damage_check.py --fractions 0.05 0.01 0.002 --false_discovery 0.5
 """
 
 from __future__ import annotations
@@ -45,6 +47,20 @@ def main(argv=None) -> None:
     parser.add_argument("--pool_size", type=int, default=5000)
     parser.add_argument("--fraction", type=float, default=0.05, help="Share of the pool that is corrupted.")
     parser.add_argument("--threshold", type=float, default=SelectionConfig.damage_threshold)
+    parser.add_argument(
+        "--false_discovery",
+        type=lambda value: None if value.lower() in ("none", "null") else float(value),
+        default=SelectionConfig.damage_false_discovery,
+        help="The check's damage_false_discovery: a tail flagged only beyond its mirror (default: the package's); "
+        "none: every image beyond the threshold.",
+    )
+    parser.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=None,
+        help="Run the corruption table once per share of damaged images (default: --fraction alone).",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mixed_size", type=int, default=1000, help="Images in the mixed-size pool.")
     parser.add_argument(
@@ -57,24 +73,14 @@ def main(argv=None) -> None:
     pool = shard.shuffle(seed=args.seed).select(range(args.pool_size))
     clean = np.array([pixel_statistics(image) for image in pool["img"]])
     usable = np.ones(len(pool), dtype=bool)
-    flags = damage_flags(*clean.T, usable, args.threshold)
-    print(f"pool: {len(pool)} CIFAR-10 training images (seed {args.seed}), threshold {args.threshold}")
+    flags = damage_flags(*clean.T, usable, args.threshold, args.false_discovery)
+    print(
+        f"pool: {len(pool)} CIFAR-10 training images (seed {args.seed}), threshold {args.threshold}, "
+        f"false_discovery {args.false_discovery}"
+    )
     print(f"no corruption: {np.mean(flags != ''):.2%} of the images flagged\n")
-    print("| corruption | " + " | ".join(f"severity {s}" for s in range(1, 6)) + " |")
-    print("|---|" + "---|" * 5)
-    for corruption in CORRUPTIONS:
-        cells = []
-        for severity in range(1, 6):
-            damaged, record = corrupt_images(pool, args.fraction, corruption, severity, seed=args.seed)
-            rows = np.asarray(record["row_id"])
-            statistics = clean.copy()
-            statistics[rows] = [pixel_statistics(image) for image in damaged.select(rows)["img"]]
-            flagged = damage_flags(*statistics.T, usable, args.threshold) != ""
-            is_damaged = np.zeros(len(pool), dtype=bool)
-            is_damaged[rows] = True
-            cells.append(f"{flagged[is_damaged].mean():.0%} / {flagged[~is_damaged].mean():.1%}")
-        print(f"| {corruption} | " + " | ".join(cells) + " |")
-    print("\ncells: damaged images flagged / clean images flagged\n")
+    for fraction in args.fractions or [args.fraction]:
+        corruption_table(pool, clean, usable, fraction, args)
     mixed_sizes(shard, args)
     # Cost per image beside the embedding: random RGB pixels at two photo sizes.
     rng = np.random.default_rng(args.seed)
@@ -83,6 +89,27 @@ def main(argv=None) -> None:
         rounds = [_seconds_per_call(pixel_statistics, image, 100) for _ in range(5)]
         print(f"pixel_statistics on a {width}x{height} RGB image: {min(rounds) * 1000:.2f} ms (best of 5 x 100)")
     print(f"seconds: {time.perf_counter() - start:.0f}")
+
+
+def corruption_table(pool, clean: np.ndarray, usable: np.ndarray, fraction: float, args) -> None:
+    """Per corruption and severity: the share of the damaged images flagged and of the clean ones, with ``fraction``
+    of the pool damaged."""
+    print(f"{fraction:.1%} of the pool damaged\n")
+    print("| corruption | " + " | ".join(f"severity {s}" for s in range(1, 6)) + " |")
+    print("|---|" + "---|" * 5)
+    for corruption in CORRUPTIONS:
+        cells = []
+        for severity in range(1, 6):
+            damaged, record = corrupt_images(pool, fraction, corruption, severity, seed=args.seed)
+            rows = np.asarray(record["row_id"])
+            statistics = clean.copy()
+            statistics[rows] = [pixel_statistics(image) for image in damaged.select(rows)["img"]]
+            flagged = damage_flags(*statistics.T, usable, args.threshold, args.false_discovery) != ""
+            is_damaged = np.zeros(len(pool), dtype=bool)
+            is_damaged[rows] = True
+            cells.append(f"{flagged[is_damaged].mean():.0%} / {flagged[~is_damaged].mean():.1%}")
+        print(f"| {corruption} | " + " | ".join(cells) + " |")
+    print("\ncells: damaged images flagged / clean images flagged\n")
 
 
 def mixed_sizes(shard, args) -> None:
@@ -108,7 +135,8 @@ def mixed_sizes(shard, args) -> None:
     print("|---|" + "---|" * (len(SIZES) + 1))
     for side in args.sides:
         statistics = np.array([pixel_statistics(image, side) for image in images])
-        flagged = damage_flags(*statistics.T, np.ones(len(pool), dtype=bool), args.threshold) != ""
+        everyone = np.ones(len(pool), dtype=bool)
+        flagged = damage_flags(*statistics.T, everyone, args.threshold, args.false_discovery) != ""
         cells = []
         for rows in [size_of == index for index in range(len(SIZES))] + [np.ones(len(pool), dtype=bool)]:
             cells.append(

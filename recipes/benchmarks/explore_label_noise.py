@@ -18,7 +18,9 @@ under symmetric noise (printed per pool). "kNN k": the share of a row's k neares
 features the run scored with, every valid row of the pool, itself left out) that carry its given label, a second
 label-noise signal beside CLIP's probabilities ("deep kNN"); "P@f + w kNN k": (1 - w) min-max(P@f) + w min-max(kNN k)
 as the alignment term (w 0.5: their mean), "P@f x kNN k": their product, "kNN k/class": the agreement over its
-class's mean agreement (as confident learning's per-class thresholds) (``--knn`` picks k, empty: none).
+class's mean agreement (as confident learning's per-class thresholds) (``--knn`` picks k, empty: none). "thr 3.5
+mirror q": the damage check with damage_false_discovery q (a tail flagged only beyond its mirror); "+ a gated div":
+the gated diversity term at weight a.
 
 Several noise draws (bench_quality.py --noise_seed, one run each in the same --work_dir): every draw found is ranked,
 the first table gives each cell's mean over the draws, the second the mean difference to cleanlab's ranking of the
@@ -59,6 +61,7 @@ RATIOS = (0.3, 0.5, 0.8)
 THRESHOLDS = (3.0, 3.5, 4.0, 4.5, None)
 FRACTIONS = (0.5, 0.75, 1.0, 1.25)
 KNN_THRESHOLDS = (3.5, 4.0, None)
+MIRROR_SHARES = (0.1, 0.25, 0.5)
 KNN_WEIGHTS = (0.03, 0.1, 0.25, 0.5)
 
 
@@ -77,6 +80,10 @@ def candidates(
     for threshold in [t for t in THRESHOLDS if t]:
         flags = score_flags(table, dataclasses.replace(selection, damage_check=True, damage_threshold=threshold))
         demoted[threshold] = np.any([v != "" for v in flags.values()], axis=0)
+    # The mirror check (damage_false_discovery q): a tail flagged only beyond its mirror, cut at 3.5 or above.
+    for q in MIRROR_SHARES:
+        check = dataclasses.replace(selection, damage_check=True, damage_threshold=3.5, damage_false_discovery=q)
+        demoted[f"3.5 mirror q{q:g}"] = np.any([v != "" for v in score_flags(table, check).values()], axis=0)
     demoted[None] = None
     gate = table["predicted_label"] == table["label"]
     num_classes = pred_probs.shape[1]
@@ -124,6 +131,30 @@ def candidates(
             out[f"SAS+P@{fraction:g} alone, thr {threshold}"] = reward(p, alpha=0.0, threshold=threshold)
         out[f"SAS+P@0.5 + gated div, thr {threshold}"] = reward(at(0.5), threshold=threshold)
         out[f"0.5 SAS+P@0.5 + gated div, thr {threshold}"] = reward(at(0.5), sas=0.5, threshold=threshold)
+    for threshold in [f"3.5 mirror q{q:g}" for q in MIRROR_SHARES]:
+        for fraction in (0.5, 0.9, 1.0):
+            p = at(fraction)
+            out[f"P@{fraction:g} alone, thr {threshold}"] = reward(p, alpha=0.0, sas=0.0, threshold=threshold)
+            for alpha in (0.01, 0.03, 0.1):
+                out[f"P@{fraction:g} + {alpha:g} gated div, thr {threshold}"] = reward(
+                    p, alpha=alpha, sas=0.0, threshold=threshold
+                )
+    for alpha in (0.01, 0.03):
+        out[f"P@1 + {alpha:g} gated div, thr None"] = reward(at(1.0), alpha=alpha, sas=0.0, threshold=None)
+    # What the duplicate check's demotions cost (no damage check; cleanlab's ranking otherwise): copies of a group and
+    # label but its best ("dup"), every copy of an image under several labels ("conf"), or those but the copy with
+    # the best P@1 ("conf keep best", the score's KEEP_PREFERRED_LABEL).
+    if "duplicate" in table and "conflicting_labels" in table:
+        duplicate, conflict = np.asarray(table["duplicate"]) != "", np.asarray(table["conflicting_labels"]) != ""
+        group, p1 = np.asarray(table["duplicate_group"]), at(1.0).numpy()
+        conflict_but_best = conflict.copy()
+        for g in np.unique(group[conflict]):
+            members = np.flatnonzero((group == g) & conflict)
+            conflict_but_best[members[np.argmax(p1[members])]] = False
+        demotions = {"dup": duplicate, "conf": conflict, "dup + conf": duplicate | conflict}
+        demotions |= {"conf keep best": conflict_but_best, "dup + conf keep best": duplicate | conflict_but_best}
+        for how, demote in demotions.items():
+            out[f"P@1 alone, no damage check, demoting {how}"] = reward(at(1.0), alpha=0.0, sas=0.0, demote=demote)
     # The damage check demotes a flagged row only where CLIP doubts its label too: undamaged rows flagged by chance
     # that CLIP is sure about keep their place. "unless agreed": demoted unless the label is CLIP's class; "unless
     # sure": demoted unless that and its posterior at least its class's median.
@@ -178,7 +209,7 @@ def candidates(
     saved = np.asarray(table["class_posterior"])
     gap = np.abs(at(0.5).numpy() - saved).max()
     print(f"softmax link P@0.5 here vs the run's class_posterior: max |difference| {gap:.2e}")
-    print("flagged rows per threshold:", {t: int(d.sum()) for t, d in demoted.items() if d is not None})
+    print("flagged rows per check:", {t: int(d.sum()) for t, d in demoted.items() if d is not None})
     print(
         "of which CLIP's class is not the label:",
         {t: int((d & ~gate).sum()) for t, d in demoted.items() if d is not None},
