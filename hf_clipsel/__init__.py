@@ -27,7 +27,7 @@ _EXPORTS = {
     "DataConfig": "configs",
     "ModelConfig": "configs",
     "AdapterConfig": "configs",
-    "ScoringConfig": "configs",
+    "ScoringConfig": "scoring_config",
     "SelectionConfig": "configs",
     "RunConfig": "configs",
     "parse_config": "parser",

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 
 from .core.checks import check_choice, check_fraction, check_positive
 from .core.names import budget, ratio_name  # noqa: F401  (part of this module's public names)
+from .scoring_config import ScoringConfig
 from .selection import SELECTORS, SelectionConfig
 
 
@@ -271,32 +272,6 @@ class AdapterConfig:
         for template in self.prompt_templates:
             if template.count("{}") != 1:
                 raise ValueError(f"prompt template {template!r} must contain exactly one '{{}}' for the class name.")
-
-
-@dataclass
-class ScoringConfig:
-    knn_k: int = field(
-        default=100,
-        metadata={
-            "help": "Neighbours per sample for the diversity score, within the sample's class (paper: 100 for "
-            "CIFAR-10, 50 for CIFAR-100). Classes with fewer than K+1 rows use all their other rows."
-        },
-    )
-    knn_block_rows: int = field(
-        default=8192,
-        metadata={
-            "help": "Rows of a class the diversity kNN holds at once: a larger class is read in blocks of this many "
-            "rows (queries and keys), so memory is about 4 x knn_block_rows^2 bytes whatever its size (8192: 256 MiB)."
-        },
-    )
-
-    duplicate_crops: bool = field(
-        default=True, metadata={"help": "The duplicate score finds cropped copies too (0.85-0.95 of each side)."}
-    )
-
-    def __post_init__(self):
-        check_positive("knn_k", self.knn_k)
-        check_positive("knn_block_rows", self.knn_block_rows)
 
 
 @dataclass

@@ -2,9 +2,11 @@
 
 The score stage needs the ``[N, d]`` image features twice: row by row (alignment, class posterior, the predicted
 label) and class by class (diversity's kNN, the ``moderate`` selector). At ImageNet-21k's size (13M rows, 768-d)
-that matrix is 37 GiB, so it is never held: :class:`FeatureStore` keeps it in one float32 file, written once as the
-projection runs over the embedding cache, with its rows **sorted by class** (by label, then row id), so that a class
-is one contiguous read and a pass over all rows is a sequential one. Memory is bounded by a block, not by N.
+that matrix is 37 GiB, so it is never held: :class:`FeatureStore` keeps it in one float32 file (or float16, half
+the disk and the reads: ``ScoringConfig.feature_store_dtype``; it is read back as float32, so every score computes in
+float32 on the rounded values), written once as the projection runs over the embedding cache, with its rows **sorted
+by class** (by label, then row id), so that a class is one contiguous read and a pass over all rows is a sequential
+one. Memory is bounded by a block, not by N.
 
 A store holds rows of any number type: the duplicate score's uint8 pixel thumbnails (64 bytes a row, 0.8 GiB at
 13M rows) sit in a second store that shares the features' order (``FeatureStore(features, 64, path,
@@ -89,7 +91,7 @@ def class_assignment(costs: np.ndarray, num_processes: int) -> list[list[int]]:
 
 class FeatureStore:
     """``[N, d]`` float32 features (or rows of another ``dtype``), stored class-sorted in a file (or, without
-    ``path``, in memory).
+    ``path``, in memory). A float16 store reads back as float32 (:attr:`read_dtype`).
 
     Args:
         labels: ``int[N]`` class of each row, ``>= 0`` (the store's order; rows whose label is unusable go to any
@@ -98,7 +100,9 @@ class FeatureStore:
         dim: values a row, ``d >= 1``.
         path: the file (created, or opened by the other processes of a run, at ``N * d`` values); None: memory.
         owner: whether this store deletes the file when it is garbage (the process that created the name).
-        dtype: the values' number type (reads give tensors of it).
+        dtype: the values' number type as stored. Reads give tensors of it, except a float narrower than float32
+            (float16: half the disk and the reads of float32), which reads as float32 so that whoever computes on
+            the features computes in float32, as with a float32 store.
     """
 
     def __init__(
@@ -116,10 +120,12 @@ class FeatureStore:
             self._sort(labels)
         self.dim = int(dim)
         self.dtype = np.dtype(dtype)
+        self.read_dtype = np.promote_types(self.dtype, np.float32) if self.dtype.kind == "f" else self.dtype
         self.path = None if path is None else Path(path)
         self.owner = owner
         self._row_bytes = self.dim * self.dtype.itemsize
-        self.block_rows = rows_per_block(self.dim, self.dtype.itemsize)
+        # A block as read: float16 rows become float32 ones, and a pass holds those (BLOCK_BYTES of them).
+        self.block_rows = rows_per_block(self.dim, self.read_dtype.itemsize)
         if self.path is None:
             self._array = np.zeros((self.num_rows, self.dim), dtype=self.dtype)
             return
@@ -161,9 +167,16 @@ class FeatureStore:
 
     def write(self, start: int, block: np.ndarray) -> None:
         """Store rows ``start .. start + len(block)`` (row order) of the features: ``block`` is ``[b, d]``."""
-        block = np.ascontiguousarray(block, dtype=self.dtype)
+        given = np.asarray(block)
+        with np.errstate(over="ignore"):  # a narrowing that overflows is refused below, with the setting to change
+            block = np.ascontiguousarray(given, dtype=self.dtype)
         if block.ndim != 2 or block.shape[1] != self.dim or start + len(block) > self.num_rows:
             raise ValueError(f"a block of shape {block.shape} does not fit rows {start}.. of a {self.shape} store.")
+        if self.dtype.kind == "f" and given.dtype.itemsize > self.dtype.itemsize and _overflowed(given, block):
+            raise ValueError(
+                f"features beyond {self.dtype}'s range (|x| > {float(np.finfo(self.dtype).max):g}) do not fit a "
+                f"{self.dtype} feature store; set feature_store_dtype float32."
+            )
         destination = self.position[start : start + len(block)].astype(np.int64)
         if self._array is not None:
             self._array[destination] = block
@@ -193,13 +206,13 @@ class FeatureStore:
     # ----- reading
 
     def read(self, start: int, stop: int) -> torch.Tensor:
-        """Rows at storage positions ``[start, stop)`` as a ``[stop - start, d]`` tensor of the store's dtype (a fresh
-        buffer)."""
+        """Rows at storage positions ``[start, stop)`` as a ``[stop - start, d]`` tensor of :attr:`read_dtype` (a
+        fresh buffer)."""
         if self._array is not None:
-            return torch.from_numpy(self._array[start:stop].copy())
+            return torch.from_numpy(self._array[start:stop].astype(self.read_dtype))  # astype copies
         out = np.empty((max(stop - start, 0), self.dim), dtype=self.dtype)
         _read_all(self._fd, memoryview(out).cast("B"), start * self._row_bytes)
-        return torch.from_numpy(out)
+        return torch.from_numpy(out.astype(self.read_dtype, copy=False))
 
     def rows(self, index) -> torch.Tensor:
         """The rows ``index`` (row ids, any order, repeats allowed), ``[len(index), d]``, in the order asked. Rows
@@ -208,7 +221,7 @@ class FeatureStore:
         so a read is never much larger than what was asked, nor than a block."""
         index = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64).reshape(-1)
         if index.size == 0:
-            return torch.from_numpy(np.empty((0, self.dim), dtype=self.dtype))
+            return torch.from_numpy(np.empty((0, self.dim), dtype=self.read_dtype))
         positions = self.position[index].astype(np.int64)
         first, last = int(positions.min()), int(positions.max())
         if last - first + 1 <= len(positions) + _GAP_ROWS:
@@ -217,7 +230,7 @@ class FeatureStore:
         sorted_positions = positions[by_position]
         blocks = sorted_positions // self.block_rows
         breaks = np.flatnonzero((np.diff(sorted_positions) > _GAP_ROWS) | (np.diff(blocks) != 0)) + 1
-        out = torch.from_numpy(np.empty((len(index), self.dim), dtype=self.dtype))
+        out = torch.from_numpy(np.empty((len(index), self.dim), dtype=self.read_dtype))
         for run in np.split(np.arange(len(index)), breaks):
             low, high = int(sorted_positions[run[0]]), int(sorted_positions[run[-1]])
             out[torch.from_numpy(by_position[run])] = self.read(low, high + 1)[
@@ -296,6 +309,12 @@ def _assembled(parts: Iterable[tuple[np.ndarray, np.ndarray]], num_rows: int, de
             out = np.zeros(num_rows, dtype=values.dtype)
         out[rows] = values
     return np.zeros(num_rows, dtype=default or np.float32) if out is None else out
+
+
+def _overflowed(given: np.ndarray, stored: np.ndarray) -> bool:
+    """Whether narrowing ``given`` to ``stored`` turned finite values into infinities (float16 tops out at 65504)."""
+    infinite = np.count_nonzero(np.isinf(stored))
+    return infinite > 0 and infinite > np.count_nonzero(np.isinf(given))
 
 
 def _write_all(fd: int, data: memoryview, offset: int) -> None:

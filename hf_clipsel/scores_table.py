@@ -88,13 +88,15 @@ def score_stage(context, model, embeddings: Dataset, together: bool = False) -> 
     with torch.no_grad():
         text_pooled = embed_class_prompts(model, context.processor.tokenizer, prompts_of(context))
         class_features = class_text_features(model, text_pooled).cpu()
+        dtype = context.config.scoring.feature_store_dtype
         store = feature_store(
             embeddings,
             lambda pooled: image_features(model, torch.from_numpy(pooled)).cpu(),
             labels,
-            store_path(context.cache_dir, accelerator if together else None),
+            store_path(context.cache_dir, accelerator if together else None, dtype),
             share,
             owner=share.process_index == 0,
+            dtype=dtype,
         )
         inputs = ScoreInputs(
             features=store,
@@ -124,10 +126,10 @@ def process_share(accelerator) -> Share:
     return Share(accelerator.process_index, accelerator.num_processes, gather_object)
 
 
-def store_path(cache_dir: str | Path, accelerator=None) -> Path:
-    """A fresh name for a feature store under ``cache_dir``; with ``accelerator``, the main process's name, the same
-    on every process."""
-    name = [f"tmp-features-{uuid.uuid4().hex}.f32"]
+def store_path(cache_dir: str | Path, accelerator=None, dtype: str = "float32") -> Path:
+    """A fresh name for a feature store of ``dtype`` under ``cache_dir``; with ``accelerator``, the main process's
+    name, the same on every process."""
+    name = [f"tmp-features-{uuid.uuid4().hex}.f{np.dtype(dtype).itemsize * 8}"]
     if accelerator is not None and accelerator.num_processes > 1:
         broadcast_object_list(name)
     directory = Path(cache_dir) / FEATURES_DIR
@@ -142,14 +144,15 @@ def feature_store(
     path: Path | None,
     share: Share | None = None,
     owner: bool = True,
+    dtype: str = "float32",
 ) -> FeatureStore:
     """The image features ``project(cached [b, hidden]) -> [b, d]`` of every row of the embedding cache, written to
-    a :class:`~hf_clipsel.features.FeatureStore` at ``path`` (None: in memory) sorted by ``labels`` (``>= 0``), one
-    block at a time; the processes of ``share`` project their blocks each and wait for one another."""
+    a :class:`~hf_clipsel.features.FeatureStore` of ``dtype`` at ``path`` (None: in memory) sorted by ``labels``
+    (``>= 0``), one block at a time; the processes of ``share`` project their blocks each and wait for one another."""
     share = share or Share()
     first = next(pooled_blocks(embeddings, 1))[1]
     dim = project(first).shape[1]
-    store = FeatureStore(labels, dim, path, owner=owner)
+    store = FeatureStore(labels, dim, path, owner=owner, dtype=dtype)
     block_rows = rows_per_block(max(first.shape[1], dim))  # the wider of the pooled and the projected rows
     blocks = ((start, project(pooled).numpy()) for start, pooled in pooled_blocks(embeddings, block_rows, share))
     return _filled(store, blocks, share)

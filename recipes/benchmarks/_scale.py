@@ -8,7 +8,8 @@ stage on it, out of core: hf_clipsel.scores_table.feature_store (projection per 
 store), measured_statistics (the thumbnails into a uint8 store beside it), score_values (every registered score and
 the predicted label), scores_table (the table, on a Source whose labels hf_clipsel.data.resolve_labels resolved, held
 through scoring as a run holds it) and select_stage (exact, five ratios), and reports the kernel's high-water mark of
-its resident memory (VmHWM, reset before scoring).
+its resident memory (VmHWM, reset before scoring). ``--store-dtype float16`` writes the feature store in float16, as
+``ScoringConfig.feature_store_dtype`` does in a run (the size of its file is reported).
 
 The class-text terms (alignment, class posterior, predicted label) need ``[N, C]`` logits: at C = 21,000 and d = 768
 that is 2 N C d = 3.2e16 FLOP per million rows, days on 2 CPU cores. They run with ``--text-classes`` text classes
@@ -124,8 +125,9 @@ def write_statistics(work: Path, rows: int, seed: int) -> None:
             writer.finalize()
 
 
-def child(work: Path, text_classes: int, knn_k: int) -> None:
-    """Score and select on the cache of ``work`` (a fresh process); prints one JSON line."""
+def child(work: Path, text_classes: int, knn_k: int, store_dtype: str = "float32") -> None:
+    """Score and select on the cache of ``work`` (a fresh process), the feature store in ``store_dtype``; prints one
+    JSON line."""
     from transformers import CLIPModel
 
     from hf_clipsel.configs import ClipselConfig
@@ -150,10 +152,15 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
     _reset_peak()
     started = time.perf_counter()
     with torch.no_grad():
-        path = work / "features.f32"
-        store = feature_store(embeddings, lambda pooled: image_features(model, torch.from_numpy(pooled)), labels, path)
+        path = work / f"features.f{np.dtype(store_dtype).itemsize * 8}"
+        store = feature_store(
+            embeddings, lambda pooled: image_features(model, torch.from_numpy(pooled)), labels, path, dtype=store_dtype
+        )
+        store_gib = path.stat().st_size / 1024**3
         # as scores_table.score_stage reads them: numbers per row in memory, the thumbnails in a store beside
         statistics = measured_statistics(embeddings, store)
+        # the disk the score stage holds beside the cache: the features' store and the thumbnails' stores
+        stores_gib = sum(p.stat().st_size for p in work.glob(f"{path.stem}*")) / 1024**3
         projected = time.perf_counter()
         inputs = ScoreInputs(
             features=store,
@@ -176,6 +183,9 @@ def child(work: Path, text_classes: int, knn_k: int) -> None:
     selected = time.perf_counter()
     assert isinstance(store, FeatureStore) and all(masks[r].any() for r in masks)
     figures = {
+        "store dtype": store_dtype,
+        "feature store GiB": store_gib,
+        "feature + thumbnail stores GiB": stores_gib,
         "RSS before scoring GiB": resident_before,
         "peak_rss_gib": _status_gib("VmHWM"),
         "project + store s": projected - started,
@@ -261,7 +271,8 @@ def part_scale(script: str, args) -> dict:
     cache_gib = sum(p.stat().st_size for p in (work / "cache").glob("*.arrow")) / 1024**3
     print(f"cache built in {built:.0f} s: {cache_gib:.2f} GiB on disk; {shape}")
     scoring = ["--knn-k", str(args.knn_k), *threads]
-    figures = _run_child(script, work, ["--text-classes", str(args.text_classes), *scoring])
+    store = ["--store-dtype", args.store_dtype]
+    figures = _run_child(script, work, ["--text-classes", str(args.text_classes), *scoring, *store])
     result = {"rows": rows, "dim": dim, **shape, "text classes": args.text_classes, "knn_k": args.knn_k, **figures}
     result["seconds per million rows"] = figures["seconds"] / (rows / 1e6)
     print(load_average())
@@ -269,7 +280,7 @@ def part_scale(script: str, args) -> dict:
         probe = work.with_name(work.name + "-probe")
         build_cache(probe, args.probe_rows, dim, min(classes, args.probe_rows), args.largest)
         times = {
-            count: _run_child(script, probe, ["--text-classes", str(count), *scoring])
+            count: _run_child(script, probe, ["--text-classes", str(count), *scoring, *store])
             for count in (args.text_classes, IMAGENET21K_CLASSES)
         }
         extra = times[IMAGENET21K_CLASSES]["scores s"] - times[args.text_classes]["scores s"]

@@ -20,6 +20,7 @@ Four parts, all through the library's public API (hf_clipsel.selection.select):
 scale (only when named: `--parts scale --rows N --dim D [--classes C]`): the library's out-of-core score stage and
    selection of five ratios on a synthetic embedding cache in its own format, ImageNet-21k-shaped (recipes/benchmarks/
    _scale.py says how); the last line printed is one JSON object (rows, dim, peak_rss_gib, seconds, ...).
+   --store-dtype float16 writes the class-sorted feature store in float16 (ScoringConfig.feature_store_dtype).
 
 Default runtime on a 2-core CPU: about 6 minutes. Scale up with e.g. --growth-sizes 50000 200000 800000.
 """
@@ -438,6 +439,10 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="scale: keep the synthetic cache afterwards")
     parser.add_argument("--big-class", type=int, default=0, help="scale: also time one class of this many rows")
     parser.add_argument("--knn-block-rows", type=int, default=8192, help="scale: the big class's kNN block rows")
+    parser.add_argument(
+        "--store-dtype", default="float32", choices=["float32", "float16"],
+        help="scale: the class-sorted feature store's number type (the library's feature_store_dtype)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--scale-child", default=None, help=argparse.SUPPRESS)
@@ -450,7 +455,7 @@ def main() -> None:
         big_class_child(Path(args.scale_child), args.big_class, args.dim, args.knn_k, args.knn_block_rows)
         return
     if args.scale_child:
-        scale_child(Path(args.scale_child), args.text_classes, args.knn_k)
+        scale_child(Path(args.scale_child), args.text_classes, args.knn_k, args.store_dtype)
         return
     started = time.perf_counter()
     header("bench_selection: exact vs released sgd")
