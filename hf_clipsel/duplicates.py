@@ -28,7 +28,7 @@ of about that many rows (hf_clipsel.partition, SemDeDup's partition), so no row 
 :data:`GROUP_ROWS` others: the search's time is linear in N whatever the groups' sizes, at the price of the copies
 that a cell boundary separates.
 
-*Cropped copies* (``crop_thumbnails``: scoring's ``duplicate_crops``, on by default): each row's nearest row by
+*Cropped copies* (``crop_thumbnails``: scoring's ``duplicate_crops``, off by default): each row's nearest row by
 thumbnail cosine (the row maximum the passes find anyway) is a candidate from :data:`CROP_CANDIDATE` on, and joins
 it when their features agree and their boxes align (hf_clipsel.thumbnails) at :data:`CROP_SIMILARITY`.
 

@@ -353,10 +353,10 @@ def test_a_cropped_copy_is_found_by_the_alignment_of_its_boxes_and_a_distinct_im
     assert (without["group"] == -1).all()
 
 
-def test_a_default_run_finds_a_cropped_copy_and_duplicate_crops_false_does_not(cifar_slice, tiny_clip_path, tmp_path):
-    """The scoring setting (on by default) reaches the score: the embed stage measured the 16x16 thumbnails, the
+def test_duplicate_crops_finds_a_cropped_copy_and_a_default_run_does_not(cifar_slice, tiny_clip_path, tmp_path):
+    """The scoring setting (off by default) reaches the score: the embed stage measured the 16x16 thumbnails, the
     score stage read them from their store, and the crop (8x8 cosine below the threshold) joins its original's
-    group; with ``duplicate_crops: false`` it does not."""
+    group; by default it does not."""
     import io
 
     import pyarrow as pa
@@ -371,12 +371,12 @@ def test_a_default_run_finds_a_cropped_copy_and_duplicate_crops_false_does_not(c
     path = tmp_path / "pool.parquet"
     pq.write_table(pa.concat_tables([table, pa.Table.from_pydict(copy, schema=table.schema)]), path)
     settings = {"adapter_preset": "none", "selection_ratios": [0.9], "duplicate_check": True}
-    pipeline.run(run_config(path, tiny_clip_path, tmp_path / "run", **settings))  # the default: crops searched
+    pipeline.run(run_config(path, tiny_clip_path, tmp_path / "run", duplicate_crops=True, **settings))
     found = read_scores(tmp_path / "run").with_format("numpy")[:]
     assert found["duplicate_similarity_same_class"][60] < 0.97, "the 8x8 thumbnails alone do not join them"
     assert found["duplicate_group"][60] == found["duplicate_group"][0] == 0 and found["nearest_duplicate"][60] == 0
     assert (found["duplicate_group"][1:60] == -1).all()
-    pipeline.run(run_config(path, tiny_clip_path, tmp_path / "off", duplicate_crops=False, **settings))
+    pipeline.run(run_config(path, tiny_clip_path, tmp_path / "off", **settings))  # the default: no crop search
     assert (read_scores(tmp_path / "off").with_format("numpy")["duplicate_group"][:] == -1).all()
 
 

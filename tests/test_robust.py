@@ -146,11 +146,10 @@ def test_paper_preset_sets_defaults_that_flags_override():
     assert ClipselConfig.from_flat({"damage_false_discovery": None}).selection.damage_false_discovery is None
     with pytest.raises(ValueError, match="damage_false_discovery must be in"):
         parse_config(["--damage_false_discovery", "1.5"])
-    # issue 25: copies found (crops too) and one kept by default; the paper's method has no duplicate check
-    assert (
-        defaults.duplicate_check and parse_config([]).scoring.duplicate_crops and not paper.selection.duplicate_check
-    )
-    assert not parse_config(["--no_duplicate_crops"]).scoring.duplicate_crops
+    # issue 25: copies found and one kept by default, crops only on request (issue 28: the crop search joins distinct
+    # images of natural pools); the paper's method has no duplicate check
+    assert defaults.duplicate_check and not paper.selection.duplicate_check
+    assert not parse_config([]).scoring.duplicate_crops and parse_config(["--duplicate_crops"]).scoring.duplicate_crops
     with pytest.raises(ValueError, match="preset='fast' is not valid"):
         ClipselConfig.from_flat({"preset": "fast"})
 

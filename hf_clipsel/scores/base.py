@@ -81,7 +81,7 @@ class ScoreInputs:
     posterior_link: str = "softmax"
     knn_k: int = 100
     knn_block_rows: int = 8192
-    duplicate_crops: bool = True
+    duplicate_crops: bool = False
     predicted: torch.Tensor | None = None
     statistics: dict[str, np.ndarray] = field(default_factory=dict)
     share: Share = field(default_factory=Share)

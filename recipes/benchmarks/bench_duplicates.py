@@ -17,7 +17,7 @@ CLIP or the proxy of proxy_clip.py) embeds, adapts, scores and selects it at rat
 - conflicting labels: precision and recall of the rows in groups of several labels against the cross-class copies
   and their originals, and how often the copy the model prefers carries the true label (what keeping it would keep);
 - per ratio: the share of injected groups the default selection keeps at most once (the run's scores search crops
-  too, unless --no_duplicate_crops);
+  too, with --duplicate_crops);
 - the share of rows that are crop candidates, and the search's time per row with and without crops.
 
     python recipes/benchmarks/bench_duplicates.py --data_dir /path/to/cifar10 --threads 1
@@ -38,7 +38,7 @@ from _common import DATA_DIR_HELP, load_cifar10
 from PIL import Image
 from proxy_clip import ProxySpec, decode_uint8, train_proxy
 
-from hf_clipsel.configs import ClipselConfig
+from hf_clipsel.configs import ClipselConfig, ScoringConfig
 from hf_clipsel.context import prompts_of
 from hf_clipsel.core.names import selected_column
 from hf_clipsel.duplicates import (
@@ -182,12 +182,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cross_copies", type=int, default=10, help="Cross-class copies per kind.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument(
-        "--no_duplicate_crops",
-        dest="duplicate_crops",
-        action="store_false",
-        help="The run does not search cropped copies (scoring's duplicate_crops, on by default).",
+    crops = p.add_mutually_exclusive_group()
+    crops.add_argument(
+        "--duplicate_crops",
+        action="store_true",
+        default=ScoringConfig().duplicate_crops,
+        help="The run searches cropped copies too (scoring's duplicate_crops; the package's default: off).",
     )
+    crops.add_argument("--no_duplicate_crops", dest="duplicate_crops", action="store_false", help="It does not.")
     return p
 
 

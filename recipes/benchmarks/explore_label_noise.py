@@ -78,7 +78,10 @@ def candidates(
     rows = np.arange(len(labels))
     demoted = {}
     for threshold in [t for t in THRESHOLDS if t]:
-        flags = score_flags(table, dataclasses.replace(selection, damage_check=True, damage_threshold=threshold))
+        fixed = dataclasses.replace(
+            selection, damage_check=True, damage_threshold=threshold, damage_false_discovery=None
+        )
+        flags = score_flags(table, fixed)
         demoted[threshold] = np.any([v != "" for v in flags.values()], axis=0)
     # The mirror check (damage_false_discovery q): a tail flagged only beyond its mirror, cut at 3.5 or above.
     for q in MIRROR_SHARES:
