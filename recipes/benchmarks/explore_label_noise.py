@@ -20,7 +20,8 @@ label-noise signal beside CLIP's probabilities ("deep kNN"); "P@f + w kNN k": (1
 as the alignment term (w 0.5: their mean), "P@f x kNN k": their product, "kNN k/class": the agreement over its
 class's mean agreement (as confident learning's per-class thresholds) (``--knn`` picks k, empty: none). "thr 3.5
 mirror q": the damage check with damage_false_discovery q (a tail flagged only beyond its mirror); "+ a gated div":
-the gated diversity term at weight a.
+the gated diversity term at weight a; "P@1 alone, no damage check, demoting ...": cleanlab's ranking with only the
+duplicate check's demotions (copies of a group and label, copies under several labels, or those but the best copy).
 
 Several noise draws (bench_quality.py --noise_seed, one run each in the same --work_dir): every draw found is ranked,
 the first table gives each cell's mean over the draws, the second the mean difference to cleanlab's ranking of the
