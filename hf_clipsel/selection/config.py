@@ -80,10 +80,11 @@ class SelectionConfig:
         # place of rows of more label noise) and finds as much of 5% damage; it finds less of a damaged 1% or less.
         default=0.25,
         metadata={
-            "help": "Flag a pixel statistic's tail only where the images as far out on its other side, read as the "
-            "undamaged ones beyond the cut, are at most this share of those flagged; the cut is the lowest at or "
-            "above damage_threshold that passes, and a tail no heavier than its mirror gets no flag. null (in a "
-            "config file): every image beyond damage_threshold is flagged."
+            "help": "Flag a pixel statistic's tail only where it holds more images than its mirror: the cut is the "
+            "lowest beyond damage_threshold at which one more than the images as far out on the other side (an "
+            "estimate of the undamaged ones among those flagged) is at most this share of those flagged. A tail no "
+            "heavier than its mirror gets no flag, nor do fewer than 1/share damaged images (a blank one still "
+            "does). null (in a config file): every image beyond damage_threshold is flagged."
         },
     )
     duplicate_check: bool = field(
