@@ -265,3 +265,29 @@ def test_a_missing_folder_is_named_not_read_as_a_repo_id(tmp_path):
     for missing in (tmp_path / "nonexistent", "./not-here"):
         with pytest.raises(FileNotFoundError, match="is not a folder: give the output_dir of a finished run"):
             hf_clipsel.load_run(missing)
+
+
+def test_a_record_without_a_setting_that_changes_results_disagrees_with_its_new_default():
+    """A run recorded before damage_false_discovery (or duplicate_check) existed ran without it: the settings' new
+    defaults select otherwise, so the record must not pass for a run at the defaults; a setting that declares no
+    meaning for its absence (feature_store_dtype: float32 is what ran) still agrees."""
+    from hf_clipsel.configs import ClipselConfig
+    from hf_clipsel.runs.record import RunRecord, stage_settings
+
+    config = ClipselConfig.from_flat({"dataset_name": "d"})
+    settings = {stage: stage_settings(config, stage) for stage in ("score", "select")}
+    for old_key in ("damage_false_discovery", "duplicate_check", "feature_store_dtype"):
+        settings["select"].pop(old_key, None)
+        settings["score"].pop(old_key, None)
+    record = RunRecord(stages={stage: {"settings": values} for stage, values in settings.items()})
+    assert record.disagreements(config) == ["damage_false_discovery", "duplicate_check"]
+    as_before = ClipselConfig.from_flat(
+        {"dataset_name": "d", "duplicate_check": False, "damage_false_discovery": None}
+    )
+    assert record.disagreements(as_before) == []
+    # a record that holds the settings is compared as always
+    full = RunRecord(stages={stage: {"settings": stage_settings(config, stage)} for stage in ("score", "select")})
+    assert full.disagreements(config) == [] and full.disagreements(as_before) == [
+        "damage_false_discovery",
+        "duplicate_check",
+    ]

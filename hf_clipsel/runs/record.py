@@ -63,6 +63,14 @@ STAGE_ARTEFACTS = {
     "select": ("scores", "subsets", "report", "run_config.yaml", "run_summary.json"),
 }
 SELECT_KEYS = (*(f.name for f in dataclasses.fields(DataConfig)), *STAGE_SETTINGS["select"])
+# What a record without a setting (written before the setting existed) ran with, where its settings group declares
+# it (``ABSENT_MEANS``): a new setting whose default changes the results then disagrees with such a record rather
+# than passing for what it did. A setting that declares nothing agrees with a record that lacks it.
+ABSENT_MEANS = {
+    name: value
+    for group in (DataConfig, ModelConfig, AdapterConfig, ScoringConfig, SelectionConfig)
+    for name, value in getattr(group, "ABSENT_MEANS", {}).items()
+}
 INCOMPLETE_CARD = """---
 configs:
 - config_name: default
@@ -164,7 +172,11 @@ class RunRecord:
             if recorded is None:
                 continue
             current = stage_settings(config, stage)
-            changed += [k for k in current if k in recorded and recorded[k] != current[k] and (not keys or k in keys)]
+            for key, value in current.items():
+                if keys and key not in keys or (key not in recorded and key not in ABSENT_MEANS):
+                    continue
+                if recorded.get(key, ABSENT_MEANS.get(key)) != value:
+                    changed.append(key)
         return sorted(set(changed))
 
     def cache_keys(self) -> list[str]:

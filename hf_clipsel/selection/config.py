@@ -4,6 +4,7 @@ registered options dataclass (hf_clipsel.selection.registry), carried in ``selec
 from __future__ import annotations
 
 from dataclasses import InitVar, dataclass, field
+from typing import ClassVar
 
 from hf_clipsel.core.checks import check_choice, check_positive
 from hf_clipsel.core.names import ratio_name
@@ -15,6 +16,10 @@ ALIGNMENTS = ("sas", "sas+posterior", "posterior")
 
 @dataclass
 class SelectionConfig:
+    # What a run recorded before a setting existed ran with, where its default changes the results since
+    # (hf_clipsel.runs.record: such a record then disagrees with the default instead of passing for what it did).
+    ABSENT_MEANS: ClassVar[dict] = {"duplicate_check": False, "damage_false_discovery": None}
+
     selection_ratios: list[float] = field(
         default_factory=lambda: [0.5], metadata={"help": "Fractions of the dataset to keep, each in (0, 1]."}
     )
