@@ -147,7 +147,7 @@ def candidates(
         out[f"P@1 + {alpha:g} gated div, thr None"] = reward(at(1.0), alpha=alpha, sas=0.0, threshold=None)
     # What the duplicate check's demotions cost (no damage check; cleanlab's ranking otherwise): copies of a group and
     # label but its best ("dup"), every copy of an image under several labels ("conf"), or those but the copy with
-    # the best P@1 ("conf keep best", the score's KEEP_PREFERRED_LABEL).
+    # the best P@1 ("conf keep best", much as the score's KEEP_PREFERRED_LABEL would keep its preferred label's).
     if "duplicate" in table and "conflicting_labels" in table:
         duplicate, conflict = np.asarray(table["duplicate"]) != "", np.asarray(table["conflicting_labels"]) != ""
         group, p1 = np.asarray(table["duplicate_group"]), at(1.0).numpy()
