@@ -173,7 +173,7 @@ class RunRecord:
                 continue
             current = stage_settings(config, stage)
             for key, value in current.items():
-                if keys and key not in keys or (key not in recorded and key not in ABSENT_MEANS):
+                if (keys and key not in keys) or (key not in recorded and key not in ABSENT_MEANS):
                     continue
                 if recorded.get(key, ABSENT_MEANS.get(key)) != value:
                     changed.append(key)

@@ -60,6 +60,7 @@ from hf_clipsel.features import FeatureStore
 from hf_clipsel.scores import SCORES, ScoreInputs, registered_scores
 from hf_clipsel.scores.duplicate import CROP_THUMBNAIL, THUMBNAIL
 from hf_clipsel.scores_table import score_values
+from hf_clipsel.scoring_config import FEATURE_STORE_DTYPES
 from hf_clipsel.selection import SelectionInputs, SgdOptions, select
 from hf_clipsel.selection.sgd import run_released_sgd
 
@@ -440,7 +441,7 @@ def main() -> None:
     parser.add_argument("--big-class", type=int, default=0, help="scale: also time one class of this many rows")
     parser.add_argument("--knn-block-rows", type=int, default=8192, help="scale: the big class's kNN block rows")
     parser.add_argument(
-        "--store-dtype", default="float32", choices=["float32", "float16"],
+        "--store-dtype", default="float32", choices=FEATURE_STORE_DTYPES,
         help="scale: the class-sorted feature store's number type (the library's feature_store_dtype)",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

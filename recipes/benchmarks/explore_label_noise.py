@@ -77,17 +77,18 @@ def candidates(
     """{name: score [N], higher kept first}. ``sigmoid_posterior``: the sigmoid link's class posterior [N];
     ``agreement``: {k: kNN label agreement [N]} (:func:`knn_label_agreement`)."""
     rows = np.arange(len(labels))
-    demoted = {}
-    for threshold in [t for t in THRESHOLDS if t]:
-        fixed = dataclasses.replace(
-            selection, damage_check=True, damage_threshold=threshold, damage_false_discovery=None
+
+    def flagged(threshold: float, share: float | None) -> np.ndarray:
+        """Rows any registered score flags with the damage check at ``threshold`` and damage_false_discovery
+        ``share`` (the run's other selection settings: its duplicate check)."""
+        check = dataclasses.replace(
+            selection, damage_check=True, damage_threshold=threshold, damage_false_discovery=share
         )
-        flags = score_flags(table, fixed)
-        demoted[threshold] = np.any([v != "" for v in flags.values()], axis=0)
+        return np.any([v != "" for v in score_flags(table, check).values()], axis=0)
+
+    demoted = {threshold: flagged(threshold, None) for threshold in THRESHOLDS if threshold}
     # The mirror check (damage_false_discovery q): a tail flagged only beyond its mirror, cut at 3.5 or above.
-    for q in MIRROR_SHARES:
-        check = dataclasses.replace(selection, damage_check=True, damage_threshold=3.5, damage_false_discovery=q)
-        demoted[f"3.5 mirror q{q:g}"] = np.any([v != "" for v in score_flags(table, check).values()], axis=0)
+    demoted |= {f"3.5 mirror q{q:g}": flagged(3.5, q) for q in MIRROR_SHARES}
     demoted[None] = None
     gate = table["predicted_label"] == table["label"]
     num_classes = pred_probs.shape[1]
