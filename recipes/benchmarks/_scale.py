@@ -149,6 +149,7 @@ def child(work: Path, text_classes: int, knn_k: int, store_dtype: str = "float32
     text = torch.nn.functional.normalize(torch.randn(text_classes, model.config.projection_dim), dim=-1)
     source = synthetic_source(labels)  # held for the whole run, as the pipeline's Source is
     resident_before = _status_gib("VmRSS")
+    read_before = _read_bytes()
     _reset_peak()
     started = time.perf_counter()
     with torch.no_grad():
@@ -192,6 +193,9 @@ def child(work: Path, text_classes: int, knn_k: int, store_dtype: str = "float32
         "scores s": scored - projected,
         "table + select s": selected - scored,
         "seconds": selected - started,
+        # bytes the kernel read from disk for this process while scoring and selecting: what a store or a cache that
+        # no longer fits the page cache costs (0 when every file is cached, as at 1M rows after the build)
+        "disk read GiB": (_read_bytes() - read_before) / 1024**3,
         # per row (Arrow's bytes): the scores table, and the same with the selection's columns; both in files this
         # process maps, resident only while read
         "scores table bytes a row": scores.data.nbytes / rows,
@@ -244,6 +248,11 @@ def _reset_peak() -> None:
             clear_refs.write("5")
     except OSError:
         pass
+
+
+def _read_bytes() -> int:
+    with open("/proc/self/io") as io:
+        return int(next(line for line in io if line.startswith("read_bytes:")).split()[1])
 
 
 def _status_gib(field: str) -> float:
