@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..configs import AdapterConfig, ClipselConfig, DataConfig, ModelConfig, ScoringConfig
+from ..configs import CONFIG_CLASSES, AdapterConfig, ClipselConfig, DataConfig, ModelConfig, ScoringConfig
 from ..core.names import (
     ADAPTER_DIR,
     CARD,
@@ -66,11 +66,7 @@ SELECT_KEYS = (*(f.name for f in dataclasses.fields(DataConfig)), *STAGE_SETTING
 # What a record without a setting (written before the setting existed) ran with, where its settings group declares
 # it (``ABSENT_MEANS``): a new setting whose default changes the results then disagrees with such a record rather
 # than passing for what it did. A setting that declares nothing agrees with a record that lacks it.
-ABSENT_MEANS = {
-    name: value
-    for group in (DataConfig, ModelConfig, AdapterConfig, ScoringConfig, SelectionConfig)
-    for name, value in getattr(group, "ABSENT_MEANS", {}).items()
-}
+ABSENT_MEANS = {name: value for group in CONFIG_CLASSES for name, value in getattr(group, "ABSENT_MEANS", {}).items()}
 INCOMPLETE_CARD = """---
 configs:
 - config_name: default
