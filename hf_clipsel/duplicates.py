@@ -152,7 +152,11 @@ def nearest_in_group(
 
 
 def nearest_across(
-    vectors: Tensor, labels: Tensor, threshold: float, edges_per_row: int = EDGES_PER_ROW
+    vectors: Tensor,
+    labels: Tensor,
+    threshold: float,
+    edges_per_row: int = EDGES_PER_ROW,
+    nearest_from: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`nearest_in_group` with ``labels`` (each row's most similar row of *another* label, and those pairs at
     or above ``threshold``) without a sketch, at a fraction of its cost: every pair of two labels has a row outside
@@ -161,8 +165,9 @@ def nearest_across(
     column maximum over them.
 
     Returns:
-        As :func:`nearest_in_group`: ``[n]`` cosine of the nearest row of another label (-1: none), ``[n]`` its
-        position (-1: none), ``[m, 2]`` positions of the pairs at or above ``threshold``.
+        As :func:`nearest_in_group` (``nearest_from`` too): ``[n]`` cosine of the nearest row of another label (-1:
+        none), ``[n]`` its position (-1: none, or not near ``threshold`` nor ``nearest_from``), ``[m, 2]``
+        positions of the pairs at or above ``threshold``.
     """
     num_rows = vectors.shape[0]
     similarity = torch.full((num_rows,), -1.0)
@@ -173,6 +178,7 @@ def nearest_across(
     queries = (~common).nonzero().squeeze(1)
     if queries.numel() == 0:
         return similarity, neighbour, pairs[0]
+    indexed_from = threshold if nearest_from is None else min(threshold, nearest_from)
     column_best = torch.full((num_rows,), -torch.inf)
     column_index = torch.full((num_rows,), NONE, dtype=torch.int64)
     block = max(1, _BLOCK_ELEMENTS // num_rows)
@@ -180,22 +186,27 @@ def nearest_across(
         rows = queries[start : start + block]
         cosines = vectors[rows] @ vectors.T
         cosines.masked_fill_(labels[rows, None] == labels[None, :], -torch.inf)  # itself too
-        best, index = cosines.max(dim=1)
+        # Maxima alone, as in nearest_in_group: their positions (18x dearer) only where a row or column is near.
+        best = cosines.amax(dim=1)
+        index = torch.full((rows.numel(),), NONE, dtype=torch.int64)
+        indexed = (best >= indexed_from).nonzero().squeeze(1)
+        index[indexed] = cosines[indexed].argmax(dim=1)
         found = torch.isfinite(best)
         similarity[rows] = torch.where(found, best.clamp(-1.0, 1.0), -1.0)
         neighbour[rows] = torch.where(found, index, NONE)
-        best, index = cosines.max(dim=0)
-        better = best > column_best
-        column_best, column_index = (
-            torch.where(better, best, column_best),
-            torch.where(better, rows[index], column_index),
-        )
-        query, candidate = (cosines >= threshold).nonzero(as_tuple=True)
-        if query.numel() > edges_per_row * rows.numel():  # many alike rows (blank images): each row's closest only
-            top, nearest = torch.topk(cosines, min(edges_per_row, num_rows - 1), dim=1)
+        column = cosines.amax(dim=0)
+        better = column > column_best
+        column_best = torch.where(better, column, column_best)
+        column_index.masked_fill_(better, NONE)  # a better maximum elsewhere: the old position is stale
+        indexed = (better & (column >= indexed_from)).nonzero().squeeze(1)
+        column_index[indexed] = rows[cosines[:, indexed].argmax(dim=0)]
+        near = (best >= threshold).nonzero().squeeze(1)
+        query, candidate = (cosines[near] >= threshold).nonzero(as_tuple=True)
+        if query.numel() > edges_per_row * near.numel():  # many alike rows (blank images): each row's closest only
+            top, nearest = torch.topk(cosines[near], min(edges_per_row, num_rows - 1), dim=1)
             query, rank = (top >= threshold).nonzero(as_tuple=True)
             candidate = nearest[query, rank]
-        pairs.append(torch.stack([rows[query], candidate], dim=1))
+        pairs.append(torch.stack([rows[near[query]], candidate], dim=1))
     found = common & torch.isfinite(column_best)
     similarity[found], neighbour[found] = column_best[found].clamp(-1.0, 1.0), column_index[found]
     return similarity, neighbour, torch.cat(pairs)
@@ -300,16 +311,21 @@ def find_duplicates(
 
     crops = thumbnails is not None and crop_thumbnails is not None
 
-    def search(rows: Tensor, other_labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def search(
+        rows: Tensor, other_labels: Tensor | None, vectors: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         if thumbnails is None:
             return nearest_in_group(centred(rows), other_labels, threshold, sketch)
-        vectors = thumbnail_vectors(thumbnails[rows])
+        if vectors is None:
+            vectors = thumbnail_vectors(thumbnails[rows])
         if other_labels is None:
             similarity, neighbour, found = nearest_in_group(
                 vectors, None, threshold, nearest_from=CROP_CANDIDATE if crops else None
             )
         else:
-            similarity, neighbour, found = nearest_across(vectors, other_labels, threshold)
+            similarity, neighbour, found = nearest_across(
+                vectors, other_labels, threshold, nearest_from=CROP_CANDIDATE if crops else None
+            )
         num_found = len(found)  # candidate crops: each row and its nearest row, close but below the threshold
         if crops:
             query = ((similarity >= CROP_CANDIDATE) & (similarity < threshold) & (neighbour >= 0)).nonzero()[:, 0]
@@ -339,9 +355,13 @@ def find_duplicates(
         similarity = torch.full((rows.numel(),), -1.0)
         neighbour = torch.full((rows.numel(),), NONE, dtype=torch.int64)
         found = [torch.zeros((0, 2), dtype=torch.int64)]
-        for cell in cells(F.normalize(descriptors(rows), dim=-1), group_rows):
+        described = descriptors(rows)
+        # With thumbnails the descriptors are what a cell's search compares (row by row, the same values): taken
+        # from the group's, not read again for each cell (a cell's rows are scattered over the store: a read each).
+        reused = thumbnails is not None
+        for cell in cells(F.normalize(described, dim=-1), group_rows):
             cell_similarity, cell_neighbour, cell_found = search(
-                rows[cell], None if other_labels is None else other_labels[cell]
+                rows[cell], None if other_labels is None else other_labels[cell], described[cell] if reused else None
             )
             similarity[cell] = cell_similarity
             neighbour[cell] = torch.where(cell_neighbour >= 0, cell[cell_neighbour.clamp(min=0)], NONE)

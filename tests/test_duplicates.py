@@ -218,6 +218,18 @@ def test_the_cross_class_search_of_a_few_queries_finds_what_the_full_search_find
     assert len(few[2]) > 0
     near = full[0] >= 0.97
     torch.testing.assert_close((vectors * vectors[few[1]]).sum(1)[near], full[0][near])
+    # positions only where asked (crop candidates: nearest_from), each of another label and at the cosine reported
+    similarity, neighbour, _ = nearest_across(vectors, labels, 0.97, nearest_from=0.3)
+    torch.testing.assert_close(similarity, full[0])
+    asked = similarity >= 0.3
+    assert (
+        asked.any()
+        and (~asked).any()
+        and bool((neighbour[asked] >= 0).all())
+        and bool((neighbour[~asked] == -1).all())
+    )
+    assert bool((labels[neighbour[asked]] != labels[asked]).all())
+    torch.testing.assert_close((vectors[asked] * vectors[neighbour[asked]]).sum(1), similarity[asked])
 
 
 def test_thumbnails_read_from_the_class_sorted_store_give_what_the_grids_in_memory_give(tmp_path):

@@ -12,7 +12,7 @@ its calls, with the live and free bytes and the kernel's split of resident memor
 Python's and Arrow's allocators; ``RssFile``: mapped files, mostly shared libraries) at that peak. Live bytes that
 track RSS mean arrays alive at the peak; free bytes that grow with N would mean the heap keeps freed arrays.
 
-    python recipes/benchmarks/explore_scale_phases.py WORK [--text-classes 100] [--knn-k 50]
+    python recipes/benchmarks/explore_scale_phases.py WORK [--text-classes 100] [--knn-k 50] [--store-dtype float16]
 
 glibc only (Linux); the sampling costs a few percent of a core.
 """
@@ -76,9 +76,9 @@ class Phases:
     def _sample(self) -> None:
         while True:
             rss = resident()
-            live, free = heap()
             peak = self.peaks.setdefault(self.current, {"rss": 0})
-            if rss > peak["rss"]:
+            if rss > peak["rss"]:  # mallinfo2 walks the heap under malloc's lock: only for a new peak
+                live, free = heap()
                 peak.update(rss=rss, live=live, free=free, split=resident_split())
             time.sleep(0.02)
 
@@ -94,8 +94,8 @@ class Phases:
                 return function(*args, **kwargs)
             finally:
                 self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
-                live, free = heap()
-                if not quiet:
+                if not quiet:  # mallinfo2 (see _sample) not on every call of a step called once per class
+                    live, free = heap()
                     print(
                         f"phase {name}: {time.perf_counter() - started:.1f} s, RSS {start / GiB:.3f} -> "
                         f"{resident() / GiB:.3f} GiB, live {live / GiB:.3f}, free {free / GiB:.3f}",
@@ -111,6 +111,11 @@ def main() -> None:
     parser.add_argument("work", help="a work folder of bench_selection.py --parts scale --keep")
     parser.add_argument("--text-classes", type=int, default=100)
     parser.add_argument("--knn-k", type=int, default=50)
+    parser.add_argument(
+        "--store-dtype",
+        default="float32",
+        help="the feature store's dtype (float16: as a run with feature_store_dtype float16)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     sys.path.insert(0, str(Path(__file__).parent))
@@ -138,7 +143,9 @@ def main() -> None:
     # per block: the projection (the child imports it when called) and every store's writes (features, thumbnails)
     modeling.image_features = phases.wrap("projection", modeling.image_features, quiet=True)
     FeatureStore.write = phases.wrap("store: write", FeatureStore.write, quiet=True)
-    _scale.child(Path(args.work), args.text_classes, args.knn_k)  # prints its JSON line
+    # reads by row ids (a class, a cell, a block; scattered rows read span by span)
+    FeatureStore.rows = phases.wrap("store: rows", FeatureStore.rows, quiet=True)
+    _scale.child(Path(args.work), args.text_classes, args.knn_k, args.store_dtype)  # prints its JSON line
     print("seconds per phase, all its calls (a step inside another phase counts in both):")
     for name, seconds in phases.seconds.items():
         print(f"  {name:28s} {seconds:8.1f}")
