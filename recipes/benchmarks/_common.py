@@ -33,6 +33,22 @@ def load_1min() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def status_gib(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (kB, e.g. ``VmRSS``, ``VmHWM``), in GiB."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024**2
+
+
+def reset_peak() -> None:
+    """Reset the kernel's high-water mark of this process's resident memory: ``VmHWM`` is the peak from here on."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+
+
 def machine_line() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -34,7 +34,7 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow as pa
 import torch
-from _common import load_average, table
+from _common import load_average, reset_peak, status_gib, table
 from datasets import Dataset, concatenate_datasets
 from datasets.arrow_writer import ArrowWriter
 
@@ -153,9 +153,9 @@ def child(work: Path, text_classes: int, knn_k: int, store_dtype: str = "float32
     source = synthetic_source(labels)  # held for the whole run, as the pipeline's Source is
     on_given_classes(labels)
     score_seconds = timed_scores()
-    resident_before = _status_gib("VmRSS")
+    resident_before = status_gib("VmRSS")
     read_before = _read_bytes()
-    _reset_peak()
+    reset_peak()  # the peak of scoring and selection alone
     started = time.perf_counter()
     with torch.no_grad():
         path = work / f"features.f{np.dtype(store_dtype).itemsize * 8}"
@@ -193,7 +193,7 @@ def child(work: Path, text_classes: int, knn_k: int, store_dtype: str = "float32
         "feature store GiB": store_gib,
         "feature + thumbnail stores GiB": stores_gib,
         "RSS before scoring GiB": resident_before,
-        "peak_rss_gib": _status_gib("VmHWM"),
+        "peak_rss_gib": status_gib("VmHWM"),
         "project + store s": projected - started,
         "scores s": scored - projected,
         "table + select s": selected - scored,
@@ -272,33 +272,19 @@ def big_class_child(work: Path, rows: int, dim: int, knn_k: int, block_rows: int
     for start in range(0, rows, store.block_rows):
         store.write(start, torch.randn(min(store.block_rows, rows - start), dim, generator=generator).numpy())
     members = np.arange(rows)
-    _reset_peak()
+    reset_peak()
     started = time.perf_counter()
     diversity = scoring.class_diversity(lambda a, b: store.rows(members[a:b]), rows, knn_k, block_rows)
     seconds = time.perf_counter() - started
     assert bool(torch.isfinite(diversity).all())
-    figures = {"class rows": rows, "knn_block_rows": block_rows, "peak_rss_gib": _status_gib("VmHWM")}
+    figures = {"class rows": rows, "knn_block_rows": block_rows, "peak_rss_gib": status_gib("VmHWM")}
     figures.update({"seconds": seconds, "EXTRAPOLATED s for 3M rows (x n^2)": seconds * (3e6 / rows) ** 2})
     print(json.dumps(figures))
-
-
-def _reset_peak() -> None:
-    try:  # the kernel's high-water mark from here on: scoring and selection alone
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        pass
 
 
 def _read_bytes() -> int:
     with open("/proc/self/io") as io:
         return int(next(line for line in io if line.startswith("read_bytes:")).split()[1])
-
-
-def _status_gib(field: str) -> float:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith(field + ":"))
-    return int(line.split()[1]) / 1024**2
 
 
 def _run_child(script: str, work: Path, args: list[str]) -> dict:

@@ -46,7 +46,9 @@ from _common import (
     interleaved,
     load_average,
     median,
+    reset_peak,
     setup,
+    status_gib,
     table,
     timed,
 )
@@ -349,12 +351,8 @@ def memory_child(num_classes: int, knn_k: int, dim: int, seed: int = 0) -> None:
     # sets the duplicate score's cross-class groups.
     text = centres + 0.5 * torch.randn(num_classes, dim, generator=generator)
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    resident_before = _proc_status_gib("VmRSS")
-    try:  # reset the kernel's high-water mark, so VmHWM below is the peak of scoring + selection alone
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        pass
+    resident_before = status_gib("VmRSS")
+    reset_peak()  # so that VmHWM below is the peak of scoring + selection alone
     start = time.perf_counter()
     sas = scoring.semantic_alignment(features, text, labels)
     after_sas = time.perf_counter()
@@ -376,7 +374,7 @@ def memory_child(num_classes: int, knn_k: int, dim: int, seed: int = 0) -> None:
             {
                 "embeddings GiB": features.numel() * 4 / 1024**3,
                 "RSS before scoring GiB": resident_before,
-                "peak RSS during scoring+selection GiB": _proc_status_gib("VmHWM"),
+                "peak RSS during scoring+selection GiB": status_gib("VmHWM"),
                 "peak RSS while building the embeddings GiB": peak_before,
                 "SAS s": after_sas - start,
                 "SDS s": after_sds - after_sas,
@@ -387,13 +385,6 @@ def memory_child(num_classes: int, knn_k: int, dim: int, seed: int = 0) -> None:
             }
         )
     )
-
-
-def _proc_status_gib(field: str) -> float:
-    """A memory figure of this process from /proc/self/status (kB), in GiB."""
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith(field + ":"))
-    return int(line.split()[1]) / 1024**2
 
 
 def part_memory(threads: int | None) -> None:
